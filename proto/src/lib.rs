@@ -1,0 +1,87 @@
+//! The MadTech protobuf API: messages, tonic clients and servers for every
+//! service, and the encoded file descriptor set that the reflection service
+//! serves.
+//!
+//! Generated types stay at the edge: services convert them to their own domain
+//! types in their `service.rs`.
+
+/// `madtech.profiles.v1`
+pub mod profiles {
+    pub mod v1 {
+        tonic::include_proto!("madtech.profiles.v1");
+    }
+}
+
+/// `madtech.consent.v1`
+pub mod consent {
+    pub mod v1 {
+        tonic::include_proto!("madtech.consent.v1");
+    }
+}
+
+/// `madtech.segments.v1`
+pub mod segments {
+    pub mod v1 {
+        tonic::include_proto!("madtech.segments.v1");
+    }
+}
+
+/// `madtech.activation.v1`
+pub mod activation {
+    pub mod v1 {
+        tonic::include_proto!("madtech.activation.v1");
+    }
+}
+
+/// `madtech.gateway.v1`
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("madtech.gateway.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every MadTech proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("madtech_descriptor");
+
+/// Converts between `prost_types::Timestamp` and `std::time::SystemTime`-free
+/// Unix representations; kept here because every service needs it at its edge.
+pub mod time {
+    pub use prost_types::Timestamp;
+
+    /// A timestamp from Unix microseconds.
+    pub fn from_micros(micros: i64) -> Timestamp {
+        Timestamp {
+            seconds: micros.div_euclid(1_000_000),
+            nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
+        }
+    }
+
+    /// Unix microseconds from a timestamp, or `None` when its nanos are out of
+    /// range or the value overflows.
+    pub fn to_micros(ts: &Timestamp) -> Option<i64> {
+        if !(0..1_000_000_000).contains(&ts.nanos) {
+            return None;
+        }
+        ts.seconds
+            .checked_mul(1_000_000)?
+            .checked_add(i64::from(ts.nanos / 1_000))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn micros_round_trip_including_before_epoch() {
+            for micros in [0, 1, -1, 1_700_000_000_123_456, -1_500_000] {
+                assert_eq!(to_micros(&from_micros(micros)), Some(micros));
+            }
+        }
+
+        #[test]
+        fn out_of_range_nanos_are_rejected() {
+            let ts = Timestamp { seconds: 1, nanos: 1_000_000_000 };
+            assert_eq!(to_micros(&ts), None);
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Plumbing that every MadTech component shares and nothing else: typed
+//! configuration loading, database connection and migration, the gRPC server
+//! bootstrap (health, reflection, graceful shutdown), metrics, logging, and the
+//! error helpers that turn failures into `tonic::Status` at the edge.
+//!
+//! Domain logic never lives here; it stays in its service crate.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod server;
+pub mod telemetry;
+pub mod validate;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,190 @@
+//! The one way every MadTech component serves gRPC: its services plus the
+//! standard health and reflection services, on a listener it is handed (so
+//! tests bind `127.0.0.1:0` first and learn the port), until shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+/// Errors while starting or running a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `addr`, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// A gRPC server under construction: the services it will serve, with health
+/// and reflection always included.
+pub struct GrpcServer {
+    routes: Routes,
+    service_names: Vec<&'static str>,
+    health: HealthReporter,
+    health_service: HealthServer<HealthService>,
+}
+
+impl Default for GrpcServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcServer {
+    pub fn new() -> Self {
+        let health = HealthReporter::new();
+        let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+        GrpcServer {
+            routes: Routes::default(),
+            service_names: Vec::new(),
+            health,
+            health_service,
+        }
+    }
+
+    /// Adds a tonic service; health reports it SERVING while the server runs.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// The health reporter, for components that report more than liveness.
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// The routes with health and reflection added, for components (the
+    /// gateway) that add their own fallback before serving.
+    pub fn into_routes(self) -> Result<(Routes, ServingHealth), ServeError> {
+        let mut reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(madtech_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(madtech_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in self.service_names.iter().chain([&HEALTH_SERVICE]) {
+            reflection_v1 = reflection_v1.with_service_name(*name);
+            reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
+        }
+        let routes = self
+            .routes
+            .add_service(self.health_service)
+            .add_service(reflection_v1.build_v1()?)
+            .add_service(reflection_v1alpha.build_v1alpha()?);
+        let health = ServingHealth {
+            reporter: self.health,
+            service_names: self.service_names,
+        };
+        Ok((routes, health))
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then drains
+    /// in-flight calls and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let (routes, health) = self.into_routes()?;
+        serve_routes(routes, health, listener, shutdown).await
+    }
+}
+
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Flips the health of a set of services between SERVING and NOT_SERVING.
+pub struct ServingHealth {
+    reporter: HealthReporter,
+    service_names: Vec<&'static str>,
+}
+
+impl ServingHealth {
+    pub async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for name in &self.service_names {
+            self.reporter.set_service_status(*name, status).await;
+        }
+    }
+}
+
+/// Serves prepared routes; see [`GrpcServer::serve`].
+pub async fn serve_routes(
+    routes: Routes,
+    health: ServingHealth,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    health.set(ServingStatus::Serving).await;
+    let draining = shutdown.clone();
+    let result = tonic::transport::Server::builder()
+        // Calls in flight get the chance to finish; a probe that sees
+        // NOT_SERVING stops sending new ones.
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(routes.prepare())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            draining.cancelled().await;
+            health.set(ServingStatus::NotServing).await;
+        })
+        .await;
+    result.map_err(ServeError::from)
+}
+
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and cancels `token`.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("interrupted, shutting down"),
+        _ = terminate => tracing::info!("terminated, shutting down"),
+        _ = token.cancelled() => return,
+    }
+    token.cancel();
+}

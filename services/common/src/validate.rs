@@ -1,0 +1,83 @@
+//! Shape checks shared by every service's request validation. Each returns a
+//! [`FieldError`] naming the field, never panics.
+
+use crate::error::FieldError;
+
+/// Requires a non-empty string field; returns it trimmed.
+pub fn require<'a>(field: &str, value: &'a str) -> Result<&'a str, FieldError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(FieldError::required(field));
+    }
+    Ok(trimmed)
+}
+
+/// Checks the shape of an ISO 3166-1 alpha-2 (`FR`) or ISO 3166-2 (`US-CA`)
+/// code and upper-cases it; the empty string means unknown.
+pub fn region(field: &str, value: &str) -> Result<String, FieldError> {
+    let region = value.trim().to_ascii_uppercase();
+    if region.is_empty() {
+        return Ok(region);
+    }
+    let (country, subdivision) = match region.split_once('-') {
+        Some((country, subdivision)) => (country, Some(subdivision)),
+        None => (region.as_str(), None),
+    };
+    let country_ok = country.len() == 2 && country.chars().all(|c| c.is_ascii_uppercase());
+    let subdivision_ok = subdivision.is_none_or(|s| {
+        (1..=3).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric())
+    });
+    if !country_ok || !subdivision_ok {
+        return Err(FieldError::new(
+            field,
+            "must be an ISO 3166-1 alpha-2 code such as FR or an ISO 3166-2 code such as US-CA",
+        ));
+    }
+    Ok(region)
+}
+
+/// A purpose or other policy name: lower-case snake case, 1 to 64 bytes,
+/// starting with a letter.
+pub fn policy_name(field: &str, value: &str) -> Result<String, FieldError> {
+    let valid = (1..=64).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        return Err(FieldError::new(
+            field,
+            "must be 1 to 64 characters of a-z, 0-9 and _, starting with a letter",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_iso_3166_shaped() {
+        assert_eq!(region("region", "fr").expect("ok"), "FR");
+        assert_eq!(region("region", " us-ca ").expect("ok"), "US-CA");
+        assert_eq!(region("region", "").expect("ok"), "");
+        for bad in ["France", "US-", "U1", "US-CALI", "-CA"] {
+            assert_eq!(region("region", bad).expect_err(bad).field, "region");
+        }
+    }
+
+    #[test]
+    fn required_fields_are_trimmed() {
+        assert_eq!(require("x", " a ").expect("ok"), "a");
+        assert_eq!(require("x", "  ").expect_err("blank").reason, "is required");
+    }
+
+    #[test]
+    fn policy_names_are_snake_case() {
+        assert!(policy_name("p", "ad_targeting").is_ok());
+        for bad in ["", "Ad", "1st", "ad-targeting", &"a".repeat(65)] {
+            assert!(policy_name("p", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,42 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use madtech_common::config::{ConfigError, Validate};
+use madtech_common::db::DatabaseConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything the consent service needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsentConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    /// How often a watcher looks for entries written by another replica
+    /// (entries written by this process wake watchers at once).
+    /// Written like `1s` or `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub watch_poll_interval: Duration,
+}
+
+impl Default for ConsentConfig {
+    fn default() -> Self {
+        ConsentConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50053)),
+            database: DatabaseConfig::default(),
+            watch_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Validate for ConsentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate("consent")?;
+        if self.watch_poll_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "consent.watch_poll_interval must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}

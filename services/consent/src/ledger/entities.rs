@@ -1,0 +1,47 @@
+//! The consent service's tables. Times are Unix microseconds.
+
+pub mod entry {
+    use sea_orm::entity::prelude::*;
+
+    /// One append-only ledger entry; `seq` is the watch cursor.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "consent_entries")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub seq: i64,
+        pub profile_id: String,
+        pub purpose: String,
+        pub state: String,
+        pub source: String,
+        pub region: String,
+        pub notice_version: String,
+        pub collected_at: i64,
+        pub recorded_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod current {
+    use sea_orm::entity::prelude::*;
+
+    /// The latest entry per (person, purpose).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "consent_current")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub profile_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub purpose: String,
+        pub state: String,
+        pub seq: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -1,0 +1,89 @@
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::{big_integer, big_pk_auto, string};
+
+/// The consent service's schema, one migration per change.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateLedger)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum ConsentEntries {
+    Table,
+    Seq,
+    ProfileId,
+    Purpose,
+    State,
+    Source,
+    Region,
+    NoticeVersion,
+    CollectedAt,
+    RecordedAt,
+}
+
+#[derive(DeriveIden)]
+enum ConsentCurrent {
+    Table,
+    ProfileId,
+    Purpose,
+    State,
+    Seq,
+}
+
+#[derive(DeriveMigrationName)]
+struct CreateLedger;
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateLedger {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(ConsentEntries::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(ConsentEntries::Seq))
+                    .col(string(ConsentEntries::ProfileId))
+                    .col(string(ConsentEntries::Purpose))
+                    .col(string(ConsentEntries::State))
+                    .col(string(ConsentEntries::Source))
+                    .col(string(ConsentEntries::Region))
+                    .col(string(ConsentEntries::NoticeVersion))
+                    .col(big_integer(ConsentEntries::CollectedAt))
+                    .col(big_integer(ConsentEntries::RecordedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("consent_entries_by_subject")
+                    .table(ConsentEntries::Table)
+                    .col(ConsentEntries::ProfileId)
+                    .col(ConsentEntries::Seq)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ConsentCurrent::Table)
+                    .if_not_exists()
+                    .col(string(ConsentCurrent::ProfileId))
+                    .col(string(ConsentCurrent::Purpose))
+                    .col(string(ConsentCurrent::State))
+                    .col(big_integer(ConsentCurrent::Seq))
+                    .primary_key(
+                        Index::create()
+                            .col(ConsentCurrent::ProfileId)
+                            .col(ConsentCurrent::Purpose),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}

@@ -1,0 +1,24 @@
+//! The consent service: what each person agreed to, per purpose, kept as an
+//! append-only [`ledger`] whose entries are never changed in place. The
+//! current state per purpose is derived from it, and every entry is streamed
+//! to watchers (the gateway's cache, activation) in ledger order.
+
+pub mod config;
+pub mod error;
+pub mod ledger;
+pub mod service;
+
+pub use config::ConsentConfig;
+pub use error::ConsentError;
+pub use service::ConsentApi;
+
+use madtech_common::db::connect_and_migrate;
+use madtech_common::server::GrpcServer;
+
+/// Connects to the database, migrates it and returns the service ready to
+/// serve.
+pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentError> {
+    let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
+    let api = ConsentApi::new(ledger::Ledger::new(db), config.clone());
+    Ok(GrpcServer::new().add_service(api.into_server()))
+}

@@ -1,0 +1,30 @@
+//! The profiles service: people and what we know of them. Identifiers are
+//! normalised on the way in ([`identity`]), identifiers seen together resolve
+//! to one person ([`store`]), and the gRPC layer ([`service`]) only translates
+//! protobuf to these domain types.
+//!
+//! Raw personal data lives here, in the martech zone; it reaches the adtech
+//! zone only through the gateway, hashed.
+
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod service;
+pub mod store;
+pub mod traits;
+
+pub use config::ProfilesConfig;
+pub use error::ProfileError;
+pub use service::ProfileApi;
+
+use madtech_common::db::connect_and_migrate;
+use madtech_common::server::GrpcServer;
+
+/// Connects to the database, migrates it and returns the service ready to
+/// serve.
+pub async fn grpc_server(config: &ProfilesConfig) -> Result<GrpcServer, ProfileError> {
+    let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
+    let normaliser = identity::Normaliser::new(&config.default_phone_region)?;
+    let api = ProfileApi::new(store::ProfileStore::new(db), normaliser);
+    Ok(GrpcServer::new().add_service(api.into_server()))
+}
