@@ -1,1 +1,32 @@
-//! placeholder
+//! The activation service, the adtech zone: destinations, activations
+//! (segment → destination for a purpose) and sync runs that send a
+//! destination only what changed since the last run.
+//!
+//! It only ever sees what the gateway released — pseudonymous ids and hashed
+//! identifiers — because it fetches audiences through the gateway and has no
+//! route to a martech service.
+
+pub mod config;
+pub mod destination;
+pub mod error;
+pub mod service;
+pub mod store;
+pub mod sync;
+
+pub use config::ActivationConfig;
+pub use error::ActivationError;
+pub use service::ActivationApi;
+
+use madtech_common::db::connect_and_migrate;
+use madtech_common::server::GrpcServer;
+
+/// Connects to the database, migrates it and returns the service ready to
+/// serve. The gateway connection is lazy, so start order does not matter.
+pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, ActivationError> {
+    let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
+    let gateway = tonic::transport::Endpoint::from_shared(config.gateway_url.clone())
+        .map_err(|err| ActivationError::Config(format!("activation.gateway_url: {err}")))?
+        .connect_lazy();
+    let api = ActivationApi::new(store::ActivationStore::new(db), gateway, config.clone());
+    Ok(GrpcServer::new().add_service(api.into_server()))
+}

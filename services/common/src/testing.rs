@@ -3,6 +3,8 @@
 //! `MADTECH_TEST_POSTGRES_URL` (default: the local server's `test` database).
 //! A PostgreSQL that cannot be reached fails the test: CI must never skip it.
 
+use std::sync::Arc;
+
 use tempfile::TempDir;
 
 use crate::db::DatabaseConfig;
@@ -17,7 +19,7 @@ pub const TEST_SCHEMA_PREFIX: &str = "madtech_t_";
 /// A database for one test; the SQLite file goes away with it.
 pub struct TestDatabase {
     pub config: DatabaseConfig,
-    _dir: Option<TempDir>,
+    dir: Option<Arc<TempDir>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +41,7 @@ impl TestDatabase {
         let config = DatabaseConfig::sqlite(&dir.path().join("test.db"));
         TestDatabase {
             config,
-            _dir: Some(dir),
+            dir: Some(Arc::new(dir)),
         }
     }
 
@@ -53,8 +55,14 @@ impl TestDatabase {
                 schema: Some(schema),
                 ..DatabaseConfig::default()
             },
-            _dir: None,
+            dir: None,
         }
+    }
+
+    /// Keeps the SQLite directory alive while held, even when a scenario
+    /// moves only `config` out of the database.
+    pub fn keep_alive(&self) -> Option<Arc<TempDir>> {
+        self.dir.clone()
     }
 
     /// Another database on the same backend, for the next service of a suite.
@@ -66,7 +74,7 @@ impl TestDatabase {
             },
             None => {
                 let dir = self
-                    ._dir
+                    .dir
                     .as_ref()
                     .expect("a SQLite test database has a directory");
                 DatabaseConfig::sqlite(&dir.path().join(format!("{name}.db")))
@@ -91,6 +99,7 @@ macro_rules! backend_tests {
             #[tokio::test]
             async fn sqlite() {
                 let db = $crate::testing::TestDatabase::new($crate::testing::Backend::Sqlite);
+                let _dir = db.keep_alive();
                 ($scenario)(db).await;
             }
 

@@ -1,1 +1,35 @@
-//! placeholder
+//! The segments service: audiences defined by [`rules`] over what the
+//! profiles service knows, and their export, the stream the gateway filters
+//! when it crosses into the adtech zone.
+//!
+//! This slice evaluates rules while it streams the profiles service's
+//! profiles (over gRPC; it never reads another service's database).
+
+pub mod config;
+pub mod error;
+pub mod rules;
+pub mod service;
+pub mod store;
+
+pub use config::SegmentsConfig;
+pub use error::SegmentError;
+pub use service::SegmentApi;
+
+use madtech_common::db::connect_and_migrate;
+use madtech_common::server::GrpcServer;
+use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
+
+/// Connects to the database, migrates it and returns the service ready to
+/// serve. The profiles connection is lazy, so start order does not matter.
+pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentError> {
+    let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
+    let channel = tonic::transport::Endpoint::from_shared(config.profiles_url.clone())
+        .map_err(|err| SegmentError::Config(format!("segments.profiles_url: {err}")))?
+        .connect_lazy();
+    let api = SegmentApi::new(
+        store::SegmentStore::new(db),
+        ProfileServiceClient::new(channel),
+        config.clone(),
+    );
+    Ok(GrpcServer::new().add_service(api.into_server()))
+}

@@ -1,0 +1,54 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use madtech_common::config::{ConfigError, Validate};
+use madtech_common::db::DatabaseConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything the activation service needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivationConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    /// The gateway, the only way to an audience, e.g. `http://127.0.0.1:50051`.
+    pub gateway_url: String,
+    /// A file holding this service's bearer token for the gateway (role
+    /// `activation`). Read before every sync, so a rotated token is picked up.
+    pub gateway_token_file: PathBuf,
+    /// File destinations write below this directory and nowhere else.
+    pub file_root: PathBuf,
+}
+
+impl Default for ActivationConfig {
+    fn default() -> Self {
+        ActivationConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50055)),
+            database: DatabaseConfig::default(),
+            gateway_url: "http://127.0.0.1:50051".into(),
+            gateway_token_file: PathBuf::new(),
+            file_root: PathBuf::from("destinations"),
+        }
+    }
+}
+
+impl Validate for ActivationConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate("activation")?;
+        if !(self.gateway_url.starts_with("http://") || self.gateway_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(
+                "activation.gateway_url must be an http:// or https:// URL".into(),
+            ));
+        }
+        if self.gateway_token_file.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "activation.gateway_token_file is required".into(),
+            ));
+        }
+        if self.file_root.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("activation.file_root is required".into()));
+        }
+        Ok(())
+    }
+}

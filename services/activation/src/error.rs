@@ -1,0 +1,43 @@
+use madtech_common::error::{FieldError, internal};
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("a destination named {0:?} already exists")]
+    NameTaken(String),
+    #[error("a sync of this activation is already running")]
+    SyncRunning,
+    #[error("the gateway refused the audience: {0}")]
+    Gateway(String),
+    #[error("cannot read the gateway token: {0}")]
+    Token(String),
+    #[error("destination write failed: {0}")]
+    Destination(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
+}
+
+impl From<ActivationError> for Status {
+    fn from(err: ActivationError) -> Self {
+        match err {
+            ActivationError::Invalid(field) => field.into(),
+            ActivationError::NotFound(_) => Status::not_found(err.to_string()),
+            ActivationError::NameTaken(_) => Status::already_exists(err.to_string()),
+            ActivationError::SyncRunning => Status::failed_precondition(err.to_string()),
+            ActivationError::Gateway(_) => Status::unavailable(err.to_string()),
+            ActivationError::Token(_)
+            | ActivationError::Destination(_)
+            | ActivationError::Config(_)
+            | ActivationError::Corrupt(_) => internal("activation", &err),
+            ActivationError::Database(ref db) => internal("activation database", db),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::{big_integer, big_integer_null, string, string_uniq, text};
+
+/// The activation service's schema, one migration per change.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateActivation)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum Destinations {
+    Table,
+    Id,
+    Name,
+    Target,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Activations {
+    Table,
+    Id,
+    SegmentId,
+    DestinationId,
+    Purpose,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum SyncState {
+    Table,
+    ActivationId,
+    PseudonymousId,
+    Identifiers,
+    SyncedAt,
+}
+
+#[derive(DeriveIden)]
+enum SyncRuns {
+    Table,
+    Id,
+    ActivationId,
+    Phase,
+    MembersReceived,
+    Added,
+    Removed,
+    Unchanged,
+    Output,
+    Error,
+    StartedAt,
+    FinishedAt,
+}
+
+#[derive(DeriveMigrationName)]
+struct CreateActivation;
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateActivation {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Destinations::Table)
+                    .if_not_exists()
+                    .col(string(Destinations::Id).primary_key())
+                    .col(string_uniq(Destinations::Name))
+                    .col(text(Destinations::Target))
+                    .col(big_integer(Destinations::CreatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Activations::Table)
+                    .if_not_exists()
+                    .col(string(Activations::Id).primary_key())
+                    .col(string(Activations::SegmentId))
+                    .col(string(Activations::DestinationId))
+                    .col(string(Activations::Purpose))
+                    .col(big_integer(Activations::CreatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncState::Table)
+                    .if_not_exists()
+                    .col(string(SyncState::ActivationId))
+                    .col(string(SyncState::PseudonymousId))
+                    .col(text(SyncState::Identifiers))
+                    .col(big_integer(SyncState::SyncedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(SyncState::ActivationId)
+                            .col(SyncState::PseudonymousId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncRuns::Table)
+                    .if_not_exists()
+                    .col(string(SyncRuns::Id).primary_key())
+                    .col(string(SyncRuns::ActivationId))
+                    .col(string(SyncRuns::Phase))
+                    .col(big_integer(SyncRuns::MembersReceived))
+                    .col(big_integer(SyncRuns::Added))
+                    .col(big_integer(SyncRuns::Removed))
+                    .col(big_integer(SyncRuns::Unchanged))
+                    .col(text(SyncRuns::Output))
+                    .col(text(SyncRuns::Error))
+                    .col(big_integer(SyncRuns::StartedAt))
+                    .col(big_integer_null(SyncRuns::FinishedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("sync_runs_by_activation")
+                    .table(SyncRuns::Table)
+                    .col(SyncRuns::ActivationId)
+                    .col(SyncRuns::StartedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}

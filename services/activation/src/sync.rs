@@ -1,0 +1,278 @@
+//! Sync runs: fetch the audience through the gateway, compare it with what the
+//! destination already holds, deliver only the adds and removes, and record
+//! the new state only once the destination has them. A run killed at any
+//! point is safe to run again: nothing is recorded as sent that was not.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use madtech_proto::segments::v1 as segments_pb;
+use segments_pb::segment_service_client::SegmentServiceClient;
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::config::ActivationConfig;
+use crate::destination::{self, Change, HashedIdentifier, Target};
+use crate::error::ActivationError;
+use crate::store::{ActivationStore, Held, Phase, SyncRun};
+
+/// The audience as the gateway released it: pseudonymous id → hashes.
+pub type Audience = HashMap<String, Vec<HashedIdentifier>>;
+
+/// What a sync must send.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub adds: Vec<(String, Vec<HashedIdentifier>)>,
+    pub removes: Vec<String>,
+    pub unchanged: u64,
+}
+
+/// Adds are members the destination does not hold or holds with other
+/// identifiers; removes are members it holds that are no longer released.
+/// Both come out sorted, so a file's content depends only on the change.
+pub fn diff(held: &Held, audience: Audience) -> Diff {
+    let mut result = Diff::default();
+    for (id, identifiers) in audience.iter() {
+        match held.get(id) {
+            Some(sent) if sent == identifiers => result.unchanged += 1,
+            _ => result.adds.push((id.clone(), identifiers.clone())),
+        }
+    }
+    result.removes = held
+        .keys()
+        .filter(|id| !audience.contains_key(*id))
+        .cloned()
+        .collect();
+    result.adds.sort();
+    result.removes.sort();
+    result
+}
+
+/// Runs syncs, at most one at a time per activation.
+pub struct Syncer {
+    store: Arc<ActivationStore>,
+    gateway: Channel,
+    config: ActivationConfig,
+    running: Mutex<HashSet<String>>,
+}
+
+/// Releases an activation's slot when its run ends, however it ends.
+struct RunningGuard<'a> {
+    running: &'a Mutex<HashSet<String>>,
+    activation_id: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.activation_id);
+        }
+    }
+}
+
+impl Syncer {
+    pub fn new(store: Arc<ActivationStore>, gateway: Channel, config: ActivationConfig) -> Self {
+        Syncer {
+            store,
+            gateway,
+            config,
+            running: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn claim(&self, activation_id: &str) -> Result<RunningGuard<'_>, ActivationError> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| ActivationError::Corrupt("sync registry lock poisoned".into()))?;
+        if !running.insert(activation_id.to_string()) {
+            return Err(ActivationError::SyncRunning);
+        }
+        Ok(RunningGuard {
+            running: &self.running,
+            activation_id: activation_id.to_string(),
+        })
+    }
+
+    /// Runs one sync, reporting progress on `progress` (lossy while running;
+    /// the final state is always delivered while the receiver lives).
+    pub async fn run(
+        &self,
+        activation_id: &str,
+        progress: mpsc::Sender<SyncRun>,
+    ) -> Result<SyncRun, ActivationError> {
+        let _slot = self.claim(activation_id)?;
+        let activation = self.store.activation(activation_id).await?;
+        let destination = self.store.destination(&activation.destination_id).await?;
+        let mut run = SyncRun::start(activation_id);
+        self.store.save_run(&run).await?;
+        let _ = progress.try_send(run.clone());
+
+        let outcome = self
+            .deliver(&mut run, &activation.segment_id, &destination, &activation.purpose, &progress)
+            .await;
+        run.finished_at_micros = Some(Utc::now().timestamp_micros());
+        match &outcome {
+            Ok(()) => run.phase = Phase::Succeeded,
+            Err(err) => {
+                run.phase = Phase::Failed;
+                run.error = err.to_string();
+                tracing::warn!(activation = %activation_id, run = %run.id, error = %err, "sync failed");
+            }
+        }
+        self.store.save_run(&run).await?;
+        let _ = progress.send(run.clone()).await;
+        outcome.map(|()| run)
+    }
+
+    async fn deliver(
+        &self,
+        run: &mut SyncRun,
+        segment_id: &str,
+        destination: &crate::store::Destination,
+        purpose: &str,
+        progress: &mpsc::Sender<SyncRun>,
+    ) -> Result<(), ActivationError> {
+        let audience = self
+            .fetch(run, segment_id, destination, purpose, progress)
+            .await?;
+        let held = self.store.held(&run.activation_id).await?;
+        let diff = diff(&held, audience);
+        run.phase = Phase::Sending;
+        run.unchanged = diff.unchanged;
+        let _ = progress.try_send(run.clone());
+
+        if !diff.adds.is_empty() || !diff.removes.is_empty() {
+            let changes: Vec<Change> = diff
+                .adds
+                .iter()
+                .map(|(id, identifiers)| Change::Add {
+                    id: id.clone(),
+                    identifiers: identifiers.clone(),
+                })
+                .chain(diff.removes.iter().map(|id| Change::Remove { id: id.clone() }))
+                .collect();
+            let Target::File { directory } = &destination.target;
+            let directory: PathBuf = self.config.file_root.join(directory);
+            let name = format!("{}-{}.jsonl", run.activation_id, run.id);
+            let written = tokio::task::spawn_blocking(move || {
+                destination::write_jsonl(&directory, &name, &changes)
+            })
+            .await
+            .map_err(|err| ActivationError::Corrupt(format!("file writer stopped: {err}")))??;
+            run.output = written.display().to_string();
+        }
+        // The destination has the changes; only now is the state recorded.
+        self.store
+            .acknowledge(&run.activation_id, &diff.adds, &diff.removes)
+            .await?;
+        run.added = diff.adds.len() as u64;
+        run.removed = diff.removes.len() as u64;
+        Ok(())
+    }
+
+    async fn fetch(
+        &self,
+        run: &mut SyncRun,
+        segment_id: &str,
+        destination: &crate::store::Destination,
+        purpose: &str,
+        progress: &mpsc::Sender<SyncRun>,
+    ) -> Result<Audience, ActivationError> {
+        let bearer = self.bearer().await?;
+        let mut client = SegmentServiceClient::with_interceptor(
+            self.gateway.clone(),
+            move |mut request: tonic::Request<()>| {
+                request.metadata_mut().insert("authorization", bearer.clone());
+                Ok(request)
+            },
+        );
+        let request = segments_pb::ExportAudienceRequest {
+            segment_id: segment_id.to_string(),
+            destination_id: destination.id.clone(),
+            destination_kind: destination.target.kind().to_string(),
+            purpose: purpose.to_string(),
+        };
+        let gateway_error = |status: tonic::Status| {
+            ActivationError::Gateway(format!("{:?}: {}", status.code(), status.message()))
+        };
+        let mut stream = client
+            .export_audience(request)
+            .await
+            .map_err(gateway_error)?
+            .into_inner();
+        let mut audience = Audience::new();
+        while let Some(chunk) = stream.message().await.map_err(gateway_error)? {
+            for member in chunk.members {
+                if member.pseudonymous_id.is_empty() {
+                    // Fail closed: only what the gateway pseudonymised may be sent.
+                    return Err(ActivationError::Gateway(
+                        "a member arrived without a pseudonymous id".into(),
+                    ));
+                }
+                let mut identifiers: Vec<HashedIdentifier> = member
+                    .hashed_identifiers
+                    .into_iter()
+                    .map(|h| HashedIdentifier {
+                        kind: h.kind,
+                        sha256: h.sha256,
+                    })
+                    .collect();
+                identifiers.sort();
+                audience.insert(member.pseudonymous_id, identifiers);
+            }
+            run.members_received = audience.len() as u64;
+            let _ = progress.try_send(run.clone());
+        }
+        Ok(audience)
+    }
+
+    async fn bearer(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, ActivationError> {
+        let path = &self.config.gateway_token_file;
+        let token = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|err| ActivationError::Token(format!("{}: {err}", path.display())))?;
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ActivationError::Token(format!("{}: not a valid header value", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(sha: &str) -> Vec<HashedIdentifier> {
+        vec![HashedIdentifier { kind: "email".into(), sha256: sha.into() }]
+    }
+
+    #[test]
+    fn diff_sends_only_what_changed() {
+        let held: Held = [("a", "1"), ("b", "2"), ("c", "3")]
+            .into_iter()
+            .map(|(id, sha)| (id.to_string(), ids(sha)))
+            .collect();
+        let audience: Audience = [("a", "1"), ("b", "changed"), ("d", "4")]
+            .into_iter()
+            .map(|(id, sha)| (id.to_string(), ids(sha)))
+            .collect();
+        let diff = diff(&held, audience);
+        assert_eq!(diff.unchanged, 1);
+        assert_eq!(
+            diff.adds,
+            vec![("b".to_string(), ids("changed")), ("d".to_string(), ids("4"))]
+        );
+        assert_eq!(diff.removes, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn an_empty_audience_removes_everyone() {
+        let held: Held = [("a".to_string(), ids("1"))].into_iter().collect();
+        let diff = diff(&held, Audience::new());
+        assert_eq!(diff.removes, vec!["a".to_string()]);
+        assert!(diff.adds.is_empty());
+    }
+}

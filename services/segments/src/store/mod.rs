@@ -1,0 +1,89 @@
+//! Persistence of segment definitions.
+
+mod entities;
+mod migration;
+
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
+
+pub use migration::Migrator;
+
+use crate::error::SegmentError;
+use crate::rules::Rule;
+use entities::segment;
+
+/// A stored segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub id: String,
+    pub name: String,
+    pub rule: Rule,
+    pub created_at_micros: i64,
+}
+
+pub struct SegmentStore {
+    db: DatabaseConnection,
+}
+
+impl SegmentStore {
+    pub fn new(db: DatabaseConnection) -> Self {
+        SegmentStore { db }
+    }
+
+    pub async fn create(&self, name: String, rule: Rule) -> Result<Segment, SegmentError> {
+        let segment = Segment {
+            id: uuid::Uuid::now_v7().to_string(),
+            name,
+            rule,
+            created_at_micros: Utc::now().timestamp_micros(),
+        };
+        let rule_json = serde_json::to_string(&segment.rule)
+            .map_err(|err| SegmentError::Corrupt(format!("rule: {err}")))?;
+        let row = segment::ActiveModel {
+            id: Set(segment.id.clone()),
+            name: Set(segment.name.clone()),
+            rule: Set(rule_json),
+            created_at: Set(segment.created_at_micros),
+        };
+        match segment::Entity::insert(row).exec(&self.db).await {
+            Ok(_) => Ok(segment),
+            Err(err) if madtech_common::db::is_unique_violation(&err) => {
+                Err(SegmentError::NameTaken(segment.name))
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Segment, SegmentError> {
+        let row = segment::Entity::find_by_id(id.to_string())
+            .one(&self.db)
+            .await?
+            .ok_or(SegmentError::NotFound)?;
+        Ok(Segment {
+            rule: serde_json::from_str(&row.rule)
+                .map_err(|err| SegmentError::Corrupt(format!("rule of {}: {err}", row.id)))?,
+            id: row.id,
+            name: row.name,
+            created_at_micros: row.created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use madtech_common::db::connect_and_migrate;
+    use madtech_common::testing::TestDatabase;
+
+    madtech_common::backend_tests!(segments_are_stored_with_unique_names, |db: TestDatabase| async move {
+        let store = SegmentStore::new(connect_and_migrate::<Migrator>(&db.config).await.expect("connect"));
+        let rule = Rule::RegionIn(["FR".to_string()].into());
+        let created = store.create("france".into(), rule.clone()).await.expect("create");
+        assert_eq!(store.get(&created.id).await.expect("get"), created);
+        assert!(matches!(
+            store.create("france".into(), rule).await,
+            Err(SegmentError::NameTaken(_))
+        ));
+        assert!(matches!(store.get("missing").await, Err(SegmentError::NotFound)));
+    });
+}
