@@ -1,1 +1,152 @@
-//! placeholder
+//! The MadTech gateway: the single ingress for callers and the only path from
+//! the martech zone to the adtech zone. A tower stack, read top to bottom in
+//! [`Gateway::build`], authenticates every call, authorizes it against the
+//! compliance team's casbin policy, and routes it; the crossing
+//! (`ExportAudience`) is filtered record by record against consent.
+
+pub mod authn;
+pub mod authz;
+pub mod config;
+pub mod crossing;
+pub mod error;
+pub mod policy;
+pub mod rescue;
+pub mod route;
+pub mod status;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Request;
+use madtech_common::server::{BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes};
+use madtech_common::CancellationToken;
+use madtech_proto::{activation, consent, gateway as gateway_pb, profiles, segments};
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use config::GatewayConfig;
+pub use error::GatewayError;
+
+use crate::authn::AuthenticateLayer;
+use crate::authz::AuthorizeLayer;
+use crate::crossing::{Crossing, Pseudonymiser};
+use crate::policy::{Policies, PolicySet};
+use crate::rescue::RescueLayer;
+use crate::route::Router;
+use crate::token::Verifier;
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    routes: Routes,
+    health: ServingHealth,
+    policies: Policies,
+}
+
+impl Gateway {
+    /// Loads the policies and keys and assembles the stack. Fails when the
+    /// policies do not load: a gateway without a valid policy set must not
+    /// start serving.
+    pub async fn build(config: &GatewayConfig) -> Result<Gateway, GatewayError> {
+        let policies = Policies::new(PolicySet::load(&config.policy_dir).await?);
+        let verifier = Arc::new(Verifier::from_public_key_file(
+            &config.auth.public_key_file,
+            &config.auth.issuer,
+            &config.auth.audience,
+            config.auth.leeway,
+        )?);
+        let pseudonymiser = Pseudonymiser::from_hex_file(&config.pseudonym_key_file)?;
+
+        let upstreams = &config.upstreams;
+        let segments_channel = channel("segments", &upstreams.segments)?;
+        let consent_channel = channel("consent", &upstreams.consent)?;
+        let upstream_channels = HashMap::from([
+            (profiles::v1::profile_service_server::SERVICE_NAME, channel("profiles", &upstreams.profiles)?),
+            (consent::v1::consent_service_server::SERVICE_NAME, consent_channel.clone()),
+            (segments::v1::segment_service_server::SERVICE_NAME, segments_channel.clone()),
+            (activation::v1::activation_service_server::SERVICE_NAME, channel("activation", &upstreams.activation)?),
+        ]);
+        let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([(
+            gateway_pb::v1::policy_service_server::SERVICE_NAME,
+            BoxedGrpcService::new(status::PolicyStatusApi::new(policies.clone()).into_server()),
+        )]);
+
+        let mut server = GrpcServer::new();
+        for name in upstream_channels.keys().chain(local.keys()) {
+            server = server.advertise(name);
+        }
+        if config.reflection_requires_token {
+            let names: Vec<&'static str> = upstream_channels.keys().chain(local.keys()).copied().collect();
+            local.extend(boxed_reflection(&names)?);
+            server = server.without_reflection();
+        }
+
+        let crossing = Crossing::new(policies.clone(), pseudonymiser, segments_channel, consent_channel);
+        let router = Router::new(crossing, upstream_channels, local);
+
+        let stack = ServiceBuilder::new()
+            // Tonic hands axum's body type in; everything below speaks tonic's.
+            .map_request(|request: Request<axum::body::Body>| request.map(Body::new))
+            // A request id on every call (kept when the caller sent one), so a
+            // denial can be found in the logs from what the caller saw.
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            // One span per call, named by gRPC method, carrying the request id.
+            .layer(TraceLayer::new_for_grpc().make_span_with(|request: &Request<Body>| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("grpc", method = %request.uri().path(), request_id = %id)
+            }))
+            // Failures of the layers below (deadline, overload) become gRPC
+            // statuses here, so no call ever fails the connection.
+            .layer(RescueLayer)
+            // A call whose response has not started in time gets
+            // DEADLINE_EXCEEDED rather than holding a slot forever.
+            .timeout(config.request_timeout)
+            // Past the concurrency limit, refuse at once instead of queueing:
+            // callers retry elsewhere and the gateway stays responsive.
+            .load_shed()
+            .concurrency_limit(config.max_concurrent_requests)
+            // Who is calling: a valid bearer token or UNAUTHENTICATED.
+            .layer(AuthenticateLayer::new(verifier))
+            // May they call this method: the RBAC policy or PERMISSION_DENIED.
+            .layer(AuthorizeLayer::new(policies.clone()))
+            // Where it goes: the crossing filter, a gateway service, or the
+            // upstream that serves it.
+            .service(router);
+
+        let (routes, health) = server.into_routes()?;
+        let routes: Routes = routes.into_axum_router().fallback_service(stack).into();
+        Ok(Gateway {
+            routes,
+            health,
+            policies,
+        })
+    }
+
+    /// The policies in force.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        serve_routes(self.routes, self.health, listener, shutdown).await?;
+        Ok(())
+    }
+}
+
+fn channel(name: &str, url: &str) -> Result<Channel, GatewayError> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|err| GatewayError::Config(format!("gateway.upstreams.{name}: {err}")))?
+        .connect_lazy())
+}
+

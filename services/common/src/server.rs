@@ -41,6 +41,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 pub struct GrpcServer {
     routes: Routes,
     service_names: Vec<&'static str>,
+    /// Served elsewhere (the gateway's upstreams) but listed by reflection.
+    advertised: Vec<&'static str>,
+    reflection: bool,
     health: HealthReporter,
     health_service: HealthServer<HealthService>,
 }
@@ -58,6 +61,8 @@ impl GrpcServer {
         GrpcServer {
             routes: Routes::default(),
             service_names: Vec::new(),
+            advertised: Vec::new(),
+            reflection: true,
             health,
             health_service,
         }
@@ -82,6 +87,20 @@ impl GrpcServer {
         self
     }
 
+    /// Lists `name` in reflection without serving it here (the gateway
+    /// forwards it).
+    pub fn advertise(mut self, name: &'static str) -> Self {
+        self.advertised.push(name);
+        self
+    }
+
+    /// Leaves reflection out, for a component that serves it behind its own
+    /// authentication.
+    pub fn without_reflection(mut self) -> Self {
+        self.reflection = false;
+        self
+    }
+
     /// The health reporter, for components that report more than liveness.
     pub fn health_reporter(&self) -> HealthReporter {
         self.health.clone()
@@ -90,21 +109,16 @@ impl GrpcServer {
     /// The routes with health and reflection added, for components (the
     /// gateway) that add their own fallback before serving.
     pub fn into_routes(self) -> Result<(Routes, ServingHealth), ServeError> {
-        let mut reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(madtech_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(madtech_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for name in self.service_names.iter().chain([&HEALTH_SERVICE]) {
-            reflection_v1 = reflection_v1.with_service_name(*name);
-            reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
+        let mut routes = self.routes.add_service(self.health_service);
+        if self.reflection {
+            let names: Vec<&'static str> = self
+                .service_names
+                .iter()
+                .chain(&self.advertised)
+                .copied()
+                .collect();
+            routes = add_reflection(routes, &names)?;
         }
-        let routes = self
-            .routes
-            .add_service(self.health_service)
-            .add_service(reflection_v1.build_v1()?)
-            .add_service(reflection_v1alpha.build_v1alpha()?);
         let health = ServingHealth {
             reporter: self.health,
             service_names: self.service_names,
@@ -125,6 +139,49 @@ impl GrpcServer {
 }
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// A gRPC service behind a box, for routing tables keyed by service name.
+pub type BoxedGrpcService = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    Infallible,
+>;
+
+/// Reflection over every MadTech proto, listing `names` and the health
+/// service.
+fn reflection_builder(names: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(madtech_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in names.iter().chain([&HEALTH_SERVICE]) {
+        builder = builder.with_service_name(*name);
+    }
+    builder
+}
+
+/// Adds the reflection service (v1, and the v1alpha older tools use).
+fn add_reflection(routes: Routes, names: &[&'static str]) -> Result<Routes, ServeError> {
+    Ok(routes
+        .add_service(reflection_builder(names).build_v1()?)
+        .add_service(reflection_builder(names).build_v1alpha()?))
+}
+
+/// The reflection services boxed, with the gRPC service names they answer,
+/// for a component that routes them itself (behind authentication).
+pub fn boxed_reflection(
+    names: &[&'static str],
+) -> Result<[(&'static str, BoxedGrpcService); 2], ServeError> {
+    Ok([
+        (
+            "grpc.reflection.v1.ServerReflection",
+            BoxedGrpcService::new(reflection_builder(names).build_v1()?),
+        ),
+        (
+            "grpc.reflection.v1alpha.ServerReflection",
+            BoxedGrpcService::new(reflection_builder(names).build_v1alpha()?),
+        ),
+    ])
+}
 
 /// Flips the health of a set of services between SERVING and NOT_SERVING.
 pub struct ServingHealth {

@@ -1,0 +1,132 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use madtech_common::config::{ConfigError, Validate};
+use serde::{Deserialize, Serialize};
+
+/// Everything the gateway needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// gRPC address callers use.
+    pub listen: SocketAddr,
+    pub upstreams: Upstreams,
+    /// The directory holding the casbin policy files.
+    pub policy_dir: PathBuf,
+    pub auth: AuthConfig,
+    /// A file with the hex-encoded key (at least 32 bytes) that derives
+    /// pseudonymous ids; keep it secret and stable, or every destination sees
+    /// new ids.
+    pub pseudonym_key_file: PathBuf,
+    /// The longest a call may wait for its response to start.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Calls handled at once; more are refused with UNAVAILABLE at once
+    /// rather than queued.
+    pub max_concurrent_requests: usize,
+    /// Require a token for the reflection service too.
+    pub reflection_requires_token: bool,
+}
+
+/// Where each service listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstreams {
+    pub profiles: String,
+    pub consent: String,
+    pub segments: String,
+    pub activation: String,
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The issuer's Ed25519 public key (SPKI PEM); tokens must be EdDSA.
+    pub public_key_file: PathBuf,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            upstreams: Upstreams::default(),
+            policy_dir: PathBuf::from("policies"),
+            auth: AuthConfig::default(),
+            pseudonym_key_file: PathBuf::new(),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 1024,
+            reflection_requires_token: false,
+        }
+    }
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams {
+            profiles: "http://127.0.0.1:50052".into(),
+            consent: "http://127.0.0.1:50053".into(),
+            segments: "http://127.0.0.1:50054".into(),
+            activation: "http://127.0.0.1:50055".into(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            public_key_file: PathBuf::new(),
+            issuer: "madtech-dev".into(),
+            audience: "madtech".into(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Validate for GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let urls = [
+            ("profiles", &self.upstreams.profiles),
+            ("consent", &self.upstreams.consent),
+            ("segments", &self.upstreams.segments),
+            ("activation", &self.upstreams.activation),
+        ];
+        for (name, url) in urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "gateway.upstreams.{name} must be an http:// or https:// URL"
+                )));
+            }
+        }
+        let required = [
+            ("gateway.policy_dir", &self.policy_dir),
+            ("gateway.auth.public_key_file", &self.auth.public_key_file),
+            ("gateway.pseudonym_key_file", &self.pseudonym_key_file),
+        ];
+        for (name, path) in required {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(format!("{name} is required")));
+            }
+        }
+        if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
+            return Err(ConfigError::Invalid(
+                "gateway.auth.issuer and gateway.auth.audience are required".into(),
+            ));
+        }
+        if self.request_timeout.is_zero() || self.max_concurrent_requests == 0 {
+            return Err(ConfigError::Invalid(
+                "gateway.request_timeout and gateway.max_concurrent_requests must be positive"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}

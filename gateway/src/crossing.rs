@@ -1,0 +1,465 @@
+//! The crossing from martech to adtech. `ExportAudience` is decoded record by
+//! record: each member's consent is looked up, the consent policy decides,
+//! denied members are dropped and counted by reason, allowed identifiers are
+//! hashed, everything else is stripped, and the profile id is replaced by a
+//! pseudonymous id stable per destination.
+//!
+//! Fail closed: if consent cannot be looked up or the policy cannot be
+//! evaluated, the export fails; nothing crosses undecided.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::Stream;
+use hmac::{Hmac, Mac};
+use madtech_common::error::FieldError;
+use madtech_common::validate::{policy_name, require};
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use consent_pb::consent_service_client::ConsentServiceClient;
+use segments_pb::segment_service_client::SegmentServiceClient;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::policy::{PolicyError, PolicySet};
+use crate::policy::Policies;
+use crate::token::Caller;
+
+/// The gRPC path of the crossing this module filters.
+pub const EXPORT_AUDIENCE: &str = "/madtech.segments.v1.SegmentService/ExportAudience";
+
+/// The one form identifiers cross in.
+const SHA256: &str = "sha256";
+
+/// Derives pseudonymous ids: HMAC-SHA256 over the destination and profile
+/// ids, so the same person has one id per destination, ids of different
+/// destinations cannot be joined, and none leads back without the key.
+#[derive(Clone)]
+pub struct Pseudonymiser {
+    key: Hmac<Sha256>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the pseudonym key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the pseudonym key {path} must be hex encoding at least 32 bytes")]
+    Invalid { path: String },
+}
+
+impl Pseudonymiser {
+    pub const MIN_KEY_BYTES: usize = 32;
+
+    pub fn new(key: &[u8]) -> Option<Self> {
+        if key.len() < Self::MIN_KEY_BYTES {
+            return None;
+        }
+        Hmac::new_from_slice(key).ok().map(|key| Pseudonymiser { key })
+    }
+
+    pub fn from_hex_file(path: &std::path::Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        hex::decode(text.trim())
+            .ok()
+            .and_then(|key| Self::new(&key))
+            .ok_or_else(|| KeyError::Invalid {
+                path: path.display().to_string(),
+            })
+    }
+
+    pub fn pseudonym(&self, destination_id: &str, profile_id: &str) -> String {
+        let mut mac = self.key.clone();
+        mac.update(destination_id.as_bytes());
+        // A separator no id contains keeps ("ab","c") and ("a","bc") apart.
+        mac.update(&[0]);
+        mac.update(profile_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// Lower-case hex SHA-256 of an identifier's normalised value.
+pub fn sha256_hex(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+/// Consent states as the consent policy names them.
+pub fn consent_state_name(state: consent_pb::ConsentState) -> &'static str {
+    match state {
+        consent_pb::ConsentState::Granted => "granted",
+        consent_pb::ConsentState::Denied => "denied",
+        consent_pb::ConsentState::Unset | consent_pb::ConsentState::Unspecified => "unset",
+    }
+}
+
+/// What was decided in one crossing, for the audit record and metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub allowed: u64,
+    /// Denied members by reason, e.g. `consent_denied`.
+    pub denied: BTreeMap<String, u64>,
+    /// Identifiers dropped because the policy does not let their kind cross.
+    pub identifiers_stripped: u64,
+}
+
+/// The per-export decision maker. Decisions depend only on (region, consent
+/// state) for a fixed destination and purpose, and identifier decisions only
+/// on the kind, so each distinct input is evaluated once per export.
+pub struct Filter {
+    policy: Arc<PolicySet>,
+    pseudonymiser: Pseudonymiser,
+    destination_id: String,
+    destination_kind: String,
+    purpose: String,
+    decisions: HashMap<(String, &'static str), bool>,
+    kinds: HashMap<String, bool>,
+    pub tally: Tally,
+}
+
+impl Filter {
+    pub fn new(
+        policy: Arc<PolicySet>,
+        pseudonymiser: Pseudonymiser,
+        destination_id: &str,
+        destination_kind: &str,
+        purpose: &str,
+    ) -> Self {
+        Filter {
+            policy,
+            pseudonymiser,
+            destination_id: destination_id.to_string(),
+            destination_kind: destination_kind.to_string(),
+            purpose: purpose.to_string(),
+            decisions: HashMap::new(),
+            kinds: HashMap::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    /// The member as it may cross, or `None` when it may not.
+    pub fn cross(
+        &mut self,
+        member: segments_pb::AudienceMember,
+        consent: consent_pb::ConsentState,
+    ) -> Result<Option<segments_pb::AudienceMember>, PolicyError> {
+        let state = consent_state_name(consent);
+        let key = (member.region.clone(), state);
+        let allowed = match self.decisions.get(&key) {
+            Some(allowed) => *allowed,
+            None => {
+                let allowed = self.policy.allows_crossing(
+                    &self.destination_kind,
+                    &self.purpose,
+                    &member.region,
+                    state,
+                )?;
+                self.decisions.insert(key, allowed);
+                allowed
+            }
+        };
+        if !allowed {
+            *self.tally.denied.entry(format!("consent_{state}")).or_default() += 1;
+            return Ok(None);
+        }
+        let mut hashed = Vec::with_capacity(member.identifiers.len());
+        for identifier in &member.identifiers {
+            if self.kind_allowed(&identifier.kind)? {
+                hashed.push(segments_pb::HashedIdentifier {
+                    kind: identifier.kind.clone(),
+                    sha256: sha256_hex(&identifier.value),
+                });
+            } else {
+                self.tally.identifiers_stripped += 1;
+            }
+        }
+        self.tally.allowed += 1;
+        Ok(Some(segments_pb::AudienceMember {
+            profile_id: String::new(),
+            identifiers: Vec::new(),
+            region: member.region,
+            pseudonymous_id: self
+                .pseudonymiser
+                .pseudonym(&self.destination_id, &member.profile_id),
+            hashed_identifiers: hashed,
+        }))
+    }
+
+    fn kind_allowed(&mut self, kind: &str) -> Result<bool, PolicyError> {
+        if let Some(allowed) = self.kinds.get(kind) {
+            return Ok(*allowed);
+        }
+        let allowed = self
+            .policy
+            .allows_identifier(&self.destination_kind, kind, SHA256)?;
+        self.kinds.insert(kind.to_string(), allowed);
+        Ok(allowed)
+    }
+}
+
+/// Serves `ExportAudience` through the filter.
+#[derive(Clone)]
+pub struct Crossing {
+    policies: Policies,
+    pseudonymiser: Pseudonymiser,
+    segments: SegmentServiceClient<Channel>,
+    consent: ConsentServiceClient<Channel>,
+}
+
+type Members = std::pin::Pin<Box<dyn Stream<Item = Result<segments_pb::ExportAudienceResponse, Status>> + Send>>;
+
+fn validated(request: &segments_pb::ExportAudienceRequest) -> Result<(), FieldError> {
+    require("segment_id", &request.segment_id)?;
+    require("destination_id", &request.destination_id)?;
+    require("destination_kind", &request.destination_kind)?;
+    policy_name("purpose", &request.purpose)?;
+    Ok(())
+}
+
+fn policy_failure(err: PolicyError) -> Status {
+    tracing::error!(error = %err, "consent policy evaluation failed; nothing crosses");
+    Status::internal("policy evaluation failed")
+}
+
+impl Crossing {
+    pub fn new(
+        policies: Policies,
+        pseudonymiser: Pseudonymiser,
+        segments: Channel,
+        consent: Channel,
+    ) -> Self {
+        Crossing {
+            policies,
+            pseudonymiser,
+            segments: SegmentServiceClient::new(segments),
+            consent: ConsentServiceClient::new(consent),
+        }
+    }
+
+    /// Handles one `ExportAudience` call at the HTTP level.
+    pub async fn handle(self, request: http::Request<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+        let codec = tonic_prost::ProstCodec::<
+            segments_pb::ExportAudienceResponse,
+            segments_pb::ExportAudienceRequest,
+        >::default();
+        let mut grpc = tonic::server::Grpc::new(codec);
+        let service = tower::service_fn(move |request| self.clone().export(request));
+        grpc.server_streaming(service, request).await
+    }
+
+    async fn export(
+        self,
+        request: Request<segments_pb::ExportAudienceRequest>,
+    ) -> Result<Response<Members>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let request = request.into_inner();
+        validated(&request)?;
+        // No valid policy set: nothing crosses.
+        let policy = self
+            .policies
+            .current()
+            .ok_or_else(|| Status::failed_precondition("no valid policy set is loaded; nothing may cross"))?;
+        let upstream = self
+            .segments
+            .clone()
+            .export_audience(request.clone())
+            .await?
+            .into_inner();
+        let mut filter = Filter::new(
+            Arc::clone(&policy),
+            self.pseudonymiser.clone(),
+            &request.destination_id,
+            &request.destination_kind,
+            &request.purpose,
+        );
+        let mut consent = self.consent.clone();
+        let stream = async_stream::try_stream! {
+            let mut upstream = upstream;
+            while let Some(chunk) = upstream.message().await? {
+                let states = consent_states(&mut consent, &chunk.members, &request.purpose).await?;
+                let mut members = Vec::with_capacity(chunk.members.len());
+                for (member, state) in chunk.members.into_iter().zip(states) {
+                    if let Some(crossed) = filter.cross(member, state).map_err(policy_failure)? {
+                        members.push(crossed);
+                    }
+                }
+                if !members.is_empty() {
+                    yield segments_pb::ExportAudienceResponse { members };
+                }
+            }
+            audit(caller.as_ref(), &request, &policy.version, &filter.tally);
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Each member's consent for `purpose`, in member order, in one call.
+async fn consent_states(
+    consent: &mut ConsentServiceClient<Channel>,
+    members: &[segments_pb::AudienceMember],
+    purpose: &str,
+) -> Result<Vec<consent_pb::ConsentState>, Status> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let answer = consent
+        .batch_get_consent(consent_pb::BatchGetConsentRequest {
+            profile_ids: members.iter().map(|m| m.profile_id.clone()).collect(),
+            purposes: vec![purpose.to_string()],
+        })
+        .await
+        .map_err(|status| {
+            tracing::warn!(code = ?status.code(), "consent lookup failed; nothing crosses");
+            Status::unavailable("the consent service is unavailable; nothing may cross")
+        })?
+        .into_inner();
+    if answer.subjects.len() != members.len() {
+        return Err(Status::internal("consent answered for the wrong number of people"));
+    }
+    Ok(answer
+        .subjects
+        .iter()
+        .map(|subject| {
+            subject
+                .purposes
+                .iter()
+                .find(|p| p.purpose == purpose)
+                .map(|p| p.state())
+                .unwrap_or(consent_pb::ConsentState::Unset)
+        })
+        .collect())
+}
+
+/// The audit record of a finished crossing: who, what, under which policy,
+/// and counts. It never holds a personal identifier.
+fn audit(
+    caller: Option<&Caller>,
+    request: &segments_pb::ExportAudienceRequest,
+    policy_version: &str,
+    tally: &Tally,
+) {
+    metrics::counter!("madtech_gateway_crossing_members_total", "outcome" => "allowed")
+        .increment(tally.allowed);
+    for (reason, count) in &tally.denied {
+        metrics::counter!(
+            "madtech_gateway_crossing_members_total",
+            "outcome" => "denied",
+            "reason" => reason.clone()
+        )
+        .increment(*count);
+    }
+    let denied = serde_json::to_string(&tally.denied).unwrap_or_default();
+    tracing::info!(
+        target: "madtech::audit",
+        caller = caller.map(|c| c.subject.as_str()).unwrap_or(""),
+        method = EXPORT_AUDIENCE,
+        segment = %request.segment_id,
+        destination = %request.destination_id,
+        destination_kind = %request.destination_kind,
+        purpose = %request.purpose,
+        policy_version,
+        allowed = tally.allowed,
+        denied = %denied,
+        identifiers_stripped = tally.identifiers_stripped,
+        "crossing"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use madtech_proto::profiles::v1::Identifier;
+
+    async fn filter() -> Filter {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let policy = Arc::new(PolicySet::load(&dir).await.expect("policies"));
+        let pseudonymiser = Pseudonymiser::new(&[7; 32]).expect("key");
+        Filter::new(policy, pseudonymiser, "dest-1", "file", "ad_targeting")
+    }
+
+    fn member(id: &str, region: &str) -> segments_pb::AudienceMember {
+        segments_pb::AudienceMember {
+            profile_id: id.into(),
+            identifiers: vec![
+                Identifier { kind: "email".into(), value: "user@example.com".into() },
+                Identifier { kind: "phone".into(), value: "+12345678901".into() },
+                Identifier { kind: "customer_id".into(), value: "C-1".into() },
+            ],
+            region: region.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_members_cross_hashed_and_pseudonymised() {
+        let mut filter = filter().await;
+        let crossed = filter
+            .cross(member("p1", "FR"), consent_pb::ConsentState::Granted)
+            .expect("decided")
+            .expect("allowed");
+        assert!(crossed.profile_id.is_empty() && crossed.identifiers.is_empty());
+        assert_eq!(crossed.region, "FR");
+        assert_eq!(crossed.pseudonymous_id.len(), 64);
+        assert_ne!(crossed.pseudonymous_id, "p1");
+        // Published vectors (shared/testdata/signals.json, from the UID2
+        // documentation's normalization-and-encoding page).
+        assert_eq!(
+            crossed.hashed_identifiers,
+            vec![
+                segments_pb::HashedIdentifier {
+                    kind: "email".into(),
+                    sha256: "b4c9a289323b21a01c3e940f150eb9b8c542587f1abfd8f0e1cc1ffc5e475514".into(),
+                },
+                segments_pb::HashedIdentifier {
+                    kind: "phone".into(),
+                    sha256: "10e6f0b47054a83359477dcb35231db6de5c69fb1816e1a6b98e192de9e5b9ee".into(),
+                },
+            ]
+        );
+        assert_eq!(filter.tally.identifiers_stripped, 1, "customer_id may not cross");
+    }
+
+    #[tokio::test]
+    async fn denied_members_are_dropped_and_counted_by_reason() {
+        let mut filter = filter().await;
+        let cases = [
+            ("FR", consent_pb::ConsentState::Denied, false),
+            ("FR", consent_pb::ConsentState::Unset, false),
+            ("US-CA", consent_pb::ConsentState::Unset, true),
+            ("US-CA", consent_pb::ConsentState::Denied, false),
+            ("", consent_pb::ConsentState::Unset, false),
+        ];
+        for (i, (region, state, allowed)) in cases.into_iter().enumerate() {
+            let out = filter.cross(member(&format!("p{i}"), region), state).expect("decided");
+            assert_eq!(out.is_some(), allowed, "{region} {state:?}");
+        }
+        assert_eq!(filter.tally.allowed, 1);
+        assert_eq!(filter.tally.denied["consent_denied"], 2);
+        assert_eq!(filter.tally.denied["consent_unset"], 2);
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_destination_and_unlinkable_across() {
+        let p = Pseudonymiser::new(&[1; 32]).expect("key");
+        assert_eq!(p.pseudonym("d1", "p1"), p.pseudonym("d1", "p1"));
+        assert_ne!(p.pseudonym("d1", "p1"), p.pseudonym("d2", "p1"));
+        assert_ne!(p.pseudonym("ab", "c"), p.pseudonym("a", "bc"));
+        let other = Pseudonymiser::new(&[2; 32]).expect("key");
+        assert_ne!(p.pseudonym("d1", "p1"), other.pseudonym("d1", "p1"));
+        assert!(Pseudonymiser::new(&[1; 16]).is_none(), "short keys are refused");
+    }
+
+    #[test]
+    fn sha256_matches_the_published_vector() {
+        // FIPS 180-2 appendix B.1: SHA-256("abc").
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+use crate::crossing::KeyError;
+use crate::policy::PolicyError;
+use crate::token::TokenError;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("policies: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("token verification: {0}")]
+    Token(#[from] TokenError),
+    #[error("pseudonymisation: {0}")]
+    Key(#[from] KeyError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Serve(#[from] madtech_common::server::ServeError),
+}

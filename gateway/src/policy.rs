@@ -1,0 +1,350 @@
+//! The policy set: casbin models and policies from `policies/`, owned by
+//! compliance. Loaded whole and validated before use; the gateway answers
+//! every decision from one immutable set, so no request ever sees half of a
+//! change. A set that does not load is never used: the gateway fails closed.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model, StringAdapter};
+use sha2::{Digest, Sha256};
+
+/// The model/policy pairs a policy directory must hold.
+pub const RBAC: (&str, &str) = ("rbac_model.conf", "rbac_policy.csv");
+pub const CONSENT: (&str, &str) = ("consent_model.conf", "consent_policy.csv");
+pub const IDENTIFIERS: (&str, &str) = ("identifiers_model.conf", "identifiers_policy.csv");
+
+/// The region a consent decision is asked under when the policy does not
+/// know the person's region (ISO 3166's code for "unknown").
+pub const UNKNOWN_REGION: &str = "ZZ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+    #[error("policy evaluation failed: {0}")]
+    Evaluate(String),
+}
+
+/// A loaded, validated set of policies.
+pub struct PolicySet {
+    rbac: Enforcer,
+    consent: Enforcer,
+    identifiers: Enforcer,
+    /// Regions the consent policy maps to a regime.
+    known_regions: HashSet<String>,
+    /// Hex SHA-256 over every file's name and content, in name order.
+    pub version: String,
+    pub files: Vec<String>,
+    pub loaded_at_micros: i64,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet").field("version", &self.version).finish()
+    }
+}
+
+impl PolicySet {
+    /// Loads and validates every pair in `dir`.
+    pub async fn load(dir: &Path) -> Result<Self, PolicyError> {
+        let mut files = Vec::new();
+        let mut hasher = Sha256::new();
+        let mut read_pair = |pair: (&str, &str)| -> Result<(String, String), PolicyError> {
+            let mut texts = Vec::with_capacity(2);
+            for name in [pair.0, pair.1] {
+                let text = std::fs::read_to_string(dir.join(name)).map_err(|source| {
+                    PolicyError::Read {
+                        file: name.to_string(),
+                        source,
+                    }
+                })?;
+                hasher.update(name.as_bytes());
+                hasher.update([0]);
+                hasher.update(text.as_bytes());
+                hasher.update([0]);
+                files.push(name.to_string());
+                texts.push(text);
+            }
+            let policy = texts.pop().unwrap_or_default();
+            let model = texts.pop().unwrap_or_default();
+            Ok((model, policy))
+        };
+        let consent_texts = read_pair(CONSENT)?;
+        let identifiers_texts = read_pair(IDENTIFIERS)?;
+        let rbac_texts = read_pair(RBAC)?;
+        let version = hex::encode(hasher.finalize());
+
+        let rbac = enforcer(RBAC, rbac_texts).await?;
+        let consent = enforcer(CONSENT, consent_texts).await?;
+        let identifiers = enforcer(IDENTIFIERS, identifiers_texts).await?;
+        let known_regions = consent
+            .get_named_grouping_policy("g2")
+            .into_iter()
+            .filter_map(|row| row.into_iter().next())
+            .collect();
+        files.sort();
+        Ok(PolicySet {
+            rbac,
+            consent,
+            identifiers,
+            known_regions,
+            version,
+            files,
+            loaded_at_micros: now_micros(),
+        })
+    }
+
+    /// May `role` call the gRPC `method` (its full path)?
+    pub fn allows_method(&self, role: &str, method: &str) -> Result<bool, PolicyError> {
+        evaluate(&self.rbac, (role, method))
+    }
+
+    /// May a person in `region` with `consent` for `purpose` reach a
+    /// destination of `destination_kind`?
+    pub fn allows_crossing(
+        &self,
+        destination_kind: &str,
+        purpose: &str,
+        region: &str,
+        consent: &str,
+    ) -> Result<bool, PolicyError> {
+        evaluate(
+            &self.consent,
+            (destination_kind, purpose, self.regime_region(region), consent),
+        )
+    }
+
+    /// May an identifier of `kind` reach a destination of `destination_kind`
+    /// in `form`?
+    pub fn allows_identifier(
+        &self,
+        destination_kind: &str,
+        kind: &str,
+        form: &str,
+    ) -> Result<bool, PolicyError> {
+        evaluate(&self.identifiers, (destination_kind, kind, form))
+    }
+
+    /// The region a decision is asked under: the person's, when the policy
+    /// knows it, otherwise [`UNKNOWN_REGION`].
+    pub fn regime_region<'a>(&self, region: &'a str) -> &'a str {
+        if self.known_regions.contains(region) {
+            region
+        } else {
+            UNKNOWN_REGION
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn evaluate<A: casbin::EnforceArgs>(enforcer: &Enforcer, args: A) -> Result<bool, PolicyError> {
+    enforcer
+        .enforce(args)
+        .map_err(|err| PolicyError::Evaluate(err.to_string()))
+}
+
+async fn enforcer(pair: (&str, &str), (model, policy): (String, String)) -> Result<Enforcer, PolicyError> {
+    let invalid = |file: &str, reason: String| PolicyError::Invalid {
+        file: file.to_string(),
+        reason,
+    };
+    let model = DefaultModel::from_str(&model)
+        .await
+        .map_err(|err| invalid(pair.0, err.to_string()))?;
+    check_rows(&model, pair.1, &policy)?;
+    Enforcer::new(model, StringAdapter::new(policy))
+        .await
+        .map_err(|err| invalid(pair.1, err.to_string()))
+}
+
+/// casbin silently skips rows of unknown types and evaluates rows of the
+/// wrong width unpredictably; a policy with either is refused instead.
+fn check_rows(model: &DefaultModel, file: &str, policy: &str) -> Result<(), PolicyError> {
+    let model = model.get_model();
+    let width = |section: &str, ptype: &str| -> Option<usize> {
+        let assertion = model.get(section)?.get(ptype)?;
+        Some(if section == "g" {
+            assertion.value.matches('_').count()
+        } else {
+            assertion.tokens.len()
+        })
+    };
+    for (number, line) in policy.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let ptype = fields[0];
+        let section = if ptype.starts_with('g') { "g" } else { "p" };
+        let problem = if line.contains('"') {
+            Some("quoted fields are not supported".to_string())
+        } else if fields.iter().any(|f| f.is_empty()) {
+            Some("empty field".to_string())
+        } else {
+            match width(section, ptype) {
+                None => Some(format!("the model defines no {ptype:?}")),
+                Some(expected) if expected != fields.len() - 1 => Some(format!(
+                    "{ptype} rows have {expected} fields, this one has {}",
+                    fields.len() - 1
+                )),
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = problem {
+            return Err(PolicyError::Invalid {
+                file: file.to_string(),
+                reason: format!("line {}: {reason}", number + 1),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The policy set in force, shared by every layer. Readers take a snapshot
+/// without locking; a new set is swapped in whole.
+#[derive(Clone, Default)]
+pub struct Policies(Arc<ArcSwapOption<PolicySet>>);
+
+impl Policies {
+    pub fn new(set: PolicySet) -> Self {
+        Policies(Arc::new(ArcSwapOption::from_pointee(set)))
+    }
+
+    /// The set in force, or `None` when no valid set is loaded (then
+    /// nothing is allowed).
+    pub fn current(&self) -> Option<Arc<PolicySet>> {
+        self.0.load_full()
+    }
+
+    /// Puts `set` in force for every request that starts from now on.
+    pub fn replace(&self, set: PolicySet) {
+        self.0.store(Some(Arc::new(set)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn shipped() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
+    }
+
+    async fn policies() -> PolicySet {
+        PolicySet::load(&shipped()).await.expect("the shipped policies load")
+    }
+
+    fn copy_to_temp() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("dir");
+        for (model, policy) in [RBAC, CONSENT, IDENTIFIERS] {
+            for name in [model, policy] {
+                std::fs::copy(shipped().join(name), dir.path().join(name)).expect("copy");
+            }
+        }
+        dir
+    }
+
+    #[tokio::test]
+    async fn roles_reach_only_their_methods() {
+        let p = policies().await;
+        let export = "/madtech.segments.v1.SegmentService/ExportAudience";
+        let upsert = "/madtech.profiles.v1.ProfileService/UpsertProfile";
+        let sync = "/madtech.activation.v1.ActivationService/RunSync";
+        assert!(p.allows_method("admin", upsert).expect("eval"));
+        assert!(p.allows_method("activation", export).expect("eval"));
+        assert!(p.allows_method("activation", sync).expect("eval"));
+        assert!(!p.allows_method("activation", upsert).expect("eval"));
+        assert!(!p.allows_method("activation", "/madtech.profiles.v1.ProfileService/GetProfile").expect("eval"));
+        assert!(!p.allows_method("activation", "/madtech.consent.v1.ConsentService/WatchConsentChanges").expect("eval"));
+        assert!(p.allows_method("ingest", upsert).expect("eval"));
+        assert!(!p.allows_method("ingest", export).expect("eval"));
+        assert!(!p.allows_method("marketer", export).expect("eval"));
+        assert!(!p.allows_method("nobody", upsert).expect("eval"));
+    }
+
+    #[tokio::test]
+    async fn gdpr_is_opt_in_and_ccpa_opt_out() {
+        let p = policies().await;
+        let cases = [
+            ("FR", "granted", true),
+            ("FR", "unset", false),
+            ("FR", "denied", false),
+            ("GB", "granted", true),
+            ("GB", "unset", false),
+            ("US-CA", "unset", true),
+            ("US-CA", "granted", true),
+            ("US-CA", "denied", false),
+            ("US-VA", "unset", true),
+            ("US-VA", "denied", false),
+            // Unknown regions get the strictest regime.
+            ("", "granted", true),
+            ("", "unset", false),
+            ("XX", "unset", false),
+        ];
+        for (region, consent, expected) in cases {
+            let got = p.allows_crossing("file", "ad_targeting", region, consent).expect("eval");
+            assert_eq!(got, expected, "{region} {consent}");
+        }
+        assert!(!p.allows_crossing("file", "email_marketing", "US-CA", "unset").expect("eval"),
+            "purposes without rules are denied");
+        assert!(!p.allows_crossing("unknown_kind", "ad_targeting", "US-CA", "unset").expect("eval"),
+            "destinations without a class are denied");
+    }
+
+    #[tokio::test]
+    async fn identifiers_cross_only_hashed() {
+        let p = policies().await;
+        assert!(p.allows_identifier("file", "email", "sha256").expect("eval"));
+        assert!(!p.allows_identifier("file", "email", "raw").expect("eval"));
+        assert!(!p.allows_identifier("file", "customer_id", "sha256").expect("eval"));
+    }
+
+    #[tokio::test]
+    async fn the_version_changes_with_the_content() {
+        let dir = copy_to_temp();
+        let before = PolicySet::load(dir.path()).await.expect("load").version;
+        assert_eq!(before, policies().await.version);
+        let path = dir.path().join(RBAC.1);
+        let mut text = std::fs::read_to_string(&path).expect("read");
+        text.push_str("p, marketer, /madtech.segments.v1.SegmentService/ExportAudience\n");
+        std::fs::write(&path, text).expect("write");
+        let after = PolicySet::load(dir.path()).await.expect("load");
+        assert_ne!(after.version, before);
+        assert_eq!(after.files.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn broken_sets_are_refused_with_the_file_and_line() {
+        for (file, text, expect) in [
+            (RBAC.1, "p, admin\n", "line 1"),
+            (RBAC.1, "x, admin, /*\n", "defines no"),
+            (CONSENT.1, "g2, FR\n", "fields"),
+            (RBAC.0, "[request_definition]\nr = role\n[matchers]\nm = r.nope(\n", ""),
+        ] {
+            let dir = copy_to_temp();
+            std::fs::write(dir.path().join(file), text).expect("write");
+            let err = PolicySet::load(dir.path()).await.expect_err(file);
+            let message = err.to_string();
+            assert!(message.contains(expect), "{message}");
+        }
+        let dir = copy_to_temp();
+        std::fs::remove_file(dir.path().join(IDENTIFIERS.0)).expect("rm");
+        assert!(matches!(PolicySet::load(dir.path()).await, Err(PolicyError::Read { .. })));
+    }
+}
