@@ -67,7 +67,9 @@ where
             Err(rejected) => {
                 metrics::counter!("madtech_gateway_unauthenticated_total", "reason" => rejected.to_string())
                     .increment(1);
-                Either::Left(ready(Ok(Status::unauthenticated(rejected.to_string()).into_http())))
+                Either::Left(ready(Ok(
+                    Status::unauthenticated(rejected.to_string()).into_http()
+                )))
             }
         }
     }

@@ -10,20 +10,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use consent_pb::consent_service_client::ConsentServiceClient;
 use futures::Stream;
 use hmac::{Hmac, Mac};
 use madtech_common::error::FieldError;
 use madtech_common::validate::{policy_name, require};
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::segments::v1 as segments_pb;
-use consent_pb::consent_service_client::ConsentServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::policy::{PolicyError, PolicySet};
 use crate::policy::Policies;
+use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
 
 /// The gRPC path of the crossing this module filters.
@@ -47,6 +47,13 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot write the pseudonym key {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot generate a pseudonym key")]
+    Generate,
     #[error("the pseudonym key {path} must be hex encoding at least 32 bytes")]
     Invalid { path: String },
 }
@@ -58,7 +65,9 @@ impl Pseudonymiser {
         if key.len() < Self::MIN_KEY_BYTES {
             return None;
         }
-        Hmac::new_from_slice(key).ok().map(|key| Pseudonymiser { key })
+        Hmac::new_from_slice(key)
+            .ok()
+            .map(|key| Pseudonymiser { key })
     }
 
     pub fn from_hex_file(path: &std::path::Path) -> Result<Self, KeyError> {
@@ -72,6 +81,21 @@ impl Pseudonymiser {
             .ok_or_else(|| KeyError::Invalid {
                 path: path.display().to_string(),
             })
+    }
+
+    /// Writes a new random key to `path` unless a key is there already.
+    pub fn ensure_key_file(path: &std::path::Path) -> Result<(), KeyError> {
+        if path.is_file() {
+            return Ok(());
+        }
+        let mut key = [0u8; Self::MIN_KEY_BYTES];
+        aws_lc_rs::rand::fill(&mut key).map_err(|_| KeyError::Generate)?;
+        crate::token::write_private_file(path, hex::encode(key).as_bytes()).map_err(|source| {
+            KeyError::Write {
+                path: path.display().to_string(),
+                source,
+            }
+        })
     }
 
     pub fn pseudonym(&self, destination_id: &str, profile_id: &str) -> String {
@@ -164,7 +188,11 @@ impl Filter {
             }
         };
         if !allowed {
-            *self.tally.denied.entry(format!("consent_{state}")).or_default() += 1;
+            *self
+                .tally
+                .denied
+                .entry(format!("consent_{state}"))
+                .or_default() += 1;
             return Ok(None);
         }
         let mut hashed = Vec::with_capacity(member.identifiers.len());
@@ -211,7 +239,9 @@ pub struct Crossing {
     consent: ConsentServiceClient<Channel>,
 }
 
-type Members = std::pin::Pin<Box<dyn Stream<Item = Result<segments_pb::ExportAudienceResponse, Status>> + Send>>;
+type Members = std::pin::Pin<
+    Box<dyn Stream<Item = Result<segments_pb::ExportAudienceResponse, Status>> + Send>,
+>;
 
 fn validated(request: &segments_pb::ExportAudienceRequest) -> Result<(), FieldError> {
     require("segment_id", &request.segment_id)?;
@@ -242,7 +272,10 @@ impl Crossing {
     }
 
     /// Handles one `ExportAudience` call at the HTTP level.
-    pub async fn handle(self, request: http::Request<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    pub async fn handle(
+        self,
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
         let codec = tonic_prost::ProstCodec::<
             segments_pb::ExportAudienceResponse,
             segments_pb::ExportAudienceRequest,
@@ -260,10 +293,9 @@ impl Crossing {
         let request = request.into_inner();
         validated(&request)?;
         // No valid policy set: nothing crosses.
-        let policy = self
-            .policies
-            .current()
-            .ok_or_else(|| Status::failed_precondition("no valid policy set is loaded; nothing may cross"))?;
+        let policy = self.policies.current().ok_or_else(|| {
+            Status::failed_precondition("no valid policy set is loaded; nothing may cross")
+        })?;
         let upstream = self
             .segments
             .clone()
@@ -319,7 +351,9 @@ async fn consent_states(
         })?
         .into_inner();
     if answer.subjects.len() != members.len() {
-        return Err(Status::internal("consent answered for the wrong number of people"));
+        return Err(Status::internal(
+            "consent answered for the wrong number of people",
+        ));
     }
     Ok(answer
         .subjects
@@ -386,9 +420,18 @@ mod tests {
         segments_pb::AudienceMember {
             profile_id: id.into(),
             identifiers: vec![
-                Identifier { kind: "email".into(), value: "user@example.com".into() },
-                Identifier { kind: "phone".into(), value: "+12345678901".into() },
-                Identifier { kind: "customer_id".into(), value: "C-1".into() },
+                Identifier {
+                    kind: "email".into(),
+                    value: "user@example.com".into(),
+                },
+                Identifier {
+                    kind: "phone".into(),
+                    value: "+12345678901".into(),
+                },
+                Identifier {
+                    kind: "customer_id".into(),
+                    value: "C-1".into(),
+                },
             ],
             region: region.into(),
             ..Default::default()
@@ -413,15 +456,20 @@ mod tests {
             vec![
                 segments_pb::HashedIdentifier {
                     kind: "email".into(),
-                    sha256: "b4c9a289323b21a01c3e940f150eb9b8c542587f1abfd8f0e1cc1ffc5e475514".into(),
+                    sha256: "b4c9a289323b21a01c3e940f150eb9b8c542587f1abfd8f0e1cc1ffc5e475514"
+                        .into(),
                 },
                 segments_pb::HashedIdentifier {
                     kind: "phone".into(),
-                    sha256: "10e6f0b47054a83359477dcb35231db6de5c69fb1816e1a6b98e192de9e5b9ee".into(),
+                    sha256: "10e6f0b47054a83359477dcb35231db6de5c69fb1816e1a6b98e192de9e5b9ee"
+                        .into(),
                 },
             ]
         );
-        assert_eq!(filter.tally.identifiers_stripped, 1, "customer_id may not cross");
+        assert_eq!(
+            filter.tally.identifiers_stripped, 1,
+            "customer_id may not cross"
+        );
     }
 
     #[tokio::test]
@@ -435,7 +483,9 @@ mod tests {
             ("", consent_pb::ConsentState::Unset, false),
         ];
         for (i, (region, state, allowed)) in cases.into_iter().enumerate() {
-            let out = filter.cross(member(&format!("p{i}"), region), state).expect("decided");
+            let out = filter
+                .cross(member(&format!("p{i}"), region), state)
+                .expect("decided");
             assert_eq!(out.is_some(), allowed, "{region} {state:?}");
         }
         assert_eq!(filter.tally.allowed, 1);
@@ -451,7 +501,10 @@ mod tests {
         assert_ne!(p.pseudonym("ab", "c"), p.pseudonym("a", "bc"));
         let other = Pseudonymiser::new(&[2; 32]).expect("key");
         assert_ne!(p.pseudonym("d1", "p1"), other.pseudonym("d1", "p1"));
-        assert!(Pseudonymiser::new(&[1; 16]).is_none(), "short keys are refused");
+        assert!(
+            Pseudonymiser::new(&[1; 16]).is_none(),
+            "short keys are refused"
+        );
     }
 
     #[test]

@@ -19,8 +19,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::Request;
-use madtech_common::server::{BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes};
 use madtech_common::CancellationToken;
+use madtech_common::server::{
+    BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes,
+};
 use madtech_proto::{activation, consent, gateway as gateway_pb, profiles, segments};
 use tokio::net::TcpListener;
 use tonic::body::Body;
@@ -66,10 +68,22 @@ impl Gateway {
         let segments_channel = channel("segments", &upstreams.segments)?;
         let consent_channel = channel("consent", &upstreams.consent)?;
         let upstream_channels = HashMap::from([
-            (profiles::v1::profile_service_server::SERVICE_NAME, channel("profiles", &upstreams.profiles)?),
-            (consent::v1::consent_service_server::SERVICE_NAME, consent_channel.clone()),
-            (segments::v1::segment_service_server::SERVICE_NAME, segments_channel.clone()),
-            (activation::v1::activation_service_server::SERVICE_NAME, channel("activation", &upstreams.activation)?),
+            (
+                profiles::v1::profile_service_server::SERVICE_NAME,
+                channel("profiles", &upstreams.profiles)?,
+            ),
+            (
+                consent::v1::consent_service_server::SERVICE_NAME,
+                consent_channel.clone(),
+            ),
+            (
+                segments::v1::segment_service_server::SERVICE_NAME,
+                segments_channel.clone(),
+            ),
+            (
+                activation::v1::activation_service_server::SERVICE_NAME,
+                channel("activation", &upstreams.activation)?,
+            ),
         ]);
         let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([(
             gateway_pb::v1::policy_service_server::SERVICE_NAME,
@@ -81,12 +95,21 @@ impl Gateway {
             server = server.advertise(name);
         }
         if config.reflection_requires_token {
-            let names: Vec<&'static str> = upstream_channels.keys().chain(local.keys()).copied().collect();
+            let names: Vec<&'static str> = upstream_channels
+                .keys()
+                .chain(local.keys())
+                .copied()
+                .collect();
             local.extend(boxed_reflection(&names)?);
             server = server.without_reflection();
         }
 
-        let crossing = Crossing::new(policies.clone(), pseudonymiser, segments_channel, consent_channel);
+        let crossing = Crossing::new(
+            policies.clone(),
+            pseudonymiser,
+            segments_channel,
+            consent_channel,
+        );
         let router = Router::new(crossing, upstream_channels, local);
 
         let stack = ServiceBuilder::new()
@@ -97,14 +120,16 @@ impl Gateway {
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(PropagateRequestIdLayer::x_request_id())
             // One span per call, named by gRPC method, carrying the request id.
-            .layer(TraceLayer::new_for_grpc().make_span_with(|request: &Request<Body>| {
-                let id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("grpc", method = %request.uri().path(), request_id = %id)
-            }))
+            .layer(
+                TraceLayer::new_for_grpc().make_span_with(|request: &Request<Body>| {
+                    let id = request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("grpc", method = %request.uri().path(), request_id = %id)
+                }),
+            )
             // Failures of the layers below (deadline, overload) become gRPC
             // statuses here, so no call ever fails the connection.
             .layer(RescueLayer)
@@ -138,7 +163,11 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` is cancelled.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), GatewayError> {
         serve_routes(self.routes, self.health, listener, shutdown).await?;
         Ok(())
     }
@@ -149,4 +178,3 @@ fn channel(name: &str, url: &str) -> Result<Channel, GatewayError> {
         .map_err(|err| GatewayError::Config(format!("gateway.upstreams.{name}: {err}")))?
         .connect_lazy())
 }
-

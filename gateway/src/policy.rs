@@ -48,7 +48,9 @@ pub struct PolicySet {
 
 impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicySet").field("version", &self.version).finish()
+        f.debug_struct("PolicySet")
+            .field("version", &self.version)
+            .finish()
     }
 }
 
@@ -118,7 +120,12 @@ impl PolicySet {
     ) -> Result<bool, PolicyError> {
         evaluate(
             &self.consent,
-            (destination_kind, purpose, self.regime_region(region), consent),
+            (
+                destination_kind,
+                purpose,
+                self.regime_region(region),
+                consent,
+            ),
         )
     }
 
@@ -157,7 +164,10 @@ fn evaluate<A: casbin::EnforceArgs>(enforcer: &Enforcer, args: A) -> Result<bool
         .map_err(|err| PolicyError::Evaluate(err.to_string()))
 }
 
-async fn enforcer(pair: (&str, &str), (model, policy): (String, String)) -> Result<Enforcer, PolicyError> {
+async fn enforcer(
+    pair: (&str, &str),
+    (model, policy): (String, String),
+) -> Result<Enforcer, PolicyError> {
     let invalid = |file: &str, reason: String| PolicyError::Invalid {
         file: file.to_string(),
         reason,
@@ -247,7 +257,9 @@ mod tests {
     }
 
     async fn policies() -> PolicySet {
-        PolicySet::load(&shipped()).await.expect("the shipped policies load")
+        PolicySet::load(&shipped())
+            .await
+            .expect("the shipped policies load")
     }
 
     fn copy_to_temp() -> tempfile::TempDir {
@@ -270,8 +282,20 @@ mod tests {
         assert!(p.allows_method("activation", export).expect("eval"));
         assert!(p.allows_method("activation", sync).expect("eval"));
         assert!(!p.allows_method("activation", upsert).expect("eval"));
-        assert!(!p.allows_method("activation", "/madtech.profiles.v1.ProfileService/GetProfile").expect("eval"));
-        assert!(!p.allows_method("activation", "/madtech.consent.v1.ConsentService/WatchConsentChanges").expect("eval"));
+        assert!(
+            !p.allows_method(
+                "activation",
+                "/madtech.profiles.v1.ProfileService/GetProfile"
+            )
+            .expect("eval")
+        );
+        assert!(
+            !p.allows_method(
+                "activation",
+                "/madtech.consent.v1.ConsentService/WatchConsentChanges"
+            )
+            .expect("eval")
+        );
         assert!(p.allows_method("ingest", upsert).expect("eval"));
         assert!(!p.allows_method("ingest", export).expect("eval"));
         assert!(!p.allows_method("marketer", export).expect("eval"));
@@ -298,21 +322,35 @@ mod tests {
             ("XX", "unset", false),
         ];
         for (region, consent, expected) in cases {
-            let got = p.allows_crossing("file", "ad_targeting", region, consent).expect("eval");
+            let got = p
+                .allows_crossing("file", "ad_targeting", region, consent)
+                .expect("eval");
             assert_eq!(got, expected, "{region} {consent}");
         }
-        assert!(!p.allows_crossing("file", "email_marketing", "US-CA", "unset").expect("eval"),
-            "purposes without rules are denied");
-        assert!(!p.allows_crossing("unknown_kind", "ad_targeting", "US-CA", "unset").expect("eval"),
-            "destinations without a class are denied");
+        assert!(
+            !p.allows_crossing("file", "email_marketing", "US-CA", "unset")
+                .expect("eval"),
+            "purposes without rules are denied"
+        );
+        assert!(
+            !p.allows_crossing("unknown_kind", "ad_targeting", "US-CA", "unset")
+                .expect("eval"),
+            "destinations without a class are denied"
+        );
     }
 
     #[tokio::test]
     async fn identifiers_cross_only_hashed() {
         let p = policies().await;
-        assert!(p.allows_identifier("file", "email", "sha256").expect("eval"));
+        assert!(
+            p.allows_identifier("file", "email", "sha256")
+                .expect("eval")
+        );
         assert!(!p.allows_identifier("file", "email", "raw").expect("eval"));
-        assert!(!p.allows_identifier("file", "customer_id", "sha256").expect("eval"));
+        assert!(
+            !p.allows_identifier("file", "customer_id", "sha256")
+                .expect("eval")
+        );
     }
 
     #[tokio::test]
@@ -335,7 +373,11 @@ mod tests {
             (RBAC.1, "p, admin\n", "line 1"),
             (RBAC.1, "x, admin, /*\n", "defines no"),
             (CONSENT.1, "g2, FR\n", "fields"),
-            (RBAC.0, "[request_definition]\nr = role\n[matchers]\nm = r.nope(\n", ""),
+            (
+                RBAC.0,
+                "[request_definition]\nr = role\n[matchers]\nm = r.nope(\n",
+                "",
+            ),
         ] {
             let dir = copy_to_temp();
             std::fs::write(dir.path().join(file), text).expect("write");
@@ -345,6 +387,9 @@ mod tests {
         }
         let dir = copy_to_temp();
         std::fs::remove_file(dir.path().join(IDENTIFIERS.0)).expect("rm");
-        assert!(matches!(PolicySet::load(dir.path()).await, Err(PolicyError::Read { .. })));
+        assert!(matches!(
+            PolicySet::load(dir.path()).await,
+            Err(PolicyError::Read { .. })
+        ));
     }
 }

@@ -19,7 +19,10 @@ impl<S> Layer<S> for RescueLayer {
     type Service = Rescue<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rescue { inner, failed: None }
+        Rescue {
+            inner,
+            failed: None,
+        }
     }
 }
 
@@ -112,8 +115,15 @@ mod tests {
             .layer(RescueLayer)
             .timeout(Duration::from_millis(10))
             .service(slow);
-        let response = service.oneshot(Request::new(Body::empty())).await.expect("infallible");
-        assert_eq!(grpc_status(&response).as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+        let response = service
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .expect("infallible");
+        assert_eq!(
+            grpc_status(&response).as_deref(),
+            Some("4"),
+            "DEADLINE_EXCEEDED"
+        );
     }
 
     /// A service that is never ready, like a full concurrency limit.
@@ -135,8 +145,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_overloaded_gateway_answers_unavailable() {
-        let service = ServiceBuilder::new().layer(RescueLayer).load_shed().service(NeverReady);
-        let response = service.oneshot(Request::new(Body::empty())).await.expect("infallible");
+        let service = ServiceBuilder::new()
+            .layer(RescueLayer)
+            .load_shed()
+            .service(NeverReady);
+        let response = service
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .expect("infallible");
         assert_eq!(grpc_status(&response).as_deref(), Some("14"), "UNAVAILABLE");
     }
 
@@ -146,7 +162,10 @@ mod tests {
             Ok::<_, Infallible>(Response::new(Body::empty()))
         });
         let service = ServiceBuilder::new().layer(RescueLayer).service(ok);
-        let response = service.oneshot(Request::new(Body::empty())).await.expect("infallible");
+        let response = service
+            .oneshot(Request::new(Body::empty()))
+            .await
+            .expect("infallible");
         assert_eq!(grpc_status(&response), None);
     }
 }

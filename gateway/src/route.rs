@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
+use madtech_common::server::BoxedGrpcService as HttpService;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::Channel;
-use madtech_common::server::BoxedGrpcService as HttpService;
 use tower::{Service, ServiceExt};
 
 use crate::crossing::{Crossing, EXPORT_AUDIENCE};
-
 
 /// The service part of a gRPC path: `/pkg.Service/Method` → `pkg.Service`.
 pub fn service_name(path: &str) -> &str {

@@ -127,7 +127,11 @@ pub struct Signer {
 }
 
 impl Signer {
-    pub fn from_private_key_file(path: &Path, issuer: &str, audience: &str) -> Result<Self, TokenError> {
+    pub fn from_private_key_file(
+        path: &Path,
+        issuer: &str,
+        audience: &str,
+    ) -> Result<Self, TokenError> {
         let pem = std::fs::read(path).map_err(|source| TokenError::ReadKey {
             path: path.to_path_buf(),
             source,
@@ -144,7 +148,12 @@ impl Signer {
     }
 
     /// A token for `subject` with `roles`, valid from now for `lifetime`.
-    pub fn mint(&self, subject: &str, roles: &[String], lifetime: Duration) -> Result<String, TokenError> {
+    pub fn mint(
+        &self,
+        subject: &str,
+        roles: &[String],
+        lifetime: Duration,
+    ) -> Result<String, TokenError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -226,7 +235,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (private, public) = ensure_dev_keys(dir.path()).expect("keys");
         let signer = Signer::from_private_key_file(&private, ISS, AUD).expect("signer");
-        let verifier = Verifier::from_public_key_file(&public, ISS, AUD, Duration::from_secs(5)).expect("verifier");
+        let verifier = Verifier::from_public_key_file(&public, ISS, AUD, Duration::from_secs(5))
+            .expect("verifier");
         (dir, signer, verifier)
     }
 
@@ -237,9 +247,19 @@ mod tests {
     #[test]
     fn minted_tokens_verify() {
         let (_dir, signer, verifier) = keys();
-        let token = signer.mint("alice", &roles(&["admin"]), Duration::from_secs(60)).expect("mint");
-        let caller = verifier.verify_header(Some(&format!("Bearer {token}"))).expect("valid");
-        assert_eq!(caller, Caller { subject: "alice".into(), roles: roles(&["admin"]) });
+        let token = signer
+            .mint("alice", &roles(&["admin"]), Duration::from_secs(60))
+            .expect("mint");
+        let caller = verifier
+            .verify_header(Some(&format!("Bearer {token}")))
+            .expect("valid");
+        assert_eq!(
+            caller,
+            Caller {
+                subject: "alice".into(),
+                roles: roles(&["admin"])
+            }
+        );
     }
 
     #[test]
@@ -255,17 +275,23 @@ mod tests {
     fn foreign_keys_issuers_and_audiences_are_refused() {
         let (_dir, _signer, verifier) = keys();
         let (_other_dir, other_signer, _) = keys();
-        let forged = other_signer.mint("mallory", &roles(&["admin"]), Duration::from_secs(60)).expect("mint");
+        let forged = other_signer
+            .mint("mallory", &roles(&["admin"]), Duration::from_secs(60))
+            .expect("mint");
         assert_eq!(verifier.verify(&forged), Err(Rejected::Invalid));
 
         let (dir, _, _) = keys();
         let private = dir.path().join(DEV_PRIVATE_KEY);
         let public = dir.path().join(DEV_PUBLIC_KEY);
-        let verifier = Verifier::from_public_key_file(&public, ISS, AUD, Duration::ZERO).expect("verifier");
-        let wrong_iss = Signer::from_private_key_file(&private, "someone-else", AUD).expect("signer");
+        let verifier =
+            Verifier::from_public_key_file(&public, ISS, AUD, Duration::ZERO).expect("verifier");
+        let wrong_iss =
+            Signer::from_private_key_file(&private, "someone-else", AUD).expect("signer");
         let wrong_aud = Signer::from_private_key_file(&private, ISS, "other").expect("signer");
         for signer in [wrong_iss, wrong_aud] {
-            let token = signer.mint("x", &roles(&["admin"]), Duration::from_secs(60)).expect("mint");
+            let token = signer
+                .mint("x", &roles(&["admin"]), Duration::from_secs(60))
+                .expect("mint");
             assert_eq!(verifier.verify(&token), Err(Rejected::Invalid));
         }
     }
@@ -274,8 +300,14 @@ mod tests {
     fn malformed_headers_and_none_algorithm_are_refused() {
         let (_dir, _signer, verifier) = keys();
         assert_eq!(verifier.verify_header(None), Err(Rejected::Missing));
-        assert_eq!(verifier.verify_header(Some("Basic abc")), Err(Rejected::Malformed));
-        assert_eq!(verifier.verify_header(Some("Bearer not.a.jwt")), Err(Rejected::Invalid));
+        assert_eq!(
+            verifier.verify_header(Some("Basic abc")),
+            Err(Rejected::Malformed)
+        );
+        assert_eq!(
+            verifier.verify_header(Some("Bearer not.a.jwt")),
+            Err(Rejected::Invalid)
+        );
         // {"alg":"none","typ":"JWT"} . {"sub":"x","roles":["admin"],...} . (no signature)
         let unsigned = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4Iiwicm9sZXMiOlsiYWRtaW4iXSwiaXNzIjoibWFkdGVjaC10ZXN0IiwiYXVkIjoibWFkdGVjaCIsImlhdCI6MCwibmJmIjowLCJleHAiOjQxMDI0NDQ4MDB9.";
         assert_eq!(verifier.verify(unsigned), Err(Rejected::Invalid));
@@ -286,7 +318,8 @@ mod tests {
         let (dir, _, _) = keys();
         let private = dir.path().join(DEV_PRIVATE_KEY);
         let public = dir.path().join(DEV_PUBLIC_KEY);
-        let verifier = Verifier::from_public_key_file(&public, ISS, AUD, Duration::ZERO).expect("verifier");
+        let verifier =
+            Verifier::from_public_key_file(&public, ISS, AUD, Duration::ZERO).expect("verifier");
         let key = EncodingKey::from_ed_pem(&std::fs::read(private).expect("read")).expect("key");
         let claims = Claims {
             sub: "x".into(),
@@ -297,7 +330,8 @@ mod tests {
             nbf: 1_000,
             exp: 2_000,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).expect("sign");
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).expect("sign");
         assert_eq!(verifier.verify(&token), Err(Rejected::Expired));
     }
 }

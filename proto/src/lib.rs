@@ -80,7 +80,10 @@ pub mod time {
 
         #[test]
         fn out_of_range_nanos_are_rejected() {
-            let ts = Timestamp { seconds: 1, nanos: 1_000_000_000 };
+            let ts = Timestamp {
+                seconds: 1,
+                nanos: 1_000_000_000,
+            };
             assert_eq!(to_micros(&ts), None);
         }
     }

@@ -47,7 +47,9 @@ impl Validate for ActivationConfig {
             ));
         }
         if self.file_root.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid("activation.file_root is required".into()));
+            return Err(ConfigError::Invalid(
+                "activation.file_root is required".into(),
+            ));
         }
         Ok(())
     }

@@ -91,7 +91,10 @@ mod tests {
 
     #[test]
     fn directories_stay_below_the_root() {
-        assert_eq!(file_directory("d", "exports/meta").expect("ok"), PathBuf::from("exports/meta"));
+        assert_eq!(
+            file_directory("d", "exports/meta").expect("ok"),
+            PathBuf::from("exports/meta")
+        );
         for bad in ["/etc", "../outside", "a/../../b", "  "] {
             assert!(file_directory("d", bad).is_err(), "{bad}");
         }
@@ -103,18 +106,25 @@ mod tests {
         let changes = vec![
             Change::Add {
                 id: "p1".into(),
-                identifiers: vec![HashedIdentifier { kind: "email".into(), sha256: "ab".into() }],
+                identifiers: vec![HashedIdentifier {
+                    kind: "email".into(),
+                    sha256: "ab".into(),
+                }],
             },
             Change::Remove { id: "p2".into() },
         ];
         let path = write_jsonl(&dir.path().join("out"), "sync.jsonl", &changes).expect("write");
         let text = std::fs::read_to_string(path).expect("read");
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
         assert_eq!(lines[0]["op"], "add");
         assert_eq!(lines[0]["identifiers"][0]["sha256"], "ab");
         assert_eq!(lines[1], serde_json::json!({"op": "remove", "id": "p2"}));
-        let leftovers = std::fs::read_dir(dir.path().join("out")).expect("ls").count();
+        let leftovers = std::fs::read_dir(dir.path().join("out"))
+            .expect("ls")
+            .count();
         assert_eq!(leftovers, 1, "no temporary file is left behind");
     }
 }

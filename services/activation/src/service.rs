@@ -42,10 +42,15 @@ impl ActivationApi {
     }
 }
 
-fn target_from_pb(target: Option<pb::create_destination_request::Target>) -> Result<Target, FieldError> {
+fn target_from_pb(
+    target: Option<pb::create_destination_request::Target>,
+) -> Result<Target, FieldError> {
     use pb::create_destination_request::Target as T;
     match target {
-        None => Err(FieldError::new("target", "name where the destination delivers (file)")),
+        None => Err(FieldError::new(
+            "target",
+            "name where the destination delivers (file)",
+        )),
         Some(T::File(file)) => {
             match pb::FileFormat::try_from(file.format) {
                 Ok(pb::FileFormat::Jsonl) => {}

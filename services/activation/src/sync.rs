@@ -112,7 +112,13 @@ impl Syncer {
         let _ = progress.try_send(run.clone());
 
         let outcome = self
-            .deliver(&mut run, &activation.segment_id, &destination, &activation.purpose, &progress)
+            .deliver(
+                &mut run,
+                &activation.segment_id,
+                &destination,
+                &activation.purpose,
+                &progress,
+            )
             .await;
         run.finished_at_micros = Some(Utc::now().timestamp_micros());
         match &outcome {
@@ -153,7 +159,11 @@ impl Syncer {
                     id: id.clone(),
                     identifiers: identifiers.clone(),
                 })
-                .chain(diff.removes.iter().map(|id| Change::Remove { id: id.clone() }))
+                .chain(
+                    diff.removes
+                        .iter()
+                        .map(|id| Change::Remove { id: id.clone() }),
+                )
                 .collect();
             let Target::File { directory } = &destination.target;
             let directory: PathBuf = self.config.file_root.join(directory);
@@ -186,7 +196,9 @@ impl Syncer {
         let mut client = SegmentServiceClient::with_interceptor(
             self.gateway.clone(),
             move |mut request: tonic::Request<()>| {
-                request.metadata_mut().insert("authorization", bearer.clone());
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
                 Ok(request)
             },
         );
@@ -235,9 +247,9 @@ impl Syncer {
         let token = tokio::fs::read_to_string(path)
             .await
             .map_err(|err| ActivationError::Token(format!("{}: {err}", path.display())))?;
-        format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| ActivationError::Token(format!("{}: not a valid header value", path.display())))
+        format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            ActivationError::Token(format!("{}: not a valid header value", path.display()))
+        })
     }
 }
 
@@ -246,7 +258,10 @@ mod tests {
     use super::*;
 
     fn ids(sha: &str) -> Vec<HashedIdentifier> {
-        vec![HashedIdentifier { kind: "email".into(), sha256: sha.into() }]
+        vec![HashedIdentifier {
+            kind: "email".into(),
+            sha256: sha.into(),
+        }]
     }
 
     #[test]
@@ -263,7 +278,10 @@ mod tests {
         assert_eq!(diff.unchanged, 1);
         assert_eq!(
             diff.adds,
-            vec![("b".to_string(), ids("changed")), ("d".to_string(), ids("4"))]
+            vec![
+                ("b".to_string(), ids("changed")),
+                ("d".to_string(), ids("4"))
+            ]
         );
         assert_eq!(diff.removes, vec!["c".to_string()]);
     }

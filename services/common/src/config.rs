@@ -118,16 +118,28 @@ mod tests {
         struct Flags {
             name: &'static str,
         }
-        let sources = Sources { file: Some(&path), environment: false };
+        let sources = Sources {
+            file: Some(&path),
+            environment: false,
+        };
         let config: Sample = load(&sources, &Flags { name: "flag" }).expect("load");
-        assert_eq!(config, Sample { name: "flag".into(), nested: Nested { port: 9 } });
+        assert_eq!(
+            config,
+            Sample {
+                name: "flag".into(),
+                nested: Nested { port: 9 }
+            }
+        );
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "nmae = \"typo\"\n");
-        let sources = Sources { file: Some(&path), environment: false };
+        let sources = Sources {
+            file: Some(&path),
+            environment: false,
+        };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("typo must fail");
         assert!(err.to_string().contains("nmae"), "{err}");
     }
@@ -136,11 +148,17 @@ mod tests {
     fn malformed_files_and_failed_validation_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "name = [unclosed\n");
-        let sources = Sources { file: Some(&path), environment: false };
+        let sources = Sources {
+            file: Some(&path),
+            environment: false,
+        };
         assert!(load::<Sample, _>(&sources, &NoOverrides {}).is_err());
 
         let path = write(&dir, "name = \"bad\"\n");
-        let sources = Sources { file: Some(&path), environment: false };
+        let sources = Sources {
+            file: Some(&path),
+            environment: false,
+        };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("validation");
         assert!(err.to_string().contains("must not be bad"));
     }
@@ -148,7 +166,10 @@ mod tests {
     #[test]
     fn a_named_file_must_exist() {
         let missing = Path::new("/nonexistent/madtech.toml");
-        let sources = Sources { file: Some(missing), environment: false };
+        let sources = Sources {
+            file: Some(missing),
+            environment: false,
+        };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("missing");
         assert!(matches!(err, ConfigError::MissingFile { .. }));
     }

@@ -109,7 +109,9 @@ async fn create_schema(config: &DatabaseConfig, schema: &str) -> Result<(), DbEr
     options.max_connections(1);
     let db = Database::connect(options).await?;
     if db.get_database_backend() != DbBackend::Postgres {
-        return Err(DbErr::Custom("database.schema is only supported on PostgreSQL".into()));
+        return Err(DbErr::Custom(
+            "database.schema is only supported on PostgreSQL".into(),
+        ));
     }
     // The name was validated to [a-z0-9_], so quoting it is enough.
     db.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))

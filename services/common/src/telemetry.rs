@@ -1,6 +1,7 @@
 //! Structured logs through `tracing`, as text for people or JSON for log
 //! pipelines, and the Prometheus `/metrics` endpoint.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -52,7 +53,8 @@ pub fn init_logging(config: &TelemetryConfig) -> Result<(), TelemetryError> {
     .map_err(|err| TelemetryError::Filter(err.to_string()))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

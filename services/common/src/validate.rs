@@ -24,9 +24,8 @@ pub fn region(field: &str, value: &str) -> Result<String, FieldError> {
         None => (region.as_str(), None),
     };
     let country_ok = country.len() == 2 && country.chars().all(|c| c.is_ascii_uppercase());
-    let subdivision_ok = subdivision.is_none_or(|s| {
-        (1..=3).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric())
-    });
+    let subdivision_ok = subdivision
+        .is_none_or(|s| (1..=3).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric()));
     if !country_ok || !subdivision_ok {
         return Err(FieldError::new(
             field,

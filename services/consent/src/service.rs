@@ -43,10 +43,16 @@ impl ConsentApi {
 fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> {
     let profile_id = require("profile_id", &request.profile_id)?.to_string();
     if request.choices.is_empty() {
-        return Err(FieldError::new("choices", "at least one choice is required"));
+        return Err(FieldError::new(
+            "choices",
+            "at least one choice is required",
+        ));
     }
     if request.choices.len() > MAX_CHOICES {
-        return Err(FieldError::new("choices", format!("at most {MAX_CHOICES} choices")));
+        return Err(FieldError::new(
+            "choices",
+            format!("at most {MAX_CHOICES} choices"),
+        ));
     }
     let mut seen = HashSet::new();
     let mut choices = Vec::with_capacity(request.choices.len());
@@ -77,12 +83,17 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         Ok(pb::ConsentSource::Gpc) => Source::Gpc,
         Ok(pb::ConsentSource::Import) => Source::Import,
         Ok(pb::ConsentSource::PrivacyRequest) => Source::PrivacyRequest,
-        _ => return Err(FieldError::new("source", "must name how the choice was collected")),
+        _ => {
+            return Err(FieldError::new(
+                "source",
+                "must name how the choice was collected",
+            ));
+        }
     };
     let collected_at_micros = match &request.collected_at {
-        Some(ts) => Some(
-            to_micros(ts).ok_or_else(|| FieldError::new("collected_at", "out of range"))?,
-        ),
+        Some(ts) => {
+            Some(to_micros(ts).ok_or_else(|| FieldError::new("collected_at", "out of range"))?)
+        }
         None => None,
     };
     Ok(Record {
@@ -262,7 +273,10 @@ mod tests {
     fn a_valid_request_converts() {
         let record = record_from(request()).expect("valid");
         assert_eq!(record.region, "FR");
-        assert_eq!(record.choices, vec![("ad_targeting".to_string(), Choice::Granted)]);
+        assert_eq!(
+            record.choices,
+            vec![("ad_targeting".to_string(), Choice::Granted)]
+        );
     }
 
     #[test]
@@ -296,7 +310,10 @@ mod tests {
         assert_eq!(field_of(r), "region");
 
         let mut r = request();
-        r.collected_at = Some(prost_types::Timestamp { seconds: 0, nanos: -1 });
+        r.collected_at = Some(prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        });
         assert_eq!(field_of(r), "collected_at");
     }
 }

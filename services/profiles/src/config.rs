@@ -29,7 +29,11 @@ impl Default for ProfilesConfig {
 impl Validate for ProfilesConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("profiles")?;
-        if self.default_phone_region.parse::<phonenumber::country::Id>().is_err() {
+        if self
+            .default_phone_region
+            .parse::<phonenumber::country::Id>()
+            .is_err()
+        {
             return Err(ConfigError::Invalid(format!(
                 "profiles.default_phone_region {:?} is not an ISO 3166-1 alpha-2 code",
                 self.default_phone_region

@@ -20,7 +20,9 @@ impl From<ProfileError> for Status {
         match err {
             ProfileError::Invalid(field) => field.into(),
             ProfileError::NotFound => Status::not_found("profile not found"),
-            ProfileError::Conflict => Status::aborted("concurrent update of the same profile, retry"),
+            ProfileError::Conflict => {
+                Status::aborted("concurrent update of the same profile, retry")
+            }
             ProfileError::Corrupt(_) => internal("profile data is corrupt", &err),
             ProfileError::Database(ref db) => internal("profiles database", db),
         }

@@ -87,7 +87,12 @@ impl Normaliser {
 
     /// Normalises `value` as an identifier of `kind`; `field` names the
     /// request field in the error.
-    pub fn normalise(&self, field: &str, kind: &str, value: &str) -> Result<Identifier, FieldError> {
+    pub fn normalise(
+        &self,
+        field: &str,
+        kind: &str,
+        value: &str,
+    ) -> Result<Identifier, FieldError> {
         let kind: IdentifierKind = kind.parse().map_err(|()| {
             FieldError::new(
                 format!("{field}.kind"),
@@ -116,7 +121,10 @@ impl Normaliser {
         let number = phonenumber::parse(Some(self.default_phone_region), value)
             .map_err(|err| FieldError::new(field, format!("not a phone number: {err}")))?;
         if !phonenumber::is_valid(&number) {
-            return Err(FieldError::new(field, "not a valid phone number for its region"));
+            return Err(FieldError::new(
+                field,
+                "not a valid phone number for its region",
+            ));
         }
         Ok(number.format().mode(phonenumber::Mode::E164).to_string())
     }
@@ -138,7 +146,10 @@ fn normalise_maid(field: &str, value: &str) -> Result<String, FieldError> {
 
 fn normalise_opaque(field: &str, value: &str) -> Result<String, FieldError> {
     if value.len() > MAX_ID_LEN {
-        return Err(FieldError::new(field, format!("longer than {MAX_ID_LEN} bytes")));
+        return Err(FieldError::new(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(FieldError::new(field, "contains control characters"));
@@ -169,7 +180,10 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lower_cased() {
-        assert_eq!(ok("email", "  Alice.Smith@Example.COM \n"), "alice.smith@example.com");
+        assert_eq!(
+            ok("email", "  Alice.Smith@Example.COM \n"),
+            "alice.smith@example.com"
+        );
     }
 
     #[test]

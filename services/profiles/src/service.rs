@@ -47,7 +47,10 @@ impl ProfileApi {
 
     fn upsert_from(&self, request: pb::UpsertProfileRequest) -> Result<Upsert, FieldError> {
         if request.identifiers.is_empty() {
-            return Err(FieldError::new("identifiers", "at least one identifier is required"));
+            return Err(FieldError::new(
+                "identifiers",
+                "at least one identifier is required",
+            ));
         }
         if request.identifiers.len() > MAX_IDENTIFIERS {
             return Err(FieldError::new(
@@ -166,7 +169,9 @@ impl ProfileService for ProfileApi {
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
         use pb::get_profile_request::Lookup;
         let profile = match request.into_inner().lookup {
-            Some(Lookup::ProfileId(id)) if !id.trim().is_empty() => self.store.get(id.trim()).await?,
+            Some(Lookup::ProfileId(id)) if !id.trim().is_empty() => {
+                self.store.get(id.trim()).await?
+            }
             Some(Lookup::ProfileId(_)) => return Err(FieldError::required("profile_id").into()),
             Some(Lookup::Identifier(id)) => {
                 let id = self.identifier("identifier", &id)?;
@@ -192,11 +197,9 @@ impl ProfileService for ProfileApi {
             0 => DEFAULT_PAGE_SIZE,
             n if n <= MAX_PAGE_SIZE => n,
             _ => {
-                return Err(FieldError::new(
-                    "page_size",
-                    format!("at most {MAX_PAGE_SIZE}"),
-                )
-                .into());
+                return Err(
+                    FieldError::new("page_size", format!("at most {MAX_PAGE_SIZE}")).into(),
+                );
             }
         };
         let store = Arc::clone(&self.store);

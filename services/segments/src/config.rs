@@ -31,7 +31,8 @@ impl Default for SegmentsConfig {
 impl Validate for SegmentsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("segments")?;
-        if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://")) {
+        if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://"))
+        {
             return Err(ConfigError::Invalid(
                 "segments.profiles_url must be an http:// or https:// URL".into(),
             ));

@@ -60,7 +60,10 @@ mod tests {
     fn person(region: &str, traits: &[(&str, Value)]) -> Candidate {
         Candidate {
             region: region.into(),
-            traits: traits.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            traits: traits
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         }
     }
 
@@ -77,7 +80,10 @@ mod tests {
         assert!(rule.matches(&person("", &[("tier", Value::String("gold".into()))])));
         assert!(!rule.matches(&person("", &[("tier", Value::String("Gold".into()))])));
         assert!(!rule.matches(&person("", &[("tier", Value::Number(1.0))])));
-        assert!(!rule.matches(&person("", &[])), "a missing trait never matches");
+        assert!(
+            !rule.matches(&person("", &[])),
+            "a missing trait never matches"
+        );
     }
 
     #[test]
@@ -92,7 +98,10 @@ mod tests {
         let either = Rule::Any(vec![eu.clone(), regions(&["US-CA"])]);
         assert!(either.matches(&fr) && either.matches(&ca) && !either.matches(&unknown));
         assert!(Rule::All(vec![]).matches(&unknown), "empty all holds");
-        assert!(!Rule::Any(vec![]).matches(&fr), "empty any holds for no one");
+        assert!(
+            !Rule::Any(vec![]).matches(&fr),
+            "empty any holds for no one"
+        );
         assert!(!Rule::All(vec![eu, regions(&["US-CA"])]).matches(&fr));
     }
 

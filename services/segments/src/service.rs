@@ -49,7 +49,10 @@ impl SegmentApi {
 pub fn rule_from_pb(field: &str, rule: &pb::Rule, depth: usize) -> Result<Rule, FieldError> {
     use pb::rule::Rule as Kind;
     if depth > MAX_DEPTH {
-        return Err(FieldError::new(field, format!("rules nest at most {MAX_DEPTH} deep")));
+        return Err(FieldError::new(
+            field,
+            format!("rules nest at most {MAX_DEPTH} deep"),
+        ));
     }
     let list = |name: &str, list: &pb::RuleList| -> Result<Vec<Rule>, FieldError> {
         list.rules
@@ -192,7 +195,10 @@ impl SegmentService for SegmentApi {
         if name.len() > 200 {
             return Err(FieldError::new("name", "at most 200 bytes").into());
         }
-        let rule = request.rule.as_ref().ok_or_else(|| FieldError::required("rule"))?;
+        let rule = request
+            .rule
+            .as_ref()
+            .ok_or_else(|| FieldError::required("rule"))?;
         let rule = rule_from_pb("rule", rule, 1)?;
         let segment = self.store.create(name, rule).await?;
         Ok(Response::new(pb::CreateSegmentResponse {
@@ -298,7 +304,10 @@ mod tests {
         assert_eq!(err.field, "rule.any.rules[1].region_in.regions[0]");
 
         let empty = pb::Rule { rule: None };
-        assert_eq!(rule_from_pb("rule", &empty, 1).expect_err("empty").field, "rule");
+        assert_eq!(
+            rule_from_pb("rule", &empty, 1).expect_err("empty").field,
+            "rule"
+        );
 
         let mut deep = region_rule(&["FR"]);
         for _ in 0..MAX_DEPTH {
@@ -306,6 +315,11 @@ mod tests {
                 rule: Some(pb::rule::Rule::All(pb::RuleList { rules: vec![deep] })),
             };
         }
-        assert!(rule_from_pb("rule", &deep, 1).expect_err("too deep").reason.contains("nest"));
+        assert!(
+            rule_from_pb("rule", &deep, 1)
+                .expect_err("too deep")
+                .reason
+                .contains("nest")
+        );
     }
 }

@@ -55,8 +55,13 @@ enum SyncRuns {
     FinishedAt,
 }
 
-#[derive(DeriveMigrationName)]
 struct CreateActivation;
+
+impl MigrationName for CreateActivation {
+    fn name(&self) -> &str {
+        "m20261122_000001_create_activation"
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateActivation {

@@ -243,7 +243,10 @@ impl ActivationStore {
                         sync_state::Column::ActivationId,
                         sync_state::Column::PseudonymousId,
                     ])
-                    .update_columns([sync_state::Column::Identifiers, sync_state::Column::SyncedAt])
+                    .update_columns([
+                        sync_state::Column::Identifiers,
+                        sync_state::Column::SyncedAt,
+                    ])
                     .to_owned(),
                 )
                 .exec(&txn)
@@ -296,45 +299,76 @@ mod tests {
     use madtech_common::testing::TestDatabase;
 
     fn hashed(sha: &str) -> Vec<HashedIdentifier> {
-        vec![HashedIdentifier { kind: "email".into(), sha256: sha.into() }]
+        vec![HashedIdentifier {
+            kind: "email".into(),
+            sha256: sha.into(),
+        }]
     }
 
-    madtech_common::backend_tests!(sync_state_follows_acknowledgements, |db: TestDatabase| async move {
-        let store = ActivationStore::new(connect_and_migrate::<Migrator>(&db.config).await.expect("connect"));
-        let destination = store
-            .create_destination("files".into(), Target::File { directory: "out".into() })
-            .await
-            .expect("destination");
-        assert!(matches!(
-            store.create_destination("files".into(), Target::File { directory: "x".into() }).await,
-            Err(ActivationError::NameTaken(_))
-        ));
-        assert!(matches!(
-            store.create_activation("s".into(), "missing".into(), "ad_targeting".into()).await,
-            Err(ActivationError::NotFound("destination"))
-        ));
-        let activation = store
-            .create_activation("s".into(), destination.id.clone(), "ad_targeting".into())
-            .await
-            .expect("activation");
-        assert_eq!(store.activation(&activation.id).await.expect("get"), activation);
+    madtech_common::backend_tests!(
+        sync_state_follows_acknowledgements,
+        |db: TestDatabase| async move {
+            let store = ActivationStore::new(
+                connect_and_migrate::<Migrator>(&db.config)
+                    .await
+                    .expect("connect"),
+            );
+            let destination = store
+                .create_destination(
+                    "files".into(),
+                    Target::File {
+                        directory: "out".into(),
+                    },
+                )
+                .await
+                .expect("destination");
+            assert!(matches!(
+                store
+                    .create_destination(
+                        "files".into(),
+                        Target::File {
+                            directory: "x".into()
+                        }
+                    )
+                    .await,
+                Err(ActivationError::NameTaken(_))
+            ));
+            assert!(matches!(
+                store
+                    .create_activation("s".into(), "missing".into(), "ad_targeting".into())
+                    .await,
+                Err(ActivationError::NotFound("destination"))
+            ));
+            let activation = store
+                .create_activation("s".into(), destination.id.clone(), "ad_targeting".into())
+                .await
+                .expect("activation");
+            assert_eq!(
+                store.activation(&activation.id).await.expect("get"),
+                activation
+            );
 
-        store
-            .acknowledge(&activation.id, &[("a".into(), hashed("1")), ("b".into(), hashed("2"))], &[])
-            .await
-            .expect("first");
-        store
-            .acknowledge(&activation.id, &[("b".into(), hashed("3"))], &["a".into()])
-            .await
-            .expect("second");
-        let held = store.held(&activation.id).await.expect("held");
-        assert_eq!(held.len(), 1);
-        assert_eq!(held["b"], hashed("3"));
+            store
+                .acknowledge(
+                    &activation.id,
+                    &[("a".into(), hashed("1")), ("b".into(), hashed("2"))],
+                    &[],
+                )
+                .await
+                .expect("first");
+            store
+                .acknowledge(&activation.id, &[("b".into(), hashed("3"))], &["a".into()])
+                .await
+                .expect("second");
+            let held = store.held(&activation.id).await.expect("held");
+            assert_eq!(held.len(), 1);
+            assert_eq!(held["b"], hashed("3"));
 
-        let mut run = SyncRun::start(&activation.id);
-        store.save_run(&run).await.expect("insert run");
-        run.phase = Phase::Succeeded;
-        run.added = 2;
-        store.save_run(&run).await.expect("update run");
-    });
+            let mut run = SyncRun::start(&activation.id);
+            store.save_run(&run).await.expect("insert run");
+            run.phase = Phase::Succeeded;
+            run.added = 2;
+            store.save_run(&run).await.expect("update run");
+        }
+    );
 }

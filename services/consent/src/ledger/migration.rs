@@ -34,8 +34,13 @@ enum ConsentCurrent {
     Seq,
 }
 
-#[derive(DeriveMigrationName)]
 struct CreateLedger;
+
+impl MigrationName for CreateLedger {
+    fn name(&self) -> &str {
+        "m20261122_000001_create_ledger"
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateLedger {

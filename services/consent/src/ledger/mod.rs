@@ -213,11 +213,14 @@ impl Ledger {
         let mut by_person: HashMap<String, Vec<PurposeState>> = HashMap::new();
         for row in query.all(&self.db).await? {
             let choice: Choice = row.state.parse()?;
-            by_person.entry(row.profile_id).or_default().push(PurposeState {
-                purpose: row.purpose,
-                state: choice.into(),
-                cursor: cursor_of(row.seq)?,
-            });
+            by_person
+                .entry(row.profile_id)
+                .or_default()
+                .push(PurposeState {
+                    purpose: row.purpose,
+                    state: choice.into(),
+                    cursor: cursor_of(row.seq)?,
+                });
         }
         Ok(profile_ids
             .iter()

@@ -3,7 +3,11 @@ use madtech_common::db::connect_and_migrate;
 use madtech_common::testing::TestDatabase;
 
 async fn ledger(db: &TestDatabase) -> Ledger {
-    Ledger::new(connect_and_migrate::<Migrator>(&db.config).await.expect("connect"))
+    Ledger::new(
+        connect_and_migrate::<Migrator>(&db.config)
+            .await
+            .expect("connect"),
+    )
 }
 
 fn record(profile: &str, choices: &[(&str, Choice)]) -> Record {
@@ -17,55 +21,101 @@ fn record(profile: &str, choices: &[(&str, Choice)]) -> Record {
     }
 }
 
-madtech_common::backend_tests!(latest_entry_wins_and_history_is_kept, |db: TestDatabase| async move {
-    let ledger = ledger(&db).await;
-    ledger.record(record("p1", &[("ad_targeting", Choice::Granted), ("analytics", Choice::Denied)])).await.expect("first");
-    ledger.record(record("p1", &[("ad_targeting", Choice::Denied)])).await.expect("withdraw");
-
-    let current = ledger.current(&["p1".into()], &[]).await.expect("current");
-    let states: Vec<(String, State)> = current[0].1.iter().map(|s| (s.purpose.clone(), s.state)).collect();
-    assert_eq!(states, vec![("ad_targeting".into(), State::Denied), ("analytics".into(), State::Denied)]);
-
-    let history = ledger.entries_after(0, 100).await.expect("history");
-    assert_eq!(history.len(), 3, "nothing is overwritten");
-    assert!(history.windows(2).all(|w| w[0].cursor < w[1].cursor));
-    assert_eq!(history[0].collected_at_micros, 1_700_000_000_000_000);
-    assert_eq!(history[0].notice_version, "2026-01");
-});
-
-madtech_common::backend_tests!(batch_reads_answer_unset_and_keep_order, |db: TestDatabase| async move {
-    let ledger = ledger(&db).await;
-    ledger.record(record("b", &[("ad_targeting", Choice::Granted)])).await.expect("b");
-    let answer = ledger
-        .current(&["a".into(), "b".into()], &["ad_targeting".into()])
-        .await
-        .expect("batch");
-    assert_eq!(answer[0].0, "a");
-    assert_eq!(answer[0].1[0].state, State::Unset);
-    assert_eq!(answer[0].1[0].cursor, 0);
-    assert_eq!(answer[1].0, "b");
-    assert_eq!(answer[1].1[0].state, State::Granted);
-});
-
-madtech_common::backend_tests!(cursors_resume_after_a_restart, |db: TestDatabase| async move {
-    let first_cursor = {
+madtech_common::backend_tests!(
+    latest_entry_wins_and_history_is_kept,
+    |db: TestDatabase| async move {
         let ledger = ledger(&db).await;
-        let written = ledger.record(record("p", &[("analytics", Choice::Granted)])).await.expect("write");
-        written[0].cursor
-    };
-    let ledger = ledger(&db).await;
-    ledger.record(record("p", &[("analytics", Choice::Denied)])).await.expect("write");
-    let after = ledger.entries_after(first_cursor, 10).await.expect("resume");
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].choice, Choice::Denied);
-    assert!(after[0].cursor > first_cursor);
-});
+        ledger
+            .record(record(
+                "p1",
+                &[
+                    ("ad_targeting", Choice::Granted),
+                    ("analytics", Choice::Denied),
+                ],
+            ))
+            .await
+            .expect("first");
+        ledger
+            .record(record("p1", &[("ad_targeting", Choice::Denied)]))
+            .await
+            .expect("withdraw");
+
+        let current = ledger.current(&["p1".into()], &[]).await.expect("current");
+        let states: Vec<(String, State)> = current[0]
+            .1
+            .iter()
+            .map(|s| (s.purpose.clone(), s.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("ad_targeting".into(), State::Denied),
+                ("analytics".into(), State::Denied)
+            ]
+        );
+
+        let history = ledger.entries_after(0, 100).await.expect("history");
+        assert_eq!(history.len(), 3, "nothing is overwritten");
+        assert!(history.windows(2).all(|w| w[0].cursor < w[1].cursor));
+        assert_eq!(history[0].collected_at_micros, 1_700_000_000_000_000);
+        assert_eq!(history[0].notice_version, "2026-01");
+    }
+);
+
+madtech_common::backend_tests!(
+    batch_reads_answer_unset_and_keep_order,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        ledger
+            .record(record("b", &[("ad_targeting", Choice::Granted)]))
+            .await
+            .expect("b");
+        let answer = ledger
+            .current(&["a".into(), "b".into()], &["ad_targeting".into()])
+            .await
+            .expect("batch");
+        assert_eq!(answer[0].0, "a");
+        assert_eq!(answer[0].1[0].state, State::Unset);
+        assert_eq!(answer[0].1[0].cursor, 0);
+        assert_eq!(answer[1].0, "b");
+        assert_eq!(answer[1].1[0].state, State::Granted);
+    }
+);
+
+madtech_common::backend_tests!(
+    cursors_resume_after_a_restart,
+    |db: TestDatabase| async move {
+        let first_cursor = {
+            let ledger = ledger(&db).await;
+            let written = ledger
+                .record(record("p", &[("analytics", Choice::Granted)]))
+                .await
+                .expect("write");
+            written[0].cursor
+        };
+        let ledger = ledger(&db).await;
+        ledger
+            .record(record("p", &[("analytics", Choice::Denied)]))
+            .await
+            .expect("write");
+        let after = ledger
+            .entries_after(first_cursor, 10)
+            .await
+            .expect("resume");
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].choice, Choice::Denied);
+        assert!(after[0].cursor > first_cursor);
+    }
+);
 
 madtech_common::backend_tests!(appends_wake_subscribers, |db: TestDatabase| async move {
     let ledger = ledger(&db).await;
     let mut watcher = ledger.subscribe();
     watcher.borrow_and_update();
-    let written = ledger.record(record("p", &[("analytics", Choice::Granted)])).await.expect("write");
+    let written = ledger
+        .record(record("p", &[("analytics", Choice::Granted)]))
+        .await
+        .expect("write");
     watcher.changed().await.expect("woken");
     assert_eq!(*watcher.borrow(), written[0].cursor);
 });

@@ -32,8 +32,13 @@ enum Identifiers {
     CreatedAt,
 }
 
-#[derive(DeriveMigrationName)]
 struct CreateProfiles;
+
+impl MigrationName for CreateProfiles {
+    fn name(&self) -> &str {
+        "m20261122_000001_create_profiles"
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateProfiles {

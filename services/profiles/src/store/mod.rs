@@ -141,12 +141,18 @@ impl ProfileStore {
                 region.clone_from(&other.region);
             }
             identifier::Entity::update_many()
-                .col_expr(identifier::Column::ProfileId, Expr::value(survivor.id.clone()))
+                .col_expr(
+                    identifier::Column::ProfileId,
+                    Expr::value(survivor.id.clone()),
+                )
                 .filter(identifier::Column::ProfileId.eq(other.id.clone()))
                 .exec(&txn)
                 .await?;
             profile::Entity::update_many()
-                .col_expr(profile::Column::MergedInto, Expr::value(survivor.id.clone()))
+                .col_expr(
+                    profile::Column::MergedInto,
+                    Expr::value(survivor.id.clone()),
+                )
                 .col_expr(profile::Column::Traits, Expr::value("{}"))
                 .col_expr(profile::Column::UpdatedAt, Expr::value(now))
                 .filter(profile::Column::Id.eq(other.id.clone()))
@@ -216,7 +222,9 @@ impl ProfileStore {
                 None => return to_profile(&self.db, row).await,
             }
         }
-        Err(ProfileError::Corrupt(format!("merge chain from {id} is too long")))
+        Err(ProfileError::Corrupt(format!(
+            "merge chain from {id} is too long"
+        )))
     }
 
     /// The live profile an identifier points at.
@@ -266,7 +274,10 @@ async fn load_live<C: ConnectionTrait>(db: &C, id: &str) -> Result<Profile, Prof
     to_profile(db, row).await
 }
 
-async fn to_profile<C: ConnectionTrait>(db: &C, row: profile::Model) -> Result<Profile, ProfileError> {
+async fn to_profile<C: ConnectionTrait>(
+    db: &C,
+    row: profile::Model,
+) -> Result<Profile, ProfileError> {
     let identifiers = identifier::Entity::find()
         .filter(identifier::Column::ProfileId.eq(row.id.clone()))
         .all(db)
@@ -274,14 +285,16 @@ async fn to_profile<C: ConnectionTrait>(db: &C, row: profile::Model) -> Result<P
     assemble(row, &identifiers)
 }
 
-fn assemble(row: profile::Model, identifiers: &[identifier::Model]) -> Result<Profile, ProfileError> {
+fn assemble(
+    row: profile::Model,
+    identifiers: &[identifier::Model],
+) -> Result<Profile, ProfileError> {
     let identifiers = identifiers
         .iter()
         .map(|i| {
-            let kind: IdentifierKind = i
-                .kind
-                .parse()
-                .map_err(|()| ProfileError::Corrupt(format!("unknown identifier kind {}", i.kind)))?;
+            let kind: IdentifierKind = i.kind.parse().map_err(|()| {
+                ProfileError::Corrupt(format!("unknown identifier kind {}", i.kind))
+            })?;
             Ok(Identifier {
                 kind,
                 value: i.value.clone(),

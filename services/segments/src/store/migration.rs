@@ -20,8 +20,13 @@ enum Segments {
     CreatedAt,
 }
 
-#[derive(DeriveMigrationName)]
 struct CreateSegments;
+
+impl MigrationName for CreateSegments {
+    fn name(&self) -> &str {
+        "m20261122_000001_create_segments"
+    }
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateSegments {

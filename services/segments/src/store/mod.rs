@@ -75,15 +75,28 @@ mod tests {
     use madtech_common::db::connect_and_migrate;
     use madtech_common::testing::TestDatabase;
 
-    madtech_common::backend_tests!(segments_are_stored_with_unique_names, |db: TestDatabase| async move {
-        let store = SegmentStore::new(connect_and_migrate::<Migrator>(&db.config).await.expect("connect"));
-        let rule = Rule::RegionIn(["FR".to_string()].into());
-        let created = store.create("france".into(), rule.clone()).await.expect("create");
-        assert_eq!(store.get(&created.id).await.expect("get"), created);
-        assert!(matches!(
-            store.create("france".into(), rule).await,
-            Err(SegmentError::NameTaken(_))
-        ));
-        assert!(matches!(store.get("missing").await, Err(SegmentError::NotFound)));
-    });
+    madtech_common::backend_tests!(
+        segments_are_stored_with_unique_names,
+        |db: TestDatabase| async move {
+            let store = SegmentStore::new(
+                connect_and_migrate::<Migrator>(&db.config)
+                    .await
+                    .expect("connect"),
+            );
+            let rule = Rule::RegionIn(["FR".to_string()].into());
+            let created = store
+                .create("france".into(), rule.clone())
+                .await
+                .expect("create");
+            assert_eq!(store.get(&created.id).await.expect("get"), created);
+            assert!(matches!(
+                store.create("france".into(), rule).await,
+                Err(SegmentError::NameTaken(_))
+            ));
+            assert!(matches!(
+                store.get("missing").await,
+                Err(SegmentError::NotFound)
+            ));
+        }
+    );
 }

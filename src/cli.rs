@@ -1,0 +1,336 @@
+//! The command line: `up`, `serve`, `token`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use madtech_common::CancellationToken;
+use madtech_common::config::{Sources, Validate, load};
+use madtech_common::server::{bind, cancel_on_signal};
+use madtech_common::telemetry::{init_logging, serve_metrics};
+use madtech_gateway::token::Signer;
+use serde_json::{Map, Value, json};
+
+use crate::config::MadtechConfig;
+use crate::suite::{self, Listeners};
+
+#[derive(Parser)]
+#[command(
+    name = "madtech",
+    version,
+    about = "Martech and adtech joined, with privacy enforced at the gateway"
+)]
+struct Cli {
+    /// A TOML configuration file (sections: gateway, profiles, consent,
+    /// segments, activation, telemetry). MADTECH_* variables override it,
+    /// e.g. MADTECH_GATEWAY__LISTEN=0.0.0.0:50051.
+    #[arg(long, global = true, env = "MADTECH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service and the gateway in this process, on SQLite, with
+    /// development keys kept in the data directory.
+    Up(UpArgs),
+    /// Run one component, as a Kubernetes pod does.
+    Serve(ServeArgs),
+    /// Mint a development token signed with the data directory's key.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Where SQLite files, keys and file destinations live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The casbin policy directory.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    #[arg(long)]
+    gateway_addr: Option<SocketAddr>,
+    #[arg(long)]
+    profiles_addr: Option<SocketAddr>,
+    #[arg(long)]
+    consent_addr: Option<SocketAddr>,
+    #[arg(long)]
+    segments_addr: Option<SocketAddr>,
+    #[arg(long)]
+    activation_addr: Option<SocketAddr>,
+    /// Prometheus /metrics address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Component {
+    Gateway,
+    Profiles,
+    Consent,
+    Segments,
+    Activation,
+}
+
+impl Component {
+    fn section(self) -> &'static str {
+        match self {
+            Component::Gateway => "gateway",
+            Component::Profiles => "profiles",
+            Component::Consent => "consent",
+            Component::Segments => "segments",
+            Component::Activation => "activation",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    component: Component,
+    /// The gRPC address (overrides the component's `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Prometheus /metrics address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// A role from policies/rbac_policy.csv; repeat for several.
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// Who the token is for.
+    #[arg(long, default_value = "developer")]
+    subject: String,
+    /// How long the token is valid, e.g. 1h or 30m.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Runs the command line and turns any error into a message and exit code 1.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("madtech: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut overrides = Map::new();
+    if let Some(format) = cli.log_format {
+        let format = match format {
+            LogFormatArg::Text => "text",
+            LogFormatArg::Json => "json",
+        };
+        overrides.insert("telemetry".into(), json!({ "log_format": format }));
+    }
+    match cli.command {
+        Command::Up(args) => up(cli.config.as_deref(), overrides, args).await,
+        Command::Serve(args) => serve(cli.config.as_deref(), overrides, args).await,
+        Command::Token(args) => token(cli.config.as_deref(), overrides, args),
+    }
+}
+
+fn load_config(
+    file: Option<&Path>,
+    overrides: Map<String, Value>,
+) -> anyhow::Result<MadtechConfig> {
+    let sources = Sources {
+        file,
+        environment: true,
+    };
+    let config: MadtechConfig = load(&sources, &Value::Object(overrides))?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn set(overrides: &mut Map<String, Value>, path: &[&str], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut node = overrides;
+    for key in parents {
+        node = match node
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Object(Map::new()))
+        {
+            Value::Object(map) => map,
+            _ => return,
+        };
+    }
+    node.insert(last.to_string(), value);
+}
+
+fn start_telemetry(config: &MadtechConfig) -> anyhow::Result<()> {
+    init_logging(&config.telemetry)?;
+    if let Some(addr) = config.metrics_listen {
+        serve_metrics(addr)?;
+    }
+    Ok(())
+}
+
+async fn up(
+    file: Option<&Path>,
+    mut overrides: Map<String, Value>,
+    args: UpArgs,
+) -> anyhow::Result<()> {
+    let addresses = [
+        (&["gateway", "listen"][..], args.gateway_addr),
+        (&["profiles", "listen"][..], args.profiles_addr),
+        (&["consent", "listen"][..], args.consent_addr),
+        (&["segments", "listen"][..], args.segments_addr),
+        (&["activation", "listen"][..], args.activation_addr),
+        (&["metrics_listen"][..], args.metrics_addr),
+    ];
+    for (path, addr) in addresses {
+        if let Some(addr) = addr {
+            set(&mut overrides, path, json!(addr.to_string()));
+        }
+    }
+    if let Some(dir) = &args.data_dir {
+        set(&mut overrides, &["data_dir"], json!(dir));
+    }
+    if let Some(dir) = &args.policy_dir {
+        set(&mut overrides, &["gateway", "policy_dir"], json!(dir));
+    }
+    let config = load_config(file, overrides)?.with_suite_defaults();
+    start_telemetry(&config)?;
+    suite::prepare_data_dir(&config)?;
+    let listeners = Listeners::bind(&config).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    print_banner(&config);
+    suite::run(&config, listeners, shutdown).await
+}
+
+fn print_banner(config: &MadtechConfig) {
+    println!("MadTech is up. Data in {}", config.data_dir.display());
+    println!(
+        "  gateway     {}   the only door for callers",
+        config.gateway.listen
+    );
+    println!("  profiles    {}", config.profiles.listen);
+    println!("  consent     {}", config.consent.listen);
+    println!("  segments    {}", config.segments.listen);
+    println!("  activation  {}", config.activation.listen);
+    if let Some(metrics) = config.metrics_listen {
+        println!("  metrics     http://{metrics}/metrics");
+    }
+    println!("Policies from {}", config.gateway.policy_dir.display());
+    println!(
+        "Get a token:  madtech token --role admin --data-dir {}",
+        config.data_dir.display()
+    );
+    println!(
+        "Call it:      grpcurl -plaintext -H \"authorization: Bearer $(madtech token --role admin --data-dir {})\" {} list",
+        config.data_dir.display(),
+        config.gateway.listen
+    );
+    println!("Stop with Ctrl-C.");
+}
+
+async fn serve(
+    file: Option<&Path>,
+    mut overrides: Map<String, Value>,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
+    let section = args.component.section();
+    if let Some(addr) = args.listen {
+        set(
+            &mut overrides,
+            &[section, "listen"],
+            json!(addr.to_string()),
+        );
+    }
+    if let Some(addr) = args.metrics_addr {
+        set(&mut overrides, &["metrics_listen"], json!(addr.to_string()));
+    }
+    let config = load_config(file, overrides)?;
+    start_telemetry(&config)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(component = section, "starting");
+    match args.component {
+        Component::Gateway => {
+            config.gateway.validate()?;
+            let listener = bind(config.gateway.listen).await?;
+            let gateway = madtech_gateway::Gateway::build(&config.gateway).await?;
+            gateway.serve(listener, shutdown).await?;
+        }
+        Component::Profiles => {
+            config.profiles.validate()?;
+            let listener = bind(config.profiles.listen).await?;
+            let server = madtech_profiles::grpc_server(&config.profiles).await?;
+            server.serve(listener, shutdown).await?;
+        }
+        Component::Consent => {
+            config.consent.validate()?;
+            let listener = bind(config.consent.listen).await?;
+            let server = madtech_consent::grpc_server(&config.consent).await?;
+            server.serve(listener, shutdown).await?;
+        }
+        Component::Segments => {
+            config.segments.validate()?;
+            let listener = bind(config.segments.listen).await?;
+            let server = madtech_segments::grpc_server(&config.segments).await?;
+            server.serve(listener, shutdown).await?;
+        }
+        Component::Activation => {
+            config.activation.validate()?;
+            let listener = bind(config.activation.listen).await?;
+            let server = madtech_activation::grpc_server(&config.activation).await?;
+            server.serve(listener, shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+fn token(
+    file: Option<&Path>,
+    mut overrides: Map<String, Value>,
+    args: TokenArgs,
+) -> anyhow::Result<()> {
+    if let Some(dir) = &args.data_dir {
+        set(&mut overrides, &["data_dir"], json!(dir));
+    }
+    let config = load_config(file, overrides)?;
+    let key = config.dev_signing_key();
+    if !key.is_file() {
+        bail!(
+            "no development signing key at {}; run `madtech up` first (it creates one)",
+            key.display()
+        );
+    }
+    for role in &args.roles {
+        madtech_common::validate::policy_name("--role", role)?;
+    }
+    let signer = Signer::from_private_key_file(
+        &key,
+        &config.gateway.auth.issuer,
+        &config.gateway.auth.audience,
+    )
+    .context("loading the development signing key")?;
+    println!("{}", signer.mint(&args.subject, &args.roles, args.ttl)?);
+    Ok(())
+}

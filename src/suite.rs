@@ -1,0 +1,150 @@
+//! The whole suite in one process, as `madtech up` and the end-to-end tests
+//! run it: every service and the gateway, each on its own listener, sharing
+//! one shutdown signal.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use madtech_common::CancellationToken;
+use madtech_common::server::bind;
+use madtech_gateway::Gateway;
+use madtech_gateway::crossing::Pseudonymiser;
+use madtech_gateway::token::{Signer, ensure_dev_keys, write_private_file};
+use tokio::net::TcpListener;
+
+use crate::config::MadtechConfig;
+
+/// How long the activation service's development token lives; `madtech up`
+/// mints a new one at every start.
+pub const ACTIVATION_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// One listener per component, bound before anything starts so that every
+/// component knows every other's address (also when the ports are chosen by
+/// the system, as in tests).
+pub struct Listeners {
+    pub gateway: TcpListener,
+    pub profiles: TcpListener,
+    pub consent: TcpListener,
+    pub segments: TcpListener,
+    pub activation: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses the configuration names.
+    pub async fn bind(config: &MadtechConfig) -> anyhow::Result<Self> {
+        Ok(Listeners {
+            gateway: bind(config.gateway.listen).await?,
+            profiles: bind(config.profiles.listen).await?,
+            consent: bind(config.consent.listen).await?,
+            segments: bind(config.segments.listen).await?,
+            activation: bind(config.activation.listen).await?,
+        })
+    }
+
+    /// Binds five free loopback ports.
+    pub async fn ephemeral() -> anyhow::Result<Self> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ok(Listeners {
+            gateway: bind(any).await?,
+            profiles: bind(any).await?,
+            consent: bind(any).await?,
+            segments: bind(any).await?,
+            activation: bind(any).await?,
+        })
+    }
+
+    /// Writes the bound addresses into `config`.
+    pub fn record_in(&self, config: &mut MadtechConfig) -> anyhow::Result<()> {
+        config.gateway.listen = self.gateway.local_addr()?;
+        config.profiles.listen = self.profiles.local_addr()?;
+        config.consent.listen = self.consent.local_addr()?;
+        config.segments.listen = self.segments.local_addr()?;
+        config.activation.listen = self.activation.local_addr()?;
+        Ok(())
+    }
+}
+
+/// Creates what the suite needs in its data directory on first start
+/// (development signing keys, the pseudonymisation key) and mints the
+/// activation service's token.
+pub fn prepare_data_dir(config: &MadtechConfig) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    ensure_dev_keys(dir)?;
+    Pseudonymiser::ensure_key_file(&config.gateway.pseudonym_key_file)?;
+    let signer = Signer::from_private_key_file(
+        &config.dev_signing_key(),
+        &config.gateway.auth.issuer,
+        &config.gateway.auth.audience,
+    )?;
+    let token = signer.mint(
+        "activation",
+        &["activation".to_string()],
+        ACTIVATION_TOKEN_TTL,
+    )?;
+    write_private_file(&config.activation.gateway_token_file, token.as_bytes())
+        .with_context(|| format!("writing {}", config.activation.gateway_token_file.display()))?;
+    Ok(())
+}
+
+/// Runs every component until `shutdown` is cancelled or one of them fails
+/// (then the others are stopped too).
+pub async fn run(
+    config: &MadtechConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate_components()?;
+    let profiles = madtech_profiles::grpc_server(&config.profiles)
+        .await
+        .context("starting profiles")?;
+    let consent = madtech_consent::grpc_server(&config.consent)
+        .await
+        .context("starting consent")?;
+    let segments = madtech_segments::grpc_server(&config.segments)
+        .await
+        .context("starting segments")?;
+    let activation = madtech_activation::grpc_server(&config.activation)
+        .await
+        .context("starting activation")?;
+    let gateway = Gateway::build(&config.gateway)
+        .await
+        .context("starting the gateway")?;
+
+    let stop_all = shutdown.clone();
+    let result = tokio::try_join!(
+        async {
+            profiles
+                .serve(listeners.profiles, shutdown.clone())
+                .await
+                .context("profiles")
+        },
+        async {
+            consent
+                .serve(listeners.consent, shutdown.clone())
+                .await
+                .context("consent")
+        },
+        async {
+            segments
+                .serve(listeners.segments, shutdown.clone())
+                .await
+                .context("segments")
+        },
+        async {
+            activation
+                .serve(listeners.activation, shutdown.clone())
+                .await
+                .context("activation")
+        },
+        async {
+            gateway
+                .serve(listeners.gateway, shutdown.clone())
+                .await
+                .context("gateway")
+        },
+    );
+    stop_all.cancel();
+    result.map(|_| ())
+}

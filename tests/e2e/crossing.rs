@@ -1,0 +1,339 @@
+//! The crossing end to end: consent recorded, profiles upserted, a segment
+//! activated to a file destination and synced, all through the gateway; only
+//! the people whose consent allows it reach the file, hashed, and a withdrawal
+//! becomes a removal.
+
+use std::path::Path;
+
+use madtech_common::testing::Backend;
+use madtech_proto::activation::v1 as activation_pb;
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::harness::{Authed, Suite};
+
+struct Person {
+    email: &'static str,
+    region: &'static str,
+    /// `None`: no choice recorded.
+    ad_targeting: Option<consent_pb::ConsentState>,
+}
+
+const PEOPLE: [Person; 5] = [
+    Person {
+        email: " Fr.Granted@Example.com",
+        region: "FR",
+        ad_targeting: Some(consent_pb::ConsentState::Granted),
+    },
+    Person {
+        email: "fr.denied@example.com",
+        region: "FR",
+        ad_targeting: Some(consent_pb::ConsentState::Denied),
+    },
+    Person {
+        email: "fr.none@example.com",
+        region: "FR",
+        ad_targeting: None,
+    },
+    Person {
+        email: "CA.None@example.com ",
+        region: "US-CA",
+        ad_targeting: None,
+    },
+    Person {
+        email: "ca.denied@example.com",
+        region: "us-ca",
+        ad_targeting: Some(consent_pb::ConsentState::Denied),
+    },
+];
+
+fn sha256_hex(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+fn normalised(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+async fn upsert(
+    profiles: &mut madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient<
+        Authed,
+    >,
+    person: &Person,
+) -> String {
+    profiles
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![profiles_pb::Identifier {
+                kind: "email".into(),
+                value: person.email.into(),
+            }],
+            traits: Default::default(),
+            region: person.region.into(),
+        })
+        .await
+        .expect("upsert through the gateway")
+        .into_inner()
+        .profile
+        .expect("profile")
+        .profile_id
+}
+
+async fn record(
+    consent: &mut madtech_proto::consent::v1::consent_service_client::ConsentServiceClient<Authed>,
+    profile_id: &str,
+    state: consent_pb::ConsentState,
+    region: &str,
+) {
+    consent
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: profile_id.into(),
+            choices: vec![consent_pb::PurposeChoice {
+                purpose: "ad_targeting".into(),
+                state: state.into(),
+            }],
+            source: consent_pb::ConsentSource::Cmp.into(),
+            region: region.into(),
+            notice_version: "2026-11".into(),
+            collected_at: None,
+        })
+        .await
+        .expect("record consent through the gateway");
+}
+
+/// Runs a sync to the end and returns its final state.
+async fn sync(
+    activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
+    activation_id: &str,
+) -> activation_pb::SyncRun {
+    let mut stream = activation
+        .run_sync(activation_pb::RunSyncRequest {
+            activation_id: activation_id.into(),
+        })
+        .await
+        .expect("run sync")
+        .into_inner();
+    let mut last = None;
+    let mut seen_progress = false;
+    while let Some(message) = stream.message().await.expect("sync progress") {
+        let run = message.run.expect("run");
+        seen_progress |= run.phase() == activation_pb::SyncPhase::Fetching;
+        last = Some(run);
+    }
+    assert!(seen_progress, "a sync reports progress before it ends");
+    let run = last.expect("a final state");
+    assert_eq!(
+        run.phase(),
+        activation_pb::SyncPhase::Succeeded,
+        "{}",
+        run.error
+    );
+    run
+}
+
+fn lines(path: &str) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .expect("output file")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("jsonl"))
+        .collect()
+}
+
+/// Every text the activation database holds, on either backend.
+async fn activation_database_text(suite: &Suite) -> String {
+    let config = &suite.config.activation.database;
+    if config.url.starts_with("sqlite:") {
+        let path = config
+            .url
+            .trim_start_matches("sqlite://")
+            .split('?')
+            .next()
+            .expect("path")
+            .to_string();
+        let mut bytes = Vec::new();
+        for suffix in ["", "-wal"] {
+            if let Ok(content) = std::fs::read(format!("{path}{suffix}")) {
+                bytes.extend(content);
+            }
+        }
+        return String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let db = Database::connect(config.url.as_str())
+        .await
+        .expect("connect");
+    let schema = config.schema.clone().expect("schema");
+    let mut text = String::new();
+    for table in ["destinations", "activations", "sync_state", "sync_runs"] {
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT row_to_json(t)::text AS row FROM \"{schema}\".\"{table}\" t"),
+            ))
+            .await
+            .expect("scan table");
+        for row in rows {
+            text.push_str(&row.try_get::<String>("", "row").expect("row text"));
+            text.push('\n');
+        }
+    }
+    text
+}
+
+async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
+    let suite = Suite::start(backend).await;
+    let admin = suite.bearer(&["admin"]);
+    let mut profiles = suite.profiles(admin.clone());
+    let mut consent = suite.consent(admin.clone());
+    let mut segments = suite.segments(admin.clone());
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+
+    let mut ids = Vec::new();
+    for person in &PEOPLE {
+        let id = upsert(&mut profiles, person).await;
+        if let Some(state) = person.ad_targeting {
+            record(&mut consent, &id, state, person.region).await;
+        }
+        ids.push(id);
+    }
+
+    let segment = segments
+        .create_segment(segments_pb::CreateSegmentRequest {
+            name: "everyone".into(),
+            rule: Some(segments_pb::Rule {
+                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
+                    regions: vec!["FR".into(), "US-CA".into()],
+                })),
+            }),
+        })
+        .await
+        .expect("create segment")
+        .into_inner()
+        .segment
+        .expect("segment");
+    let destination = activation
+        .create_destination(activation_pb::CreateDestinationRequest {
+            name: "clean room drop".into(),
+            target: Some(activation_pb::create_destination_request::Target::File(
+                activation_pb::FileDestination {
+                    directory: "clean-room".into(),
+                    format: activation_pb::FileFormat::Jsonl.into(),
+                },
+            )),
+        })
+        .await
+        .expect("create destination")
+        .into_inner()
+        .destination
+        .expect("destination");
+    let activated = activation
+        .create_activation(activation_pb::CreateActivationRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination.destination_id.clone(),
+            purpose: "ad_targeting".into(),
+        })
+        .await
+        .expect("create activation")
+        .into_inner()
+        .activation
+        .expect("activation");
+
+    // First sync: FR with consent, and US-CA without an opt-out.
+    let first = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(
+        (first.members_received, first.added, first.removed),
+        (2, 2, 0)
+    );
+    let added = lines(&first.output);
+    assert_eq!(added.len(), 2);
+    let mut hashes: Vec<String> = added
+        .iter()
+        .map(|line| {
+            assert_eq!(line["op"], "add");
+            assert_eq!(line["identifiers"][0]["kind"], "email");
+            line["identifiers"][0]["sha256"]
+                .as_str()
+                .expect("hash")
+                .to_string()
+        })
+        .collect();
+    hashes.sort();
+    let mut expected = vec![
+        sha256_hex(&normalised(PEOPLE[0].email)),
+        sha256_hex(&normalised(PEOPLE[3].email)),
+    ];
+    expected.sort();
+    assert_eq!(
+        hashes, expected,
+        "exactly FR-granted and US-CA-unset cross, hashed"
+    );
+    let pseudonym_of_fr_granted = added
+        .iter()
+        .find(|line| line["identifiers"][0]["sha256"] == sha256_hex(&normalised(PEOPLE[0].email)))
+        .and_then(|line| line["id"].as_str())
+        .expect("pseudonym")
+        .to_string();
+    assert!(
+        !ids.contains(&pseudonym_of_fr_granted),
+        "profile ids never cross"
+    );
+
+    let file_text = std::fs::read_to_string(&first.output).expect("file");
+    let database_text = activation_database_text(&suite).await;
+    for person in &PEOPLE {
+        let email = normalised(person.email);
+        assert!(!file_text.contains(&email), "raw email in the file");
+        assert!(
+            !database_text.contains(&email),
+            "raw email in the activation database"
+        );
+    }
+    for id in &ids {
+        assert!(
+            !file_text.contains(id.as_str()) && !database_text.contains(id.as_str()),
+            "profile id crossed"
+        );
+    }
+    assert!(!file_text.contains('@'));
+
+    // A sync with nothing new sends nothing.
+    let quiet = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!((quiet.added, quiet.removed, quiet.unchanged), (0, 0, 2));
+    assert!(quiet.output.is_empty());
+
+    // Withdrawal: the next sync removes that person, by the same pseudonym.
+    record(
+        &mut consent,
+        &ids[0],
+        consent_pb::ConsentState::Denied,
+        "FR",
+    )
+    .await;
+    let after = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(
+        (after.members_received, after.added, after.removed),
+        (1, 0, 1)
+    );
+    let removed = lines(&after.output);
+    assert_eq!(
+        removed,
+        vec![serde_json::json!({"op": "remove", "id": pseudonym_of_fr_granted})]
+    );
+    assert!(
+        Path::new(&after.output).starts_with(suite.config.activation.file_root.join("clean-room"))
+    );
+
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn sqlite_only_consenting_people_cross_and_withdrawal_removes() {
+    only_consenting_people_cross_and_withdrawal_removes(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_only_consenting_people_cross_and_withdrawal_removes() {
+    only_consenting_people_cross_and_withdrawal_removes(Backend::Postgres).await;
+}

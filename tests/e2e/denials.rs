@@ -1,0 +1,255 @@
+//! Every way in that must be refused, refused at the gateway with the right
+//! status, and nothing changed behind it.
+
+use madtech_common::testing::Backend;
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::gateway::v1 as gateway_pb;
+use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::harness::Suite;
+
+fn email(value: &str) -> profiles_pb::Identifier {
+    profiles_pb::Identifier {
+        kind: "email".into(),
+        value: value.into(),
+    }
+}
+
+fn upsert_request(value: &str) -> profiles_pb::UpsertProfileRequest {
+    profiles_pb::UpsertProfileRequest {
+        identifiers: vec![email(value)],
+        traits: Default::default(),
+        region: "FR".into(),
+    }
+}
+
+fn get_by_email(value: &str) -> profiles_pb::GetProfileRequest {
+    profiles_pb::GetProfileRequest {
+        lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(email(
+            value,
+        ))),
+    }
+}
+
+#[tokio::test]
+async fn callers_without_a_valid_token_are_unauthenticated_and_change_nothing() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let other_key_token = {
+        let other = Suite::start(Backend::Sqlite).await;
+        other.token(&["admin"])
+    };
+    let attempts = [
+        Suite::anonymous(),
+        Suite::raw_bearer("Bearer not-a-token"),
+        Suite::raw_bearer("Basic YWRtaW46YWRtaW4="),
+        Suite::raw_bearer(&format!("Bearer {other_key_token}")),
+        // A token with its signature cut off.
+        Suite::raw_bearer(&format!(
+            "Bearer {}",
+            suite
+                .token(&["admin"])
+                .rsplit_once('.')
+                .map(|(head, _)| format!("{head}."))
+                .unwrap_or_default()
+        )),
+    ];
+    for bearer in attempts {
+        let status = suite
+            .profiles(bearer)
+            .upsert_profile(upsert_request("intruder@example.com"))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            !status.message().contains("eyJ"),
+            "the answer never echoes a token"
+        );
+    }
+    let status = suite
+        .profiles(suite.bearer(&["admin"]))
+        .get_profile(get_by_email("intruder@example.com"))
+        .await
+        .expect_err("nothing was written");
+    assert_eq!(status.code(), Code::NotFound);
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn roles_reach_only_what_the_rbac_policy_allows() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    // The adtech service may not read martech data.
+    let status = suite
+        .profiles(suite.bearer(&["activation"]))
+        .get_profile(get_by_email("a@example.com"))
+        .await
+        .expect_err("denied");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("rbac_policy.csv"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("ProfileService/GetProfile"));
+
+    let status = suite
+        .consent(suite.bearer(&["activation"]))
+        .watch_consent_changes(consent_pb::WatchConsentChangesRequest { after_cursor: 0 })
+        .await
+        .expect_err("the raw change stream holds profile ids");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let status = suite
+        .profiles(suite.bearer(&["marketer"]))
+        .upsert_profile(upsert_request("m@example.com"))
+        .await
+        .expect_err("marketers do not write profiles");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let status = suite
+        .profiles(suite.bearer(&["no-such-role"]))
+        .upsert_profile(upsert_request("x@example.com"))
+        .await
+        .expect_err("unknown roles get nothing");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // Several roles: any one that allows is enough.
+    suite
+        .profiles(suite.bearer(&["marketer", "ingest"]))
+        .upsert_profile(upsert_request("ok@example.com"))
+        .await
+        .expect("ingest may write");
+
+    let mut policy = gateway_pb::policy_service_client::PolicyServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["compliance"]),
+    );
+    let status = policy
+        .get_policy_status(gateway_pb::GetPolicyStatusRequest {})
+        .await
+        .expect("compliance reads the policy status")
+        .into_inner();
+    assert_eq!(status.version.len(), 64);
+    assert!(status.files.contains(&"consent_policy.csv".to_string()));
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn health_answers_without_a_token() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(suite.gateway_channel());
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health needs no token");
+    assert_eq!(answer.get_ref().status(), ServingStatus::Serving);
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_validation_errors_reach_the_caller_unchanged() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let status = suite
+        .profiles(suite.bearer(&["admin"]))
+        .upsert_profile(upsert_request("not-an-email"))
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("identifiers[0].value"),
+        "{}",
+        status.message()
+    );
+
+    let status = suite
+        .consent(suite.bearer(&["admin"]))
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: "p".into(),
+            choices: vec![],
+            source: consent_pb::ConsentSource::Api.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("choices"),
+        "{}",
+        status.message()
+    );
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn the_crossing_never_releases_raw_data_whoever_asks() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let admin = suite.bearer(&["admin"]);
+    suite
+        .profiles(admin.clone())
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![email("ca@example.com")],
+            traits: Default::default(),
+            region: "US-CA".into(),
+        })
+        .await
+        .expect("upsert");
+    let segment = suite
+        .segments(admin.clone())
+        .create_segment(segments_pb::CreateSegmentRequest {
+            name: "california".into(),
+            rule: Some(segments_pb::Rule {
+                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
+                    regions: vec!["US-CA".into()],
+                })),
+            }),
+        })
+        .await
+        .expect("segment")
+        .into_inner()
+        .segment
+        .expect("segment");
+    let request = |segment_id: &str| segments_pb::ExportAudienceRequest {
+        segment_id: segment_id.into(),
+        destination_id: "d1".into(),
+        destination_kind: "file".into(),
+        purpose: "ad_targeting".into(),
+    };
+    // Even an admin gets only what may cross.
+    let mut stream = suite
+        .segments(admin.clone())
+        .export_audience(request(&segment.segment_id))
+        .await
+        .expect("export")
+        .into_inner();
+    let mut members = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        members.extend(chunk.members);
+    }
+    assert_eq!(members.len(), 1);
+    assert!(members[0].profile_id.is_empty());
+    assert!(members[0].identifiers.is_empty());
+    assert_eq!(members[0].pseudonymous_id.len(), 64);
+    assert_eq!(members[0].hashed_identifiers.len(), 1);
+
+    let status = suite
+        .segments(admin.clone())
+        .export_audience(request("no-such-segment"))
+        .await
+        .expect_err("unknown segment");
+    assert_eq!(status.code(), Code::NotFound);
+
+    let mut bad = request(&segment.segment_id);
+    bad.purpose = "Ad Targeting".into();
+    let status = suite
+        .segments(admin)
+        .export_audience(bad)
+        .await
+        .expect_err("bad purpose");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("purpose"));
+    suite.stop().await;
+}

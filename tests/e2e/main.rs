@@ -1,0 +1,7 @@
+//! End-to-end tests of the whole suite: every component started in-process on
+//! ephemeral ports, driven only through the gateway with generated clients,
+//! on SQLite and on PostgreSQL.
+
+mod crossing;
+mod denials;
+mod harness;
