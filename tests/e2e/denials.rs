@@ -151,6 +151,48 @@ async fn health_answers_without_a_token() {
 }
 
 #[tokio::test]
+async fn reflection_lists_every_service_without_a_token() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut reflection = ServerReflectionClient::new(suite.gateway_channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .expect("reflection needs no token")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("expected a service list, got {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "madtech.activation.v1.ActivationService",
+            "madtech.consent.v1.ConsentService",
+            "madtech.gateway.v1.PolicyService",
+            "madtech.profiles.v1.ProfileService",
+            "madtech.segments.v1.SegmentService",
+        ]
+    );
+    suite.stop().await;
+}
+
+#[tokio::test]
 async fn upstream_validation_errors_reach_the_caller_unchanged() {
     let suite = Suite::start(Backend::Sqlite).await;
     let status = suite
