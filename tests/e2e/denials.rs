@@ -193,6 +193,43 @@ async fn reflection_lists_every_service_without_a_token() {
 }
 
 #[tokio::test]
+async fn reflection_can_be_put_behind_authentication() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.gateway.reflection_requires_token = true;
+    })
+    .await;
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(suite.gateway_channel())
+        .server_reflection_info(tokio_stream::once(list()))
+        .await
+        .expect_err("no token, no reflection");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut answers =
+        ServerReflectionClient::with_interceptor(suite.gateway_channel(), suite.bearer(&["admin"]))
+            .server_reflection_info(tokio_stream::once(list()))
+            .await
+            .expect("with a token")
+            .into_inner();
+    assert!(answers.message().await.expect("answer").is_some());
+    // Health stays open for probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(suite.gateway_channel());
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health needs no token");
+    suite.stop().await;
+}
+
+#[tokio::test]
 async fn upstream_validation_errors_reach_the_caller_unchanged() {
     let suite = Suite::start(Backend::Sqlite).await;
     let status = suite

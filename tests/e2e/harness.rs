@@ -49,6 +49,11 @@ pub struct Suite {
 
 impl Suite {
     pub async fn start(backend: Backend) -> Suite {
+        Suite::start_with(backend, |_| {}).await
+    }
+
+    /// Starts the suite after `adjust` has changed its configuration.
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut MadtechConfig)) -> Suite {
         let data = tempfile::tempdir().expect("data dir");
         let db = TestDatabase::new(backend);
         let mut config = MadtechConfig {
@@ -63,6 +68,7 @@ impl Suite {
         config.activation.database = db.sibling("activation");
         let listeners = Listeners::ephemeral().await.expect("listeners");
         listeners.record_in(&mut config).expect("addresses");
+        adjust(&mut config);
         let config = config.with_suite_defaults();
         suite::prepare_data_dir(&config).expect("data dir prepared");
 

@@ -140,6 +140,10 @@ impl GrpcServer {
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
+/// How long in-flight calls get to finish after shutdown is requested
+/// (Kubernetes' default grace period is 30 s; this leaves room to exit).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A gRPC service behind a box, for routing tables keyed by service name.
 pub type BoxedGrpcService = tower::util::BoxCloneSyncService<
     http::Request<tonic::body::Body>,
@@ -207,18 +211,29 @@ pub async fn serve_routes(
 ) -> Result<(), ServeError> {
     health.set(ServingStatus::Serving).await;
     let draining = shutdown.clone();
-    let result = tonic::transport::Server::builder()
-        // Calls in flight get the chance to finish; a probe that sees
-        // NOT_SERVING stops sending new ones.
+    let serving = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes.prepare())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             draining.cancelled().await;
+            // A probe that sees NOT_SERVING stops sending new calls while the
+            // calls in flight finish.
             health.set(ServingStatus::NotServing).await;
-        })
-        .await;
-    result.map_err(ServeError::from)
+        });
+    // Streams that never end on their own (change feeds) must not hold a
+    // shutdown forever: after the drain timeout the server is dropped.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        result = serving => result.map_err(ServeError::from),
+        () = deadline => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "calls still open after the drain timeout; closing them");
+            Ok(())
+        }
+    }
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C) and cancels `token`.
