@@ -22,6 +22,17 @@ fn choice(state: consent_pb::ConsentState) -> consent_pb::RecordConsentRequest {
     }
 }
 
+async fn next_entry(
+    stream: &mut tonic::Streaming<consent_pb::WatchConsentChangesResponse>,
+) -> consent_pb::ConsentEntry {
+    let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an entry arrives")
+        .expect("stream healthy")
+        .expect("stream open");
+    message.entry.expect("entry")
+}
+
 #[tokio::test]
 async fn the_change_stream_resumes_from_a_cursor_and_follows_new_entries() {
     let suite = Suite::start(Backend::Sqlite).await;
@@ -83,13 +94,7 @@ async fn the_change_stream_resumes_from_a_cursor_and_follows_new_entries() {
         .await
         .expect("third")
         .into_inner();
-    let live = tokio::time::timeout(Duration::from_secs(10), resumed.message())
-        .await
-        .expect("the new entry arrives")
-        .expect("entry")
-        .expect("open")
-        .entry
-        .expect("entry");
+    let live = next_entry(&mut resumed).await;
     assert_eq!(live.cursor, written.entries[0].cursor);
 
     drop(resumed);

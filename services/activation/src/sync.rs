@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use crate::config::ActivationConfig;
 use crate::destination::{self, Change, HashedIdentifier, Target};
 use crate::error::ActivationError;
-use crate::store::{ActivationStore, Held, Phase, SyncRun};
+use crate::store::{Activation, ActivationStore, Destination, Held, Phase, SyncRun};
 
 /// The audience as the gateway released it: pseudonymous id → hashes.
 pub type Audience = HashMap<String, Vec<HashedIdentifier>>;
@@ -112,13 +112,7 @@ impl Syncer {
         let _ = progress.try_send(run.clone());
 
         let outcome = self
-            .deliver(
-                &mut run,
-                &activation.segment_id,
-                &destination,
-                &activation.purpose,
-                &progress,
-            )
+            .deliver(&mut run, &activation, &destination, &progress)
             .await;
         run.finished_at_micros = Some(Utc::now().timestamp_micros());
         match &outcome {
@@ -137,14 +131,11 @@ impl Syncer {
     async fn deliver(
         &self,
         run: &mut SyncRun,
-        segment_id: &str,
-        destination: &crate::store::Destination,
-        purpose: &str,
+        activation: &Activation,
+        destination: &Destination,
         progress: &mpsc::Sender<SyncRun>,
     ) -> Result<(), ActivationError> {
-        let audience = self
-            .fetch(run, segment_id, destination, purpose, progress)
-            .await?;
+        let audience = self.fetch(run, activation, destination, progress).await?;
         let held = self.store.held(&run.activation_id).await?;
         let diff = diff(&held, audience);
         run.phase = Phase::Sending;
@@ -187,9 +178,8 @@ impl Syncer {
     async fn fetch(
         &self,
         run: &mut SyncRun,
-        segment_id: &str,
-        destination: &crate::store::Destination,
-        purpose: &str,
+        activation: &Activation,
+        destination: &Destination,
         progress: &mpsc::Sender<SyncRun>,
     ) -> Result<Audience, ActivationError> {
         let bearer = self.bearer().await?;
@@ -203,10 +193,10 @@ impl Syncer {
             },
         );
         let request = segments_pb::ExportAudienceRequest {
-            segment_id: segment_id.to_string(),
+            segment_id: activation.segment_id.clone(),
             destination_id: destination.id.clone(),
             destination_kind: destination.target.kind().to_string(),
-            purpose: purpose.to_string(),
+            purpose: activation.purpose.clone(),
         };
         let gateway_error = |status: tonic::Status| {
             ActivationError::Gateway(format!("{:?}: {}", status.code(), status.message()))
