@@ -49,8 +49,16 @@ enum Command {
     Up(UpArgs),
     /// Run one component, as a Kubernetes pod does.
     Serve(ServeArgs),
+    /// Bring one component's database schema up to date, then exit (run
+    /// once per rollout, e.g. as a Kubernetes init container).
+    Migrate(MigrateArgs),
     /// Mint a development token signed with the data directory's key.
     Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    component: Component,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up(cli.config.as_deref(), overrides, args).await,
         Command::Serve(args) => serve(cli.config.as_deref(), overrides, args).await,
+        Command::Migrate(args) => migrate(cli.config.as_deref(), overrides, args).await,
         Command::Token(args) => token(cli.config.as_deref(), overrides, args),
     }
 }
@@ -303,6 +312,38 @@ async fn serve(
             server.serve(listener, shutdown).await?;
         }
     }
+    Ok(())
+}
+
+async fn migrate(
+    file: Option<&Path>,
+    overrides: Map<String, Value>,
+    args: MigrateArgs,
+) -> anyhow::Result<()> {
+    use madtech_common::db::migrate;
+    let config = load_config(file, overrides)?;
+    init_logging(&config.telemetry)?;
+    let section = args.component.section();
+    match args.component {
+        Component::Gateway => bail!("the gateway keeps no database"),
+        Component::Profiles => {
+            config.profiles.validate()?;
+            migrate::<madtech_profiles::store::Migrator>(&config.profiles.database).await?;
+        }
+        Component::Consent => {
+            config.consent.validate()?;
+            migrate::<madtech_consent::ledger::Migrator>(&config.consent.database).await?;
+        }
+        Component::Segments => {
+            config.segments.validate()?;
+            migrate::<madtech_segments::store::Migrator>(&config.segments.database).await?;
+        }
+        Component::Activation => {
+            config.activation.validate()?;
+            migrate::<madtech_activation::store::Migrator>(&config.activation.database).await?;
+        }
+    }
+    tracing::info!(component = section, "database is up to date");
     Ok(())
 }
 

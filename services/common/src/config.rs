@@ -14,6 +14,10 @@ use serde::de::DeserializeOwned;
 /// The prefix of every environment variable MadTech reads.
 pub const ENV_PREFIX: &str = "MADTECH_";
 
+/// `MADTECH_*` variables that are not configuration keys: the configuration
+/// file's path, the test database and the CI cache.
+pub const NOT_CONFIGURATION: [&str; 3] = ["config", "test_postgres_url", "ci_cache"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {path} does not exist")]
@@ -61,7 +65,11 @@ where
         figment = figment.merge(Toml::file(path));
     }
     if sources.environment {
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&NOT_CONFIGURATION)
+                .split("__"),
+        );
     }
     let config: T = figment.merge(Serialized::defaults(overrides)).extract()?;
     config.validate()?;

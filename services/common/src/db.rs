@@ -22,6 +22,9 @@ pub struct DatabaseConfig {
     pub schema: Option<String>,
     /// Connections in the pool.
     pub max_connections: u32,
+    /// Bring the schema up to date when the service starts. Kubernetes
+    /// deployments turn this off and run `madtech migrate` once per rollout.
+    pub migrate_on_start: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -30,6 +33,7 @@ impl Default for DatabaseConfig {
             url: String::new(),
             schema: None,
             max_connections: 8,
+            migrate_on_start: true,
         }
     }
 }
@@ -71,16 +75,65 @@ impl DatabaseConfig {
     }
 }
 
-/// Connects to the database and brings its schema up to date with `M`.
+/// Connects to the database for a service whose schema is `M`: migrates it
+/// first when `migrate_on_start` is set, and otherwise refuses to start on a
+/// schema that is behind.
 pub async fn connect_and_migrate<M: MigratorTrait>(
     config: &DatabaseConfig,
 ) -> Result<DatabaseConnection, DbErr> {
-    if let Some(schema) = &config.schema {
-        create_schema(config, schema).await?;
+    if config.migrate_on_start {
+        migrate::<M>(config).await?;
     }
     let db = Database::connect(connect_options(config)).await?;
-    M::up(&db, None).await?;
+    let pending = M::get_pending_migrations_read_only(&db).await?;
+    if !pending.is_empty() {
+        return Err(DbErr::Custom(format!(
+            "{} database migrations are pending; run `madtech migrate` first",
+            pending.len()
+        )));
+    }
     Ok(db)
+}
+
+/// Key of the PostgreSQL advisory lock migrations hold, so replicas and
+/// migration jobs starting together apply each migration once, in turn.
+const MIGRATION_LOCK: i64 = 0x6d61_6474_6563_6801;
+
+/// Serialises migrations inside one process, for SQLite, which has no
+/// advisory locks (and is only used by a single process: `madtech up`).
+static LOCAL_MIGRATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Brings the schema up to date with `M`. On PostgreSQL the work happens on
+/// one connection under an advisory lock, schema creation included.
+pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), DbErr> {
+    let mut options = connect_options(config);
+    options.max_connections(1);
+    let db = Database::connect(options).await?;
+    if db.get_database_backend() != DbBackend::Postgres {
+        if config.schema.is_some() {
+            return Err(DbErr::Custom(
+                "database.schema is only supported on PostgreSQL".into(),
+            ));
+        }
+        let _local = LOCAL_MIGRATIONS.lock().await;
+        M::up(&db, None).await?;
+        return db.close().await;
+    }
+    db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+        .await?;
+    let migrated = async {
+        if let Some(schema) = &config.schema {
+            // The name was validated to [a-z0-9_], so quoting it is enough.
+            db.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .await?;
+        }
+        M::up(&db, None).await
+    }
+    .await;
+    db.execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+        .await?;
+    migrated?;
+    db.close().await
 }
 
 fn connect_options(config: &DatabaseConfig) -> ConnectOptions {
@@ -104,25 +157,69 @@ fn connect_options(config: &DatabaseConfig) -> ConnectOptions {
     options
 }
 
-async fn create_schema(config: &DatabaseConfig, schema: &str) -> Result<(), DbErr> {
-    let mut options = connect_options(config);
-    options.max_connections(1);
-    let db = Database::connect(options).await?;
-    if db.get_database_backend() != DbBackend::Postgres {
-        return Err(DbErr::Custom(
-            "database.schema is only supported on PostgreSQL".into(),
-        ));
-    }
-    // The name was validated to [a-z0-9_], so quoting it is enough.
-    db.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-        .await?;
-    db.close().await
-}
-
 /// True when `err` is a unique-constraint violation, on either backend.
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(
         err.sql_err(),
         Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+    use sea_orm_migration::prelude::*;
+
+    struct Migrator;
+
+    #[async_trait::async_trait]
+    impl MigratorTrait for Migrator {
+        fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+            vec![Box::new(CreateThings)]
+        }
+    }
+
+    struct CreateThings;
+
+    impl MigrationName for CreateThings {
+        fn name(&self) -> &str {
+            "m0001_create_things"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for CreateThings {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager
+                .create_table(
+                    Table::create()
+                        .table("things")
+                        .col(ColumnDef::new("id").integer().primary_key())
+                        .to_owned(),
+                )
+                .await
+        }
+    }
+
+    crate::backend_tests!(
+        a_service_refuses_a_schema_that_is_behind,
+        |db: TestDatabase| async move {
+            let mut config = db.config.clone();
+            config.migrate_on_start = false;
+            let err = connect_and_migrate::<Migrator>(&config)
+                .await
+                .expect_err("pending");
+            assert!(err.to_string().contains("madtech migrate"), "{err}");
+
+            // Two migrations at once (two replicas, or a job and a replica)
+            // apply it once.
+            let (a, b) = tokio::join!(migrate::<Migrator>(&config), migrate::<Migrator>(&config));
+            a.expect("first");
+            b.expect("second");
+            connect_and_migrate::<Migrator>(&config)
+                .await
+                .expect("up to date");
+        }
+    );
 }

@@ -12,7 +12,7 @@ pub mod server;
 pub mod telemetry;
 pub mod validate;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use tokio_util::sync::CancellationToken;
