@@ -131,6 +131,15 @@ struct TokenArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Checks that `args` (without the program name) is a command line
+/// `madtech` accepts, as the Kubernetes manifests give it.
+pub fn check_args(args: &[String]) -> Result<(), String> {
+    let argv = std::iter::once("madtech".to_string()).chain(args.iter().cloned());
+    Cli::try_parse_from(argv)
+        .map(drop)
+        .map_err(|err| err.to_string())
+}
+
 /// Runs the command line and turns any error into a message and exit code 1.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -164,10 +173,7 @@ fn load_config(
     file: Option<&Path>,
     overrides: Map<String, Value>,
 ) -> anyhow::Result<MadtechConfig> {
-    let sources = Sources {
-        file,
-        environment: true,
-    };
+    let sources = Sources::from_process(file);
     let config: MadtechConfig = load(&sources, &Value::Object(overrides))?;
     config.validate()?;
     Ok(config)
@@ -327,19 +333,19 @@ async fn migrate(
     match args.component {
         Component::Gateway => bail!("the gateway keeps no database"),
         Component::Profiles => {
-            config.profiles.validate()?;
+            config.profiles.database.validate("profiles")?;
             migrate::<madtech_profiles::store::Migrator>(&config.profiles.database).await?;
         }
         Component::Consent => {
-            config.consent.validate()?;
+            config.consent.database.validate("consent")?;
             migrate::<madtech_consent::ledger::Migrator>(&config.consent.database).await?;
         }
         Component::Segments => {
-            config.segments.validate()?;
+            config.segments.database.validate("segments")?;
             migrate::<madtech_segments::store::Migrator>(&config.segments.database).await?;
         }
         Component::Activation => {
-            config.activation.validate()?;
+            config.activation.database.validate("activation")?;
             migrate::<madtech_activation::store::Migrator>(&config.activation.database).await?;
         }
     }

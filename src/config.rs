@@ -70,7 +70,7 @@ impl MadtechConfig {
     pub fn with_suite_defaults(mut self) -> Self {
         let dir = self.data_dir.clone();
         let sqlite = |db: &mut DatabaseConfig, name: &str| {
-            if db.url.is_empty() {
+            if db.is_unset() {
                 *db = DatabaseConfig::sqlite(&dir.join(format!("{name}.db")));
             }
         };

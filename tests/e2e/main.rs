@@ -6,3 +6,4 @@ mod consent;
 mod crossing;
 mod denials;
 mod harness;
+mod manifests;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -44,8 +44,62 @@ pub trait Validate {
 pub struct Sources<'a> {
     /// A TOML file; it must exist when named.
     pub file: Option<&'a Path>,
-    /// Read `MADTECH_*` variables from this process's environment.
-    pub environment: bool,
+    /// Environment variables as name/value pairs; only `MADTECH_*` ones are
+    /// read. Passed in rather than read here, so tests (and the manifest
+    /// checks) hand over a map instead of touching the process environment.
+    pub environment: Vec<(String, String)>,
+}
+
+impl<'a> Sources<'a> {
+    /// `file` and this process's environment (variables that are not valid
+    /// UTF-8 are skipped: none of ours is).
+    pub fn from_process(file: Option<&'a Path>) -> Self {
+        let environment = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .collect();
+        Sources { file, environment }
+    }
+}
+
+/// Adds `MADTECH_A__B_C=value` as the key `a.b_c`. Values are read like
+/// TOML scalars (`false`, `8`, `1.5`; anything else is a string).
+fn with_environment(mut figment: Figment, environment: &[(String, String)]) -> Figment {
+    for (name, value) in environment {
+        let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if key.is_empty() || NOT_CONFIGURATION.contains(&key.as_str()) {
+            continue;
+        }
+        let value: figment::value::Value = match value.parse() {
+            Ok(value) => value,
+            Err(never) => match never {},
+        };
+        figment = figment.merge(Variable {
+            name: name.clone(),
+            value: Serialized::default(&key.replace("__", "."), value),
+        });
+    }
+    figment
+}
+
+/// One environment variable, named in error messages.
+struct Variable {
+    name: String,
+    value: Serialized<figment::value::Value>,
+}
+
+impl figment::Provider for Variable {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("environment variable {}", self.name))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        self.value.data()
+    }
 }
 
 /// Loads `T` from its defaults, then `sources`, then `overrides` (a
@@ -64,13 +118,7 @@ where
         }
         figment = figment.merge(Toml::file(path));
     }
-    if sources.environment {
-        figment = figment.merge(
-            Env::prefixed(ENV_PREFIX)
-                .ignore(&NOT_CONFIGURATION)
-                .split("__"),
-        );
-    }
+    figment = with_environment(figment, &sources.environment);
     let config: T = figment.merge(Serialized::defaults(overrides)).extract()?;
     config.validate()?;
     Ok(config)
@@ -128,7 +176,7 @@ mod tests {
         }
         let sources = Sources {
             file: Some(&path),
-            environment: false,
+            environment: vec![],
         };
         let config: Sample = load(&sources, &Flags { name: "flag" }).expect("load");
         assert_eq!(
@@ -146,7 +194,7 @@ mod tests {
         let path = write(&dir, "nmae = \"typo\"\n");
         let sources = Sources {
             file: Some(&path),
-            environment: false,
+            environment: vec![],
         };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("typo must fail");
         assert!(err.to_string().contains("nmae"), "{err}");
@@ -158,17 +206,50 @@ mod tests {
         let path = write(&dir, "name = [unclosed\n");
         let sources = Sources {
             file: Some(&path),
-            environment: false,
+            environment: vec![],
         };
         assert!(load::<Sample, _>(&sources, &NoOverrides {}).is_err());
 
         let path = write(&dir, "name = \"bad\"\n");
         let sources = Sources {
             file: Some(&path),
-            environment: false,
+            environment: vec![],
         };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("validation");
         assert!(err.to_string().contains("must not be bad"));
+    }
+
+    #[test]
+    fn environment_variables_nest_on_double_underscores() {
+        let environment = vec![
+            ("MADTECH_NAME".to_string(), "from-env".to_string()),
+            ("MADTECH_NESTED__PORT".to_string(), "8".to_string()),
+            ("MADTECH_CONFIG".to_string(), "/not/a/key.toml".to_string()),
+            ("OTHER_NAME".to_string(), "ignored".to_string()),
+        ];
+        let sources = Sources {
+            file: None,
+            environment,
+        };
+        let config: Sample = load(&sources, &NoOverrides {}).expect("load");
+        assert_eq!(
+            config,
+            Sample {
+                name: "from-env".into(),
+                nested: Nested { port: 8 }
+            }
+        );
+
+        let typo = vec![("MADTECH_NESTED__PROT".to_string(), "8".to_string())];
+        let err = load::<Sample, _>(
+            &Sources {
+                file: None,
+                environment: typo,
+            },
+            &NoOverrides {},
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("prot"), "{err}");
     }
 
     #[test]
@@ -176,7 +257,7 @@ mod tests {
         let missing = Path::new("/nonexistent/madtech.toml");
         let sources = Sources {
             file: Some(missing),
-            environment: false,
+            environment: vec![],
         };
         let err = load::<Sample, _>(&sources, &NoOverrides {}).expect_err("missing");
         assert!(matches!(err, ConfigError::MissingFile { .. }));

@@ -2,6 +2,7 @@
 //! a SQLite file by default (embedded, nothing to install) or PostgreSQL in
 //! production, chosen by URL. The same entities and migrations run on both.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -17,6 +18,9 @@ use crate::config::ConfigError;
 pub struct DatabaseConfig {
     /// `sqlite://PATH?mode=rwc` or `postgres://USER@HOST:PORT/DB`.
     pub url: String,
+    /// A file holding the URL instead (a mounted Secret), so credentials stay
+    /// out of the environment. Read when the service connects.
+    pub url_file: Option<PathBuf>,
     /// PostgreSQL only: keep this service's tables in this schema (created
     /// when missing), so several services can share one database.
     pub schema: Option<String>,
@@ -31,6 +35,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: String::new(),
+            url_file: None,
             schema: None,
             max_connections: 8,
             migrate_on_start: true,
@@ -47,12 +52,42 @@ impl DatabaseConfig {
         }
     }
 
+    /// True when neither a URL nor a URL file is set.
+    pub fn is_unset(&self) -> bool {
+        self.url.is_empty() && self.url_file.is_none()
+    }
+
+    /// The URL, read from `url_file` when that is set.
+    pub fn resolved_url(&self) -> Result<String, DbErr> {
+        match &self.url_file {
+            None => Ok(self.url.clone()),
+            Some(path) => std::fs::read_to_string(path)
+                .map(|text| text.trim().to_string())
+                .map_err(|err| DbErr::Custom(format!("cannot read {}: {err}", path.display()))),
+        }
+    }
+
     pub fn validate(&self, component: &str) -> Result<(), ConfigError> {
-        let supported = ["sqlite:", "postgres:", "postgresql:"];
-        if !supported.iter().any(|scheme| self.url.starts_with(scheme)) {
-            return Err(ConfigError::Invalid(format!(
-                "{component}.database.url must start with sqlite:, postgres: or postgresql:"
-            )));
+        match (&self.url_file, self.url.is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{component}.database: set url or url_file, not both"
+                )));
+            }
+            (Some(path), true) if path.as_os_str().is_empty() => {
+                return Err(ConfigError::Invalid(format!(
+                    "{component}.database.url_file must not be empty"
+                )));
+            }
+            (Some(_), true) => {}
+            (None, _) => {
+                let supported = ["sqlite:", "postgres:", "postgresql:"];
+                if !supported.iter().any(|scheme| self.url.starts_with(scheme)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{component}.database.url must start with sqlite:, postgres: or postgresql:"
+                    )));
+                }
+            }
         }
         if let Some(schema) = &self.schema {
             let valid = !schema.is_empty()
@@ -84,7 +119,7 @@ pub async fn connect_and_migrate<M: MigratorTrait>(
     if config.migrate_on_start {
         migrate::<M>(config).await?;
     }
-    let db = Database::connect(connect_options(config)).await?;
+    let db = Database::connect(connect_options(config)?).await?;
     let pending = M::get_pending_migrations_read_only(&db).await?;
     if !pending.is_empty() {
         return Err(DbErr::Custom(format!(
@@ -106,7 +141,7 @@ static LOCAL_MIGRATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(
 /// Brings the schema up to date with `M`. On PostgreSQL the work happens on
 /// one connection under an advisory lock, schema creation included.
 pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), DbErr> {
-    let mut options = connect_options(config);
+    let mut options = connect_options(config)?;
     options.max_connections(1);
     let db = Database::connect(options).await?;
     if db.get_database_backend() != DbBackend::Postgres {
@@ -136,8 +171,8 @@ pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), Db
     db.close().await
 }
 
-fn connect_options(config: &DatabaseConfig) -> ConnectOptions {
-    let mut options = ConnectOptions::new(config.url.clone());
+fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
+    let mut options = ConnectOptions::new(config.resolved_url()?);
     options
         .max_connections(config.max_connections)
         .connect_timeout(Duration::from_secs(10))
@@ -154,7 +189,7 @@ fn connect_options(config: &DatabaseConfig) -> ConnectOptions {
     if let Some(schema) = &config.schema {
         options.set_schema_search_path(schema.clone());
     }
-    options
+    Ok(options)
 }
 
 /// True when `err` is a unique-constraint violation, on either backend.
@@ -222,4 +257,42 @@ mod tests {
                 .expect("up to date");
         }
     );
+}
+
+#[cfg(test)]
+mod url_file_tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    #[tokio::test]
+    async fn the_url_can_come_from_a_mounted_file() {
+        let db = TestDatabase::sqlite();
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("url");
+        std::fs::write(&file, format!("{}\n", db.config.url)).expect("write");
+        let config = DatabaseConfig {
+            url: String::new(),
+            url_file: Some(file),
+            ..db.config.clone()
+        };
+        config.validate("profiles").expect("valid");
+        let conn = Database::connect(connect_options(&config).expect("url read"))
+            .await
+            .expect("connects");
+        conn.close().await.expect("close");
+
+        let both = DatabaseConfig {
+            url: db.config.url.clone(),
+            ..config.clone()
+        };
+        assert!(
+            both.validate("profiles").is_err(),
+            "url and url_file together"
+        );
+        let missing = DatabaseConfig {
+            url_file: Some(dir.path().join("absent")),
+            ..config
+        };
+        assert!(connect_options(&missing).is_err());
+    }
 }
