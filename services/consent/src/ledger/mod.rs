@@ -13,8 +13,8 @@ use std::str::FromStr;
 use chrono::Utc;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -128,6 +128,9 @@ pub struct PurposeState {
     pub cursor: u64,
 }
 
+/// Key of the PostgreSQL advisory lock that serialises appends.
+const APPEND_LOCK: i64 = 0x6d61_6474_6563_6802;
+
 pub struct Ledger {
     db: DatabaseConnection,
     /// Appends one at a time so cursors are handed out in commit order and a
@@ -151,6 +154,13 @@ impl Ledger {
         let _writer = self.writer.lock().await;
         let now = Utc::now().timestamp_micros();
         let txn = self.db.begin().await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            // Replicas append one at a time too: the lock is taken before the
+            // sequence hands out a cursor and held until commit, so cursors
+            // become visible in order and no watcher skips one.
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
+                .await?;
+        }
         let mut written = Vec::with_capacity(record.choices.len());
         for (purpose, choice) in &record.choices {
             let row = entry::ActiveModel {
