@@ -10,6 +10,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::policy::{Policies, RBAC};
+use crate::route::grpc_method;
 use crate::token::Caller;
 
 #[derive(Clone)]
@@ -45,6 +46,11 @@ pub struct Authorize<S> {
 pub fn decide(policies: &Policies, caller: Option<&Caller>, method: &str) -> Result<(), Status> {
     // Without an authenticated caller or a policy there is nothing to allow.
     let caller = caller.ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+    // Only a plain gRPC path reaches the policy (casbin's matchers are not
+    // written for arbitrary strings).
+    if grpc_method(method).is_none() {
+        return Err(Status::unimplemented("not a gRPC method path"));
+    }
     let policy = policies
         .current()
         .ok_or_else(|| Status::unavailable("no valid policy set is loaded"))?;

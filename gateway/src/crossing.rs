@@ -113,12 +113,14 @@ pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
-/// Consent states as the consent policy names them.
+/// Consent states as the consent policy names them. A state the gateway
+/// does not know is `unknown`, which no policy row allows.
 pub fn consent_state_name(state: consent_pb::ConsentState) -> &'static str {
     match state {
         consent_pb::ConsentState::Granted => "granted",
         consent_pb::ConsentState::Denied => "denied",
-        consent_pb::ConsentState::Unset | consent_pb::ConsentState::Unspecified => "unset",
+        consent_pb::ConsentState::Unset => "unset",
+        consent_pb::ConsentState::Unspecified => "unknown",
     }
 }
 
@@ -210,6 +212,7 @@ impl Filter {
         Ok(Some(segments_pb::AudienceMember {
             profile_id: String::new(),
             identifiers: Vec::new(),
+            merged_profile_ids: Vec::new(),
             region: member.region,
             pseudonymous_id: self
                 .pseudonymiser
@@ -330,7 +333,19 @@ impl Crossing {
     }
 }
 
-/// Each member's consent for `purpose`, in member order, in one call.
+/// How restrictive a consent state is: the lower, the more restrictive.
+fn restrictiveness(state: consent_pb::ConsentState) -> u8 {
+    match state {
+        consent_pb::ConsentState::Denied => 0,
+        consent_pb::ConsentState::Unspecified => 1,
+        consent_pb::ConsentState::Unset => 2,
+        consent_pb::ConsentState::Granted => 3,
+    }
+}
+
+/// Each member's consent for `purpose`, in member order, in one call: the
+/// most restrictive state among the member and every profile merged into it,
+/// so a merge never widens consent.
 async fn consent_states(
     consent: &mut ConsentServiceClient<Channel>,
     members: &[segments_pb::AudienceMember],
@@ -339,9 +354,14 @@ async fn consent_states(
     if members.is_empty() {
         return Ok(Vec::new());
     }
+    let profile_ids: Vec<String> = members
+        .iter()
+        .flat_map(|m| std::iter::once(&m.profile_id).chain(&m.merged_profile_ids))
+        .cloned()
+        .collect();
     let answer = consent
         .batch_get_consent(consent_pb::BatchGetConsentRequest {
-            profile_ids: members.iter().map(|m| m.profile_id.clone()).collect(),
+            profile_ids: profile_ids.clone(),
             purposes: vec![purpose.to_string()],
         })
         .await
@@ -350,21 +370,38 @@ async fn consent_states(
             Status::unavailable("the consent service is unavailable; nothing may cross")
         })?
         .into_inner();
-    if answer.subjects.len() != members.len() {
+    if answer.subjects.len() != profile_ids.len() {
         return Err(Status::internal(
             "consent answered for the wrong number of people",
         ));
     }
-    Ok(answer
-        .subjects
+    // Fail closed: an answer that is not exactly about this person and this
+    // purpose stops the export.
+    let mut states = Vec::with_capacity(profile_ids.len());
+    for (id, subject) in profile_ids.iter().zip(&answer.subjects) {
+        if &subject.profile_id != id {
+            return Err(Status::internal("consent answered for someone else"));
+        }
+        let state = subject
+            .purposes
+            .iter()
+            .find(|p| p.purpose == purpose)
+            .map(|p| {
+                consent_pb::ConsentState::try_from(p.state)
+                    .unwrap_or(consent_pb::ConsentState::Unspecified)
+            })
+            .ok_or_else(|| Status::internal("consent did not answer for the purpose"))?;
+        states.push(state);
+    }
+    let mut states = states.into_iter();
+    Ok(members
         .iter()
-        .map(|subject| {
-            subject
-                .purposes
-                .iter()
-                .find(|p| p.purpose == purpose)
-                .map(|p| p.state())
-                .unwrap_or(consent_pb::ConsentState::Unset)
+        .map(|member| {
+            states
+                .by_ref()
+                .take(1 + member.merged_profile_ids.len())
+                .min_by_key(|state| restrictiveness(*state))
+                .unwrap_or(consent_pb::ConsentState::Unspecified)
         })
         .collect())
 }
@@ -434,6 +471,7 @@ mod tests {
                 },
             ],
             region: region.into(),
+            merged_profile_ids: vec!["merged-1".into()],
             ..Default::default()
         }
     }
@@ -446,6 +484,7 @@ mod tests {
             .expect("decided")
             .expect("allowed");
         assert!(crossed.profile_id.is_empty() && crossed.identifiers.is_empty());
+        assert!(crossed.merged_profile_ids.is_empty());
         assert_eq!(crossed.region, "FR");
         assert_eq!(crossed.pseudonymous_id.len(), 64);
         assert_ne!(crossed.pseudonymous_id, "p1");
@@ -481,6 +520,7 @@ mod tests {
             ("US-CA", consent_pb::ConsentState::Unset, true),
             ("US-CA", consent_pb::ConsentState::Denied, false),
             ("", consent_pb::ConsentState::Unset, false),
+            ("US-CA", consent_pb::ConsentState::Unspecified, false),
         ];
         for (i, (region, state, allowed)) in cases.into_iter().enumerate() {
             let out = filter
@@ -491,6 +531,10 @@ mod tests {
         assert_eq!(filter.tally.allowed, 1);
         assert_eq!(filter.tally.denied["consent_denied"], 2);
         assert_eq!(filter.tally.denied["consent_unset"], 2);
+        assert_eq!(
+            filter.tally.denied["consent_unknown"], 1,
+            "an unknown state never crosses"
+        );
     }
 
     #[test]

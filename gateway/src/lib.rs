@@ -29,6 +29,7 @@ use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -115,6 +116,9 @@ impl Gateway {
         let stack = ServiceBuilder::new()
             // Tonic hands axum's body type in; everything below speaks tonic's.
             .map_request(|request: Request<axum::body::Body>| request.map(Body::new))
+            // A bug that panics fails its own call with INTERNAL, never the
+            // connection that other callers' calls share.
+            .layer(CatchPanicLayer::custom(panic_status))
             // A request id on every call (kept when the caller sent one), so a
             // denial can be found in the logs from what the caller saw.
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -171,6 +175,11 @@ impl Gateway {
         serve_routes(self.routes, self.health, listener, shutdown).await?;
         Ok(())
     }
+}
+
+fn panic_status(_panic: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
+    tracing::error!("a gateway call panicked");
+    tonic::Status::internal("internal error").into_http()
 }
 
 fn channel(name: &str, url: &str) -> Result<Channel, GatewayError> {

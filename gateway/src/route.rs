@@ -18,11 +18,21 @@ use tower::{Service, ServiceExt};
 
 use crate::crossing::{Crossing, EXPORT_AUDIENCE};
 
-/// The service part of a gRPC path: `/pkg.Service/Method` → `pkg.Service`.
-pub fn service_name(path: &str) -> &str {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .map_or("", |(service, _)| service)
+/// Splits a gRPC path `/pkg.Service/Method` into service and method, or
+/// `None` when it is anything else. Only this exact shape is accepted, so no
+/// spelling of a path (`//`, a trailing `/`, escapes, non-ASCII) can be routed
+/// or authorized differently from how the upstream server would read it.
+pub fn grpc_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let service_ok = !service.is_empty()
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    let method_ok = !method.is_empty()
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (service_ok && method_ok).then_some((service, method))
 }
 
 #[derive(Clone)]
@@ -62,11 +72,14 @@ impl Service<Request<Body>> for Router {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let path = request.uri().path();
+        let Some((service, _)) = grpc_method(path) else {
+            let status = Status::unimplemented("not a gRPC method path");
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
         if path == EXPORT_AUDIENCE {
             let crossing = self.crossing.clone();
             return Box::pin(async move { Ok(crossing.handle(request).await) });
         }
-        let service = service_name(path);
         if let Some(local) = self.local.get(service) {
             return Box::pin(local.clone().oneshot(request));
         }
@@ -93,12 +106,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_names_come_from_the_path() {
+    fn only_plain_grpc_paths_are_methods() {
         assert_eq!(
-            service_name("/madtech.profiles.v1.ProfileService/GetProfile"),
-            "madtech.profiles.v1.ProfileService"
+            grpc_method("/madtech.profiles.v1.ProfileService/GetProfile"),
+            Some(("madtech.profiles.v1.ProfileService", "GetProfile"))
         );
-        assert_eq!(service_name("/"), "");
-        assert_eq!(service_name("/no-method"), "");
+        for path in [
+            "/",
+            "/no-method",
+            "//madtech.segments.v1.SegmentService/ExportAudience",
+            "/madtech.segments.v1.SegmentService/ExportAudience/",
+            "/madtech.segments.v1.SegmentService//ExportAudience",
+            "/madtech.segments.v1.SegmentService/Export%41udience",
+            "/madtech.segments.v1.SegmentService/Exporté",
+            "/a b/C",
+        ] {
+            assert_eq!(grpc_method(path), None, "{path}");
+        }
     }
 }

@@ -337,3 +337,86 @@ async fn sqlite_only_consenting_people_cross_and_withdrawal_removes() {
 async fn postgres_only_consenting_people_cross_and_withdrawal_removes() {
     only_consenting_people_cross_and_withdrawal_removes(Backend::Postgres).await;
 }
+
+#[tokio::test]
+async fn a_merge_never_widens_consent() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let admin = suite.bearer(&["admin"]);
+    let mut profiles = suite.profiles(admin.clone());
+    let mut consent = suite.consent(admin.clone());
+    let email = |value: &str| profiles_pb::Identifier {
+        kind: "email".into(),
+        value: value.into(),
+    };
+    let customer = profiles_pb::Identifier {
+        kind: "customer_id".into(),
+        value: "C-7".into(),
+    };
+    let upsert = |identifiers: Vec<profiles_pb::Identifier>| profiles_pb::UpsertProfileRequest {
+        identifiers,
+        traits: Default::default(),
+        region: "US-CA".into(),
+    };
+    // Two records of one Californian: the newer one opted out.
+    let older = profiles
+        .upsert_profile(upsert(vec![email("pat@example.com")]))
+        .await
+        .expect("a")
+        .into_inner();
+    let newer = profiles
+        .upsert_profile(upsert(vec![customer.clone()]))
+        .await
+        .expect("b")
+        .into_inner();
+    let newer_id = newer.profile.expect("profile").profile_id;
+    record(
+        &mut consent,
+        &newer_id,
+        consent_pb::ConsentState::Denied,
+        "US-CA",
+    )
+    .await;
+    let merged = profiles
+        .upsert_profile(upsert(vec![email("pat@example.com"), customer]))
+        .await
+        .expect("merge")
+        .into_inner();
+    assert_eq!(merged.merged_profile_ids, vec![newer_id.clone()]);
+    assert_eq!(
+        merged.profile.expect("profile").profile_id,
+        older.profile.expect("profile").profile_id
+    );
+
+    let segment = suite
+        .segments(admin.clone())
+        .create_segment(segments_pb::CreateSegmentRequest {
+            name: "california".into(),
+            rule: Some(segments_pb::Rule {
+                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
+                    regions: vec!["US-CA".into()],
+                })),
+            }),
+        })
+        .await
+        .expect("segment")
+        .into_inner()
+        .segment
+        .expect("segment");
+    let mut stream = suite
+        .segments(suite.bearer(&["activation"]))
+        .export_audience(segments_pb::ExportAudienceRequest {
+            segment_id: segment.segment_id,
+            destination_id: "d".into(),
+            destination_kind: "file".into(),
+            purpose: "ad_targeting".into(),
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut crossed = 0;
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        crossed += chunk.members.len();
+    }
+    assert_eq!(crossed, 0, "the merged-away opt-out still counts");
+    suite.stop().await;
+}

@@ -332,3 +332,51 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
     assert!(status.message().starts_with("purpose"));
     suite.stop().await;
 }
+
+#[tokio::test]
+async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let suite = Suite::start(Backend::Sqlite).await;
+    let channel = suite.gateway_channel();
+    let authed =
+        tonic::service::interceptor::InterceptedService::new(channel, suite.bearer(&["admin"]));
+    let mut grpc = tonic::client::Grpc::new(authed);
+    let request = segments_pb::ExportAudienceRequest {
+        segment_id: "s".into(),
+        destination_id: "d".into(),
+        destination_kind: "file".into(),
+        purpose: "ad_targeting".into(),
+    };
+    for path in [
+        "//madtech.segments.v1.SegmentService/ExportAudience",
+        "/madtech.segments.v1.SegmentService/ExportAudience/",
+        "/madtech.segments.v1.SegmentService/Export%41udience",
+        "/madtech.segments.v1.SegmentService/Export\u{e9}Audience",
+    ] {
+        let Ok(path) = PathAndQuery::try_from(path) else {
+            continue;
+        };
+        grpc.ready().await.expect("ready");
+        let codec = tonic_prost::ProstCodec::<
+            segments_pb::ExportAudienceRequest,
+            segments_pb::ExportAudienceResponse,
+        >::default();
+        let status = grpc
+            .server_streaming(tonic::Request::new(request.clone()), path.clone(), codec)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+    }
+    // The same connection still serves.
+    suite
+        .profiles(suite.bearer(&["admin"]))
+        .get_profile(profiles_pb::GetProfileRequest {
+            lookup: Some(profiles_pb::get_profile_request::Lookup::ProfileId(
+                "nobody".into(),
+            )),
+        })
+        .await
+        .expect_err("not found, but answered");
+    suite.stop().await;
+}

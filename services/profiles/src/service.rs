@@ -143,6 +143,7 @@ fn profile_to_pb(profile: &Profile) -> pb::Profile {
         region: profile.region.clone(),
         created_at: Some(from_micros(profile.created_at_micros)),
         updated_at: Some(from_micros(profile.updated_at_micros)),
+        merged_profile_ids: profile.merged_ids.clone(),
     }
 }
 

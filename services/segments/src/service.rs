@@ -179,6 +179,7 @@ fn member(profile: profiles_pb::Profile) -> pb::AudienceMember {
         region: profile.region,
         pseudonymous_id: String::new(),
         hashed_identifiers: Vec::new(),
+        merged_profile_ids: profile.merged_profile_ids,
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Profile {
     pub traits: Traits,
     /// ISO 3166 code; empty when unknown.
     pub region: String,
+    /// Profiles merged into this one (directly or through earlier merges).
+    pub merged_ids: Vec<String>,
     pub created_at_micros: i64,
     pub updated_at_micros: i64,
 }
@@ -148,6 +150,16 @@ impl ProfileStore {
                 .filter(identifier::Column::ProfileId.eq(other.id.clone()))
                 .exec(&txn)
                 .await?;
+            // Everything merged into `other` earlier now points at the
+            // survivor directly: chains stay one hop long.
+            profile::Entity::update_many()
+                .col_expr(
+                    profile::Column::MergedInto,
+                    Expr::value(survivor.id.clone()),
+                )
+                .filter(profile::Column::MergedInto.eq(other.id.clone()))
+                .exec(&txn)
+                .await?;
             profile::Entity::update_many()
                 .col_expr(
                     profile::Column::MergedInto,
@@ -247,15 +259,18 @@ impl ProfileStore {
             .await?;
         let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
         let mut identifiers = identifier::Entity::find()
-            .filter(identifier::Column::ProfileId.is_in(ids))
+            .filter(identifier::Column::ProfileId.is_in(ids.clone()))
             .all(&self.db)
             .await?;
         identifiers.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+        let merged = merged_into(&self.db, &ids).await?;
         rows.into_iter()
             .map(|row| {
                 let start = identifiers.partition_point(|i| i.profile_id < row.id);
                 let end = identifiers.partition_point(|i| i.profile_id <= row.id);
-                assemble(row, &identifiers[start..end])
+                let m_start = merged.partition_point(|(_, into)| *into < row.id);
+                let m_end = merged.partition_point(|(_, into)| *into <= row.id);
+                assemble(row, &identifiers[start..end], &merged[m_start..m_end])
             })
             .collect()
     }
@@ -282,12 +297,31 @@ async fn to_profile<C: ConnectionTrait>(
         .filter(identifier::Column::ProfileId.eq(row.id.clone()))
         .all(db)
         .await?;
-    assemble(row, &identifiers)
+    let merged = merged_into(db, std::slice::from_ref(&row.id)).await?;
+    assemble(row, &identifiers, &merged)
+}
+
+/// `(merged id, survivor id)` for every profile merged into one of `ids`,
+/// sorted by survivor.
+async fn merged_into<C: ConnectionTrait>(
+    db: &C,
+    ids: &[String],
+) -> Result<Vec<(String, String)>, ProfileError> {
+    let mut merged: Vec<(String, String)> = profile::Entity::find()
+        .filter(profile::Column::MergedInto.is_in(ids.iter().cloned()))
+        .all(db)
+        .await?
+        .into_iter()
+        .filter_map(|row| Some((row.id, row.merged_into?)))
+        .collect();
+    merged.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+    Ok(merged)
 }
 
 fn assemble(
     row: profile::Model,
     identifiers: &[identifier::Model],
+    merged: &[(String, String)],
 ) -> Result<Profile, ProfileError> {
     let identifiers = identifiers
         .iter()
@@ -306,6 +340,7 @@ fn assemble(
         id: row.id,
         identifiers,
         region: row.region,
+        merged_ids: merged.iter().map(|(id, _)| id.clone()).collect(),
         created_at_micros: row.created_at,
         updated_at_micros: row.updated_at,
     })

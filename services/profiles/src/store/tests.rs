@@ -124,6 +124,8 @@ madtech_common::backend_tests!(
         let listed = store.list_page("", 10).await.expect("list");
         assert_eq!(listed.len(), 1, "merged-away profiles are not listed");
         assert_eq!(listed[0].identifiers.len(), 2);
+        assert_eq!(listed[0].merged_ids, vec![newer.profile.id.clone()]);
+        assert_eq!(joined.profile.merged_ids, vec![newer.profile.id.clone()]);
     }
 );
 
@@ -184,3 +186,51 @@ madtech_common::backend_tests!(data_survives_reconnecting, |db: TestDatabase| as
     let store = store(&db).await;
     assert_eq!(store.get(&id).await.expect("still there").region, "FR");
 });
+
+madtech_common::backend_tests!(
+    merge_chains_stay_one_hop_long,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let oldest = store
+            .upsert(upsert(&[("email", "o@example.com")], &[], "FR"))
+            .await
+            .expect("o");
+        let middle = store
+            .upsert(upsert(&[("customer_id", "CA")], &[], ""))
+            .await
+            .expect("a");
+        let newest = store
+            .upsert(upsert(&[("cookie_id", "CB")], &[], ""))
+            .await
+            .expect("b");
+        // newest into middle, then middle into oldest.
+        store
+            .upsert(upsert(
+                &[("customer_id", "CA"), ("cookie_id", "CB")],
+                &[],
+                "",
+            ))
+            .await
+            .expect("merge 1");
+        let last = store
+            .upsert(upsert(
+                &[("email", "o@example.com"), ("customer_id", "CA")],
+                &[],
+                "",
+            ))
+            .await
+            .expect("merge 2");
+        assert_eq!(last.profile.id, oldest.profile.id);
+        let mut expected = vec![middle.profile.id.clone(), newest.profile.id.clone()];
+        expected.sort();
+        assert_eq!(
+            last.profile.merged_ids, expected,
+            "the survivor knows every id merged into it"
+        );
+        assert_eq!(
+            store.get(&newest.profile.id).await.expect("resolves").id,
+            oldest.profile.id
+        );
+        assert_eq!(last.profile.identifiers.len(), 3);
+    }
+);
