@@ -11,8 +11,8 @@ pub enum ActivationError {
     NameTaken(String),
     #[error("a sync of this activation is already running")]
     SyncRunning,
-    #[error("the gateway refused the audience: {0}")]
-    Gateway(String),
+    #[error("the gateway refused the audience: {message}")]
+    Gateway { code: tonic::Code, message: String },
     #[error("cannot read the gateway token: {0}")]
     Token(String),
     #[error("destination write failed: {0}")]
@@ -27,17 +27,33 @@ pub enum ActivationError {
 
 impl From<ActivationError> for Status {
     fn from(err: ActivationError) -> Self {
-        match err {
-            ActivationError::Invalid(field) => field.into(),
+        err.to_status()
+    }
+}
+
+impl ActivationError {
+    /// The status callers get; internal detail is logged, not returned.
+    pub fn to_status(&self) -> Status {
+        let err = self;
+        match self {
+            ActivationError::Invalid(field) => field.clone().into(),
             ActivationError::NotFound(_) => Status::not_found(err.to_string()),
             ActivationError::NameTaken(_) => Status::already_exists(err.to_string()),
             ActivationError::SyncRunning => Status::failed_precondition(err.to_string()),
-            ActivationError::Gateway(_) => Status::unavailable(err.to_string()),
+            // What the caller can act on keeps its meaning; anything else
+            // is the gateway being unreachable or failing, worth a retry.
+            ActivationError::Gateway { code, .. } => match *code {
+                tonic::Code::NotFound
+                | tonic::Code::InvalidArgument
+                | tonic::Code::PermissionDenied
+                | tonic::Code::FailedPrecondition => Status::new(*code, err.to_string()),
+                _ => Status::unavailable(err.to_string()),
+            },
             ActivationError::Token(_)
             | ActivationError::Destination(_)
             | ActivationError::Config(_)
-            | ActivationError::Corrupt(_) => internal("activation", &err),
-            ActivationError::Database(ref db) => internal("activation database", db),
+            | ActivationError::Corrupt(_) => internal("activation", err),
+            ActivationError::Database(db) => internal("activation database", db),
         }
     }
 }

@@ -30,14 +30,17 @@ pub struct Diff {
     pub unchanged: u64,
 }
 
-/// Adds are members the destination does not hold or holds with other
-/// identifiers; removes are members it holds that are no longer released.
+/// Adds are members the destination does not surely hold as they are now
+/// (not held, held with other identifiers, or an add never confirmed);
+/// removes are members it holds or may hold that are no longer released.
 /// Both come out sorted, so a file's content depends only on the change.
 pub fn diff(held: &Held, audience: Audience) -> Diff {
     let mut result = Diff::default();
     for (id, identifiers) in audience.iter() {
         match held.get(id) {
-            Some(sent) if sent == identifiers => result.unchanged += 1,
+            Some(sent) if sent.confirmed && &sent.identifiers == identifiers => {
+                result.unchanged += 1
+            }
             _ => result.adds.push((id.clone(), identifiers.clone())),
         }
     }
@@ -119,8 +122,10 @@ impl Syncer {
             Ok(()) => run.phase = Phase::Succeeded,
             Err(err) => {
                 run.phase = Phase::Failed;
-                run.error = err.to_string();
                 tracing::warn!(activation = %activation_id, run = %run.id, error = %err, "sync failed");
+                // What callers see is what the status mapping lets out, so
+                // internal detail stays in the log.
+                run.error = err.to_status().message().to_string();
             }
         }
         self.store.save_run(&run).await?;
@@ -143,6 +148,7 @@ impl Syncer {
         let _ = progress.try_send(run.clone());
 
         if !diff.adds.is_empty() || !diff.removes.is_empty() {
+            self.store.prepare(&run.activation_id, &diff.adds).await?;
             let changes: Vec<Change> = diff
                 .adds
                 .iter()
@@ -198,8 +204,9 @@ impl Syncer {
             destination_kind: destination.target.kind().to_string(),
             purpose: activation.purpose.clone(),
         };
-        let gateway_error = |status: tonic::Status| {
-            ActivationError::Gateway(format!("{:?}: {}", status.code(), status.message()))
+        let gateway_error = |status: tonic::Status| ActivationError::Gateway {
+            code: status.code(),
+            message: status.message().to_string(),
         };
         let mut stream = client
             .export_audience(request)
@@ -211,9 +218,10 @@ impl Syncer {
             for member in chunk.members {
                 if member.pseudonymous_id.is_empty() {
                     // Fail closed: only what the gateway pseudonymised may be sent.
-                    return Err(ActivationError::Gateway(
-                        "a member arrived without a pseudonymous id".into(),
-                    ));
+                    return Err(ActivationError::Gateway {
+                        code: tonic::Code::Internal,
+                        message: "a member arrived without a pseudonymous id".into(),
+                    });
                 }
                 let mut identifiers: Vec<HashedIdentifier> = member
                     .hashed_identifiers
@@ -246,6 +254,7 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::HeldMember;
 
     fn ids(sha: &str) -> Vec<HashedIdentifier> {
         vec![HashedIdentifier {
@@ -254,13 +263,28 @@ mod tests {
         }]
     }
 
+    fn held(members: &[(&str, &str, bool)]) -> Held {
+        members
+            .iter()
+            .map(|(id, sha, confirmed)| {
+                let member = HeldMember {
+                    identifiers: ids(sha),
+                    confirmed: *confirmed,
+                };
+                (id.to_string(), member)
+            })
+            .collect()
+    }
+
     #[test]
     fn diff_sends_only_what_changed() {
-        let held: Held = [("a", "1"), ("b", "2"), ("c", "3")]
-            .into_iter()
-            .map(|(id, sha)| (id.to_string(), ids(sha)))
-            .collect();
-        let audience: Audience = [("a", "1"), ("b", "changed"), ("d", "4")]
+        let held = held(&[
+            ("a", "1", true),
+            ("b", "2", true),
+            ("c", "3", true),
+            ("e", "5", false),
+        ]);
+        let audience: Audience = [("a", "1"), ("b", "changed"), ("d", "4"), ("e", "5")]
             .into_iter()
             .map(|(id, sha)| (id.to_string(), ids(sha)))
             .collect();
@@ -270,17 +294,21 @@ mod tests {
             diff.adds,
             vec![
                 ("b".to_string(), ids("changed")),
-                ("d".to_string(), ids("4"))
-            ]
+                ("d".to_string(), ids("4")),
+                ("e".to_string(), ids("5")),
+            ],
+            "an add never confirmed is sent again"
         );
         assert_eq!(diff.removes, vec!["c".to_string()]);
     }
 
     #[test]
-    fn an_empty_audience_removes_everyone() {
-        let held: Held = [("a".to_string(), ids("1"))].into_iter().collect();
-        let diff = diff(&held, Audience::new());
-        assert_eq!(diff.removes, vec!["a".to_string()]);
+    fn an_empty_audience_removes_everyone_held_or_maybe_held() {
+        let diff = diff(
+            &held(&[("a", "1", true), ("b", "1", false)]),
+            Audience::new(),
+        );
+        assert_eq!(diff.removes, vec!["a".to_string(), "b".to_string()]);
         assert!(diff.adds.is_empty());
     }
 }

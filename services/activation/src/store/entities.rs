@@ -59,6 +59,8 @@ pub mod sync_state {
         #[sea_orm(column_type = "Text")]
         pub identifiers: String,
         pub synced_at: i64,
+        /// False while the add is being delivered.
+        pub confirmed: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,5 +1,7 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, big_integer_null, string, string_uniq, text};
+use sea_orm_migration::schema::{
+    big_integer, big_integer_null, boolean, string, string_uniq, text,
+};
 
 /// The activation service's schema, one migration per change.
 pub struct Migrator;
@@ -7,7 +9,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateActivation)]
+        vec![Box::new(CreateActivation), Box::new(PendingAdds)]
     }
 }
 
@@ -37,6 +39,7 @@ enum SyncState {
     PseudonymousId,
     Identifiers,
     SyncedAt,
+    Confirmed,
 }
 
 #[derive(DeriveIden)]
@@ -135,6 +138,29 @@ impl MigrationTrait for CreateActivation {
                     .col(SyncRuns::ActivationId)
                     .col(SyncRuns::StartedAt)
                     .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Adds are recorded as pending before delivery and confirmed after.
+struct PendingAdds;
+
+impl MigrationName for PendingAdds {
+    fn name(&self) -> &str {
+        "m20261122_000002_pending_adds"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PendingAdds {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SyncState::Table)
+                    .add_column(boolean(SyncState::Confirmed).default(true))
                     .to_owned(),
             )
             .await

@@ -88,8 +88,17 @@ impl SyncRun {
     }
 }
 
-/// What a destination holds for an activation: pseudonymous id → hashes.
-pub type Held = HashMap<String, Vec<HashedIdentifier>>;
+/// One member a destination holds (or may hold) for an activation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldMember {
+    pub identifiers: Vec<HashedIdentifier>,
+    /// False while an add is being delivered: the destination may or may not
+    /// have it, so the next sync sends it again or removes it, never forgets it.
+    pub confirmed: bool,
+}
+
+/// What a destination holds for an activation, by pseudonymous id.
+pub type Held = HashMap<String, HeldMember>;
 
 pub struct ActivationStore {
     db: DatabaseConnection,
@@ -190,7 +199,7 @@ impl ActivationStore {
         })
     }
 
-    /// What the destination holds for `activation_id`.
+    /// What the destination holds, or may hold, for `activation_id`.
     pub async fn held(&self, activation_id: &str) -> Result<Held, ActivationError> {
         sync_state::Entity::find()
             .filter(sync_state::Column::ActivationId.eq(activation_id))
@@ -201,13 +210,32 @@ impl ActivationStore {
                 let identifiers = serde_json::from_str(&row.identifiers).map_err(|err| {
                     ActivationError::Corrupt(format!("sync state identifiers: {err}"))
                 })?;
-                Ok((row.pseudonymous_id, identifiers))
+                let member = HeldMember {
+                    identifiers,
+                    confirmed: row.confirmed,
+                };
+                Ok((row.pseudonymous_id, member))
             })
             .collect()
     }
 
-    /// Records what the destination acknowledged, in one transaction. Call
-    /// only after the destination has the changes.
+    /// Records adds as pending before they are delivered, so a crash while
+    /// delivering cannot leave a member at the destination that no later sync
+    /// knows to remove.
+    pub async fn prepare(
+        &self,
+        activation_id: &str,
+        added: &[(String, Vec<HashedIdentifier>)],
+    ) -> Result<(), ActivationError> {
+        let txn = self.db.begin().await?;
+        upsert_members(&txn, activation_id, added, false).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records what the destination acknowledged, in one transaction: adds
+    /// become confirmed, removes are forgotten. Call only after the
+    /// destination has the changes.
     pub async fn acknowledge(
         &self,
         activation_id: &str,
@@ -215,7 +243,6 @@ impl ActivationStore {
         removed: &[String],
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
-        let synced_at = now();
         for chunk in removed.chunks(500) {
             sync_state::Entity::delete_many()
                 .filter(sync_state::Column::ActivationId.eq(activation_id))
@@ -223,35 +250,7 @@ impl ActivationStore {
                 .exec(&txn)
                 .await?;
         }
-        for chunk in added.chunks(500) {
-            let rows = chunk
-                .iter()
-                .map(|(id, identifiers)| {
-                    let identifiers = serde_json::to_string(identifiers)
-                        .map_err(|err| ActivationError::Corrupt(format!("identifiers: {err}")))?;
-                    Ok(sync_state::ActiveModel {
-                        activation_id: Set(activation_id.to_string()),
-                        pseudonymous_id: Set(id.clone()),
-                        identifiers: Set(identifiers),
-                        synced_at: Set(synced_at),
-                    })
-                })
-                .collect::<Result<Vec<_>, ActivationError>>()?;
-            sync_state::Entity::insert_many(rows)
-                .on_conflict(
-                    OnConflict::columns([
-                        sync_state::Column::ActivationId,
-                        sync_state::Column::PseudonymousId,
-                    ])
-                    .update_columns([
-                        sync_state::Column::Identifiers,
-                        sync_state::Column::SyncedAt,
-                    ])
-                    .to_owned(),
-                )
-                .exec(&txn)
-                .await?;
-        }
+        upsert_members(&txn, activation_id, added, true).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -290,6 +289,48 @@ impl ActivationStore {
             .await?;
         Ok(())
     }
+}
+
+/// Writes members into the sync state, pending or confirmed.
+async fn upsert_members<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    activation_id: &str,
+    members: &[(String, Vec<HashedIdentifier>)],
+    confirmed: bool,
+) -> Result<(), ActivationError> {
+    let synced_at = now();
+    for chunk in members.chunks(500) {
+        let rows = chunk
+            .iter()
+            .map(|(id, identifiers)| {
+                let identifiers = serde_json::to_string(identifiers)
+                    .map_err(|err| ActivationError::Corrupt(format!("identifiers: {err}")))?;
+                Ok(sync_state::ActiveModel {
+                    activation_id: Set(activation_id.to_string()),
+                    pseudonymous_id: Set(id.clone()),
+                    identifiers: Set(identifiers),
+                    synced_at: Set(synced_at),
+                    confirmed: Set(confirmed),
+                })
+            })
+            .collect::<Result<Vec<_>, ActivationError>>()?;
+        sync_state::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    sync_state::Column::ActivationId,
+                    sync_state::Column::PseudonymousId,
+                ])
+                .update_columns([
+                    sync_state::Column::Identifiers,
+                    sync_state::Column::SyncedAt,
+                    sync_state::Column::Confirmed,
+                ])
+                .to_owned(),
+            )
+            .exec(db)
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -362,7 +403,14 @@ mod tests {
                 .expect("second");
             let held = store.held(&activation.id).await.expect("held");
             assert_eq!(held.len(), 1);
-            assert_eq!(held["b"], hashed("3"));
+            assert_eq!(held["b"].identifiers, hashed("3"));
+            assert!(held["b"].confirmed);
+            store
+                .prepare(&activation.id, &[("c".into(), hashed("4"))])
+                .await
+                .expect("prepare");
+            let held = store.held(&activation.id).await.expect("held");
+            assert!(!held["c"].confirmed, "pending until acknowledged");
 
             let mut run = SyncRun::start(&activation.id);
             store.save_run(&run).await.expect("insert run");

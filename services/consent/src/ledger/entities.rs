@@ -38,6 +38,8 @@ pub mod current {
         pub purpose: String,
         pub state: String,
         pub seq: i64,
+        /// When the choice behind `seq` was collected.
+        pub collected_at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

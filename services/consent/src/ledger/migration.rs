@@ -7,7 +7,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger)]
+        vec![Box::new(CreateLedger), Box::new(CurrentByCollectionTime)]
     }
 }
 
@@ -32,6 +32,7 @@ enum ConsentCurrent {
     Purpose,
     State,
     Seq,
+    CollectedAt,
 }
 
 struct CreateLedger;
@@ -87,6 +88,30 @@ impl MigrationTrait for CreateLedger {
                             .col(ConsentCurrent::ProfileId)
                             .col(ConsentCurrent::Purpose),
                     )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The current state follows the most recently *collected* choice, so a
+/// late import of an old choice cannot override a newer one.
+struct CurrentByCollectionTime;
+
+impl MigrationName for CurrentByCollectionTime {
+    fn name(&self) -> &str {
+        "m20261122_000002_current_by_collection_time"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CurrentByCollectionTime {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ConsentCurrent::Table)
+                    .add_column(big_integer(ConsentCurrent::CollectedAt).default(0))
                     .to_owned(),
             )
             .await

@@ -175,19 +175,34 @@ impl Ledger {
                 recorded_at: sea_orm::Set(now),
             };
             let seq = entry::Entity::insert(row).exec(&txn).await?.last_insert_id;
-            current::Entity::insert(current::ActiveModel {
-                profile_id: sea_orm::Set(record.profile_id.clone()),
-                purpose: sea_orm::Set(purpose.clone()),
-                state: sea_orm::Set(choice.as_str().to_string()),
-                seq: sea_orm::Set(seq),
-            })
-            .on_conflict(
-                OnConflict::columns([current::Column::ProfileId, current::Column::Purpose])
-                    .update_columns([current::Column::State, current::Column::Seq])
-                    .to_owned(),
-            )
-            .exec(&txn)
-            .await?;
+            let collected_at = record.collected_at_micros.unwrap_or(now);
+            let newer_known =
+                current::Entity::find_by_id((record.profile_id.clone(), purpose.clone()))
+                    .one(&txn)
+                    .await?
+                    .is_some_and(|known| known.collected_at > collected_at);
+            // An older choice arriving late (an import) is kept as evidence
+            // but does not replace the newer one.
+            if !newer_known {
+                current::Entity::insert(current::ActiveModel {
+                    profile_id: sea_orm::Set(record.profile_id.clone()),
+                    purpose: sea_orm::Set(purpose.clone()),
+                    state: sea_orm::Set(choice.as_str().to_string()),
+                    seq: sea_orm::Set(seq),
+                    collected_at: sea_orm::Set(collected_at),
+                })
+                .on_conflict(
+                    OnConflict::columns([current::Column::ProfileId, current::Column::Purpose])
+                        .update_columns([
+                            current::Column::State,
+                            current::Column::Seq,
+                            current::Column::CollectedAt,
+                        ])
+                        .to_owned(),
+                )
+                .exec(&txn)
+                .await?;
+            }
             written.push(Entry {
                 cursor: cursor_of(seq)?,
                 profile_id: record.profile_id.clone(),

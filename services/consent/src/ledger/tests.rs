@@ -119,3 +119,42 @@ madtech_common::backend_tests!(appends_wake_subscribers, |db: TestDatabase| asyn
     watcher.changed().await.expect("woken");
     assert_eq!(*watcher.borrow(), written[0].cursor);
 });
+
+madtech_common::backend_tests!(
+    a_late_old_choice_does_not_override_a_newer_one,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        let at = |micros: i64, choice: Choice| Record {
+            collected_at_micros: Some(micros),
+            source: Source::Import,
+            ..record("p", &[("ad_targeting", choice)])
+        };
+        ledger
+            .record(at(2_000, Choice::Denied))
+            .await
+            .expect("today's denial");
+        ledger
+            .record(at(1_000, Choice::Granted))
+            .await
+            .expect("last year's grant, imported late");
+        let current = ledger
+            .current(&["p".into()], &["ad_targeting".into()])
+            .await
+            .expect("current");
+        assert_eq!(current[0].1[0].state, State::Denied);
+        assert_eq!(
+            ledger.entries_after(0, 10).await.expect("ledger").len(),
+            2,
+            "both are evidence"
+        );
+        ledger
+            .record(at(3_000, Choice::Granted))
+            .await
+            .expect("a new grant");
+        let current = ledger
+            .current(&["p".into()], &["ad_targeting".into()])
+            .await
+            .expect("current");
+        assert_eq!(current[0].1[0].state, State::Granted);
+    }
+);
