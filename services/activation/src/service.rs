@@ -117,7 +117,7 @@ impl ActivationService for ActivationApi {
         request: Request<pb::CreateDestinationRequest>,
     ) -> Result<Response<pb::CreateDestinationResponse>, Status> {
         let request = request.into_inner();
-        let name = require("name", &request.name)?.to_string();
+        let name = validate::text("name", &request.name, 200)?.to_string();
         let target = target_from_pb(request.target)?;
         let destination = self.store.create_destination(name, target).await?;
         Ok(Response::new(pb::CreateDestinationResponse {

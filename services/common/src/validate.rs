@@ -12,6 +12,35 @@ pub fn require<'a>(field: &str, value: &'a str) -> Result<&'a str, FieldError> {
     Ok(trimmed)
 }
 
+/// A required free-text field (a name, an id): trimmed, 1 to `max_len`
+/// bytes, no control characters (which some databases refuse).
+pub fn text<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str, FieldError> {
+    let value = require(field, value)?;
+    bounded(field, value, max_len)
+}
+
+/// An optional free-text field: like [`text`], but empty is fine.
+pub fn optional_text<'a>(
+    field: &str,
+    value: &'a str,
+    max_len: usize,
+) -> Result<&'a str, FieldError> {
+    bounded(field, value.trim(), max_len)
+}
+
+fn bounded<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str, FieldError> {
+    if value.len() > max_len {
+        return Err(FieldError::new(field, format!("at most {max_len} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value)
+}
+
 /// Checks the shape of an ISO 3166-1 alpha-2 (`FR`) or ISO 3166-2 (`US-CA`)
 /// code and upper-cases it; the empty string means unknown.
 pub fn region(field: &str, value: &str) -> Result<String, FieldError> {
@@ -70,6 +99,21 @@ mod tests {
     fn required_fields_are_trimmed() {
         assert_eq!(require("x", " a ").expect("ok"), "a");
         assert_eq!(require("x", "  ").expect_err("blank").reason, "is required");
+    }
+
+    #[test]
+    fn free_text_is_bounded_and_printable() {
+        assert_eq!(
+            text("name", " Spring sale ", 20).expect("ok"),
+            "Spring sale"
+        );
+        assert_eq!(
+            text("name", &"x".repeat(21), 20).expect_err("long").field,
+            "name"
+        );
+        assert!(text("name", "a\u{0}b", 20).is_err());
+        assert!(text("name", " ", 20).is_err());
+        assert_eq!(optional_text("v", " ", 20).expect("empty is fine"), "");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use madtech_common::error::FieldError;
-use madtech_common::validate::{self, require};
+use madtech_common::validate;
 use madtech_proto::consent::v1 as pb;
 use madtech_proto::time::{from_micros, to_micros};
 use pb::consent_service_server::{ConsentService, ConsentServiceServer};
@@ -20,6 +20,10 @@ use crate::ledger::{Choice, Entry, Ledger, PurposeState, Record, Source, State};
 const WATCH_PAGE: u64 = 500;
 const MAX_BATCH: usize = 10_000;
 const MAX_CHOICES: usize = 64;
+/// Longest profile id or notice version accepted.
+const MAX_ID_LEN: usize = 128;
+/// How far ahead of this clock a collection time may be (clocks differ).
+const CLOCK_SKEW_MICROS: i64 = 5 * 60 * 1_000_000;
 
 #[derive(Clone)]
 pub struct ConsentApi {
@@ -41,7 +45,7 @@ impl ConsentApi {
 }
 
 fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> {
-    let profile_id = require("profile_id", &request.profile_id)?.to_string();
+    let profile_id = validate::text("profile_id", &request.profile_id, MAX_ID_LEN)?.to_string();
     if request.choices.is_empty() {
         return Err(FieldError::new(
             "choices",
@@ -92,7 +96,13 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
     };
     let collected_at_micros = match &request.collected_at {
         Some(ts) => {
-            Some(to_micros(ts).ok_or_else(|| FieldError::new("collected_at", "out of range"))?)
+            let micros =
+                to_micros(ts).ok_or_else(|| FieldError::new("collected_at", "out of range"))?;
+            let latest = chrono::Utc::now().timestamp_micros() + CLOCK_SKEW_MICROS;
+            if micros > latest {
+                return Err(FieldError::new("collected_at", "is in the future"));
+            }
+            Some(micros)
         }
         None => None,
     };
@@ -101,7 +111,12 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         choices,
         source,
         region: validate::region("region", &request.region)?,
-        notice_version: request.notice_version.trim().to_string(),
+        notice_version: validate::optional_text(
+            "notice_version",
+            &request.notice_version,
+            MAX_ID_LEN,
+        )?
+        .to_string(),
         collected_at_micros,
     })
 }
@@ -170,7 +185,8 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::GetConsentResponse>, Status> {
-        let profile_id = require("profile_id", &request.get_ref().profile_id)?.to_string();
+        let profile_id =
+            validate::text("profile_id", &request.get_ref().profile_id, MAX_ID_LEN)?.to_string();
         let mut answer = self.ledger.current(&[profile_id], &[]).await?;
         let (profile_id, states) = answer.pop().unwrap_or_default();
         Ok(Response::new(pb::GetConsentResponse {
@@ -191,16 +207,21 @@ impl ConsentService for ConsentApi {
             )
             .into());
         }
-        for (i, id) in request.profile_ids.iter().enumerate() {
-            require(&format!("profile_ids[{i}]"), id)?;
-        }
+        let profile_ids = request
+            .profile_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                validate::text(&format!("profile_ids[{i}]"), id, MAX_ID_LEN).map(str::to_string)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let purposes = request
             .purposes
             .iter()
             .enumerate()
             .map(|(i, p)| validate::policy_name(&format!("purposes[{i}]"), p))
             .collect::<Result<Vec<_>, _>>()?;
-        let answer = self.ledger.current(&request.profile_ids, &purposes).await?;
+        let answer = self.ledger.current(&profile_ids, &purposes).await?;
         Ok(Response::new(pb::BatchGetConsentResponse {
             subjects: answer
                 .into_iter()

@@ -20,6 +20,10 @@ use crate::traits::{MAX_TRAIT_NAME_LEN, TraitValue, Traits};
 /// Identifiers accepted in one upsert.
 const MAX_IDENTIFIERS: usize = 100;
 const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Traits accepted in one upsert.
+const MAX_TRAITS: usize = 200;
+/// Longest string trait value.
+const MAX_STRING_LEN: usize = 4096;
 const MAX_PAGE_SIZE: u32 = 10_000;
 
 /// The profiles service's gRPC implementation.
@@ -64,15 +68,24 @@ impl ProfileApi {
             .enumerate()
             .map(|(i, id)| self.identifier(&format!("identifiers[{i}]"), id))
             .collect::<Result<BTreeSet<_>, _>>()?;
+        if request.traits.len() > MAX_TRAITS {
+            return Err(FieldError::new(
+                "traits",
+                format!("at most {MAX_TRAITS} traits per call"),
+            ));
+        }
         let traits = request
             .traits
             .into_iter()
             .map(|(name, value)| {
                 let field = format!("traits[{name:?}]");
-                if name.is_empty() || name.len() > MAX_TRAIT_NAME_LEN {
+                if name.is_empty()
+                    || name.len() > MAX_TRAIT_NAME_LEN
+                    || name.chars().any(char::is_control)
+                {
                     return Err(FieldError::new(
                         field,
-                        format!("trait names are 1 to {MAX_TRAIT_NAME_LEN} bytes"),
+                        format!("trait names are 1 to {MAX_TRAIT_NAME_LEN} printable bytes"),
                     ));
                 }
                 Ok((name, trait_value_from(&field, value)?))
@@ -91,7 +104,13 @@ pub fn trait_value_from(field: &str, value: pb::TraitValue) -> Result<TraitValue
     use pb::trait_value::Value;
     match value.value {
         None => Err(FieldError::new(field, "a trait value must have a type")),
-        Some(Value::StringValue(s)) => Ok(TraitValue::String(s)),
+        Some(Value::StringValue(s)) if s.len() <= MAX_STRING_LEN && !s.contains('\0') => {
+            Ok(TraitValue::String(s))
+        }
+        Some(Value::StringValue(_)) => Err(FieldError::new(
+            field,
+            format!("strings are at most {MAX_STRING_LEN} bytes, without NUL"),
+        )),
         Some(Value::NumberValue(n)) if n.is_finite() => Ok(TraitValue::Number(n)),
         Some(Value::NumberValue(_)) => Err(FieldError::new(field, "numbers must be finite")),
         Some(Value::BoolValue(b)) => Ok(TraitValue::Bool(b)),

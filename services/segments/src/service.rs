@@ -20,6 +20,11 @@ use crate::error::SegmentError;
 use crate::rules::{Candidate, MAX_DEPTH, Rule, Value};
 use crate::store::{Segment, SegmentStore};
 
+/// Longest segment or trait name accepted.
+const MAX_NAME_LEN: usize = 200;
+/// Longest string a rule compares with.
+const MAX_STRING_VALUE_LEN: usize = 4096;
+
 #[derive(Clone)]
 pub struct SegmentApi {
     store: Arc<SegmentStore>,
@@ -64,7 +69,11 @@ pub fn rule_from_pb(field: &str, rule: &pb::Rule, depth: usize) -> Result<Rule, 
     match &rule.rule {
         None => Err(FieldError::new(field, "a rule must say what it checks")),
         Some(Kind::TraitEquals(eq)) => {
-            let name = require(&format!("{field}.trait_equals.trait"), &eq.r#trait)?;
+            let name = validate::text(
+                &format!("{field}.trait_equals.trait"),
+                &eq.r#trait,
+                MAX_NAME_LEN,
+            )?;
             let value_field = format!("{field}.trait_equals.value");
             let value = eq
                 .value
@@ -100,7 +109,11 @@ fn value_from_pb(field: &str, value: &profiles_pb::TraitValue) -> Result<Value, 
     use profiles_pb::trait_value::Value as V;
     match &value.value {
         None => Err(FieldError::new(field, "a value must have a type")),
-        Some(V::StringValue(s)) => Ok(Value::String(s.clone())),
+        Some(V::StringValue(s)) if s.len() <= MAX_STRING_VALUE_LEN => Ok(Value::String(s.clone())),
+        Some(V::StringValue(_)) => Err(FieldError::new(
+            field,
+            format!("strings are at most {MAX_STRING_VALUE_LEN} bytes"),
+        )),
         Some(V::NumberValue(n)) if n.is_finite() => Ok(Value::Number(*n)),
         Some(V::NumberValue(_)) => Err(FieldError::new(field, "numbers must be finite")),
         Some(V::BoolValue(b)) => Ok(Value::Bool(*b)),
@@ -192,10 +205,7 @@ impl SegmentService for SegmentApi {
         request: Request<pb::CreateSegmentRequest>,
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let request = request.into_inner();
-        let name = require("name", &request.name)?.to_string();
-        if name.len() > 200 {
-            return Err(FieldError::new("name", "at most 200 bytes").into());
-        }
+        let name = validate::text("name", &request.name, MAX_NAME_LEN)?.to_string();
         let rule = request
             .rule
             .as_ref()
