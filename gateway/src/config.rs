@@ -14,6 +14,9 @@ pub struct GatewayConfig {
     pub upstreams: Upstreams,
     /// The directory holding the casbin policy files.
     pub policy_dir: PathBuf,
+    /// How often the policy directory is checked for a new set.
+    #[serde(with = "humantime_serde")]
+    pub policy_reload_interval: Duration,
     pub auth: AuthConfig,
     /// A file with the hex-encoded key (at least 32 bytes) that derives
     /// pseudonymous ids; keep it secret and stable, or every destination sees
@@ -60,6 +63,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             upstreams: Upstreams::default(),
             policy_dir: PathBuf::from("policies"),
+            policy_reload_interval: Duration::from_secs(2),
             auth: AuthConfig::default(),
             pseudonym_key_file: PathBuf::new(),
             request_timeout: Duration::from_secs(30),
@@ -121,9 +125,12 @@ impl Validate for GatewayConfig {
                 "gateway.auth.issuer and gateway.auth.audience are required".into(),
             ));
         }
-        if self.request_timeout.is_zero() || self.max_concurrent_requests == 0 {
+        if self.request_timeout.is_zero()
+            || self.max_concurrent_requests == 0
+            || self.policy_reload_interval.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "gateway.request_timeout and gateway.max_concurrent_requests must be positive"
+                "gateway.request_timeout, max_concurrent_requests and policy_reload_interval must be positive"
                     .into(),
             ));
         }

@@ -39,7 +39,7 @@ pub use error::GatewayError;
 use crate::authn::AuthenticateLayer;
 use crate::authz::AuthorizeLayer;
 use crate::crossing::{Crossing, Pseudonymiser};
-use crate::policy::{Policies, PolicySet};
+use crate::policy::{Policies, PolicySet, Reloader};
 use crate::rescue::RescueLayer;
 use crate::route::Router;
 use crate::token::Verifier;
@@ -49,6 +49,8 @@ pub struct Gateway {
     routes: Routes,
     health: ServingHealth,
     policies: Policies,
+    reloader: Reloader,
+    reload_interval: std::time::Duration,
 }
 
 impl Gateway {
@@ -157,7 +159,9 @@ impl Gateway {
         Ok(Gateway {
             routes,
             health,
+            reloader: Reloader::new(&config.policy_dir, policies.clone()),
             policies,
+            reload_interval: config.policy_reload_interval,
         })
     }
 
@@ -166,13 +170,17 @@ impl Gateway {
         &self.policies
     }
 
-    /// Serves until `shutdown` is cancelled.
+    /// Serves until `shutdown` is cancelled, putting each new valid policy
+    /// set in force as it appears in the policy directory.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
-        serve_routes(self.routes, self.health, listener, shutdown).await?;
+        let reloading = tokio::spawn(self.reloader.run(self.reload_interval, shutdown.clone()));
+        let served = serve_routes(self.routes, self.health, listener, shutdown).await;
+        reloading.abort();
+        served?;
         Ok(())
     }
 }

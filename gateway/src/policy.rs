@@ -33,6 +33,136 @@ pub enum PolicyError {
     Evaluate(String),
 }
 
+/// The policy files as read, before they are parsed.
+struct PolicyTexts {
+    /// (model, policy) of consent, identifiers and RBAC, in file-name order.
+    pairs: [(String, String); 3],
+    /// Hex SHA-256 over every file's name and content, in name order.
+    version: String,
+    files: Vec<String>,
+}
+
+impl PolicyTexts {
+    fn read(dir: &Path) -> Result<Self, PolicyError> {
+        let mut files = Vec::new();
+        let mut hasher = Sha256::new();
+        let mut read_pair = |pair: (&str, &str)| -> Result<(String, String), PolicyError> {
+            let mut texts = Vec::with_capacity(2);
+            for name in [pair.0, pair.1] {
+                let text = std::fs::read_to_string(dir.join(name)).map_err(|source| {
+                    PolicyError::Read {
+                        file: name.to_string(),
+                        source,
+                    }
+                })?;
+                hasher.update(name.as_bytes());
+                hasher.update([0]);
+                hasher.update(text.as_bytes());
+                hasher.update([0]);
+                files.push(name.to_string());
+                texts.push(text);
+            }
+            let policy = texts.pop().unwrap_or_default();
+            let model = texts.pop().unwrap_or_default();
+            Ok((model, policy))
+        };
+        let pairs = [
+            read_pair(CONSENT)?,
+            read_pair(IDENTIFIERS)?,
+            read_pair(RBAC)?,
+        ];
+        Ok(PolicyTexts {
+            pairs,
+            version: hex::encode(hasher.finalize()),
+            files,
+        })
+    }
+}
+
+/// What a reload check found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The files are what is in force already, or what was refused last.
+    Unchanged,
+    /// A new valid set is in force, with this version.
+    Replaced(String),
+    /// The files changed but do not make a valid set; the set in force stays.
+    Refused(String),
+}
+
+/// Watches a policy directory and puts each new valid set in force. A
+/// Kubernetes ConfigMap update swaps a symlink under the mount; reading the
+/// files afresh each time follows it.
+pub struct Reloader {
+    dir: std::path::PathBuf,
+    policies: Policies,
+    /// The last version refused, so a broken set is reported once.
+    refused: Option<String>,
+}
+
+impl Reloader {
+    pub fn new(dir: &Path, policies: Policies) -> Self {
+        Reloader {
+            dir: dir.to_path_buf(),
+            policies,
+            refused: None,
+        }
+    }
+
+    /// Reads the directory once and swaps in a changed, valid set.
+    pub async fn check(&mut self) -> Reload {
+        let texts = match PolicyTexts::read(&self.dir) {
+            Ok(texts) => texts,
+            Err(err) => return self.refuse("unreadable".into(), &err),
+        };
+        let in_force = self.policies.current().map(|set| set.version.clone());
+        if in_force.as_deref() == Some(texts.version.as_str())
+            || self.refused.as_deref() == Some(texts.version.as_str())
+        {
+            return Reload::Unchanged;
+        }
+        let version = texts.version.clone();
+        match PolicySet::build(texts).await {
+            Ok(set) => {
+                self.policies.replace(set);
+                self.refused = None;
+                metrics::counter!("madtech_gateway_policy_reloads_total", "outcome" => "replaced")
+                    .increment(1);
+                metrics::gauge!("madtech_gateway_policy_loaded_timestamp_seconds")
+                    .set(now_micros() as f64 / 1e6);
+                tracing::info!(version = %version, "new policy set in force");
+                Reload::Replaced(version)
+            }
+            Err(err) => self.refuse(version, &err),
+        }
+    }
+
+    fn refuse(&mut self, version: String, err: &PolicyError) -> Reload {
+        if self.refused.as_deref() != Some(version.as_str()) {
+            metrics::counter!("madtech_gateway_policy_reloads_total", "outcome" => "refused")
+                .increment(1);
+            tracing::error!(version = %version, error = %err, "policy change refused; the set in force stays");
+        }
+        self.refused = Some(version.clone());
+        Reload::Refused(version)
+    }
+
+    /// Checks every `interval` until `shutdown`.
+    pub async fn run(
+        mut self,
+        interval: std::time::Duration,
+        shutdown: madtech_common::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            self.check().await;
+        }
+    }
+}
+
 /// A loaded, validated set of policies.
 pub struct PolicySet {
     rbac: Enforcer,
@@ -57,33 +187,11 @@ impl std::fmt::Debug for PolicySet {
 impl PolicySet {
     /// Loads and validates every pair in `dir`.
     pub async fn load(dir: &Path) -> Result<Self, PolicyError> {
-        let mut files = Vec::new();
-        let mut hasher = Sha256::new();
-        let mut read_pair = |pair: (&str, &str)| -> Result<(String, String), PolicyError> {
-            let mut texts = Vec::with_capacity(2);
-            for name in [pair.0, pair.1] {
-                let text = std::fs::read_to_string(dir.join(name)).map_err(|source| {
-                    PolicyError::Read {
-                        file: name.to_string(),
-                        source,
-                    }
-                })?;
-                hasher.update(name.as_bytes());
-                hasher.update([0]);
-                hasher.update(text.as_bytes());
-                hasher.update([0]);
-                files.push(name.to_string());
-                texts.push(text);
-            }
-            let policy = texts.pop().unwrap_or_default();
-            let model = texts.pop().unwrap_or_default();
-            Ok((model, policy))
-        };
-        let consent_texts = read_pair(CONSENT)?;
-        let identifiers_texts = read_pair(IDENTIFIERS)?;
-        let rbac_texts = read_pair(RBAC)?;
-        let version = hex::encode(hasher.finalize());
+        Self::build(PolicyTexts::read(dir)?).await
+    }
 
+    async fn build(texts: PolicyTexts) -> Result<Self, PolicyError> {
+        let [consent_texts, identifiers_texts, rbac_texts] = texts.pairs;
         let rbac = enforcer(RBAC, rbac_texts).await?;
         let consent = enforcer(CONSENT, consent_texts).await?;
         let identifiers = enforcer(IDENTIFIERS, identifiers_texts).await?;
@@ -92,14 +200,13 @@ impl PolicySet {
             .into_iter()
             .filter_map(|row| row.into_iter().next())
             .collect();
-        files.sort();
         Ok(PolicySet {
             rbac,
             consent,
             identifiers,
             known_regions,
-            version,
-            files,
+            version: texts.version,
+            files: texts.files,
             loaded_at_micros: now_micros(),
         })
     }
@@ -365,6 +472,56 @@ mod tests {
         let after = PolicySet::load(dir.path()).await.expect("load");
         assert_ne!(after.version, before);
         assert_eq!(after.files.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_changed_valid_set_is_put_in_force_and_a_broken_one_is_refused() {
+        let dir = copy_to_temp();
+        let policies = Policies::new(PolicySet::load(dir.path()).await.expect("load"));
+        let first = policies.current().expect("set").version.clone();
+        let mut reloader = Reloader::new(dir.path(), policies.clone());
+        assert_eq!(reloader.check().await, Reload::Unchanged);
+
+        let rbac = dir.path().join(RBAC.1);
+        let mut text = std::fs::read_to_string(&rbac).expect("read");
+        text.push_str("p, marketer, /madtech.segments.v1.SegmentService/ExportAudience\n");
+        std::fs::write(&rbac, &text).expect("write");
+        let Reload::Replaced(second) = reloader.check().await else {
+            panic!("a valid change is put in force");
+        };
+        assert_ne!(second, first);
+        let export = "/madtech.segments.v1.SegmentService/ExportAudience";
+        assert!(
+            policies
+                .current()
+                .expect("set")
+                .allows_method("marketer", export)
+                .expect("eval")
+        );
+
+        std::fs::write(&rbac, "p, marketer\n").expect("break it");
+        assert!(matches!(reloader.check().await, Reload::Refused(_)));
+        assert_eq!(
+            policies.current().expect("set").version,
+            second,
+            "the last good set stays"
+        );
+        assert!(
+            policies
+                .current()
+                .expect("set")
+                .allows_method("marketer", export)
+                .expect("eval")
+        );
+        assert_eq!(
+            reloader.check().await,
+            Reload::Unchanged,
+            "refused once, not again"
+        );
+
+        std::fs::remove_file(&rbac).expect("remove");
+        assert!(matches!(reloader.check().await, Reload::Refused(_)));
+        assert_eq!(policies.current().expect("set").version, second);
     }
 
     #[tokio::test]

@@ -380,3 +380,83 @@ async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
         .expect_err("not found, but answered");
     suite.stop().await;
 }
+
+#[tokio::test]
+async fn a_policy_change_takes_effect_without_a_restart_and_a_broken_one_is_ignored() {
+    let policies = tempfile::tempdir().expect("policy dir");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for entry in std::fs::read_dir(&shipped).expect("policies") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "conf" || e == "csv") {
+            std::fs::copy(&path, policies.path().join(path.file_name().expect("name")))
+                .expect("copy");
+        }
+    }
+    let dir = policies.path().to_path_buf();
+    let suite = Suite::start_with(Backend::Sqlite, move |config| {
+        config.gateway.policy_dir = dir;
+        config.gateway.policy_reload_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let get = || profiles_pb::GetProfileRequest {
+        lookup: Some(profiles_pb::get_profile_request::Lookup::ProfileId(
+            "nobody".into(),
+        )),
+    };
+    let mut profiles = suite.profiles(suite.bearer(&["marketer"]));
+    assert_eq!(
+        profiles
+            .get_profile(get())
+            .await
+            .expect_err("denied")
+            .code(),
+        Code::PermissionDenied
+    );
+
+    let rbac = policies.path().join("rbac_policy.csv");
+    let mut text = std::fs::read_to_string(&rbac).expect("read");
+    text.push_str("p, marketer, /madtech.profiles.v1.ProfileService/GetProfile\n");
+    std::fs::write(&rbac, text).expect("write");
+    let mut attempts = 0;
+    loop {
+        let code = profiles
+            .get_profile(get())
+            .await
+            .expect_err("not found")
+            .code();
+        if code == Code::NotFound {
+            break;
+        }
+        attempts += 1;
+        assert!(attempts < 200, "the new rule never took effect");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+
+    // A broken file changes nothing: the last good set keeps answering.
+    std::fs::write(&rbac, "p, marketer\n").expect("break");
+    let mut policy = gateway_pb::policy_service_client::PolicyServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["compliance"]),
+    );
+    let before = policy
+        .get_policy_status(gateway_pb::GetPolicyStatusRequest {})
+        .await
+        .expect("status");
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            profiles
+                .get_profile(get())
+                .await
+                .expect_err("not found")
+                .code(),
+            Code::NotFound
+        );
+    }
+    let after = policy
+        .get_policy_status(gateway_pb::GetPolicyStatusRequest {})
+        .await
+        .expect("status");
+    assert_eq!(before.get_ref().version, after.get_ref().version);
+    suite.stop().await;
+}
