@@ -293,6 +293,13 @@ impl Crossing {
         request: Request<segments_pb::ExportAudienceRequest>,
     ) -> Result<Response<Members>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
+        // The caller's deadline bounds every call the crossing makes for it.
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|timeout| tokio::time::Instant::now() + timeout);
         let request = request.into_inner();
         validated(&request)?;
         // No valid policy set: nothing crosses.
@@ -302,7 +309,7 @@ impl Crossing {
         let upstream = self
             .segments
             .clone()
-            .export_audience(request.clone())
+            .export_audience(with_deadline(request.clone(), deadline)?)
             .await?
             .into_inner();
         let mut filter = Filter::new(
@@ -316,7 +323,7 @@ impl Crossing {
         let stream = async_stream::try_stream! {
             let mut upstream = upstream;
             while let Some(chunk) = upstream.message().await? {
-                let states = consent_states(&mut consent, &chunk.members, &request.purpose).await?;
+                let states = consent_states(&mut consent, &chunk.members, &request.purpose, deadline).await?;
                 let mut members = Vec::with_capacity(chunk.members.len());
                 for (member, state) in chunk.members.into_iter().zip(states) {
                     if let Some(crossed) = filter.cross(member, state).map_err(policy_failure)? {
@@ -331,6 +338,46 @@ impl Crossing {
         };
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// A request that must answer before `deadline`; DEADLINE_EXCEEDED when it
+/// has passed already.
+fn with_deadline<T>(
+    message: T,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Request<T>, Status> {
+    let mut request = Request::new(message);
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(Status::deadline_exceeded("the caller's deadline passed"));
+        }
+        request.set_timeout(left);
+    }
+    Ok(request)
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m,
+/// u, n), per the gRPC over HTTP/2 protocol.
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// How restrictive a consent state is: the lower, the more restrictive.
@@ -350,6 +397,7 @@ async fn consent_states(
     consent: &mut ConsentServiceClient<Channel>,
     members: &[segments_pb::AudienceMember],
     purpose: &str,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Vec<consent_pb::ConsentState>, Status> {
     if members.is_empty() {
         return Ok(Vec::new());
@@ -359,11 +407,12 @@ async fn consent_states(
         .flat_map(|m| std::iter::once(&m.profile_id).chain(&m.merged_profile_ids))
         .cloned()
         .collect();
+    let request = consent_pb::BatchGetConsentRequest {
+        profile_ids: profile_ids.clone(),
+        purposes: vec![purpose.to_string()],
+    };
     let answer = consent
-        .batch_get_consent(consent_pb::BatchGetConsentRequest {
-            profile_ids: profile_ids.clone(),
-            purposes: vec![purpose.to_string()],
-        })
+        .batch_get_consent(with_deadline(request, deadline)?)
         .await
         .map_err(|status| {
             tracing::warn!(code = ?status.code(), "consent lookup failed; nothing crosses");
@@ -549,6 +598,17 @@ mod tests {
             Pseudonymiser::new(&[1; 16]).is_none(),
             "short keys are refused"
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_protocol() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "m", "5", "5x", "-5S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -460,3 +460,107 @@ async fn a_policy_change_takes_effect_without_a_restart_and_a_broken_one_is_igno
     assert_eq!(before.get_ref().version, after.get_ref().version);
     suite.stop().await;
 }
+
+#[tokio::test]
+async fn every_kind_of_bad_token_is_unauthenticated() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use madtech_gateway::token::{Claims, DEV_PRIVATE_KEY, DEV_PUBLIC_KEY};
+
+    let suite = Suite::start(Backend::Sqlite).await;
+    let dir = &suite.config.data_dir;
+    let private = std::fs::read(dir.join(DEV_PRIVATE_KEY)).expect("private key");
+    let public = std::fs::read(dir.join(DEV_PUBLIC_KEY)).expect("public key");
+    let key = EncodingKey::from_ed_pem(&private).expect("key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = Claims {
+        sub: "mallory".into(),
+        roles: vec!["admin".into()],
+        iss: suite.config.gateway.auth.issuer.clone(),
+        aud: suite.config.gateway.auth.audience.clone(),
+        iat: now,
+        nbf: now,
+        exp: now + 600,
+    };
+    let signed = |claims: &Claims| {
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key).expect("sign")
+    };
+    let valid = signed(&claims);
+    let expired = signed(&Claims {
+        iat: now - 7200,
+        nbf: now - 7200,
+        exp: now - 3600,
+        ..claims.clone()
+    });
+    let not_yet = signed(&Claims {
+        nbf: now + 3600,
+        exp: now + 7200,
+        ..claims.clone()
+    });
+    let wrong_audience = signed(&Claims {
+        aud: "someone-else".into(),
+        ..claims.clone()
+    });
+    let wrong_issuer = signed(&Claims {
+        iss: "https://evil.example".into(),
+        ..claims.clone()
+    });
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("json"));
+    let alg_none = format!(
+        "{}.{payload}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#)
+    );
+    // The classic confusion: HMAC "signed" with the public key as secret.
+    let hs256_with_public_key = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&public),
+    )
+    .expect("sign");
+    let tampered = {
+        let mut parts: Vec<String> = valid.split('.').map(str::to_string).collect();
+        let elevated = Claims {
+            roles: vec!["admin".into(), "compliance".into()],
+            ..claims.clone()
+        };
+        parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&elevated).expect("json"));
+        parts.join(".")
+    };
+
+    let get = || profiles_pb::GetProfileRequest {
+        lookup: Some(profiles_pb::get_profile_request::Lookup::ProfileId(
+            "nobody".into(),
+        )),
+    };
+    let status = suite
+        .profiles(Suite::raw_bearer(&format!("Bearer {valid}")))
+        .get_profile(get())
+        .await
+        .expect_err("not found");
+    assert_eq!(
+        status.code(),
+        Code::NotFound,
+        "the well-formed token is accepted"
+    );
+    for (what, token) in [
+        ("expired", expired),
+        ("not yet valid", not_yet),
+        ("wrong audience", wrong_audience),
+        ("wrong issuer", wrong_issuer),
+        ("alg none", alg_none),
+        ("HS256 with the public key", hs256_with_public_key),
+        ("tampered payload", tampered),
+    ] {
+        let status = suite
+            .profiles(Suite::raw_bearer(&format!("Bearer {token}")))
+            .get_profile(get())
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}: {status:?}");
+    }
+    suite.stop().await;
+}
