@@ -331,7 +331,13 @@ async fn migrate(
     init_logging(&config.telemetry)?;
     let section = args.component.section();
     match args.component {
-        Component::Gateway => bail!("the gateway keeps no database"),
+        Component::Gateway => {
+            config
+                .gateway
+                .audit_database
+                .validate("gateway.audit_database")?;
+            migrate::<madtech_gateway::audit::Migrator>(&config.gateway.audit_database).await?;
+        }
         Component::Profiles => {
             config.profiles.database.validate("profiles")?;
             migrate::<madtech_profiles::store::Migrator>(&config.profiles.database).await?;

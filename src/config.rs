@@ -78,6 +78,7 @@ impl MadtechConfig {
         sqlite(&mut self.consent.database, "consent");
         sqlite(&mut self.segments.database, "segments");
         sqlite(&mut self.activation.database, "activation");
+        sqlite(&mut self.gateway.audit_database, "gateway-audit");
 
         let set_path = |path: &mut PathBuf, name: &str| {
             if path.as_os_str().is_empty() {

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
+use madtech_common::db::DatabaseConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything the gateway needs to run.
@@ -18,6 +19,8 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub policy_reload_interval: Duration,
     pub auth: AuthConfig,
+    /// Where the audit trail of crossings is kept.
+    pub audit_database: DatabaseConfig,
     /// A file with the hex-encoded key (at least 32 bytes) that derives
     /// pseudonymous ids; keep it secret and stable, or every destination sees
     /// new ids.
@@ -65,6 +68,7 @@ impl Default for GatewayConfig {
             policy_dir: PathBuf::from("policies"),
             policy_reload_interval: Duration::from_secs(2),
             auth: AuthConfig::default(),
+            audit_database: DatabaseConfig::default(),
             pseudonym_key_file: PathBuf::new(),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
@@ -97,6 +101,7 @@ impl Default for AuthConfig {
 
 impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.audit_database.validate("gateway.audit_database")?;
         let urls = [
             ("profiles", &self.upstreams.profiles),
             ("consent", &self.upstreams.consent),

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{self, AuditLog};
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
@@ -145,6 +146,8 @@ pub struct Filter {
     purpose: String,
     decisions: HashMap<(String, &'static str), bool>,
     kinds: HashMap<String, bool>,
+    /// Running SHA-256 over everything released, for the audit record.
+    released: Sha256,
     pub tally: Tally,
 }
 
@@ -164,6 +167,7 @@ impl Filter {
             purpose: purpose.to_string(),
             decisions: HashMap::new(),
             kinds: HashMap::new(),
+            released: Sha256::new(),
             tally: Tally::default(),
         }
     }
@@ -209,7 +213,7 @@ impl Filter {
             }
         }
         self.tally.allowed += 1;
-        Ok(Some(segments_pb::AudienceMember {
+        let crossed = segments_pb::AudienceMember {
             profile_id: String::new(),
             identifiers: Vec::new(),
             merged_profile_ids: Vec::new(),
@@ -218,7 +222,21 @@ impl Filter {
                 .pseudonymiser
                 .pseudonym(&self.destination_id, &member.profile_id),
             hashed_identifiers: hashed,
-        }))
+        };
+        self.released.update(crossed.pseudonymous_id.as_bytes());
+        for identifier in &crossed.hashed_identifiers {
+            self.released.update(b"\x1f");
+            self.released.update(identifier.kind.as_bytes());
+            self.released.update(b"=");
+            self.released.update(identifier.sha256.as_bytes());
+        }
+        self.released.update(b"\n");
+        Ok(Some(crossed))
+    }
+
+    /// Hex SHA-256 over what was released so far, in order.
+    pub fn released_digest(&self) -> String {
+        hex::encode(self.released.clone().finalize())
     }
 
     fn kind_allowed(&mut self, kind: &str) -> Result<bool, PolicyError> {
@@ -237,6 +255,7 @@ impl Filter {
 #[derive(Clone)]
 pub struct Crossing {
     policies: Policies,
+    audit: Arc<AuditLog>,
     pseudonymiser: Pseudonymiser,
     segments: SegmentServiceClient<Channel>,
     consent: ConsentServiceClient<Channel>,
@@ -262,12 +281,14 @@ fn policy_failure(err: PolicyError) -> Status {
 impl Crossing {
     pub fn new(
         policies: Policies,
+        audit: Arc<AuditLog>,
         pseudonymiser: Pseudonymiser,
         segments: Channel,
         consent: Channel,
     ) -> Self {
         Crossing {
             policies,
+            audit,
             pseudonymiser,
             segments: SegmentServiceClient::new(segments),
             consent: ConsentServiceClient::new(consent),
@@ -312,29 +333,67 @@ impl Crossing {
             .export_audience(with_deadline(request.clone(), deadline)?)
             .await?
             .into_inner();
-        let mut filter = Filter::new(
+        let filter = Filter::new(
             Arc::clone(&policy),
             self.pseudonymiser.clone(),
             &request.destination_id,
             &request.destination_kind,
             &request.purpose,
         );
+        let mut audited = Audited {
+            filter,
+            log: Arc::clone(&self.audit),
+            base: audit::Crossing {
+                caller: caller.map(|c| c.subject).unwrap_or_default(),
+                method: EXPORT_AUDIENCE.to_string(),
+                segment_id: request.segment_id.clone(),
+                destination_id: request.destination_id.clone(),
+                destination_kind: request.destination_kind.clone(),
+                purpose: request.purpose.clone(),
+                policy_version: policy.version.clone(),
+                ..audit::Crossing::default()
+            },
+            recorded: false,
+        };
         let mut consent = self.consent.clone();
-        let stream = async_stream::try_stream! {
+        let stream = async_stream::stream! {
             let mut upstream = upstream;
-            while let Some(chunk) = upstream.message().await? {
-                let states = consent_states(&mut consent, &chunk.members, &request.purpose, deadline).await?;
+            let outcome: Result<(), Status> = loop {
+                let chunk = match upstream.message().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break Ok(()),
+                    Err(status) => break Err(status),
+                };
+                let states = match consent_states(&mut consent, &chunk.members, &request.purpose, deadline).await {
+                    Ok(states) => states,
+                    Err(status) => break Err(status),
+                };
                 let mut members = Vec::with_capacity(chunk.members.len());
+                let mut failed = None;
                 for (member, state) in chunk.members.into_iter().zip(states) {
-                    if let Some(crossed) = filter.cross(member, state).map_err(policy_failure)? {
-                        members.push(crossed);
+                    match audited.filter.cross(member, state) {
+                        Ok(Some(crossed)) => members.push(crossed),
+                        Ok(None) => {}
+                        Err(err) => {
+                            failed = Some(policy_failure(err));
+                            break;
+                        }
                     }
                 }
-                if !members.is_empty() {
-                    yield segments_pb::ExportAudienceResponse { members };
+                if let Some(status) = failed {
+                    break Err(status);
                 }
+                if !members.is_empty() {
+                    yield Ok(segments_pb::ExportAudienceResponse { members });
+                }
+            };
+            // The export succeeds only once its audit record is durable.
+            let recorded = audited.record(if outcome.is_ok() { "complete" } else { "failed" }).await;
+            match (outcome, recorded) {
+                (Ok(()), Ok(())) => {}
+                (Err(status), _) => yield Err(status),
+                (Ok(()), Err(status)) => yield Err(status),
             }
-            audit(caller.as_ref(), &request, &policy.version, &filter.tally);
         };
         Ok(Response::new(Box::pin(stream)))
     }
@@ -455,17 +514,66 @@ async fn consent_states(
         .collect())
 }
 
-/// The audit record of a finished crossing: who, what, under which policy,
-/// and counts. It never holds a personal identifier.
-fn audit(
-    caller: Option<&Caller>,
-    request: &segments_pb::ExportAudienceRequest,
-    policy_version: &str,
-    tally: &Tally,
-) {
+/// The filter of one export and the audit record it owes. The record is
+/// written when the export ends, and also when the caller goes away midway
+/// (outcome `aborted`): no crossing goes unrecorded.
+struct Audited {
+    filter: Filter,
+    log: Arc<AuditLog>,
+    base: audit::Crossing,
+    recorded: bool,
+}
+
+impl Audited {
+    fn crossing(&self, outcome: &str) -> audit::Crossing {
+        let tally = &self.filter.tally;
+        audit::Crossing {
+            outcome: outcome.to_string(),
+            allowed: tally.allowed,
+            denied: tally.denied.clone(),
+            identifiers_stripped: tally.identifiers_stripped,
+            released_digest: self.filter.released_digest(),
+            ..self.base.clone()
+        }
+    }
+
+    async fn record(&mut self, outcome: &str) -> Result<(), Status> {
+        self.recorded = true;
+        let crossing = self.crossing(outcome);
+        observe(&crossing);
+        self.log.append(crossing).await.map(drop).map_err(|err| {
+            tracing::error!(error = %err, "the crossing could not be audited");
+            Status::internal("the crossing could not be audited")
+        })
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let crossing = self.crossing("aborted");
+        observe(&crossing);
+        let log = Arc::clone(&self.log);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(err) = log.append(crossing).await {
+                        tracing::error!(error = %err, "an aborted crossing could not be audited");
+                    }
+                });
+            }
+            Err(_) => tracing::error!("an aborted crossing could not be audited: no runtime"),
+        }
+    }
+}
+
+/// Metrics and the audit log line of a crossing; never a personal identifier.
+fn observe(crossing: &audit::Crossing) {
     metrics::counter!("madtech_gateway_crossing_members_total", "outcome" => "allowed")
-        .increment(tally.allowed);
-    for (reason, count) in &tally.denied {
+        .increment(crossing.allowed);
+    for (reason, count) in &crossing.denied {
         metrics::counter!(
             "madtech_gateway_crossing_members_total",
             "outcome" => "denied",
@@ -473,19 +581,21 @@ fn audit(
         )
         .increment(*count);
     }
-    let denied = serde_json::to_string(&tally.denied).unwrap_or_default();
+    let denied = serde_json::to_string(&crossing.denied).unwrap_or_default();
     tracing::info!(
         target: "madtech::audit",
-        caller = caller.map(|c| c.subject.as_str()).unwrap_or(""),
-        method = EXPORT_AUDIENCE,
-        segment = %request.segment_id,
-        destination = %request.destination_id,
-        destination_kind = %request.destination_kind,
-        purpose = %request.purpose,
-        policy_version,
-        allowed = tally.allowed,
+        caller = %crossing.caller,
+        method = %crossing.method,
+        segment = %crossing.segment_id,
+        destination = %crossing.destination_id,
+        destination_kind = %crossing.destination_kind,
+        purpose = %crossing.purpose,
+        policy_version = %crossing.policy_version,
+        outcome = %crossing.outcome,
+        allowed = crossing.allowed,
         denied = %denied,
-        identifiers_stripped = tally.identifiers_stripped,
+        identifiers_stripped = crossing.identifiers_stripped,
+        released_digest = %crossing.released_digest,
         "crossing"
     );
 }

@@ -13,6 +13,8 @@ pub enum GatewayError {
     Key(#[from] KeyError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("audit database: {0}")]
+    Database(#[from] sea_orm::DbErr),
     #[error(transparent)]
     Serve(#[from] madtech_common::server::ServeError),
 }

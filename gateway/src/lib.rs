@@ -4,6 +4,8 @@
 //! compliance team's casbin policy, and routes it; the crossing
 //! (`ExportAudience`) is filtered record by record against consent.
 
+pub mod api;
+pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod config;
@@ -12,7 +14,6 @@ pub mod error;
 pub mod policy;
 pub mod rescue;
 pub mod route;
-pub mod status;
 pub mod token;
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use http::Request;
 use madtech_common::CancellationToken;
+use madtech_common::db::connect_and_migrate;
 use madtech_common::server::{
     BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes,
 };
@@ -36,6 +38,7 @@ use tower_http::trace::TraceLayer;
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
+use crate::audit::AuditLog;
 use crate::authn::AuthenticateLayer;
 use crate::authz::AuthorizeLayer;
 use crate::crossing::{Crossing, Pseudonymiser};
@@ -66,6 +69,9 @@ impl Gateway {
             config.auth.leeway,
         )?);
         let pseudonymiser = Pseudonymiser::from_hex_file(&config.pseudonym_key_file)?;
+        let audit = Arc::new(AuditLog::new(
+            connect_and_migrate::<audit::Migrator>(&config.audit_database).await?,
+        ));
 
         let upstreams = &config.upstreams;
         let segments_channel = channel("segments", &upstreams.segments)?;
@@ -88,10 +94,16 @@ impl Gateway {
                 channel("activation", &upstreams.activation)?,
             ),
         ]);
-        let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([(
-            gateway_pb::v1::policy_service_server::SERVICE_NAME,
-            BoxedGrpcService::new(status::PolicyStatusApi::new(policies.clone()).into_server()),
-        )]);
+        let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([
+            (
+                gateway_pb::v1::policy_service_server::SERVICE_NAME,
+                BoxedGrpcService::new(api::PolicyStatusApi::new(policies.clone()).into_server()),
+            ),
+            (
+                gateway_pb::v1::audit_service_server::SERVICE_NAME,
+                BoxedGrpcService::new(api::AuditApi::new(Arc::clone(&audit)).into_server()),
+            ),
+        ]);
 
         let mut server = GrpcServer::new();
         for name in upstream_channels.keys().chain(local.keys()) {
@@ -109,6 +121,7 @@ impl Gateway {
 
         let crossing = Crossing::new(
             policies.clone(),
+            audit,
             pseudonymiser,
             segments_channel,
             consent_channel,

@@ -8,6 +8,8 @@ use std::path::Path;
 use madtech_common::testing::Backend;
 use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::gateway::v1 as gateway_pb;
+use madtech_proto::gateway::v1::audit_service_client::AuditServiceClient;
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use sea_orm::{ConnectionTrait, Database, Statement};
@@ -324,6 +326,58 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     assert!(
         Path::new(&after.output).starts_with(suite.config.activation.file_root.join("clean-room"))
     );
+
+    // Every crossing left a durable, chained audit record without PII.
+    let mut audit = AuditServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["compliance"]),
+    );
+    let records = audit
+        .list_audit_records(gateway_pb::ListAuditRecordsRequest {
+            after_seq: 0,
+            page_size: 0,
+        })
+        .await
+        .expect("compliance reads the audit trail")
+        .into_inner()
+        .records;
+    assert_eq!(records.len(), 3, "one record per sync");
+    let first_record = &records[0];
+    assert_eq!(first_record.caller, "activation");
+    assert_eq!(first_record.outcome, "complete");
+    assert_eq!(first_record.segment_id, segment.segment_id);
+    assert_eq!(first_record.purpose, "ad_targeting");
+    assert_eq!(first_record.allowed, 2);
+    assert_eq!(first_record.denied.get("consent_denied"), Some(&2));
+    assert_eq!(first_record.denied.get("consent_unset"), Some(&1));
+    assert_eq!(first_record.policy_version.len(), 64);
+    assert_eq!(records[1].previous_hash, first_record.hash);
+    let audit_text = format!("{records:?}");
+    for person in &PEOPLE {
+        assert!(
+            !audit_text.contains(&normalised(person.email)),
+            "raw email in the audit trail"
+        );
+    }
+    for id in &ids {
+        assert!(
+            !audit_text.contains(id.as_str()),
+            "profile id in the audit trail"
+        );
+    }
+    let verified = audit
+        .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verified.intact);
+    assert_eq!(verified.records_checked, 3);
+    let status =
+        AuditServiceClient::with_interceptor(suite.gateway_channel(), suite.bearer(&["marketer"]))
+            .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {})
+            .await
+            .expect_err("marketers do not read the audit trail");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
     suite.stop().await;
 }

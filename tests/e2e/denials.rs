@@ -184,6 +184,7 @@ async fn reflection_lists_every_service_without_a_token() {
             "grpc.health.v1.Health",
             "madtech.activation.v1.ActivationService",
             "madtech.consent.v1.ConsentService",
+            "madtech.gateway.v1.AuditService",
             "madtech.gateway.v1.PolicyService",
             "madtech.profiles.v1.ProfileService",
             "madtech.segments.v1.SegmentService",

@@ -66,6 +66,7 @@ impl Suite {
         config.consent.database = db.sibling("consent");
         config.segments.database = db.sibling("segments");
         config.activation.database = db.sibling("activation");
+        config.gateway.audit_database = db.sibling("gateway_audit");
         let listeners = Listeners::ephemeral().await.expect("listeners");
         listeners.record_in(&mut config).expect("addresses");
         adjust(&mut config);

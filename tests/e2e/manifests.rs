@@ -150,8 +150,8 @@ fn every_container_gets_a_command_line_environment_ports_and_files_the_binary_ac
     let containers = madtech_containers();
     assert_eq!(
         containers.len(),
-        9,
-        "five services and four migration init containers"
+        10,
+        "five components, each with a migration init container"
     );
     for c in &containers {
         madtech::cli::check_args(&c.args).unwrap_or_else(|err| panic!("{}: {err}", c.origin));
@@ -177,6 +177,10 @@ fn every_container_gets_a_command_line_environment_ports_and_files_the_binary_ac
             ("serve", "consent") => config.consent.validate(),
             ("serve", "segments") => config.segments.validate(),
             ("serve", "activation") => config.activation.validate(),
+            ("migrate", "gateway") => config
+                .gateway
+                .audit_database
+                .validate("gateway.audit_database"),
             ("migrate", "profiles") => config.profiles.database.validate(component),
             ("migrate", "consent") => config.consent.database.validate(component),
             ("migrate", "segments") => config.segments.database.validate(component),
