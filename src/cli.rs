@@ -54,6 +54,57 @@ enum Command {
     Migrate(MigrateArgs),
     /// Mint a development token signed with the data directory's key.
     Token(TokenArgs),
+    /// Test, explain, lint and compare the casbin policies (for compliance).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run the test cases in DIR/tests/ and check that they exercise every
+    /// policy line.
+    Test {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Print a decision and the rule behind it.
+    Explain {
+        #[arg(long, default_value = "policies")]
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        question: QuestionArgs,
+    },
+    /// Report names no request can carry and rules no request can reach.
+    Lint {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Show which test requests (of both sets) change decision from OLD to NEW.
+    Diff { old: PathBuf, new: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum QuestionArgs {
+    /// May ROLE call METHOD (a full gRPC path)?
+    Rbac { role: String, method: String },
+    /// May a person in REGION with CONSENT (granted, denied or unset) for
+    /// PURPOSE reach a destination of kind DESTINATION?
+    Consent {
+        destination: String,
+        purpose: String,
+        region: String,
+        consent: String,
+    },
+    /// May an identifier of KIND reach a destination of kind DESTINATION in
+    /// FORM (e.g. sha256)?
+    Identifier {
+        destination: String,
+        kind: String,
+        form: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -166,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(cli.config.as_deref(), overrides, args).await,
         Command::Migrate(args) => migrate(cli.config.as_deref(), overrides, args).await,
         Command::Token(args) => token(cli.config.as_deref(), overrides, args),
+        Command::Policy(command) => policy(command).await,
     }
 }
 
@@ -385,5 +437,108 @@ fn token(
     )
     .context("loading the development signing key")?;
     println!("{}", signer.mint(&args.subject, &args.roles, args.ttl)?);
+    Ok(())
+}
+
+async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    use madtech_gateway::compliance::{self, Question};
+    use madtech_gateway::policy::PolicySet;
+
+    match command {
+        PolicyCommand::Test { dir } => {
+            let set = PolicySet::load(&dir).await?;
+            let cases = compliance::load_cases(&dir)?;
+            let report = compliance::run_cases(&set, &cases)?;
+            for failure in &report.failed {
+                println!("FAIL {failure}");
+            }
+            for line in &report.uncovered {
+                println!("UNCOVERED {line}");
+            }
+            println!(
+                "{} passed, {} failed, {} policy lines without a case (policy version {})",
+                report.passed,
+                report.failed.len(),
+                report.uncovered.len(),
+                set.version
+            );
+            if !report.ok() {
+                bail!("the policy tests did not pass");
+            }
+        }
+        PolicyCommand::Explain {
+            dir,
+            json,
+            question,
+        } => {
+            let set = PolicySet::load(&dir).await?;
+            let question = match question {
+                QuestionArgs::Rbac { role, method } => Question::Rbac { role, method },
+                QuestionArgs::Consent {
+                    destination,
+                    purpose,
+                    region,
+                    consent,
+                } => Question::Consent {
+                    destination,
+                    purpose,
+                    region: region.trim().to_ascii_uppercase(),
+                    consent,
+                },
+                QuestionArgs::Identifier {
+                    destination,
+                    kind,
+                    form,
+                } => Question::Identifier {
+                    destination,
+                    kind,
+                    form,
+                },
+            };
+            let explanation = set.explain(&question)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+                return Ok(());
+            }
+            let verdict = if explanation.allowed { "ALLOW" } else { "DENY" };
+            println!("{verdict} {:?}", explanation.question);
+            if let Some(region) = &explanation.asked_region {
+                println!("  asked under region {region}");
+            }
+            if explanation.matched.is_empty() {
+                println!(
+                    "  no rule in {} allows it: denied by default",
+                    explanation.policy_file
+                );
+            }
+            for row in &explanation.matched {
+                println!("  matched {}: {}", explanation.policy_file, row.join(", "));
+            }
+            println!("  policy version {}", explanation.policy_version);
+        }
+        PolicyCommand::Lint { dir } => {
+            let set = PolicySet::load(&dir).await?;
+            let problems = compliance::lint(&dir, &set)?;
+            for problem in &problems {
+                println!("{problem}");
+            }
+            if !problems.is_empty() {
+                bail!("{} policy problems", problems.len());
+            }
+            println!("no problems (policy version {})", set.version);
+        }
+        PolicyCommand::Diff { old, new } => {
+            let old_set = PolicySet::load(&old).await?;
+            let new_set = PolicySet::load(&new).await?;
+            let mut cases = compliance::load_cases(&old)?;
+            cases.extend(compliance::load_cases(&new)?);
+            let changed = compliance::diff(&old_set, &new_set, &cases)?;
+            for (question, before, after) in &changed {
+                let word = |allowed: &bool| if *allowed { "allow" } else { "deny" };
+                println!("{} -> {}  {question:?}", word(before), word(after));
+            }
+            println!("{} test requests change decision", changed.len());
+        }
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod compliance;
 pub mod config;
 pub mod crossing;
 pub mod error;

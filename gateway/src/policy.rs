@@ -3,7 +3,7 @@
 //! every decision from one immutable set, so no request ever sees half of a
 //! change. A set that does not load is never used: the gateway fails closed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -247,6 +247,71 @@ impl PolicySet {
         evaluate(&self.identifiers, (destination_kind, kind, form))
     }
 
+    /// Like [`Self::allows_method`], with the rows that allowed it.
+    pub fn explain_method(
+        &self,
+        role: &str,
+        method: &str,
+    ) -> Result<(bool, Vec<Vec<String>>), PolicyError> {
+        explain(&self.rbac, (role, method))
+    }
+
+    /// Like [`Self::allows_crossing`], with the rows that allowed it.
+    pub fn explain_crossing(
+        &self,
+        destination_kind: &str,
+        purpose: &str,
+        region: &str,
+        consent: &str,
+    ) -> Result<(bool, Vec<Vec<String>>), PolicyError> {
+        explain(
+            &self.consent,
+            (
+                destination_kind,
+                purpose,
+                self.regime_region(region),
+                consent,
+            ),
+        )
+    }
+
+    /// Like [`Self::allows_identifier`], with the rows that allowed it.
+    pub fn explain_identifier(
+        &self,
+        destination_kind: &str,
+        kind: &str,
+        form: &str,
+    ) -> Result<(bool, Vec<Vec<String>>), PolicyError> {
+        explain(&self.identifiers, (destination_kind, kind, form))
+    }
+
+    /// Every row of every policy file, as `[ptype, field…]`, by file name.
+    pub fn rows(&self) -> BTreeMap<&'static str, Vec<Vec<String>>> {
+        let mut rows = BTreeMap::new();
+        for (file, enforcer) in [
+            (RBAC.1, &self.rbac),
+            (CONSENT.1, &self.consent),
+            (IDENTIFIERS.1, &self.identifiers),
+        ] {
+            let mut all = Vec::new();
+            for (section, sections) in enforcer.get_model().get_model() {
+                if section != "p" && section != "g" {
+                    continue;
+                }
+                for (ptype, assertion) in sections {
+                    for row in assertion.get_policy() {
+                        let mut full = vec![ptype.clone()];
+                        full.extend(row.iter().cloned());
+                        all.push(full);
+                    }
+                }
+            }
+            all.sort();
+            rows.insert(file, all);
+        }
+        rows
+    }
+
     /// The region a decision is asked under: the person's, when the policy
     /// knows it, otherwise [`UNKNOWN_REGION`].
     pub fn regime_region<'a>(&self, region: &'a str) -> &'a str {
@@ -263,6 +328,15 @@ pub(crate) fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+fn explain<A: casbin::EnforceArgs>(
+    enforcer: &Enforcer,
+    args: A,
+) -> Result<(bool, Vec<Vec<String>>), PolicyError> {
+    enforcer
+        .enforce_ex(args)
+        .map_err(|err| PolicyError::Evaluate(err.to_string()))
 }
 
 fn evaluate<A: casbin::EnforceArgs>(enforcer: &Enforcer, args: A) -> Result<bool, PolicyError> {
