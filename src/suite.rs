@@ -148,3 +148,110 @@ pub async fn run(
     stop_all.cancel();
     result.map(|_| ())
 }
+
+/// The suite running in this process on loopback ports the system chose, as
+/// the end-to-end tests and the benchmarks use it.
+pub struct InProcess {
+    pub config: MadtechConfig,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    /// Binds five loopback ports, lets `adjust` finish the configuration
+    /// (data directory, databases, policies), starts every component and
+    /// returns once all five report SERVING.
+    pub async fn start(adjust: impl FnOnce(&mut MadtechConfig)) -> anyhow::Result<InProcess> {
+        let mut config = MadtechConfig {
+            metrics_listen: None,
+            ..MadtechConfig::default()
+        };
+        let listeners = Listeners::ephemeral().await?;
+        listeners.record_in(&mut config)?;
+        adjust(&mut config);
+        let config = config.with_suite_defaults();
+        prepare_data_dir(&config)?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let config = config.clone();
+            let shutdown = shutdown.clone();
+            async move { run(&config, listeners, shutdown).await }
+        });
+        let suite = InProcess {
+            config,
+            shutdown,
+            task: Some(task),
+        };
+        suite.wait_until_serving().await?;
+        Ok(suite)
+    }
+
+    async fn wait_until_serving(&self) -> anyhow::Result<()> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let addrs = [
+            self.config.gateway.listen,
+            self.config.profiles.listen,
+            self.config.consent.listen,
+            self.config.segments.listen,
+            self.config.activation.listen,
+        ];
+        for addr in addrs {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+            let mut health = HealthClient::new(channel);
+            let mut attempts = 0;
+            loop {
+                let answer = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
+                    break;
+                }
+                attempts += 1;
+                if attempts > 400 {
+                    anyhow::bail!("{addr} never became healthy: {answer:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// A channel to the gateway.
+    pub fn gateway_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            self.config.gateway.listen
+        ))?
+        .connect_lazy())
+    }
+
+    /// A token for `roles`, signed with the suite's development key.
+    pub fn token(&self, roles: &[&str]) -> anyhow::Result<String> {
+        let signer = Signer::from_private_key_file(
+            &self.config.dev_signing_key(),
+            &self.config.gateway.auth.issuer,
+            &self.config.gateway.auth.audience,
+        )?;
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        Ok(signer.mint("in-process", &roles, Duration::from_secs(3600))?)
+    }
+
+    /// Stops every component and waits for them to drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

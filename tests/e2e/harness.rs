@@ -1,13 +1,10 @@
 //! Starts the suite for a test and hands out authenticated clients.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use madtech::MadtechConfig;
-use madtech::suite::{self, Listeners};
-use madtech_common::CancellationToken;
+use madtech::suite::InProcess;
 use madtech_common::testing::{Backend, TestDatabase};
-use madtech_gateway::token::Signer;
 use madtech_proto::activation::v1::activation_service_client::ActivationServiceClient;
 use madtech_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
@@ -15,8 +12,6 @@ use madtech_proto::segments::v1::segment_service_client::SegmentServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Adds a bearer token to every call.
 #[derive(Clone)]
@@ -40,10 +35,10 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 
 pub struct Suite {
     pub config: MadtechConfig,
-    /// Held so the test databases (SQLite directory, PostgreSQL schemas) outlive the suite.
+    running: InProcess,
+    /// Held so the test databases (SQLite directory, PostgreSQL schemas) and
+    /// the data directory outlive the suite.
     _db: TestDatabase,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _data: tempfile::TempDir,
 }
 
@@ -56,90 +51,33 @@ impl Suite {
     pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut MadtechConfig)) -> Suite {
         let data = tempfile::tempdir().expect("data dir");
         let db = TestDatabase::new(backend);
-        let mut config = MadtechConfig {
-            data_dir: data.path().to_path_buf(),
-            metrics_listen: None,
-            ..MadtechConfig::default()
-        };
-        config.gateway.policy_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
-        config.profiles.database = db.sibling("profiles");
-        config.consent.database = db.sibling("consent");
-        config.segments.database = db.sibling("segments");
-        config.activation.database = db.sibling("activation");
-        config.gateway.audit_database = db.sibling("gateway_audit");
-        let listeners = Listeners::ephemeral().await.expect("listeners");
-        listeners.record_in(&mut config).expect("addresses");
-        adjust(&mut config);
-        let config = config.with_suite_defaults();
-        suite::prepare_data_dir(&config).expect("data dir prepared");
-
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let config = config.clone();
-            let shutdown = shutdown.clone();
-            async move { suite::run(&config, listeners, shutdown).await }
-        });
-        let suite = Suite {
-            config,
+        let running = InProcess::start(|config| {
+            config.data_dir = data.path().to_path_buf();
+            config.gateway.policy_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+            config.profiles.database = db.sibling("profiles");
+            config.consent.database = db.sibling("consent");
+            config.segments.database = db.sibling("segments");
+            config.activation.database = db.sibling("activation");
+            config.gateway.audit_database = db.sibling("gateway_audit");
+            adjust(config);
+        })
+        .await
+        .expect("the suite starts");
+        Suite {
+            config: running.config.clone(),
+            running,
             _db: db,
-            shutdown,
-            task: Some(task),
             _data: data,
-        };
-        suite.wait_until_serving().await;
-        suite
-    }
-
-    /// Waits until every component's health service says SERVING.
-    async fn wait_until_serving(&self) {
-        let addrs = [
-            self.config.gateway.listen,
-            self.config.profiles.listen,
-            self.config.consent.listen,
-            self.config.segments.listen,
-            self.config.activation.listen,
-        ];
-        for addr in addrs {
-            let mut health = HealthClient::new(self.channel_to(&format!("http://{addr}")));
-            let mut attempts = 0;
-            loop {
-                let answer = health
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await;
-                if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
-                    break;
-                }
-                attempts += 1;
-                assert!(attempts < 200, "{addr} never became healthy: {answer:?}");
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
         }
     }
 
-    fn channel_to(&self, url: &str) -> Channel {
-        tonic::transport::Endpoint::from_shared(url.to_string())
-            .expect("url")
-            .connect_lazy()
-    }
-
     pub fn gateway_channel(&self) -> Channel {
-        self.channel_to(&format!("http://{}", self.config.gateway.listen))
+        self.running.gateway_channel().expect("gateway address")
     }
 
     /// A token for `roles`, signed with the suite's development key.
     pub fn token(&self, roles: &[&str]) -> String {
-        let signer = Signer::from_private_key_file(
-            &self.config.dev_signing_key(),
-            &self.config.gateway.auth.issuer,
-            &self.config.gateway.auth.audience,
-        )
-        .expect("signer");
-        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-        signer
-            .mint("e2e", &roles, Duration::from_secs(600))
-            .expect("token")
+        self.running.token(roles).expect("token")
     }
 
     pub fn bearer(&self, roles: &[&str]) -> Bearer {
@@ -174,16 +112,7 @@ impl Suite {
     }
 
     /// Stops the suite and waits for every component to drain.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            task.await.expect("suite task").expect("suite ran cleanly");
-        }
-    }
-}
-
-impl Drop for Suite {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    pub async fn stop(self) {
+        self.running.stop().await.expect("suite ran cleanly");
     }
 }
