@@ -1,0 +1,391 @@
+//! Gateway benchmarks. Run with `cargo bench --bench gateway`; the results
+//! and the machine they were measured on are in docs/BENCHMARKS.md.
+//!
+//! Each measurement runs several rounds and reports the median; comparisons
+//! (through the gateway vs direct) alternate rounds in one run, so a noisy
+//! machine slows both sides alike and the ratio stays meaningful.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use madtech::suite::InProcess;
+use madtech_gateway::crossing::{Filter, Pseudonymiser, sha256_hex};
+use madtech_gateway::policy::PolicySet;
+use madtech_proto::consent::v1::ConsentState;
+use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use profiles_pb::profile_service_client::ProfileServiceClient;
+use segments_pb::segment_service_client::SegmentServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const ROUNDS: usize = 5;
+const FILTER_MEMBERS: usize = 1_000_000;
+const UNARY_CALLS: usize = 4_000;
+const UNARY_CONCURRENCY: usize = 32;
+const AUDIENCE: usize = 10_000;
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn run() -> anyhow::Result<()> {
+    println!("# MadTech gateway benchmarks ({ROUNDS} rounds each, medians)\n");
+    filter_throughput().await?;
+    let scratch = scratch_dir()?;
+    let suite = InProcess::start(|config| {
+        config.data_dir = scratch.path().to_path_buf();
+        config.gateway.policy_dir = "policies".into();
+    })
+    .await?;
+    unary_pass_through(&suite).await?;
+    crossing_end_to_end(&suite).await?;
+    println!(
+        "\npeak RSS of the whole in-process suite: {:.0} MiB",
+        peak_rss_mib()
+    );
+    suite.stop().await
+}
+
+/// SQLite files on tmpfs when there is one, so fsync latency does not swamp
+/// what is measured here (the gateway, not the disk).
+fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    Ok(if shm.is_dir() {
+        tempfile::tempdir_in(shm)?
+    } else {
+        tempfile::tempdir()?
+    })
+}
+
+fn synthetic_members(n: usize) -> Vec<(segments_pb::AudienceMember, ConsentState)> {
+    let regions = ["FR", "DE", "US-CA", "US-VA", "GB", ""];
+    let states = [
+        ConsentState::Granted,
+        ConsentState::Unset,
+        ConsentState::Denied,
+    ];
+    (0..n)
+        .map(|i| {
+            let member = segments_pb::AudienceMember {
+                profile_id: format!("019a0000-0000-7000-8000-{i:012}"),
+                identifiers: vec![
+                    profiles_pb::Identifier {
+                        kind: "email".into(),
+                        value: format!("user{i}@example.com"),
+                    },
+                    profiles_pb::Identifier {
+                        kind: "customer_id".into(),
+                        value: format!("C{i}"),
+                    },
+                ],
+                region: regions[i % regions.len()].into(),
+                ..Default::default()
+            };
+            (member, states[i % states.len()])
+        })
+        .collect()
+}
+
+async fn filter_throughput() -> anyhow::Result<()> {
+    let policy = Arc::new(PolicySet::load(std::path::Path::new("policies")).await?);
+    let pseudonymiser = Pseudonymiser::new(&[7; 32]).ok_or_else(|| anyhow::anyhow!("key"))?;
+    let template = synthetic_members(FILTER_MEMBERS);
+    let mut filtered = Vec::new();
+    let mut allowed = 0;
+    for _ in 0..ROUNDS {
+        let members = template.clone();
+        let mut filter = Filter::new(
+            Arc::clone(&policy),
+            pseudonymiser.clone(),
+            "dest",
+            "file",
+            "ad_targeting",
+        );
+        let start = Instant::now();
+        for (member, state) in members {
+            if filter.cross(member, state)?.is_some() {
+                allowed += 1;
+            }
+        }
+        filtered.push(FILTER_MEMBERS as f64 / start.elapsed().as_secs_f64());
+    }
+    // What the filter costs per member beyond hashing: the same members, only
+    // the SHA-256 of the email and the HMAC pseudonym.
+    let mut hashing = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for (member, _) in &template {
+            std::hint::black_box(sha256_hex(&member.identifiers[0].value));
+            std::hint::black_box(pseudonymiser.pseudonym("dest", &member.profile_id));
+        }
+        hashing.push(FILTER_MEMBERS as f64 / start.elapsed().as_secs_f64());
+    }
+    // The uncached decision alone, to show what the per-export cache saves.
+    let mut uncached = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for (member, state) in template.iter().take(100_000) {
+            let consent = madtech_gateway::crossing::consent_state_name(*state);
+            std::hint::black_box(policy.allows_crossing(
+                "file",
+                "ad_targeting",
+                &member.region,
+                consent,
+            )?);
+        }
+        uncached.push(100_000.0 / start.elapsed().as_secs_f64());
+    }
+    let filtered = median(filtered);
+    let hashing = median(hashing);
+    println!("## Crossing filter, in process ({FILTER_MEMBERS} members, 2 identifiers each)\n");
+    println!("| measurement | members/s |");
+    println!("|---|---|");
+    println!("| filter (decide, hash allowed identifiers, pseudonymise) | {filtered:.0} |");
+    println!(
+        "| hashing alone (SHA-256 of the email + HMAC pseudonym, every member) | {hashing:.0} |"
+    );
+    println!(
+        "| uncached casbin decision alone | {:.0} |",
+        median(uncached)
+    );
+    println!(
+        "\nallowed per round: {}; filter / hashing-alone ratio: {:.2}\n",
+        allowed / ROUNDS,
+        filtered / hashing
+    );
+    Ok(())
+}
+
+/// Adds a bearer token to every call.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+fn bearer(suite: &InProcess, role: &str) -> anyhow::Result<Bearer> {
+    Ok(Bearer(format!("Bearer {}", suite.token(&[role])?).parse()?))
+}
+
+fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
+}
+
+struct Load {
+    calls_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `UNARY_CALLS` GetProfile calls from `UNARY_CONCURRENCY` tasks.
+async fn unary_load<S>(client: ProfileServiceClient<S>, profile_id: &str) -> anyhow::Result<Load>
+where
+    S: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..UNARY_CONCURRENCY {
+        let mut client = client.clone();
+        let id = profile_id.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(UNARY_CALLS / UNARY_CONCURRENCY);
+            for _ in 0..UNARY_CALLS / UNARY_CONCURRENCY {
+                let request = profiles_pb::GetProfileRequest {
+                    lookup: Some(profiles_pb::get_profile_request::Lookup::ProfileId(
+                        id.clone(),
+                    )),
+                };
+                let sent = Instant::now();
+                client.get_profile(request).await?;
+                latencies.push(sent.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(UNARY_CALLS);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    Ok(Load {
+        calls_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    })
+}
+
+async fn unary_pass_through(suite: &InProcess) -> anyhow::Result<()> {
+    let gateway = ProfileServiceClient::new(InterceptedService::new(
+        suite.gateway_channel()?,
+        bearer(suite, "admin")?,
+    ));
+    let direct = ProfileServiceClient::new(channel(suite.config.profiles.listen)?);
+    let profile_id = gateway
+        .clone()
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![profiles_pb::Identifier {
+                kind: "email".into(),
+                value: "bench@example.com".into(),
+            }],
+            traits: Default::default(),
+            region: "FR".into(),
+        })
+        .await?
+        .into_inner()
+        .profile
+        .map(|p| p.profile_id)
+        .unwrap_or_default();
+    // Warm both paths (connections, caches) before measuring.
+    unary_load(direct.clone(), &profile_id).await?;
+    unary_load(gateway.clone(), &profile_id).await?;
+    let (mut d_rate, mut d_p50, mut d_p99) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut g_rate, mut g_p50, mut g_p99) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let d = unary_load(direct.clone(), &profile_id).await?;
+        let g = unary_load(gateway.clone(), &profile_id).await?;
+        d_rate.push(d.calls_per_second);
+        d_p50.push(d.p50.as_secs_f64() * 1e6);
+        d_p99.push(d.p99.as_secs_f64() * 1e6);
+        g_rate.push(g.calls_per_second);
+        g_p50.push(g.p50.as_secs_f64() * 1e6);
+        g_p99.push(g.p99.as_secs_f64() * 1e6);
+    }
+    let (d_rate, d_p50, d_p99) = (median(d_rate), median(d_p50), median(d_p99));
+    let (g_rate, g_p50, g_p99) = (median(g_rate), median(g_p50), median(g_p99));
+    println!(
+        "## Unary pass-through: GetProfile, {UNARY_CALLS} calls, {UNARY_CONCURRENCY} concurrent\n"
+    );
+    println!("| path | calls/s | p50 µs | p99 µs |");
+    println!("|---|---|---|---|");
+    println!("| direct to profiles | {d_rate:.0} | {d_p50:.0} | {d_p99:.0} |");
+    println!(
+        "| through the gateway (JWT + RBAC + route) | {g_rate:.0} | {g_p50:.0} | {g_p99:.0} |"
+    );
+    println!(
+        "\ngateway / direct throughput: {:.2}; added latency p50 {:.0} µs, p99 {:.0} µs\n",
+        g_rate / d_rate,
+        g_p50 - d_p50,
+        g_p99 - d_p99
+    );
+    Ok(())
+}
+
+async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
+    let mut profiles = ProfileServiceClient::new(channel(suite.config.profiles.listen)?);
+    for i in 0..AUDIENCE {
+        profiles
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers: vec![profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: format!("member{i}@example.com"),
+                }],
+                traits: Default::default(),
+                region: "US-CA".into(),
+            })
+            .await?;
+    }
+    let admin = bearer(suite, "admin")?;
+    let segment =
+        SegmentServiceClient::new(InterceptedService::new(suite.gateway_channel()?, admin))
+            .create_segment(segments_pb::CreateSegmentRequest {
+                name: "bench".into(),
+                rule: Some(segments_pb::Rule {
+                    rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
+                        regions: vec!["US-CA".into()],
+                    })),
+                }),
+            })
+            .await?
+            .into_inner()
+            .segment
+            .map(|s| s.segment_id)
+            .unwrap_or_default();
+    let request = segments_pb::ExportAudienceRequest {
+        segment_id: segment,
+        destination_id: "bench".into(),
+        destination_kind: "file".into(),
+        purpose: "ad_targeting".into(),
+    };
+    let gateway = SegmentServiceClient::new(InterceptedService::new(
+        suite.gateway_channel()?,
+        bearer(suite, "activation")?,
+    ));
+    let direct = SegmentServiceClient::new(channel(suite.config.segments.listen)?);
+    let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        d_rate.push(export(direct.clone(), request.clone()).await?);
+        g_rate.push(export(gateway.clone(), request.clone()).await?);
+    }
+    let (d_rate, g_rate) = (median(d_rate), median(g_rate));
+    println!("## Crossing end to end: ExportAudience of {AUDIENCE} members (all may cross)\n");
+    println!("| path | members/s |");
+    println!("|---|---|");
+    println!("| direct from segments (raw, unfiltered) | {d_rate:.0} |");
+    println!("| through the gateway (consent lookups, policy, hashing, audit) | {g_rate:.0} |");
+    println!("\ngateway / direct: {:.2}", g_rate / d_rate);
+    Ok(())
+}
+
+async fn export<S>(
+    mut client: SegmentServiceClient<S>,
+    request: segments_pb::ExportAudienceRequest,
+) -> anyhow::Result<f64>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let start = Instant::now();
+    let mut stream = client.export_audience(request).await?.into_inner();
+    let mut members = 0;
+    while let Some(chunk) = stream.message().await? {
+        members += chunk.members.len();
+    }
+    if members != AUDIENCE {
+        anyhow::bail!("expected {AUDIENCE} members, got {members}");
+    }
+    Ok(members as f64 / start.elapsed().as_secs_f64())
+}
