@@ -125,6 +125,25 @@ pub fn consent_state_name(state: consent_pb::ConsentState) -> &'static str {
     }
 }
 
+fn state_index(state: consent_pb::ConsentState) -> usize {
+    match state {
+        consent_pb::ConsentState::Granted => 0,
+        consent_pb::ConsentState::Denied => 1,
+        consent_pb::ConsentState::Unset => 2,
+        consent_pb::ConsentState::Unspecified => 3,
+    }
+}
+
+/// The reason a member denied in this state is counted under.
+fn denial_reason(state: consent_pb::ConsentState) -> &'static str {
+    match state {
+        consent_pb::ConsentState::Granted => "consent_granted",
+        consent_pb::ConsentState::Denied => "consent_denied",
+        consent_pb::ConsentState::Unset => "consent_unset",
+        consent_pb::ConsentState::Unspecified => "consent_unknown",
+    }
+}
+
 /// What was decided in one crossing, for the audit record and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tally {
@@ -144,7 +163,8 @@ pub struct Filter {
     destination_id: String,
     destination_kind: String,
     purpose: String,
-    decisions: HashMap<(String, &'static str), bool>,
+    /// Decisions by region, then by consent state (see `state_index`).
+    decisions: HashMap<String, [Option<bool>; 4]>,
     kinds: HashMap<String, bool>,
     /// Running SHA-256 over everything released, for the audit record.
     released: Sha256,
@@ -179,9 +199,14 @@ impl Filter {
         consent: consent_pb::ConsentState,
     ) -> Result<Option<segments_pb::AudienceMember>, PolicyError> {
         let state = consent_state_name(consent);
-        let key = (member.region.clone(), state);
-        let allowed = match self.decisions.get(&key) {
-            Some(allowed) => *allowed,
+        let index = state_index(consent);
+        // Looked up by `&str`: nothing is allocated per member on a hit.
+        let cached = self
+            .decisions
+            .get(member.region.as_str())
+            .and_then(|by_state| by_state[index]);
+        let allowed = match cached {
+            Some(allowed) => allowed,
             None => {
                 let allowed = self.policy.allows_crossing(
                     &self.destination_kind,
@@ -189,16 +214,18 @@ impl Filter {
                     &member.region,
                     state,
                 )?;
-                self.decisions.insert(key, allowed);
+                self.decisions.entry(member.region.clone()).or_default()[index] = Some(allowed);
                 allowed
             }
         };
         if !allowed {
-            *self
-                .tally
-                .denied
-                .entry(format!("consent_{state}"))
-                .or_default() += 1;
+            let reason = denial_reason(consent);
+            match self.tally.denied.get_mut(reason) {
+                Some(count) => *count += 1,
+                None => {
+                    self.tally.denied.insert(reason.to_string(), 1);
+                }
+            }
             return Ok(None);
         }
         let mut hashed = Vec::with_capacity(member.identifiers.len());

@@ -3,9 +3,9 @@
 //! every decision from one immutable set, so no request ever sees half of a
 //! change. A set that does not load is never used: the gateway fails closed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwapOption;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model, StringAdapter};
@@ -163,6 +163,10 @@ impl Reloader {
     }
 }
 
+/// How many RBAC answers a set remembers; roles come from signed tokens and
+/// methods from the API, so real traffic stays far below this.
+const MAX_REMEMBERED_DECISIONS: usize = 10_000;
+
 /// A loaded, validated set of policies.
 pub struct PolicySet {
     rbac: Enforcer,
@@ -170,6 +174,8 @@ pub struct PolicySet {
     identifiers: Enforcer,
     /// Regions the consent policy maps to a regime.
     known_regions: HashSet<String>,
+    /// RBAC answers so far: role → method → allowed.
+    method_decisions: RwLock<HashMap<String, HashMap<String, bool>>>,
     /// Hex SHA-256 over every file's name and content, in name order.
     pub version: String,
     pub files: Vec<String>,
@@ -205,15 +211,33 @@ impl PolicySet {
             consent,
             identifiers,
             known_regions,
+            method_decisions: RwLock::new(HashMap::new()),
             version: texts.version,
             files: texts.files,
             loaded_at_micros: now_micros(),
         })
     }
 
-    /// May `role` call the gRPC `method` (its full path)?
+    /// May `role` call the gRPC `method` (its full path)? Answers are
+    /// remembered for the life of this set (a reload brings a new set and an
+    /// empty memory), so a call costs a map lookup, not a casbin evaluation.
     pub fn allows_method(&self, role: &str, method: &str) -> Result<bool, PolicyError> {
-        evaluate(&self.rbac, (role, method))
+        if let Ok(known) = self.method_decisions.read()
+            && let Some(allowed) = known.get(role).and_then(|methods| methods.get(method))
+        {
+            return Ok(*allowed);
+        }
+        let allowed = evaluate(&self.rbac, (role, method))?;
+        if let Ok(mut known) = self.method_decisions.write() {
+            let size: usize = known.values().map(HashMap::len).sum();
+            if size < MAX_REMEMBERED_DECISIONS {
+                known
+                    .entry(role.to_string())
+                    .or_default()
+                    .insert(method.to_string(), allowed);
+            }
+        }
+        Ok(allowed)
     }
 
     /// May a person in `region` with `consent` for `purpose` reach a

@@ -68,6 +68,19 @@ pub enum Rejected {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens verified already, with their expiry: a caller presents the same
+    /// token on every call, and a signature check costs far more than a lookup.
+    verified: std::sync::RwLock<std::collections::HashMap<String, (Caller, u64)>>,
+}
+
+/// Verified tokens remembered at most; past it the memory starts afresh.
+const MAX_REMEMBERED_TOKENS: usize = 10_000;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Verifier {
@@ -92,7 +105,11 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = leeway.as_secs();
-        Ok(Verifier { key, validation })
+        Ok(Verifier {
+            key,
+            validation,
+            verified: std::sync::RwLock::new(std::collections::HashMap::new()),
+        })
     }
 
     /// The caller behind an `authorization` header value.
@@ -108,11 +125,26 @@ impl Verifier {
 
     pub fn verify(&self, token: &str) -> Result<Caller, Rejected> {
         use jsonwebtoken::errors::ErrorKind;
+        if let Ok(verified) = self.verified.read()
+            && let Some((caller, expires)) = verified.get(token)
+            && unix_now() < *expires
+        {
+            return Ok(caller.clone());
+        }
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(Caller {
-                subject: data.claims.sub,
-                roles: data.claims.roles,
-            }),
+            Ok(data) => {
+                let caller = Caller {
+                    subject: data.claims.sub,
+                    roles: data.claims.roles,
+                };
+                if let Ok(mut verified) = self.verified.write() {
+                    if verified.len() >= MAX_REMEMBERED_TOKENS {
+                        verified.clear();
+                    }
+                    verified.insert(token.to_string(), (caller.clone(), data.claims.exp));
+                }
+                Ok(caller)
+            }
             Err(err) if matches!(err.kind(), ErrorKind::ExpiredSignature) => Err(Rejected::Expired),
             Err(_) => Err(Rejected::Invalid),
         }
@@ -154,10 +186,7 @@ impl Signer {
         roles: &[String],
         lifetime: Duration,
     ) -> Result<String, TokenError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = unix_now();
         let claims = Claims {
             sub: subject.to_string(),
             roles: roles.to_vec(),
@@ -259,6 +288,34 @@ mod tests {
                 subject: "alice".into(),
                 roles: roles(&["admin"])
             }
+        );
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let (_dir, signer, verifier) = keys();
+        let token = signer
+            .mint("alice", &roles(&["admin"]), Duration::from_secs(60))
+            .expect("mint");
+        assert!(verifier.verify(&token).is_ok());
+        assert!(verifier.verify(&token).is_ok(), "answered from memory");
+        // Pretend the remembered expiry has passed.
+        if let Ok(mut verified) = verifier.verified.write() {
+            for (_, expires) in verified.values_mut() {
+                *expires = 0;
+            }
+        }
+        assert!(
+            verifier.verify(&token).is_ok(),
+            "checked again, still valid by its claims"
+        );
+        let other = signer
+            .mint("bob", &roles(&["ingest"]), Duration::from_secs(60))
+            .expect("mint");
+        assert_eq!(
+            verifier.verify(&other).expect("valid").subject,
+            "bob",
+            "tokens never mix"
         );
     }
 

@@ -51,20 +51,8 @@ async fn the_change_stream_resumes_from_a_cursor_and_follows_new_entries() {
         .await
         .expect("watch")
         .into_inner();
-    let first = from_start
-        .message()
-        .await
-        .expect("entry")
-        .expect("open")
-        .entry
-        .expect("entry");
-    let second = from_start
-        .message()
-        .await
-        .expect("entry")
-        .expect("open")
-        .entry
-        .expect("entry");
+    let first = next_entry(&mut from_start).await;
+    let second = next_entry(&mut from_start).await;
     assert!(first.cursor < second.cursor);
     assert_eq!(first.state(), consent_pb::ConsentState::Granted);
     assert_eq!(second.state(), consent_pb::ConsentState::Denied);
@@ -79,13 +67,7 @@ async fn the_change_stream_resumes_from_a_cursor_and_follows_new_entries() {
         .await
         .expect("watch")
         .into_inner();
-    let again = resumed
-        .message()
-        .await
-        .expect("entry")
-        .expect("open")
-        .entry
-        .expect("entry");
+    let again = next_entry(&mut resumed).await;
     assert_eq!(again.cursor, second.cursor);
 
     // A new entry arrives on the open stream.

@@ -189,7 +189,6 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     let admin = suite.bearer(&["admin"]);
     let mut profiles = suite.profiles(admin.clone());
     let mut consent = suite.consent(admin.clone());
-    let mut segments = suite.segments(admin.clone());
     let mut activation = suite.activation(suite.bearer(&["marketer"]));
 
     let mut ids = Vec::new();
@@ -201,20 +200,7 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         ids.push(id);
     }
 
-    let segment = segments
-        .create_segment(segments_pb::CreateSegmentRequest {
-            name: "everyone".into(),
-            rule: Some(segments_pb::Rule {
-                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
-                    regions: vec!["FR".into(), "US-CA".into()],
-                })),
-            }),
-        })
-        .await
-        .expect("create segment")
-        .into_inner()
-        .segment
-        .expect("segment");
+    let segment = suite.region_segment("everyone", &["FR", "US-CA"]).await;
     let destination = activation
         .create_destination(activation_pb::CreateDestinationRequest {
             name: "clean room drop".into(),
@@ -441,21 +427,7 @@ async fn a_merge_never_widens_consent() {
         older.profile.expect("profile").profile_id
     );
 
-    let segment = suite
-        .segments(admin.clone())
-        .create_segment(segments_pb::CreateSegmentRequest {
-            name: "california".into(),
-            rule: Some(segments_pb::Rule {
-                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
-                    regions: vec!["US-CA".into()],
-                })),
-            }),
-        })
-        .await
-        .expect("segment")
-        .into_inner()
-        .segment
-        .expect("segment");
+    let segment = suite.region_segment("california", &["US-CA"]).await;
     let mut stream = suite
         .segments(suite.bearer(&["activation"]))
         .export_audience(segments_pb::ExportAudienceRequest {

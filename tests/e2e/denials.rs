@@ -277,21 +277,7 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
         })
         .await
         .expect("upsert");
-    let segment = suite
-        .segments(admin.clone())
-        .create_segment(segments_pb::CreateSegmentRequest {
-            name: "california".into(),
-            rule: Some(segments_pb::Rule {
-                rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
-                    regions: vec!["US-CA".into()],
-                })),
-            }),
-        })
-        .await
-        .expect("segment")
-        .into_inner()
-        .segment
-        .expect("segment");
+    let segment = suite.region_segment("california", &["US-CA"]).await;
     let request = |segment_id: &str| segments_pb::ExportAudienceRequest {
         segment_id: segment_id.into(),
         destination_id: "d1".into(),

@@ -8,6 +8,7 @@ use madtech_common::testing::{Backend, TestDatabase};
 use madtech_proto::activation::v1::activation_service_client::ActivationServiceClient;
 use madtech_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
+use madtech_proto::segments::v1 as segments_pb;
 use madtech_proto::segments::v1::segment_service_client::SegmentServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -109,6 +110,24 @@ impl Suite {
 
     pub fn activation(&self, bearer: Bearer) -> ActivationServiceClient<Authed> {
         ActivationServiceClient::with_interceptor(self.gateway_channel(), bearer)
+    }
+
+    /// Creates, as admin, a segment of everyone in `regions`.
+    pub async fn region_segment(&self, name: &str, regions: &[&str]) -> segments_pb::Segment {
+        self.segments(self.bearer(&["admin"]))
+            .create_segment(segments_pb::CreateSegmentRequest {
+                name: name.into(),
+                rule: Some(segments_pb::Rule {
+                    rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {
+                        regions: regions.iter().map(|r| r.to_string()).collect(),
+                    })),
+                }),
+            })
+            .await
+            .expect("create segment")
+            .into_inner()
+            .segment
+            .expect("segment")
     }
 
     /// Stops the suite and waits for every component to drain.
