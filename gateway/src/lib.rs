@@ -12,6 +12,7 @@ pub mod compliance;
 pub mod config;
 pub mod crossing;
 pub mod error;
+pub mod observe;
 pub mod policy;
 pub mod rescue;
 pub mod route;
@@ -43,6 +44,7 @@ use crate::audit::AuditLog;
 use crate::authn::AuthenticateLayer;
 use crate::authz::AuthorizeLayer;
 use crate::crossing::{Crossing, Pseudonymiser};
+use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
 use crate::rescue::RescueLayer;
 use crate::route::Router;
@@ -153,6 +155,9 @@ impl Gateway {
             // Failures of the layers below (deadline, overload) become gRPC
             // statuses here, so no call ever fails the connection.
             .layer(RescueLayer)
+            // Calls, statuses and latency per method, for every call the
+            // gateway answers (denials included).
+            .layer(ObserveLayer)
             // A call whose response has not started in time gets
             // DEADLINE_EXCEEDED rather than holding a slot forever.
             .timeout(config.request_timeout)
