@@ -241,6 +241,10 @@ impl Report {
 /// exercised by at least one case.
 pub fn run_cases(set: &PolicySet, cases: &[Case]) -> Result<Report, PolicyError> {
     let mut report = Report::default();
+    // Regions asked with no recorded choice: the case that tells an opt-in
+    // regime from an opt-out one, so a region mapped to the wrong regime
+    // fails a case instead of passing unnoticed.
+    let mut regions_asked_unset = BTreeSet::new();
     let mut matched: BTreeMap<&'static str, BTreeSet<Vec<String>>> = BTreeMap::new();
     let mut reached: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     for case in cases {
@@ -270,10 +274,31 @@ pub fn run_cases(set: &PolicySet, cases: &[Case]) -> Result<Report, PolicyError>
             }
         }
         if let Some(region) = explanation.asked_region {
+            if matches!(&case.question, Question::Consent { consent, .. } if consent == "unset") {
+                regions_asked_unset.insert(region.clone());
+            }
             names.insert(region);
         }
     }
-    for (file, rows) in set.rows() {
+    let rows_by_file = set.rows();
+    let regions: Vec<&Vec<String>> = rows_by_file
+        .get(CONSENT.1)
+        .into_iter()
+        .flatten()
+        .filter(|r| r[0] == "g2" && r.len() == 3)
+        .collect();
+    let groups: BTreeSet<&String> = regions.iter().map(|r| &r[2]).collect();
+    for row in &regions {
+        let region = &row[1];
+        if !groups.contains(region) && !regions_asked_unset.contains(region) {
+            report.uncovered.push(format!(
+                "{}: {} (no case asks for this region with consent unset)",
+                CONSENT.1,
+                row.join(", ")
+            ));
+        }
+    }
+    for (file, rows) in rows_by_file {
         let empty_matched = BTreeSet::new();
         let empty_reached = BTreeSet::new();
         let file_matched = matched.get(file).unwrap_or(&empty_matched);
@@ -401,7 +426,14 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
         .flatten()
         .filter(|r| r[0] == "p")
     {
-        let (dest, purpose, regime) = (&row[1], &row[2], &row[3]);
+        let (Some(dest), Some(purpose), Some(regime)) = (row.get(1), row.get(2), row.get(3)) else {
+            problems.push(format!(
+                "{}: a rule without destination, purpose and regime: {}",
+                CONSENT.1,
+                row.join(", ")
+            ));
+            continue;
+        };
         if !purposes.contains(purpose) {
             problems.push(format!(
                 "{}: unknown purpose {purpose:?} (not in {PURPOSES})",
@@ -431,22 +463,30 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
         .flatten()
         .filter(|r| r[0] == "p")
     {
-        if !id_destinations.contains(&row[1]) {
+        let dest = row.get(1).map(String::as_str).unwrap_or_default();
+        if !id_destinations.contains(dest) {
             problems.push(format!(
-                "{}: no destination kind reaches class {:?}",
-                IDENTIFIERS.1, row[1]
+                "{}: no destination kind reaches class {dest:?}",
+                IDENTIFIERS.1
             ));
         }
     }
     // RBAC: every method pattern names methods the API has.
-    let methods = api_methods();
+    let methods = crate::route::api_methods();
     for row in rows
         .get(RBAC.1)
         .into_iter()
         .flatten()
         .filter(|r| r[0] == "p")
     {
-        let pattern = &row[2];
+        let (Some(role), Some(pattern)) = (row.get(1), row.get(2)) else {
+            problems.push(format!(
+                "{}: a rule without role and method: {}",
+                RBAC.1,
+                row.join(", ")
+            ));
+            continue;
+        };
         let known = match pattern.strip_suffix('*') {
             Some(prefix) => methods.iter().any(|m| m.starts_with(prefix)),
             None => methods.contains(pattern),
@@ -457,10 +497,10 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
                 RBAC.1
             ));
         }
-        if madtech_common::validate::policy_name("role", &row[1]).is_err() {
+        if madtech_common::validate::policy_name("role", role).is_err() {
             problems.push(format!(
-                "{}: role {:?} is not a snake_case name",
-                RBAC.1, row[1]
+                "{}: role {role:?} is not a snake_case name",
+                RBAC.1
             ));
         }
     }
@@ -475,28 +515,6 @@ struct PurposeRow {
     purpose: String,
     #[allow(dead_code)]
     description: String,
-}
-
-/// Every gRPC method path the API defines, from the descriptor set.
-fn api_methods() -> BTreeSet<String> {
-    use prost::Message;
-    let Ok(set) = prost_types::FileDescriptorSet::decode(madtech_proto::FILE_DESCRIPTOR_SET) else {
-        return BTreeSet::new();
-    };
-    let mut methods = BTreeSet::new();
-    for file in set.file {
-        let package = file.package.unwrap_or_default();
-        for service in file.service {
-            let name = service.name.unwrap_or_default();
-            for method in service.method {
-                methods.insert(format!(
-                    "/{package}.{name}/{}",
-                    method.name.unwrap_or_default()
-                ));
-            }
-        }
-    }
-    methods
 }
 
 /// The shipped policy directory, for tests.
@@ -631,6 +649,38 @@ mod tests {
         assert!(
             problems.iter().any(|p| p.contains("GetProfil")),
             "{problems:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_region_moved_to_a_laxer_regime_fails_a_case() {
+        let dir = copy_shipped();
+        let path = dir.path().join(CONSENT.1);
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(
+            &path,
+            text.replace("g2, AT, EEA", "g2, AT, US_STATE_OPT_OUT"),
+        )
+        .expect("write");
+        let set = PolicySet::load(dir.path()).await.expect("loads");
+        let report = run_cases(&set, &load_cases(dir.path()).expect("cases")).expect("run");
+        assert!(
+            report.failed.iter().any(|f| f.contains("AT is in the EEA")),
+            "{:?}",
+            report.failed
+        );
+    }
+
+    #[tokio::test]
+    async fn every_region_needs_a_case_without_consent() {
+        let dir = copy_shipped();
+        append(dir.path(), CONSENT.1, "g2, US-XY, US_STATE_OPT_OUT\n");
+        let set = PolicySet::load(dir.path()).await.expect("loads");
+        let report = run_cases(&set, &load_cases(dir.path()).expect("cases")).expect("run");
+        assert!(
+            report.uncovered.iter().any(|u| u.contains("US-XY")),
+            "{:?}",
+            report.uncovered
         );
     }
 

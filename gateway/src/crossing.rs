@@ -565,13 +565,22 @@ impl Audited {
     }
 
     async fn record(&mut self, outcome: &str) -> Result<(), Status> {
-        self.recorded = true;
         let crossing = self.crossing(outcome);
         observe(&crossing);
-        self.log.append(crossing).await.map(drop).map_err(|err| {
-            tracing::error!(error = %err, "the crossing could not be audited");
+        // The write runs on its own task: if the caller goes away while it
+        // is under way, it still completes, and exactly once.
+        let log = Arc::clone(&self.log);
+        let write = tokio::spawn(async move { log.append(crossing).await });
+        self.recorded = true;
+        let failed = |reason: String| {
+            tracing::error!(error = %reason, "the crossing could not be audited");
             Status::internal("the crossing could not be audited")
-        })
+        };
+        match write.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(failed(err.to_string())),
+            Err(err) => Err(failed(err.to_string())),
+        }
     }
 }
 

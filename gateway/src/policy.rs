@@ -228,7 +228,11 @@ impl PolicySet {
             return Ok(*allowed);
         }
         let allowed = evaluate(&self.rbac, (role, method))?;
-        if let Ok(mut known) = self.method_decisions.write() {
+        // Only methods the API has are remembered, so made-up paths cannot
+        // grow the memory; and only while it is small.
+        if crate::route::api_methods().contains(method)
+            && let Ok(mut known) = self.method_decisions.write()
+        {
             let size: usize = known.values().map(HashMap::len).sum();
             if size < MAX_REMEMBERED_DECISIONS {
                 known

@@ -2,11 +2,11 @@
 //! (unary and streaming alike, bodies never decoded), except the crossing,
 //! which goes through the filter, and the gateway's own services.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -33,6 +33,32 @@ pub fn grpc_method(path: &str) -> Option<(&str, &str)> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     (service_ok && method_ok).then_some((service, method))
+}
+
+/// Every gRPC method path the MadTech API defines, from the descriptor set.
+pub fn api_methods() -> &'static BTreeSet<String> {
+    static METHODS: LazyLock<BTreeSet<String>> = LazyLock::new(|| {
+        use prost::Message;
+        let Ok(set) = prost_types::FileDescriptorSet::decode(madtech_proto::FILE_DESCRIPTOR_SET)
+        else {
+            return BTreeSet::new();
+        };
+        let mut methods = BTreeSet::new();
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let name = service.name.unwrap_or_default();
+                for method in service.method {
+                    methods.insert(format!(
+                        "/{package}.{name}/{}",
+                        method.name.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        methods
+    });
+    &METHODS
 }
 
 #[derive(Clone)]
