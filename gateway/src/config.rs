@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     pub max_concurrent_requests: usize,
     /// Require a token for the reflection service too.
     pub reflection_requires_token: bool,
+    /// Calls per second per caller role on each gateway replica, e.g.
+    /// `{ marketer = 50 }`; roles not named are not limited.
+    pub rate_limits: std::collections::BTreeMap<String, u32>,
 }
 
 /// Where each service listens.
@@ -73,6 +76,7 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
             reflection_requires_token: false,
+            rate_limits: Default::default(),
         }
     }
 }
@@ -124,6 +128,11 @@ impl Validate for GatewayConfig {
             if path.as_os_str().is_empty() {
                 return Err(ConfigError::Invalid(format!("{name} is required")));
             }
+        }
+        if let Some((role, _)) = self.rate_limits.iter().find(|(_, rate)| **rate == 0) {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.rate_limits.{role} must be at least 1 call per second"
+            )));
         }
         if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
             return Err(ConfigError::Invalid(

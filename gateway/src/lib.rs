@@ -14,6 +14,7 @@ pub mod crossing;
 pub mod error;
 pub mod observe;
 pub mod policy;
+pub mod ratelimit;
 pub mod rescue;
 pub mod route;
 pub mod token;
@@ -46,6 +47,7 @@ use crate::authz::AuthorizeLayer;
 use crate::crossing::{Crossing, Pseudonymiser};
 use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
+use crate::ratelimit::{RateLimitLayer, RateLimits};
 use crate::rescue::RescueLayer;
 use crate::route::Router;
 use crate::token::Verifier;
@@ -167,6 +169,10 @@ impl Gateway {
             .concurrency_limit(config.max_concurrent_requests)
             // Who is calling: a valid bearer token or UNAUTHENTICATED.
             .layer(AuthenticateLayer::new(verifier))
+            // Within their role's budget, or RESOURCE_EXHAUSTED.
+            .layer(RateLimitLayer::new(Arc::new(RateLimits::new(
+                &config.rate_limits,
+            ))))
             // May they call this method: the RBAC policy or PERMISSION_DENIED.
             .layer(AuthorizeLayer::new(policies.clone()))
             // Where it goes: the crossing filter, a gateway service, or the

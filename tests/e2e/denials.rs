@@ -551,3 +551,34 @@ async fn every_kind_of_bad_token_is_unauthenticated() {
     }
     suite.stop().await;
 }
+
+#[tokio::test]
+async fn a_role_past_its_rate_limit_is_told_to_slow_down() {
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.gateway.rate_limits.insert("marketer".into(), 1);
+    })
+    .await;
+    let mut marketer = suite.segments(suite.bearer(&["marketer"]));
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let status = marketer
+            .get_segment(segments_pb::GetSegmentRequest {
+                segment_id: "none".into(),
+            })
+            .await
+            .expect_err("no such segment, or too many calls");
+        codes.push(status.code());
+    }
+    assert_eq!(codes[0], Code::NotFound, "the first call is within budget");
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    // Other roles are not limited.
+    let status = suite
+        .segments(suite.bearer(&["admin"]))
+        .get_segment(segments_pb::GetSegmentRequest {
+            segment_id: "none".into(),
+        })
+        .await
+        .expect_err("not found");
+    assert_eq!(status.code(), Code::NotFound);
+    suite.stop().await;
+}
