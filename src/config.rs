@@ -10,6 +10,7 @@ use madtech_activation::ActivationConfig;
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
 use madtech_common::telemetry::TelemetryConfig;
+use madtech_common::tls::ServerTls;
 use madtech_consent::ConsentConfig;
 use madtech_gateway::GatewayConfig;
 use madtech_profiles::ProfilesConfig;
@@ -95,13 +96,21 @@ impl MadtechConfig {
             self.activation.file_root = dir.join(DESTINATIONS_DIR);
         }
 
-        let url = |addr: SocketAddr| format!("http://{addr}");
-        self.gateway.upstreams.profiles = url(self.profiles.listen);
-        self.gateway.upstreams.consent = url(self.consent.listen);
-        self.gateway.upstreams.segments = url(self.segments.listen);
-        self.gateway.upstreams.activation = url(self.activation.listen);
-        self.segments.profiles_url = url(self.profiles.listen);
-        self.activation.gateway_url = url(self.gateway.listen);
+        // A component that serves TLS is reached over https.
+        let url = |addr: SocketAddr, tls: &ServerTls| {
+            let scheme = if tls.cert_file.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{addr}")
+        };
+        self.gateway.upstreams.profiles = url(self.profiles.listen, &self.profiles.tls);
+        self.gateway.upstreams.consent = url(self.consent.listen, &self.consent.tls);
+        self.gateway.upstreams.segments = url(self.segments.listen, &self.segments.tls);
+        self.gateway.upstreams.activation = url(self.activation.listen, &self.activation.tls);
+        self.segments.profiles_url = url(self.profiles.listen, &self.profiles.tls);
+        self.activation.gateway_url = url(self.gateway.listen, &self.gateway.tls);
         self
     }
 

@@ -189,17 +189,27 @@ impl InProcess {
     async fn wait_until_serving(&self) -> anyhow::Result<()> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        let addrs = [
-            self.config.gateway.listen,
-            self.config.profiles.listen,
-            self.config.consent.listen,
-            self.config.segments.listen,
-            self.config.activation.listen,
+        let c = &self.config;
+        // Each component as the suite itself reaches it: the services with
+        // the gateway's upstream TLS settings, the gateway as activation does.
+        let targets = [
+            (c.activation.gateway_url.clone(), &c.activation.gateway_tls),
+            (
+                c.gateway.upstreams.profiles.clone(),
+                &c.gateway.upstream_tls,
+            ),
+            (c.gateway.upstreams.consent.clone(), &c.gateway.upstream_tls),
+            (
+                c.gateway.upstreams.segments.clone(),
+                &c.gateway.upstream_tls,
+            ),
+            (
+                c.gateway.upstreams.activation.clone(),
+                &c.gateway.upstream_tls,
+            ),
         ];
-        for addr in addrs {
-            let channel =
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
-            let mut health = HealthClient::new(channel);
+        for (url, tls) in targets {
+            let mut health = HealthClient::new(tls.endpoint(&url)?.connect_lazy());
             let mut attempts = 0;
             loop {
                 let answer = health
@@ -212,7 +222,7 @@ impl InProcess {
                 }
                 attempts += 1;
                 if attempts > 400 {
-                    anyhow::bail!("{addr} never became healthy: {answer:?}");
+                    anyhow::bail!("{url} never became healthy: {answer:?}");
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
@@ -220,13 +230,13 @@ impl InProcess {
         Ok(())
     }
 
-    /// A channel to the gateway.
+    /// A channel to the gateway, as the activation service reaches it.
     pub fn gateway_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        Ok(tonic::transport::Endpoint::from_shared(format!(
-            "http://{}",
-            self.config.gateway.listen
-        ))?
-        .connect_lazy())
+        let c = &self.config;
+        Ok(c.activation
+            .gateway_tls
+            .endpoint(&c.activation.gateway_url)?
+            .connect_lazy())
     }
 
     /// A token for `roles`, signed with the suite's development key.

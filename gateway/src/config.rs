@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
+use madtech_common::tls::{ClientTls, ServerTls};
 use serde::{Deserialize, Serialize};
 
 /// Everything the gateway needs to run.
@@ -12,6 +13,11 @@ use serde::{Deserialize, Serialize};
 pub struct GatewayConfig {
     /// gRPC address callers use.
     pub listen: SocketAddr,
+    /// TLS for callers.
+    pub tls: ServerTls,
+    /// TLS (or mutual TLS, with a client certificate) towards the services,
+    /// for `https://` upstream URLs.
+    pub upstream_tls: ClientTls,
     pub upstreams: Upstreams,
     /// The directory holding the casbin policy files.
     pub policy_dir: PathBuf,
@@ -67,6 +73,8 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            tls: ServerTls::default(),
+            upstream_tls: ClientTls::default(),
             upstreams: Upstreams::default(),
             policy_dir: PathBuf::from("policies"),
             policy_reload_interval: Duration::from_secs(2),
@@ -106,6 +114,8 @@ impl Default for AuthConfig {
 impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.audit_database.validate("gateway.audit_database")?;
+        self.tls.validate("gateway")?;
+        self.upstream_tls.validate("gateway.upstream_tls")?;
         let urls = [
             ("profiles", &self.upstreams.profiles),
             ("consent", &self.upstreams.consent),

@@ -11,8 +11,8 @@ pub enum GatewayError {
     Token(#[from] TokenError),
     #[error("pseudonymisation: {0}")]
     Key(#[from] KeyError),
-    #[error("configuration: {0}")]
-    Config(String),
+    #[error("tls: {0}")]
+    Tls(#[from] madtech_common::tls::TlsError),
     #[error("audit database: {0}")]
     Database(#[from] sea_orm::DbErr),
     #[error(transparent)]

@@ -28,11 +28,12 @@ use madtech_common::db::connect_and_migrate;
 use madtech_common::server::{
     BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes,
 };
+use madtech_common::tls::ClientTls;
 use madtech_proto::{activation, consent, gateway as gateway_pb, profiles, segments};
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -79,12 +80,12 @@ impl Gateway {
         ));
 
         let upstreams = &config.upstreams;
-        let segments_channel = channel("segments", &upstreams.segments)?;
-        let consent_channel = channel("consent", &upstreams.consent)?;
+        let segments_channel = channel(&config.upstream_tls, &upstreams.segments)?;
+        let consent_channel = channel(&config.upstream_tls, &upstreams.consent)?;
         let upstream_channels = HashMap::from([
             (
                 profiles::v1::profile_service_server::SERVICE_NAME,
-                channel("profiles", &upstreams.profiles)?,
+                channel(&config.upstream_tls, &upstreams.profiles)?,
             ),
             (
                 consent::v1::consent_service_server::SERVICE_NAME,
@@ -96,7 +97,7 @@ impl Gateway {
             ),
             (
                 activation::v1::activation_service_server::SERVICE_NAME,
-                channel("activation", &upstreams.activation)?,
+                channel(&config.upstream_tls, &upstreams.activation)?,
             ),
         ]);
         let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([
@@ -110,7 +111,7 @@ impl Gateway {
             ),
         ]);
 
-        let mut server = GrpcServer::new();
+        let mut server = GrpcServer::new().with_tls(config.tls.load()?);
         for name in upstream_channels.keys().chain(local.keys()) {
             server = server.advertise(name);
         }
@@ -215,8 +216,6 @@ fn panic_status(_panic: Box<dyn std::any::Any + Send + 'static>) -> http::Respon
     tonic::Status::internal("internal error").into_http()
 }
 
-fn channel(name: &str, url: &str) -> Result<Channel, GatewayError> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|err| GatewayError::Config(format!("gateway.upstreams.{name}: {err}")))?
-        .connect_lazy())
+fn channel(tls: &ClientTls, url: &str) -> Result<Channel, GatewayError> {
+    Ok(tls.endpoint(url)?.connect_lazy())
 }

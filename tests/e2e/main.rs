@@ -7,3 +7,4 @@ mod crossing;
 mod denials;
 mod harness;
 mod manifests;
+mod tls;

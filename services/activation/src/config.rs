@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
+use madtech_common::tls::{ClientTls, ServerTls};
 use serde::{Deserialize, Serialize};
 
 /// Everything the activation service needs to run.
@@ -11,9 +12,13 @@ use serde::{Deserialize, Serialize};
 pub struct ActivationConfig {
     /// gRPC address.
     pub listen: SocketAddr,
+    /// TLS for this service's gRPC server (mutual TLS with a client CA).
+    pub tls: ServerTls,
     pub database: DatabaseConfig,
     /// The gateway, the only way to an audience, e.g. `http://127.0.0.1:50051`.
     pub gateway_url: String,
+    /// TLS towards the gateway (for `https://` URLs).
+    pub gateway_tls: ClientTls,
     /// A file holding this service's bearer token for the gateway (role
     /// `activation`). Read before every sync, so a rotated token is picked up.
     pub gateway_token_file: PathBuf,
@@ -25,8 +30,10 @@ impl Default for ActivationConfig {
     fn default() -> Self {
         ActivationConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50055)),
+            tls: ServerTls::default(),
             database: DatabaseConfig::default(),
             gateway_url: "http://127.0.0.1:50051".into(),
+            gateway_tls: ClientTls::default(),
             gateway_token_file: PathBuf::new(),
             file_root: PathBuf::from("destinations"),
         }
@@ -36,6 +43,8 @@ impl Default for ActivationConfig {
 impl Validate for ActivationConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("activation")?;
+        self.tls.validate("activation")?;
+        self.gateway_tls.validate("activation.gateway_tls")?;
         if !(self.gateway_url.starts_with("http://") || self.gateway_url.starts_with("https://")) {
             return Err(ConfigError::Invalid(
                 "activation.gateway_url must be an http:// or https:// URL".into(),

@@ -17,10 +17,10 @@ pub enum ActivationError {
     Token(String),
     #[error("destination write failed: {0}")]
     Destination(#[from] std::io::Error),
-    #[error("configuration: {0}")]
-    Config(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("tls: {0}")]
+    Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -51,8 +51,8 @@ impl ActivationError {
             },
             ActivationError::Token(_)
             | ActivationError::Destination(_)
-            | ActivationError::Config(_)
-            | ActivationError::Corrupt(_) => internal("activation", err),
+            | ActivationError::Corrupt(_)
+            | ActivationError::Tls(_) => internal("activation", err),
             ActivationError::Database(db) => internal("activation database", db),
         }
     }

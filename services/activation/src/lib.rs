@@ -24,9 +24,12 @@ use madtech_common::server::GrpcServer;
 /// serve. The gateway connection is lazy, so start order does not matter.
 pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, ActivationError> {
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
-    let gateway = tonic::transport::Endpoint::from_shared(config.gateway_url.clone())
-        .map_err(|err| ActivationError::Config(format!("activation.gateway_url: {err}")))?
+    let gateway = config
+        .gateway_tls
+        .endpoint(&config.gateway_url)?
         .connect_lazy();
     let api = ActivationApi::new(store::ActivationStore::new(db), gateway, config.clone());
-    Ok(GrpcServer::new().add_service(api.into_server()))
+    Ok(GrpcServer::new()
+        .with_tls(config.tls.load()?)
+        .add_service(api.into_server()))
 }

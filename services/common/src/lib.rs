@@ -10,6 +10,7 @@ pub mod db;
 pub mod error;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 
 #[cfg(any(test, feature = "testing"))]

@@ -44,6 +44,7 @@ pub struct GrpcServer {
     /// Served elsewhere (the gateway's upstreams) but listed by reflection.
     advertised: Vec<&'static str>,
     reflection: bool,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     health: HealthReporter,
     health_service: HealthServer<HealthService>,
 }
@@ -63,6 +64,7 @@ impl GrpcServer {
             service_names: Vec::new(),
             advertised: Vec::new(),
             reflection: true,
+            tls: None,
             health,
             health_service,
         }
@@ -94,6 +96,12 @@ impl GrpcServer {
         self
     }
 
+    /// Serves TLS (mutual, when the configuration names a client CA).
+    pub fn with_tls(mut self, tls: Option<tonic::transport::ServerTlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Leaves reflection out, for a component that serves it behind its own
     /// authentication.
     pub fn without_reflection(mut self) -> Self {
@@ -122,6 +130,7 @@ impl GrpcServer {
         let health = ServingHealth {
             reporter: self.health,
             service_names: self.service_names,
+            tls: self.tls,
         };
         Ok((routes, health))
     }
@@ -191,6 +200,8 @@ pub fn boxed_reflection(
 pub struct ServingHealth {
     reporter: HealthReporter,
     service_names: Vec<&'static str>,
+    /// How the routes are served: plain text when `None`.
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServingHealth {
@@ -211,7 +222,11 @@ pub async fn serve_routes(
 ) -> Result<(), ServeError> {
     health.set(ServingStatus::Serving).await;
     let draining = shutdown.clone();
-    let serving = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = health.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let serving = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes.prepare())

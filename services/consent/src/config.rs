@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
+use madtech_common::tls::ServerTls;
 use serde::{Deserialize, Serialize};
 
 /// Everything the consent service needs to run.
@@ -11,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub struct ConsentConfig {
     /// gRPC address.
     pub listen: SocketAddr,
+    /// TLS for this service's gRPC server (mutual TLS with a client CA).
+    pub tls: ServerTls,
     pub database: DatabaseConfig,
     /// How often a watcher looks for entries written by another replica
     /// (entries written by this process wake watchers at once).
@@ -23,6 +26,7 @@ impl Default for ConsentConfig {
     fn default() -> Self {
         ConsentConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50053)),
+            tls: ServerTls::default(),
             database: DatabaseConfig::default(),
             watch_poll_interval: Duration::from_secs(1),
         }
@@ -32,6 +36,7 @@ impl Default for ConsentConfig {
 impl Validate for ConsentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("consent")?;
+        self.tls.validate("consent")?;
         if self.watch_poll_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "consent.watch_poll_interval must be positive".into(),

@@ -7,6 +7,8 @@ pub enum ConsentError {
     Invalid(#[from] FieldError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("tls: {0}")]
+    Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -16,6 +18,7 @@ impl From<ConsentError> for Status {
         match err {
             ConsentError::Invalid(field) => field.into(),
             ConsentError::Corrupt(_) => internal("consent data is corrupt", &err),
+            ConsentError::Tls(_) => internal("consent transport", &err),
             ConsentError::Database(ref db) => internal("consent database", db),
         }
     }

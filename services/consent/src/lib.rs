@@ -20,5 +20,7 @@ use madtech_common::server::GrpcServer;
 pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentError> {
     let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
     let api = ConsentApi::new(ledger::Ledger::new(db), config.clone());
-    Ok(GrpcServer::new().add_service(api.into_server()))
+    Ok(GrpcServer::new()
+        .with_tls(config.tls.load()?)
+        .add_service(api.into_server()))
 }

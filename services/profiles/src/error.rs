@@ -11,6 +11,8 @@ pub enum ProfileError {
     Conflict,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("tls: {0}")]
+    Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -24,6 +26,7 @@ impl From<ProfileError> for Status {
                 Status::aborted("concurrent update of the same profile, retry")
             }
             ProfileError::Corrupt(_) => internal("profile data is corrupt", &err),
+            ProfileError::Tls(_) => internal("profiles transport", &err),
             ProfileError::Database(ref db) => internal("profiles database", db),
         }
     }

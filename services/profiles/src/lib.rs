@@ -26,5 +26,7 @@ pub async fn grpc_server(config: &ProfilesConfig) -> Result<GrpcServer, ProfileE
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
     let normaliser = identity::Normaliser::new(&config.default_phone_region)?;
     let api = ProfileApi::new(store::ProfileStore::new(db), normaliser);
-    Ok(GrpcServer::new().add_service(api.into_server()))
+    Ok(GrpcServer::new()
+        .with_tls(config.tls.load()?)
+        .add_service(api.into_server()))
 }

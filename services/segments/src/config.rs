@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
+use madtech_common::tls::{ClientTls, ServerTls};
 use serde::{Deserialize, Serialize};
 
 /// Everything the segments service needs to run.
@@ -10,9 +11,13 @@ use serde::{Deserialize, Serialize};
 pub struct SegmentsConfig {
     /// gRPC address.
     pub listen: SocketAddr,
+    /// TLS for this service's gRPC server (mutual TLS with a client CA).
+    pub tls: ServerTls,
     pub database: DatabaseConfig,
     /// The profiles service, e.g. `http://127.0.0.1:50052`.
     pub profiles_url: String,
+    /// TLS towards the profiles service (for `https://` URLs).
+    pub profiles_tls: ClientTls,
     /// Members per `ExportAudience` message (and profiles read per page).
     pub export_chunk_size: u32,
 }
@@ -21,8 +26,10 @@ impl Default for SegmentsConfig {
     fn default() -> Self {
         SegmentsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50054)),
+            tls: ServerTls::default(),
             database: DatabaseConfig::default(),
             profiles_url: "http://127.0.0.1:50052".into(),
+            profiles_tls: ClientTls::default(),
             export_chunk_size: 1000,
         }
     }
@@ -31,6 +38,8 @@ impl Default for SegmentsConfig {
 impl Validate for SegmentsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("segments")?;
+        self.tls.validate("segments")?;
+        self.profiles_tls.validate("segments.profiles_tls")?;
         if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://"))
         {
             return Err(ConfigError::Invalid(

@@ -11,10 +11,10 @@ pub enum SegmentError {
     NameTaken(String),
     #[error("profiles service: {0}")]
     Profiles(Status),
-    #[error("configuration: {0}")]
-    Config(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("tls: {0}")]
+    Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -29,7 +29,7 @@ impl From<SegmentError> for Status {
                 tracing::warn!(code = ?status.code(), "profiles service failed during export");
                 Status::unavailable("the profiles service is unavailable")
             }
-            SegmentError::Config(_) | SegmentError::Corrupt(_) => internal("segments", &err),
+            SegmentError::Corrupt(_) | SegmentError::Tls(_) => internal("segments", &err),
             SegmentError::Database(ref db) => internal("segments database", db),
         }
     }

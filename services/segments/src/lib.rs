@@ -23,13 +23,16 @@ use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 /// serve. The profiles connection is lazy, so start order does not matter.
 pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentError> {
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
-    let channel = tonic::transport::Endpoint::from_shared(config.profiles_url.clone())
-        .map_err(|err| SegmentError::Config(format!("segments.profiles_url: {err}")))?
+    let channel = config
+        .profiles_tls
+        .endpoint(&config.profiles_url)?
         .connect_lazy();
     let api = SegmentApi::new(
         store::SegmentStore::new(db),
         ProfileServiceClient::new(channel),
         config.clone(),
     );
-    Ok(GrpcServer::new().add_service(api.into_server()))
+    Ok(GrpcServer::new()
+        .with_tls(config.tls.load()?)
+        .add_service(api.into_server()))
 }
