@@ -1,44 +1,23 @@
-//! Authorization layer: the caller's roles against the casbin RBAC policy
+//! Authorization: the caller's roles against the casbin RBAC policy
 //! for the gRPC method. A denied call never reaches its upstream.
 
-use std::task::{Context, Poll};
-
-use futures::future::{Either, Ready, ready};
-use http::{Request, Response};
+use http::Request;
 use tonic::Status;
 use tonic::body::Body;
-use tower::{Layer, Service};
 
+use crate::guard::{Check, GuardLayer};
 use crate::policy::{Policies, RBAC};
 use crate::route::grpc_method;
 use crate::token::Caller;
 
 #[derive(Clone)]
-pub struct AuthorizeLayer {
+pub struct Authorize {
     policies: Policies,
 }
 
-impl AuthorizeLayer {
-    pub fn new(policies: Policies) -> Self {
-        AuthorizeLayer { policies }
-    }
-}
-
-impl<S> Layer<S> for AuthorizeLayer {
-    type Service = Authorize<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Authorize {
-            inner,
-            policies: self.policies.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authorize<S> {
-    inner: S,
-    policies: Policies,
+/// The authorization layer.
+pub fn layer(policies: Policies) -> GuardLayer<Authorize> {
+    GuardLayer::new(Authorize { policies })
 }
 
 /// Decides whether `caller` may call `method`, with the status to answer
@@ -70,31 +49,16 @@ pub fn decide(policies: &Policies, caller: Option<&Caller>, method: &str) -> Res
     )))
 }
 
-impl<S> Service<Request<Body>> for Authorize<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Either<Ready<Result<Response<Body>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let decision = decide(
+impl Check for Authorize {
+    fn check(&self, request: &mut Request<Body>) -> Result<(), Status> {
+        decide(
             &self.policies,
             request.extensions().get::<Caller>(),
             request.uri().path(),
-        );
-        match decision {
-            Ok(()) => Either::Right(self.inner.call(request)),
-            Err(status) => {
-                metrics::counter!("madtech_gateway_denied_total", "code" => format!("{:?}", status.code()))
-                    .increment(1);
-                Either::Left(ready(Ok(status.into_http())))
-            }
-        }
+        )
+        .inspect_err(|status| {
+            metrics::counter!("madtech_gateway_denied_total", "code" => format!("{:?}", status.code()))
+                .increment(1);
+        })
     }
 }

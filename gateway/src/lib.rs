@@ -12,6 +12,7 @@ pub mod compliance;
 pub mod config;
 pub mod crossing;
 pub mod error;
+pub mod guard;
 pub mod observe;
 pub mod policy;
 pub mod ratelimit;
@@ -43,12 +44,10 @@ pub use config::GatewayConfig;
 pub use error::GatewayError;
 
 use crate::audit::AuditLog;
-use crate::authn::AuthenticateLayer;
-use crate::authz::AuthorizeLayer;
 use crate::crossing::{Crossing, Pseudonymiser};
 use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
-use crate::ratelimit::{RateLimitLayer, RateLimits};
+use crate::ratelimit::RateLimits;
 use crate::rescue::RescueLayer;
 use crate::route::Router;
 use crate::token::Verifier;
@@ -169,13 +168,13 @@ impl Gateway {
             .load_shed()
             .concurrency_limit(config.max_concurrent_requests)
             // Who is calling: a valid bearer token or UNAUTHENTICATED.
-            .layer(AuthenticateLayer::new(verifier))
+            .layer(authn::layer(verifier))
             // Within their role's budget, or RESOURCE_EXHAUSTED.
-            .layer(RateLimitLayer::new(Arc::new(RateLimits::new(
+            .layer(ratelimit::layer(Arc::new(RateLimits::new(
                 &config.rate_limits,
             ))))
             // May they call this method: the RBAC policy or PERMISSION_DENIED.
-            .layer(AuthorizeLayer::new(policies.clone()))
+            .layer(authz::layer(policies.clone()))
             // Where it goes: the crossing filter, a gateway service, or the
             // upstream that serves it.
             .service(router);

@@ -4,18 +4,15 @@
 //! budget is not limited. Placed after authentication, so it counts only
 //! callers it can name.
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::Request;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use futures::future::{Either, Ready, ready};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use http::{Request, Response};
 use tonic::Status;
 use tonic::body::Body;
-use tower::{Layer, Service};
 
+use crate::guard::{Check, GuardLayer};
 use crate::token::Caller;
 
 /// The budgets, one limiter per limited role.
@@ -58,55 +55,17 @@ impl RateLimits {
     }
 }
 
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    limits: Arc<RateLimits>,
+/// The rate-limit layer.
+pub fn layer(limits: Arc<RateLimits>) -> GuardLayer<Arc<RateLimits>> {
+    GuardLayer::new(limits)
 }
 
-impl RateLimitLayer {
-    pub fn new(limits: Arc<RateLimits>) -> Self {
-        RateLimitLayer { limits }
-    }
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            limits: Arc::clone(&self.limits),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    limits: Arc<RateLimits>,
-}
-
-impl<S> Service<Request<Body>> for RateLimit<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Either<Ready<Result<Response<Body>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let admitted = match request.extensions().get::<Caller>() {
-            Some(caller) => self.limits.admit(caller),
+impl Check for Arc<RateLimits> {
+    fn check(&self, request: &mut Request<Body>) -> Result<(), Status> {
+        match request.extensions().get::<Caller>() {
+            Some(caller) => self.admit(caller),
             // Authorization refuses callers without a name.
             None => Ok(()),
-        };
-        match admitted {
-            Ok(()) => Either::Right(self.inner.call(request)),
-            Err(status) => Either::Left(ready(Ok(status.into_http()))),
         }
     }
 }

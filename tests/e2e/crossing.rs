@@ -11,7 +11,6 @@ use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::gateway::v1::audit_service_client::AuditServiceClient;
 use madtech_proto::profiles::v1 as profiles_pb;
-use madtech_proto::segments::v1 as segments_pb;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -428,21 +427,7 @@ async fn a_merge_never_widens_consent() {
     );
 
     let segment = suite.region_segment("california", &["US-CA"]).await;
-    let mut stream = suite
-        .segments(suite.bearer(&["activation"]))
-        .export_audience(segments_pb::ExportAudienceRequest {
-            segment_id: segment.segment_id,
-            destination_id: "d".into(),
-            destination_kind: "file".into(),
-            purpose: "ad_targeting".into(),
-        })
-        .await
-        .expect("export")
-        .into_inner();
-    let mut crossed = 0;
-    while let Some(chunk) = stream.message().await.expect("chunk") {
-        crossed += chunk.members.len();
-    }
+    let crossed = suite.export(&segment.segment_id).await.len();
     assert_eq!(crossed, 0, "the merged-away opt-out still counts");
     suite.stop().await;
 }

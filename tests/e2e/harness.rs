@@ -130,6 +130,27 @@ impl Suite {
             .expect("segment")
     }
 
+    /// Exports `segment_id` for `ad_targeting` to a file destination as the
+    /// activation service does, and returns every member that crossed.
+    pub async fn export(&self, segment_id: &str) -> Vec<segments_pb::AudienceMember> {
+        let mut stream = self
+            .segments(self.bearer(&["activation"]))
+            .export_audience(segments_pb::ExportAudienceRequest {
+                segment_id: segment_id.into(),
+                destination_id: "d".into(),
+                destination_kind: "file".into(),
+                purpose: "ad_targeting".into(),
+            })
+            .await
+            .expect("export")
+            .into_inner();
+        let mut members = Vec::new();
+        while let Some(chunk) = stream.message().await.expect("chunk") {
+            members.extend(chunk.members);
+        }
+        members
+    }
+
     /// Stops the suite and waits for every component to drain.
     pub async fn stop(self) {
         self.running.stop().await.expect("suite ran cleanly");

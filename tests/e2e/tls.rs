@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use madtech_common::testing::Backend;
 use madtech_common::tls::{ClientTls, ServerTls};
 use madtech_proto::profiles::v1 as profiles_pb;
-use madtech_proto::segments::v1 as segments_pb;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::harness::Suite;
@@ -98,21 +97,7 @@ async fn the_suite_runs_on_mutual_tls_and_services_refuse_strangers() {
         .await
         .expect("upsert over TLS");
     let segment = suite.region_segment("california", &["US-CA"]).await;
-    let mut stream = suite
-        .segments(suite.bearer(&["activation"]))
-        .export_audience(segments_pb::ExportAudienceRequest {
-            segment_id: segment.segment_id,
-            destination_id: "d".into(),
-            destination_kind: "file".into(),
-            purpose: "ad_targeting".into(),
-        })
-        .await
-        .expect("export over TLS")
-        .into_inner();
-    let mut crossed = 0;
-    while let Some(chunk) = stream.message().await.expect("chunk") {
-        crossed += chunk.members.len();
-    }
+    let crossed = suite.export(&segment.segment_id).await.len();
     assert_eq!(crossed, 1);
 
     // A caller without a client certificate reaches no service, even with
