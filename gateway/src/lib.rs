@@ -56,7 +56,6 @@ use crate::token::Verifier;
 pub struct Gateway {
     routes: Routes,
     health: ServingHealth,
-    policies: Policies,
     reloader: Reloader,
     reload_interval: std::time::Duration,
 }
@@ -184,15 +183,9 @@ impl Gateway {
         Ok(Gateway {
             routes,
             health,
-            reloader: Reloader::new(&config.policy_dir, policies.clone()),
-            policies,
+            reloader: Reloader::new(&config.policy_dir, policies),
             reload_interval: config.policy_reload_interval,
         })
-    }
-
-    /// The policies in force.
-    pub fn policies(&self) -> &Policies {
-        &self.policies
     }
 
     /// Serves until `shutdown` is cancelled, putting each new valid policy

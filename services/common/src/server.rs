@@ -109,11 +109,6 @@ impl GrpcServer {
         self
     }
 
-    /// The health reporter, for components that report more than liveness.
-    pub fn health_reporter(&self) -> HealthReporter {
-        self.health.clone()
-    }
-
     /// The routes with health and reflection added, for components (the
     /// gateway) that add their own fallback before serving.
     pub fn into_routes(self) -> Result<(Routes, ServingHealth), ServeError> {
