@@ -39,6 +39,8 @@ pub struct GatewayConfig {
     pub max_concurrent_requests: usize,
     /// Require a token for the reflection service too.
     pub reflection_requires_token: bool,
+    /// The gateway's consent view, fed by the consent change stream.
+    pub consent_view: crate::consent_view::ConsentViewConfig,
     /// Calls per second per caller role on each gateway replica, e.g.
     /// `{ marketer = 50 }`; roles not named are not limited.
     pub rate_limits: std::collections::BTreeMap<String, u32>,
@@ -85,6 +87,7 @@ impl Default for GatewayConfig {
             max_concurrent_requests: 1024,
             reflection_requires_token: false,
             rate_limits: Default::default(),
+            consent_view: Default::default(),
         }
     }
 }

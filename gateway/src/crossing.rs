@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use consent_pb::consent_service_client::ConsentServiceClient;
 use futures::Stream;
 use hmac::{Hmac, Mac};
 use madtech_common::error::FieldError;
@@ -23,6 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog};
+use crate::consent_view::ConsentView;
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
@@ -285,7 +285,7 @@ pub struct Crossing {
     audit: Arc<AuditLog>,
     pseudonymiser: Pseudonymiser,
     segments: SegmentServiceClient<Channel>,
-    consent: ConsentServiceClient<Channel>,
+    consent: Arc<ConsentView>,
 }
 
 type Members = std::pin::Pin<
@@ -311,14 +311,14 @@ impl Crossing {
         audit: Arc<AuditLog>,
         pseudonymiser: Pseudonymiser,
         segments: Channel,
-        consent: Channel,
+        consent: Arc<ConsentView>,
     ) -> Self {
         Crossing {
             policies,
             audit,
             pseudonymiser,
             segments: SegmentServiceClient::new(segments),
-            consent: ConsentServiceClient::new(consent),
+            consent,
         }
     }
 
@@ -354,6 +354,8 @@ impl Crossing {
         let policy = self.policies.current().ok_or_else(|| {
             Status::failed_precondition("no valid policy set is loaded; nothing may cross")
         })?;
+        // Everything recorded before this call is reflected in what crosses.
+        let freshness = self.consent.freshness(deadline).await?;
         let upstream = self
             .segments
             .clone()
@@ -382,7 +384,7 @@ impl Crossing {
             },
             recorded: false,
         };
-        let mut consent = self.consent.clone();
+        let consent = Arc::clone(&self.consent);
         let stream = async_stream::stream! {
             let mut upstream = upstream;
             let outcome: Result<(), Status> = loop {
@@ -391,7 +393,7 @@ impl Crossing {
                     Ok(None) => break Ok(()),
                     Err(status) => break Err(status),
                 };
-                let states = match consent_states(&mut consent, &chunk.members, &request.purpose, deadline).await {
+                let states = match consent.states(&chunk.members, &request.purpose, freshness, deadline).await {
                     Ok(states) => states,
                     Err(status) => break Err(status),
                 };
@@ -428,7 +430,7 @@ impl Crossing {
 
 /// A request that must answer before `deadline`; DEADLINE_EXCEEDED when it
 /// has passed already.
-fn with_deadline<T>(
+pub(crate) fn with_deadline<T>(
     message: T,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<Request<T>, Status> {
@@ -464,81 +466,6 @@ pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
-}
-
-/// How restrictive a consent state is: the lower, the more restrictive.
-fn restrictiveness(state: consent_pb::ConsentState) -> u8 {
-    match state {
-        consent_pb::ConsentState::Denied => 0,
-        consent_pb::ConsentState::Unspecified => 1,
-        consent_pb::ConsentState::Unset => 2,
-        consent_pb::ConsentState::Granted => 3,
-    }
-}
-
-/// Each member's consent for `purpose`, in member order, in one call: the
-/// most restrictive state among the member and every profile merged into it,
-/// so a merge never widens consent.
-async fn consent_states(
-    consent: &mut ConsentServiceClient<Channel>,
-    members: &[segments_pb::AudienceMember],
-    purpose: &str,
-    deadline: Option<tokio::time::Instant>,
-) -> Result<Vec<consent_pb::ConsentState>, Status> {
-    if members.is_empty() {
-        return Ok(Vec::new());
-    }
-    let profile_ids: Vec<String> = members
-        .iter()
-        .flat_map(|m| std::iter::once(&m.profile_id).chain(&m.merged_profile_ids))
-        .cloned()
-        .collect();
-    let request = consent_pb::BatchGetConsentRequest {
-        profile_ids: profile_ids.clone(),
-        purposes: vec![purpose.to_string()],
-    };
-    let answer = consent
-        .batch_get_consent(with_deadline(request, deadline)?)
-        .await
-        .map_err(|status| {
-            tracing::warn!(code = ?status.code(), "consent lookup failed; nothing crosses");
-            Status::unavailable("the consent service is unavailable; nothing may cross")
-        })?
-        .into_inner();
-    if answer.subjects.len() != profile_ids.len() {
-        return Err(Status::internal(
-            "consent answered for the wrong number of people",
-        ));
-    }
-    // Fail closed: an answer that is not exactly about this person and this
-    // purpose stops the export.
-    let mut states = Vec::with_capacity(profile_ids.len());
-    for (id, subject) in profile_ids.iter().zip(&answer.subjects) {
-        if &subject.profile_id != id {
-            return Err(Status::internal("consent answered for someone else"));
-        }
-        let state = subject
-            .purposes
-            .iter()
-            .find(|p| p.purpose == purpose)
-            .map(|p| {
-                consent_pb::ConsentState::try_from(p.state)
-                    .unwrap_or(consent_pb::ConsentState::Unspecified)
-            })
-            .ok_or_else(|| Status::internal("consent did not answer for the purpose"))?;
-        states.push(state);
-    }
-    let mut states = states.into_iter();
-    Ok(members
-        .iter()
-        .map(|member| {
-            states
-                .by_ref()
-                .take(1 + member.merged_profile_ids.len())
-                .min_by_key(|state| restrictiveness(*state))
-                .unwrap_or(consent_pb::ConsentState::Unspecified)
-        })
-        .collect())
 }
 
 /// The filter of one export and the audit record it owes. The record is

@@ -10,6 +10,7 @@ pub mod authn;
 pub mod authz;
 pub mod compliance;
 pub mod config;
+pub mod consent_view;
 pub mod crossing;
 pub mod error;
 pub mod guard;
@@ -44,6 +45,7 @@ pub use config::GatewayConfig;
 pub use error::GatewayError;
 
 use crate::audit::AuditLog;
+use crate::consent_view::ConsentView;
 use crate::crossing::{Crossing, Pseudonymiser};
 use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
@@ -55,6 +57,7 @@ use crate::token::Verifier;
 /// A gateway ready to serve.
 pub struct Gateway {
     routes: Routes,
+    consent_view: Arc<ConsentView>,
     health: ServingHealth,
     reloader: Reloader,
     reload_interval: std::time::Duration,
@@ -123,12 +126,13 @@ impl Gateway {
             server = server.without_reflection();
         }
 
+        let consent_view = ConsentView::new(&config.consent_view, consent_channel);
         let crossing = Crossing::new(
             policies.clone(),
             audit,
             pseudonymiser,
             segments_channel,
-            consent_channel,
+            Arc::clone(&consent_view),
         );
         let router = Router::new(crossing, upstream_channels, local);
 
@@ -182,6 +186,7 @@ impl Gateway {
         let routes: Routes = routes.into_axum_router().fallback_service(stack).into();
         Ok(Gateway {
             routes,
+            consent_view,
             health,
             reloader: Reloader::new(&config.policy_dir, policies),
             reload_interval: config.policy_reload_interval,
@@ -196,8 +201,10 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<(), GatewayError> {
         let reloading = tokio::spawn(self.reloader.run(self.reload_interval, shutdown.clone()));
+        let following = tokio::spawn(self.consent_view.follow(shutdown.clone()));
         let served = serve_routes(self.routes, self.health, listener, shutdown).await;
         reloading.abort();
+        following.abort();
         served?;
         Ok(())
     }

@@ -6,6 +6,9 @@ use std::time::Duration;
 use madtech_common::testing::Backend;
 use madtech_proto::consent::v1 as consent_pb;
 
+use madtech_gateway::consent_view::{ConsentView, ConsentViewConfig, Freshness};
+use madtech_proto::segments::v1 as segments_pb;
+
 use crate::harness::Suite;
 
 fn choice(state: consent_pb::ConsentState) -> consent_pb::RecordConsentRequest {
@@ -93,5 +96,107 @@ async fn the_change_stream_resumes_from_a_cursor_and_follows_new_entries() {
         current.purposes[0].state(),
         consent_pb::ConsentState::Granted
     );
+    suite.stop().await;
+}
+
+fn member(id: &str, merged: &[&str]) -> segments_pb::AudienceMember {
+    segments_pb::AudienceMember {
+        profile_id: id.into(),
+        merged_profile_ids: merged.iter().map(|m| m.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The gateway's consent view against the real consent service: misses are
+/// asked for and remembered, the change stream keeps what it remembers
+/// current, a late import of an older choice changes nothing, and merged
+/// profiles never widen consent.
+#[tokio::test]
+async fn the_gateway_consent_view_follows_the_ledger() {
+    use consent_pb::ConsentState::{Denied, Granted, Unset};
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut consent = suite.consent(suite.bearer(&["admin"]));
+    consent
+        .record_consent(choice(Granted))
+        .await
+        .expect("grant before the view starts");
+
+    let channel =
+        tonic::transport::Endpoint::from_shared(suite.config.gateway.upstreams.consent.clone())
+            .expect("consent url")
+            .connect_lazy();
+    let view = ConsentView::new(&ConsentViewConfig::default(), channel);
+    let shutdown = madtech_common::CancellationToken::new();
+    let following = tokio::spawn(std::sync::Arc::clone(&view).follow(shutdown.clone()));
+
+    let fresh = view.freshness(None).await.expect("consent reachable");
+    assert_eq!(fresh, Freshness::Current);
+    assert_eq!(
+        view.remembered("analytics", "p-1"),
+        None,
+        "nothing asked yet"
+    );
+    let states = view
+        .states(
+            &[member("p-1", &[]), member("p-new", &[])],
+            "analytics",
+            fresh,
+            None,
+        )
+        .await
+        .expect("states");
+    assert_eq!(states, vec![Granted, Unset]);
+    assert_eq!(view.remembered("analytics", "p-1"), Some(Granted));
+    assert_eq!(view.remembered("analytics", "p-new"), Some(Unset));
+
+    // A withdrawal reaches the view through the change stream: the next
+    // crossing sees it without asking.
+    consent
+        .record_consent(choice(Denied))
+        .await
+        .expect("withdraw");
+    assert_eq!(
+        view.freshness(None).await.expect("fresh"),
+        Freshness::Current
+    );
+    assert_eq!(view.remembered("analytics", "p-1"), Some(Denied));
+
+    // Last year's grant, imported late, is evidence but not the state.
+    let mut late = choice(Granted);
+    late.source = consent_pb::ConsentSource::Import.into();
+    late.collected_at = Some(prost_types::Timestamp {
+        seconds: 1_600_000_000,
+        nanos: 0,
+    });
+    let written = consent
+        .record_consent(late)
+        .await
+        .expect("late import")
+        .into_inner();
+    assert!(!written.entries[0].effective);
+    assert_eq!(
+        view.freshness(None).await.expect("fresh"),
+        Freshness::Current
+    );
+    assert_eq!(view.remembered("analytics", "p-1"), Some(Denied));
+
+    // Someone who granted, merged with someone who withdrew, is denied.
+    let mut other = choice(Granted);
+    other.profile_id = "p-2".into();
+    consent.record_consent(other).await.expect("p-2 grants");
+    let fresh = view.freshness(None).await.expect("fresh");
+    let states = view
+        .states(
+            &[member("p-2", &["p-1"]), member("p-2", &[])],
+            "analytics",
+            fresh,
+            None,
+        )
+        .await
+        .expect("states");
+    assert_eq!(states, vec![Denied, Granted]);
+
+    shutdown.cancel();
+    following.await.expect("the follower stops");
     suite.stop().await;
 }

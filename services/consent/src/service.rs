@@ -151,6 +151,7 @@ fn entry_to_pb(entry: &Entry) -> pb::ConsentEntry {
         notice_version: entry.notice_version.clone(),
         collected_at: Some(from_micros(entry.collected_at_micros)),
         recorded_at: Some(from_micros(entry.recorded_at_micros)),
+        effective: entry.effective,
     }
 }
 
@@ -230,6 +231,15 @@ impl ConsentService for ConsentApi {
                     purposes: states_to_pb(&states),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn get_ledger_head(
+        &self,
+        _request: Request<pb::GetLedgerHeadRequest>,
+    ) -> Result<Response<pb::GetLedgerHeadResponse>, Status> {
+        Ok(Response::new(pb::GetLedgerHeadResponse {
+            cursor: self.ledger.head().await?,
         }))
     }
 

@@ -17,6 +17,8 @@ pub mod entry {
         pub notice_version: String,
         pub collected_at: i64,
         pub recorded_at: i64,
+        /// Whether this entry became the current state when appended.
+        pub effective: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

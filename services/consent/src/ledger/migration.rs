@@ -1,5 +1,5 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, big_pk_auto, string};
+use sea_orm_migration::schema::{big_integer, big_pk_auto, boolean, string};
 
 /// The consent service's schema, one migration per change.
 pub struct Migrator;
@@ -7,7 +7,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger), Box::new(CurrentByCollectionTime)]
+        vec![
+            Box::new(CreateLedger),
+            Box::new(CurrentByCollectionTime),
+            Box::new(EffectiveEntries),
+        ]
     }
 }
 
@@ -23,6 +27,7 @@ enum ConsentEntries {
     NoticeVersion,
     CollectedAt,
     RecordedAt,
+    Effective,
 }
 
 #[derive(DeriveIden)]
@@ -112,6 +117,31 @@ impl MigrationTrait for CurrentByCollectionTime {
                 Table::alter()
                     .table(ConsentCurrent::Table)
                     .add_column(big_integer(ConsentCurrent::CollectedAt).default(0))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Whether an entry became the current state when it was appended, so a
+/// watcher can keep current states without re-reading (a late import of an
+/// older choice is evidence, not a change).
+struct EffectiveEntries;
+
+impl MigrationName for EffectiveEntries {
+    fn name(&self) -> &str {
+        "m20261122_000003_effective_entries"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for EffectiveEntries {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ConsentEntries::Table)
+                    .add_column(boolean(ConsentEntries::Effective).default(true))
                     .to_owned(),
             )
             .await

@@ -106,6 +106,9 @@ pub struct Entry {
     pub notice_version: String,
     pub collected_at_micros: i64,
     pub recorded_at_micros: i64,
+    /// Whether this entry became the person's current state for the purpose
+    /// when it was appended; a late import of an older choice does not.
+    pub effective: bool,
 }
 
 /// A request to record choices for one person, validated.
@@ -163,6 +166,12 @@ impl Ledger {
         }
         let mut written = Vec::with_capacity(record.choices.len());
         for (purpose, choice) in &record.choices {
+            let collected_at = record.collected_at_micros.unwrap_or(now);
+            let newer_known =
+                current::Entity::find_by_id((record.profile_id.clone(), purpose.clone()))
+                    .one(&txn)
+                    .await?
+                    .is_some_and(|known| known.collected_at > collected_at);
             let row = entry::ActiveModel {
                 seq: sea_orm::NotSet,
                 profile_id: sea_orm::Set(record.profile_id.clone()),
@@ -171,16 +180,11 @@ impl Ledger {
                 source: sea_orm::Set(record.source.as_str().to_string()),
                 region: sea_orm::Set(record.region.clone()),
                 notice_version: sea_orm::Set(record.notice_version.clone()),
-                collected_at: sea_orm::Set(record.collected_at_micros.unwrap_or(now)),
+                collected_at: sea_orm::Set(collected_at),
                 recorded_at: sea_orm::Set(now),
+                effective: sea_orm::Set(!newer_known),
             };
             let seq = entry::Entity::insert(row).exec(&txn).await?.last_insert_id;
-            let collected_at = record.collected_at_micros.unwrap_or(now);
-            let newer_known =
-                current::Entity::find_by_id((record.profile_id.clone(), purpose.clone()))
-                    .one(&txn)
-                    .await?
-                    .is_some_and(|known| known.collected_at > collected_at);
             // An older choice arriving late (an import) is kept as evidence
             // but does not replace the newer one.
             if !newer_known {
@@ -211,8 +215,9 @@ impl Ledger {
                 source: record.source,
                 region: record.region.clone(),
                 notice_version: record.notice_version.clone(),
-                collected_at_micros: record.collected_at_micros.unwrap_or(now),
+                collected_at_micros: collected_at,
                 recorded_at_micros: now,
+                effective: !newer_known,
             });
         }
         txn.commit().await?;
@@ -280,6 +285,18 @@ impl Ledger {
             .collect()
     }
 
+    /// The cursor of the latest committed entry (0 for an empty ledger): a
+    /// watcher that has seen it has seen everything recorded so far.
+    pub async fn head(&self) -> Result<u64, ConsentError> {
+        let latest: Option<Option<i64>> = entry::Entity::find()
+            .select_only()
+            .column_as(entry::Column::Seq.max(), "head")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        cursor_of(latest.flatten().unwrap_or(0))
+    }
+
     /// Changes whenever this process appends; watchers wait on it.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.latest.subscribe()
@@ -301,6 +318,7 @@ fn entry_from_row(row: entry::Model) -> Result<Entry, ConsentError> {
         notice_version: row.notice_version,
         collected_at_micros: row.collected_at,
         recorded_at_micros: row.recorded_at,
+        effective: row.effective,
     })
 }
 

@@ -94,6 +94,7 @@ madtech_common::backend_tests!(
             written[0].cursor
         };
         let ledger = ledger(&db).await;
+        assert_eq!(ledger.head().await.expect("head"), first_cursor);
         ledger
             .record(record("p", &[("analytics", Choice::Denied)]))
             .await
@@ -105,11 +106,13 @@ madtech_common::backend_tests!(
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].choice, Choice::Denied);
         assert!(after[0].cursor > first_cursor);
+        assert_eq!(ledger.head().await.expect("head"), after[0].cursor);
     }
 );
 
 madtech_common::backend_tests!(appends_wake_subscribers, |db: TestDatabase| async move {
     let ledger = ledger(&db).await;
+    assert_eq!(ledger.head().await.expect("empty head"), 0);
     let mut watcher = ledger.subscribe();
     watcher.borrow_and_update();
     let written = ledger
@@ -142,10 +145,12 @@ madtech_common::backend_tests!(
             .await
             .expect("current");
         assert_eq!(current[0].1[0].state, State::Denied);
+        let evidence = ledger.entries_after(0, 10).await.expect("ledger");
+        assert_eq!(evidence.len(), 2, "both are evidence");
         assert_eq!(
-            ledger.entries_after(0, 10).await.expect("ledger").len(),
-            2,
-            "both are evidence"
+            evidence.iter().map(|e| e.effective).collect::<Vec<_>>(),
+            vec![true, false],
+            "watchers learn the late grant changed nothing"
         );
         ledger
             .record(at(3_000, Choice::Granted))

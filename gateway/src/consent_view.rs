@@ -1,0 +1,491 @@
+//! The gateway's view of consent: the current state per (person, purpose),
+//! kept fresh by the consent service's change stream and filled on demand by
+//! batch lookups, so a crossing rarely waits on the consent service.
+//!
+//! Three rules keep the view from ever being staler than the ledger was when
+//! a crossing started:
+//! - Every crossing first asks for the ledger head and waits until the change
+//!   stream has delivered it; if it does not arrive in time, the crossing
+//!   asks the consent service for every member instead of trusting the view.
+//! - Only entries that became the current state (`effective`) change the
+//!   view, and current states change in cursor order, so the entry with the
+//!   higher cursor is always the newer state, whichever path brought it.
+//! - When the view is full it is emptied and its generation bumped; a batch
+//!   answer that was in flight across that is used once, not remembered.
+//!
+//! Fail closed: an unreachable consent service stops the crossing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use consent_pb::consent_service_client::ConsentServiceClient;
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::crossing::with_deadline;
+
+/// The consent service answers at most this many people per batch.
+const MAX_BATCH: usize = 10_000;
+
+/// How the gateway keeps its view of consent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsentViewConfig {
+    /// (person, purpose) states remembered; past this the view starts over.
+    /// About 80 bytes each.
+    pub capacity: usize,
+    /// How long a crossing waits for the change stream to catch up with the
+    /// ledger before it asks the consent service about every member instead.
+    #[serde(with = "humantime_serde")]
+    pub freshness_timeout: Duration,
+}
+
+impl Default for ConsentViewConfig {
+    fn default() -> Self {
+        ConsentViewConfig {
+            capacity: 1_000_000,
+            freshness_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A known current state and the ledger entry behind it (0 for unset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Known {
+    state: consent_pb::ConsentState,
+    cursor: u64,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// By purpose, then person: a chunk looks its purpose up once.
+    by_purpose: HashMap<Box<str>, HashMap<Box<str>, Known>>,
+    len: usize,
+    /// Bumped whenever the cache is emptied.
+    generation: u64,
+}
+
+impl Cache {
+    /// Remembers `known` unless a newer state is known already.
+    fn learn(&mut self, capacity: usize, purpose: &str, person: &str, known: Known) {
+        if let Some(current) = self
+            .by_purpose
+            .get_mut(purpose)
+            .and_then(|people| people.get_mut(person))
+        {
+            if known.cursor >= current.cursor {
+                *current = known;
+            }
+            return;
+        }
+        if self.len >= capacity {
+            self.by_purpose.clear();
+            self.len = 0;
+            self.generation += 1;
+        }
+        self.by_purpose
+            .entry(purpose.into())
+            .or_default()
+            .insert(person.into(), known);
+        self.len += 1;
+    }
+}
+
+/// The view, shared by every crossing and fed by one watcher task.
+pub struct ConsentView {
+    cache: Mutex<Cache>,
+    capacity: usize,
+    freshness_timeout: Duration,
+    /// The last ledger cursor the change stream delivered.
+    seen: watch::Sender<u64>,
+    client: ConsentServiceClient<Channel>,
+}
+
+/// How one crossing reads consent, decided when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The view has seen the ledger as it was when the crossing started.
+    Current,
+    /// The view lags: every member is asked for.
+    Lagging,
+}
+
+impl ConsentView {
+    pub fn new(config: &ConsentViewConfig, consent: Channel) -> Arc<Self> {
+        Arc::new(ConsentView {
+            cache: Mutex::new(Cache::default()),
+            capacity: config.capacity.max(1),
+            freshness_timeout: config.freshness_timeout,
+            seen: watch::channel(0).0,
+            client: ConsentServiceClient::new(consent),
+        })
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves at worst a half-learned
+        // state, which the next newer entry overwrites; keep serving.
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Follows the change stream until `shutdown`, from the ledger head at
+    /// start, resuming from the last cursor after any disconnect.
+    pub async fn follow(self: Arc<Self>, shutdown: madtech_common::CancellationToken) {
+        let mut backoff = Backoff::default();
+        let mut position = None;
+        loop {
+            let run = async {
+                let after = match position {
+                    Some(cursor) => cursor,
+                    None => {
+                        let head = self.head(None).await?;
+                        position = Some(head);
+                        self.seen.send_replace(head);
+                        head
+                    }
+                };
+                let request = consent_pb::WatchConsentChangesRequest {
+                    after_cursor: after,
+                };
+                let mut stream = self
+                    .client
+                    .clone()
+                    .watch_consent_changes(request)
+                    .await?
+                    .into_inner();
+                while let Some(change) = stream.message().await? {
+                    backoff.reset();
+                    if let Some(entry) = change.entry {
+                        self.apply(&entry);
+                        position = Some(entry.cursor);
+                    }
+                }
+                Ok::<(), Status>(())
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ended = run => {
+                    match ended {
+                        Ok(()) => tracing::warn!("the consent change stream ended; resuming"),
+                        Err(status) => tracing::warn!(code = ?status.code(), "the consent change stream failed; resuming"),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next()) => {}
+            }
+        }
+    }
+
+    /// What the view holds for a person and purpose, if anything.
+    pub fn remembered(&self, purpose: &str, person: &str) -> Option<consent_pb::ConsentState> {
+        let cache = self.cache();
+        cache
+            .by_purpose
+            .get(purpose)
+            .and_then(|people| people.get(person))
+            .map(|known| known.state)
+    }
+
+    /// Takes one ledger entry from the change stream into the view.
+    fn apply(&self, entry: &consent_pb::ConsentEntry) {
+        if entry.effective {
+            let state = consent_pb::ConsentState::try_from(entry.state)
+                .unwrap_or(consent_pb::ConsentState::Unspecified);
+            let mut cache = self.cache();
+            if state == consent_pb::ConsentState::Unspecified {
+                // Nothing is remembered that could not be decided on; the
+                // person is asked for afresh next time.
+                if let Some(people) = cache.by_purpose.get_mut(entry.purpose.as_str())
+                    && people.remove(entry.profile_id.as_str()).is_some()
+                {
+                    cache.len -= 1;
+                }
+            } else {
+                cache.learn(
+                    self.capacity,
+                    &entry.purpose,
+                    &entry.profile_id,
+                    Known {
+                        state,
+                        cursor: entry.cursor,
+                    },
+                );
+            }
+            metrics::gauge!("madtech_gateway_consent_view_entries").set(cache.len as f64);
+        }
+        self.seen.send_replace(entry.cursor);
+        metrics::gauge!("madtech_gateway_consent_view_cursor").set(entry.cursor as f64);
+    }
+
+    async fn head(&self, deadline: Option<Instant>) -> Result<u64, Status> {
+        Ok(self
+            .client
+            .clone()
+            .get_ledger_head(with_deadline(
+                consent_pb::GetLedgerHeadRequest {},
+                deadline,
+            )?)
+            .await?
+            .into_inner()
+            .cursor)
+    }
+
+    /// Called when a crossing starts: may it read from the view?
+    pub async fn freshness(&self, deadline: Option<Instant>) -> Result<Freshness, Status> {
+        let head = self.head(deadline).await.map_err(unavailable)?;
+        let mut seen = self.seen.subscribe();
+        let mut wait_until = Instant::now() + self.freshness_timeout;
+        if let Some(deadline) = deadline {
+            wait_until = wait_until.min(deadline);
+        }
+        let caught_up =
+            tokio::time::timeout_at(wait_until, seen.wait_for(|cursor| *cursor >= head));
+        match caught_up.await {
+            Ok(Ok(_)) => Ok(Freshness::Current),
+            _ => {
+                tracing::warn!(
+                    head,
+                    seen = *self.seen.borrow(),
+                    "the consent view lags the ledger; this crossing asks for every member"
+                );
+                metrics::counter!("madtech_gateway_consent_view_lagging_total").increment(1);
+                Ok(Freshness::Lagging)
+            }
+        }
+    }
+
+    /// Each member's consent for `purpose`, in member order: the most
+    /// restrictive state among the member and every profile merged into it,
+    /// so a merge never widens consent.
+    pub async fn states(
+        &self,
+        members: &[segments_pb::AudienceMember],
+        purpose: &str,
+        freshness: Freshness,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<consent_pb::ConsentState>, Status> {
+        let people = || {
+            members
+                .iter()
+                .flat_map(|m| std::iter::once(&m.profile_id).chain(&m.merged_profile_ids))
+        };
+        let mut known: HashMap<&str, Known> = HashMap::with_capacity(members.len());
+        let mut missing: Vec<&str> = Vec::new();
+        let generation = {
+            let cache = self.cache();
+            let cached = match freshness {
+                Freshness::Current => cache.by_purpose.get(purpose),
+                Freshness::Lagging => None,
+            };
+            for person in people() {
+                match cached.and_then(|by_person| by_person.get(person.as_str())) {
+                    Some(state) => {
+                        known.insert(person, *state);
+                    }
+                    None => {
+                        if !known.contains_key(person.as_str()) {
+                            // Marked so a person listed twice is asked once.
+                            known.insert(person, UNKNOWN);
+                            missing.push(person);
+                        }
+                    }
+                }
+            }
+            cache.generation
+        };
+        metrics::counter!("madtech_gateway_consent_view_lookups_total", "result" => "hit")
+            .increment((known.len() - missing.len()) as u64);
+        metrics::counter!("madtech_gateway_consent_view_lookups_total", "result" => "miss")
+            .increment(missing.len() as u64);
+
+        for batch in missing.chunks(MAX_BATCH) {
+            let answers = self.lookup(batch, purpose, deadline).await?;
+            let mut cache = self.cache();
+            let remember = freshness == Freshness::Current && cache.generation == generation;
+            for (person, answer) in batch.iter().zip(answers) {
+                if remember && answer.state != consent_pb::ConsentState::Unspecified {
+                    cache.learn(self.capacity, purpose, person, answer);
+                }
+                known.insert(person, answer);
+            }
+        }
+
+        Ok(members
+            .iter()
+            .map(|member| {
+                std::iter::once(&member.profile_id)
+                    .chain(&member.merged_profile_ids)
+                    .map(|person| {
+                        known
+                            .get(person.as_str())
+                            .map_or(UNKNOWN.state, |k| k.state)
+                    })
+                    .min_by_key(|state| restrictiveness(*state))
+                    .unwrap_or(consent_pb::ConsentState::Unspecified)
+            })
+            .collect())
+    }
+
+    /// Asks the consent service, failing closed on anything but an answer
+    /// exactly about these people and this purpose.
+    async fn lookup(
+        &self,
+        people: &[&str],
+        purpose: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Known>, Status> {
+        let request = consent_pb::BatchGetConsentRequest {
+            profile_ids: people.iter().map(|p| p.to_string()).collect(),
+            purposes: vec![purpose.to_string()],
+        };
+        let answer = self
+            .client
+            .clone()
+            .batch_get_consent(with_deadline(request, deadline)?)
+            .await
+            .map_err(unavailable)?
+            .into_inner();
+        if answer.subjects.len() != people.len() {
+            return Err(Status::internal(
+                "consent answered for the wrong number of people",
+            ));
+        }
+        people
+            .iter()
+            .zip(&answer.subjects)
+            .map(|(person, subject)| {
+                if subject.profile_id != *person {
+                    return Err(Status::internal("consent answered for someone else"));
+                }
+                subject
+                    .purposes
+                    .iter()
+                    .find(|p| p.purpose == purpose)
+                    .map(|p| Known {
+                        state: consent_pb::ConsentState::try_from(p.state)
+                            .unwrap_or(consent_pb::ConsentState::Unspecified),
+                        cursor: p.cursor,
+                    })
+                    .ok_or_else(|| Status::internal("consent did not answer for the purpose"))
+            })
+            .collect()
+    }
+}
+
+const UNKNOWN: Known = Known {
+    state: consent_pb::ConsentState::Unspecified,
+    cursor: 0,
+};
+
+fn unavailable(status: Status) -> Status {
+    tracing::warn!(code = ?status.code(), "consent lookup failed; nothing crosses");
+    Status::unavailable("the consent service is unavailable; nothing may cross")
+}
+
+/// How restrictive a consent state is: the lower, the more restrictive.
+fn restrictiveness(state: consent_pb::ConsentState) -> u8 {
+    match state {
+        consent_pb::ConsentState::Denied => 0,
+        consent_pb::ConsentState::Unspecified => 1,
+        consent_pb::ConsentState::Unset => 2,
+        consent_pb::ConsentState::Granted => 3,
+    }
+}
+
+/// Exponential backoff between reconnects: 100 ms doubling to 5 s.
+#[derive(Default)]
+struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let delay = Duration::from_millis(100) * 2u32.saturating_pow(self.attempts.min(6));
+        self.attempts = self.attempts.saturating_add(1);
+        delay.min(Duration::from_secs(5))
+    }
+
+    fn reset(&mut self) {
+        self.attempts = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consent_pb::ConsentState::{Denied, Granted, Unset};
+
+    fn known(state: consent_pb::ConsentState, cursor: u64) -> Known {
+        Known { state, cursor }
+    }
+
+    fn get(cache: &Cache, purpose: &str, person: &str) -> Option<Known> {
+        cache.by_purpose.get(purpose)?.get(person).copied()
+    }
+
+    #[test]
+    fn the_higher_cursor_wins_whichever_arrives_first() {
+        let mut cache = Cache::default();
+        // The change stream delivers a withdrawal before an older batch
+        // answer lands: the withdrawal stands.
+        cache.learn(10, "ads", "p1", known(Denied, 7));
+        cache.learn(10, "ads", "p1", known(Granted, 3));
+        assert_eq!(get(&cache, "ads", "p1"), Some(known(Denied, 7)));
+        // An unset answer (cursor 0) never hides a recorded choice.
+        cache.learn(10, "ads", "p1", known(Unset, 0));
+        assert_eq!(get(&cache, "ads", "p1"), Some(known(Denied, 7)));
+        // A newer choice replaces it.
+        cache.learn(10, "ads", "p1", known(Granted, 9));
+        assert_eq!(get(&cache, "ads", "p1"), Some(known(Granted, 9)));
+        assert_eq!(get(&cache, "other", "p1"), None, "purposes are apart");
+        assert_eq!(cache.len, 1);
+    }
+
+    #[test]
+    fn a_full_cache_starts_over_in_a_new_generation() {
+        let mut cache = Cache::default();
+        cache.learn(2, "ads", "p1", known(Granted, 1));
+        cache.learn(2, "ads", "p2", known(Granted, 2));
+        assert_eq!(cache.generation, 0);
+        cache.learn(2, "ads", "p3", known(Denied, 3));
+        assert_eq!(cache.generation, 1);
+        assert_eq!(cache.len, 1);
+        assert_eq!(get(&cache, "ads", "p1"), None);
+        assert_eq!(get(&cache, "ads", "p3"), Some(known(Denied, 3)));
+    }
+
+    #[test]
+    fn merged_profiles_never_widen_consent() {
+        let order = [
+            Granted,
+            Unset,
+            consent_pb::ConsentState::Unspecified,
+            Denied,
+        ];
+        for (i, a) in order.iter().enumerate() {
+            for b in &order[i..] {
+                assert!(restrictiveness(*b) <= restrictiveness(*a), "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next()).collect();
+        assert_eq!(delays[0], Duration::from_millis(100));
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(delays[9], Duration::from_secs(5));
+        backoff.reset();
+        assert_eq!(backoff.next(), Duration::from_millis(100));
+    }
+}
