@@ -37,6 +37,9 @@ pub struct GatewayConfig {
     /// Calls handled at once; more are refused with UNAVAILABLE at once
     /// rather than queued.
     pub max_concurrent_requests: usize,
+    /// The largest gRPC message a caller may send (each message of a stream
+    /// counts alone); larger ones are refused with RESOURCE_EXHAUSTED.
+    pub max_request_message_bytes: usize,
     /// Require a token for the reflection service too.
     pub reflection_requires_token: bool,
     /// The gateway's consent view, fed by the consent change stream.
@@ -86,6 +89,7 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 1024,
             reflection_requires_token: false,
+            max_request_message_bytes: 4 * 1024 * 1024,
             rate_limits: Default::default(),
             consent_view: Default::default(),
         }
@@ -154,10 +158,11 @@ impl Validate for GatewayConfig {
         }
         if self.request_timeout.is_zero()
             || self.max_concurrent_requests == 0
+            || self.max_request_message_bytes == 0
             || self.policy_reload_interval.is_zero()
         {
             return Err(ConfigError::Invalid(
-                "gateway.request_timeout, max_concurrent_requests and policy_reload_interval must be positive"
+                "gateway.request_timeout, max_concurrent_requests, max_request_message_bytes and policy_reload_interval must be positive"
                     .into(),
             ));
         }

@@ -14,6 +14,7 @@ pub mod consent_view;
 pub mod crossing;
 pub mod error;
 pub mod guard;
+pub mod limit;
 pub mod observe;
 pub mod policy;
 pub mod ratelimit;
@@ -170,6 +171,9 @@ impl Gateway {
             // callers retry elsewhere and the gateway stays responsive.
             .load_shed()
             .concurrency_limit(config.max_concurrent_requests)
+            // No message larger than the limit reaches anything below; the
+            // caller gets RESOURCE_EXHAUSTED naming the sizes.
+            .layer(limit::MessageLimitLayer::new(config.max_request_message_bytes))
             // Who is calling: a valid bearer token or UNAUTHENTICATED.
             .layer(authn::layer(verifier))
             // Within their role's budget, or RESOURCE_EXHAUSTED.

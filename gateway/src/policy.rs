@@ -441,6 +441,7 @@ pub struct Policies(Arc<ArcSwapOption<PolicySet>>);
 
 impl Policies {
     pub fn new(set: PolicySet) -> Self {
+        report_in_force(None, &set.version);
         Policies(Arc::new(ArcSwapOption::from_pointee(set)))
     }
 
@@ -452,8 +453,19 @@ impl Policies {
 
     /// Puts `set` in force for every request that starts from now on.
     pub fn replace(&self, set: PolicySet) {
-        self.0.store(Some(Arc::new(set)));
+        let version = set.version.clone();
+        let previous = self.0.swap(Some(Arc::new(set)));
+        report_in_force(previous.as_ref().map(|p| p.version.as_str()), &version);
     }
+}
+
+/// `madtech_gateway_policy_info{version}` is 1 for the set in force and 0
+/// for the one it replaced, so dashboards and alerts see which set decides.
+fn report_in_force(previous: Option<&str>, version: &str) {
+    if let Some(previous) = previous.filter(|p| *p != version) {
+        metrics::gauge!("madtech_gateway_policy_info", "version" => previous.to_string()).set(0.0);
+    }
+    metrics::gauge!("madtech_gateway_policy_info", "version" => version.to_string()).set(1.0);
 }
 
 #[cfg(test)]

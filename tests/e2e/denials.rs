@@ -582,3 +582,36 @@ async fn a_role_past_its_rate_limit_is_told_to_slow_down() {
     assert_eq!(status.code(), Code::NotFound);
     suite.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_and_changes_nothing() {
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.gateway.max_request_message_bytes = 1024;
+    })
+    .await;
+    let mut profiles = suite.profiles(suite.bearer(&["admin"]));
+    let mut oversized = upsert_request("big@example.com");
+    oversized.traits.insert(
+        "notes".into(),
+        profiles_pb::TraitValue {
+            value: Some(profiles_pb::trait_value::Value::StringValue("x".repeat(4096))),
+        },
+    );
+    let status = profiles
+        .upsert_profile(oversized)
+        .await
+        .expect_err("larger than the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("1024"), "{}", status.message());
+    // The connection still serves, and nothing was written.
+    let status = profiles
+        .get_profile(get_by_email("big@example.com"))
+        .await
+        .expect_err("nothing was created");
+    assert_eq!(status.code(), Code::NotFound);
+    profiles
+        .upsert_profile(upsert_request("small@example.com"))
+        .await
+        .expect("a message within the limit passes");
+    suite.stop().await;
+}
