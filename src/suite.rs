@@ -177,7 +177,7 @@ impl InProcess {
             let shutdown = shutdown.clone();
             async move { run(&config, listeners, shutdown).await }
         });
-        let suite = InProcess {
+        let mut suite = InProcess {
             config,
             shutdown,
             task: Some(task),
@@ -186,7 +186,7 @@ impl InProcess {
         Ok(suite)
     }
 
-    async fn wait_until_serving(&self) -> anyhow::Result<()> {
+    async fn wait_until_serving(&mut self) -> anyhow::Result<()> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let c = &self.config;
@@ -219,6 +219,11 @@ impl InProcess {
                     .await;
                 if matches!(&answer, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
                     break;
+                }
+                // A component that failed to start says why, at once.
+                if let Some(task) = self.task.take_if(|task| task.is_finished()) {
+                    task.await??;
+                    anyhow::bail!("the suite stopped before it was serving");
                 }
                 attempts += 1;
                 if attempts > 400 {

@@ -63,8 +63,12 @@ pub struct Upstreams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// The issuer's Ed25519 public key (SPKI PEM); tokens must be EdDSA.
+    /// An Ed25519 public key (SPKI PEM) that verifies EdDSA tokens.
     pub public_key_file: PathBuf,
+    /// More public keys (PEM), each pinned to its algorithms.
+    pub keys: Vec<crate::keys::KeyFile>,
+    /// The issuer's JWKS document, fetched at start and refreshed.
+    pub jwks: Option<crate::keys::JwksConfig>,
     /// Required `iss` claim.
     pub issuer: String,
     /// Required `aud` claim.
@@ -111,6 +115,8 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             public_key_file: PathBuf::new(),
+            keys: Vec::new(),
+            jwks: None,
             issuer: "madtech-dev".into(),
             audience: "madtech".into(),
             leeway: Duration::from_secs(30),
@@ -138,12 +144,42 @@ impl Validate for GatewayConfig {
         }
         let required = [
             ("gateway.policy_dir", &self.policy_dir),
-            ("gateway.auth.public_key_file", &self.auth.public_key_file),
             ("gateway.pseudonym_key_file", &self.pseudonym_key_file),
         ];
         for (name, path) in required {
             if path.as_os_str().is_empty() {
                 return Err(ConfigError::Invalid(format!("{name} is required")));
+            }
+        }
+        if self.auth.public_key_file.as_os_str().is_empty()
+            && self.auth.keys.is_empty()
+            && self.auth.jwks.is_none()
+        {
+            return Err(ConfigError::Invalid(
+                "gateway.auth needs public_key_file, keys or jwks to verify tokens".into(),
+            ));
+        }
+        for (i, key) in self.auth.keys.iter().enumerate() {
+            if key.algorithms.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "gateway.auth.keys[{i}].algorithms must name the key's algorithms"
+                )));
+            }
+            for name in &key.algorithms {
+                crate::keys::signature_algorithm(name).map_err(|err| {
+                    ConfigError::Invalid(format!("gateway.auth.keys[{i}]: {err}"))
+                })?;
+            }
+        }
+        if let Some(jwks) = &self.auth.jwks {
+            if jwks.source.is_empty() || jwks.refresh.is_zero() {
+                return Err(ConfigError::Invalid(
+                    "gateway.auth.jwks needs a source and a positive refresh".into(),
+                ));
+            }
+            for name in &jwks.algorithms {
+                crate::keys::signature_algorithm(name)
+                    .map_err(|err| ConfigError::Invalid(format!("gateway.auth.jwks: {err}")))?;
             }
         }
         if let Some((role, _)) = self.rate_limits.iter().find(|(_, rate)| **rate == 0) {

@@ -1,4 +1,5 @@
 use crate::crossing::KeyError;
+use crate::keys::KeyError as TokenKeyError;
 use crate::policy::PolicyError;
 use crate::token::TokenError;
 
@@ -9,6 +10,8 @@ pub enum GatewayError {
     Policy(#[from] PolicyError),
     #[error("token verification: {0}")]
     Token(#[from] TokenError),
+    #[error("token keys: {0}")]
+    TokenKeys(#[from] TokenKeyError),
     #[error("pseudonymisation: {0}")]
     Key(#[from] KeyError),
     #[error("tls: {0}")]

@@ -14,6 +14,7 @@ pub mod consent_view;
 pub mod crossing;
 pub mod error;
 pub mod guard;
+pub mod keys;
 pub mod limit;
 pub mod observe;
 pub mod policy;
@@ -48,6 +49,7 @@ pub use error::GatewayError;
 use crate::audit::AuditLog;
 use crate::consent_view::ConsentView;
 use crate::crossing::{Crossing, Pseudonymiser};
+use crate::keys::{JwksRefresher, KeySet, VerificationKey};
 use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
 use crate::ratelimit::RateLimits;
@@ -58,6 +60,7 @@ use crate::token::Verifier;
 /// A gateway ready to serve.
 pub struct Gateway {
     routes: Routes,
+    jwks: Option<JwksRefresher>,
     consent_view: Arc<ConsentView>,
     health: ServingHealth,
     reloader: Reloader,
@@ -70,12 +73,28 @@ impl Gateway {
     /// start serving.
     pub async fn build(config: &GatewayConfig) -> Result<Gateway, GatewayError> {
         let policies = Policies::new(PolicySet::load(&config.policy_dir).await?);
-        let verifier = Arc::new(Verifier::from_public_key_file(
-            &config.auth.public_key_file,
+        let mut fixed_keys = Vec::new();
+        if !config.auth.public_key_file.as_os_str().is_empty() {
+            fixed_keys.push(VerificationKey::ed25519_pem_file(
+                &config.auth.public_key_file,
+            )?);
+        }
+        for key in &config.auth.keys {
+            fixed_keys.push(VerificationKey::pem_file(key)?);
+        }
+        let (keys, jwks) = match &config.auth.jwks {
+            Some(jwks) => {
+                let (refresher, keys) = JwksRefresher::start(jwks.clone(), fixed_keys).await?;
+                (keys, Some(refresher))
+            }
+            None => (KeySet::new(fixed_keys), None),
+        };
+        let verifier = Arc::new(Verifier::new(
+            keys,
             &config.auth.issuer,
             &config.auth.audience,
             config.auth.leeway,
-        )?);
+        ));
         let pseudonymiser = Pseudonymiser::from_hex_file(&config.pseudonym_key_file)?;
         let audit = Arc::new(AuditLog::new(
             connect_and_migrate::<audit::Migrator>(&config.audit_database).await?,
@@ -173,7 +192,9 @@ impl Gateway {
             .concurrency_limit(config.max_concurrent_requests)
             // No message larger than the limit reaches anything below; the
             // caller gets RESOURCE_EXHAUSTED naming the sizes.
-            .layer(limit::MessageLimitLayer::new(config.max_request_message_bytes))
+            .layer(limit::MessageLimitLayer::new(
+                config.max_request_message_bytes,
+            ))
             // Who is calling: a valid bearer token or UNAUTHENTICATED.
             .layer(authn::layer(verifier))
             // Within their role's budget, or RESOURCE_EXHAUSTED.
@@ -190,6 +211,7 @@ impl Gateway {
         let routes: Routes = routes.into_axum_router().fallback_service(stack).into();
         Ok(Gateway {
             routes,
+            jwks,
             consent_view,
             health,
             reloader: Reloader::new(&config.policy_dir, policies),
@@ -206,9 +228,15 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let reloading = tokio::spawn(self.reloader.run(self.reload_interval, shutdown.clone()));
         let following = tokio::spawn(self.consent_view.follow(shutdown.clone()));
+        let refreshing = self
+            .jwks
+            .map(|jwks| tokio::spawn(jwks.run(shutdown.clone())));
         let served = serve_routes(self.routes, self.health, listener, shutdown).await;
         reloading.abort();
         following.abort();
+        if let Some(refreshing) = refreshing {
+            refreshing.abort();
+        }
         served?;
         Ok(())
     }

@@ -253,9 +253,7 @@ mod tests {
         for split in 0..body.len() {
             let mut framing = Framing::default();
             let (a, b) = body.split_at(split);
-            let found = framing
-                .advance(a, 100)
-                .or_else(|| framing.advance(b, 100));
+            let found = framing.advance(a, 100).or_else(|| framing.advance(b, 100));
             assert_eq!(found, Some(200), "split at {split}");
         }
         let mut framing = Framing::default();

@@ -1,12 +1,15 @@
-//! Bearer tokens: the claims MadTech expects, their verification (EdDSA
-//! only, so no `none` and no HS/RS confusion), and minting with development
-//! keys for `madtech up` and `madtech token`.
+//! Bearer tokens: the claims MadTech expects, their verification against the
+//! key set (`keys.rs`: algorithms pinned per key, so no `none` and no HS/RS
+//! confusion), and minting with development keys for `madtech up` and
+//! `madtech token`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use crate::keys::{KeyError, KeySet, VerificationKey};
 
 /// The claims of a MadTech bearer token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,9 +67,9 @@ pub enum Rejected {
     Invalid,
 }
 
-/// Verifies tokens against one EdDSA public key, issuer and audience.
+/// Verifies tokens against the key set, issuer and audience.
 pub struct Verifier {
-    key: DecodingKey,
+    keys: KeySet,
     validation: Validation,
     /// Tokens verified already, with their expiry: a caller presents the same
     /// token on every call, and a signature check costs far more than a lookup.
@@ -84,32 +87,31 @@ fn unix_now() -> u64 {
 }
 
 impl Verifier {
-    pub fn from_public_key_file(
-        path: &Path,
-        issuer: &str,
-        audience: &str,
-        leeway: Duration,
-    ) -> Result<Self, TokenError> {
-        let pem = std::fs::read(path).map_err(|source| TokenError::ReadKey {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let key = DecodingKey::from_ed_pem(&pem).map_err(|err| TokenError::InvalidKey {
-            path: path.to_path_buf(),
-            reason: err.to_string(),
-        })?;
-        // The algorithm is pinned by the key, never taken from the token.
+    pub fn new(keys: KeySet, issuer: &str, audience: &str, leeway: Duration) -> Self {
+        // The algorithm list is set per key at verification time; this one
+        // only carries the claim checks.
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = leeway.as_secs();
-        Ok(Verifier {
-            key,
+        Verifier {
+            keys,
             validation,
             verified: std::sync::RwLock::new(std::collections::HashMap::new()),
-        })
+        }
+    }
+
+    /// A verifier for one Ed25519 public key (EdDSA only).
+    pub fn from_public_key_file(
+        path: &Path,
+        issuer: &str,
+        audience: &str,
+        leeway: Duration,
+    ) -> Result<Self, KeyError> {
+        let key = VerificationKey::ed25519_pem_file(path)?;
+        Ok(Self::new(KeySet::new(vec![key]), issuer, audience, leeway))
     }
 
     /// The caller behind an `authorization` header value.
@@ -131,23 +133,46 @@ impl Verifier {
         {
             return Ok(caller.clone());
         }
-        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => {
-                let caller = Caller {
-                    subject: data.claims.sub,
-                    roles: data.claims.roles,
-                };
-                if let Ok(mut verified) = self.verified.write() {
-                    if verified.len() >= MAX_REMEMBERED_TOKENS {
-                        verified.clear();
-                    }
-                    verified.insert(token.to_string(), (caller.clone(), data.claims.exp));
+        // `alg: none` and unknown algorithms fail here already.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Rejected::Invalid)?;
+        let keys = self.keys.current();
+        // A token naming a key is tried against that key (and keys without
+        // an id); the algorithm must be one the key is pinned to.
+        let candidates = keys.iter().filter(|key| {
+            key.algorithms.contains(&header.alg)
+                && match (&header.kid, &key.kid) {
+                    (Some(wanted), Some(kid)) => wanted == kid,
+                    _ => true,
                 }
-                Ok(caller)
+        });
+        for key in candidates {
+            let mut validation = self.validation.clone();
+            validation.algorithms = vec![header.alg];
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    let caller = Caller {
+                        subject: data.claims.sub,
+                        roles: data.claims.roles,
+                    };
+                    if let Ok(mut verified) = self.verified.write() {
+                        if verified.len() >= MAX_REMEMBERED_TOKENS {
+                            verified.clear();
+                        }
+                        verified.insert(token.to_string(), (caller.clone(), data.claims.exp));
+                    }
+                    return Ok(caller);
+                }
+                Err(err) if matches!(err.kind(), ErrorKind::ExpiredSignature) => {
+                    return Err(Rejected::Expired);
+                }
+                // Claims were wrong on a good signature: no other key helps.
+                Err(err) if !matches!(err.kind(), ErrorKind::InvalidSignature) => {
+                    return Err(Rejected::Invalid);
+                }
+                Err(_) => {}
             }
-            Err(err) if matches!(err.kind(), ErrorKind::ExpiredSignature) => Err(Rejected::Expired),
-            Err(_) => Err(Rejected::Invalid),
         }
+        Err(Rejected::Invalid)
     }
 }
 

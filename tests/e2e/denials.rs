@@ -594,7 +594,9 @@ async fn an_oversized_message_is_refused_and_changes_nothing() {
     oversized.traits.insert(
         "notes".into(),
         profiles_pb::TraitValue {
-            value: Some(profiles_pb::trait_value::Value::StringValue("x".repeat(4096))),
+            value: Some(profiles_pb::trait_value::Value::StringValue(
+                "x".repeat(4096),
+            )),
         },
     );
     let status = profiles

@@ -6,5 +6,6 @@ mod consent;
 mod crossing;
 mod denials;
 mod harness;
+mod keys;
 mod manifests;
 mod tls;
