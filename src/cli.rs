@@ -57,6 +57,23 @@ enum Command {
     /// Test, explain, lint and compare the casbin policies (for compliance).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Decode consent signals (TCF v2 TC strings, GPP strings, US Privacy
+    /// strings).
+    #[command(subcommand)]
+    Signal(SignalCommand),
+}
+
+#[derive(Subcommand)]
+enum SignalCommand {
+    /// Print a signal as JSON (snake_case IAB field names; TCF strings list
+    /// what makes them invalid under TCF 2.2 in `problems`). A malformed
+    /// string exits non-zero with the reason on stderr.
+    Decode {
+        signal: String,
+        /// The signal's kind when it should not be detected: tcf, gpp or usp.
+        #[arg(long)]
+        kind: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -218,6 +235,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate(cli.config.as_deref(), overrides, args).await,
         Command::Token(args) => token(cli.config.as_deref(), overrides, args),
         Command::Policy(command) => policy(command).await,
+        Command::Signal(SignalCommand::Decode { signal, kind }) => {
+            println!("{}", decode_signal(&signal, kind.as_deref())?);
+            Ok(())
+        }
     }
 }
 
@@ -438,6 +459,15 @@ fn token(
     .context("loading the development signing key")?;
     println!("{}", signer.mint(&args.subject, &args.roles, args.ttl)?);
     Ok(())
+}
+
+/// A consent signal decoded to pretty JSON.
+pub fn decode_signal(signal: &str, kind: Option<&str>) -> anyhow::Result<String> {
+    let kind = kind
+        .map(str::parse::<madtech_signals::SignalKind>)
+        .transpose()?;
+    let decoded = madtech_signals::decode(signal.trim(), kind)?;
+    Ok(serde_json::to_string_pretty(&decoded)?)
 }
 
 async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
