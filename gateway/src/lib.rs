@@ -19,6 +19,7 @@ pub mod limit;
 pub mod observe;
 pub mod policy;
 pub mod ratelimit;
+pub mod release;
 pub mod rescue;
 pub mod route;
 pub mod token;
@@ -129,6 +130,13 @@ impl Gateway {
             (
                 gateway_pb::v1::audit_service_server::SERVICE_NAME,
                 BoxedGrpcService::new(api::AuditApi::new(Arc::clone(&audit)).into_server()),
+            ),
+            (
+                gateway_pb::v1::consent_release_service_server::SERVICE_NAME,
+                BoxedGrpcService::new(
+                    release::ConsentReleaseApi::new(pseudonymiser.clone(), consent_channel.clone())
+                        .into_server(),
+                ),
             ),
         ]);
 

@@ -200,3 +200,81 @@ async fn the_gateway_consent_view_follows_the_ledger() {
     following.await.expect("the follower stops");
     suite.stop().await;
 }
+
+/// The adtech zone follows consent changes under the pseudonymous ids the
+/// crossing gave each destination, never profile ids; other roles may not.
+#[tokio::test]
+async fn activation_follows_consent_releases_under_pseudonyms() {
+    use madtech_proto::gateway::v1 as gateway_pb;
+    use madtech_proto::gateway::v1::consent_release_service_client::ConsentReleaseServiceClient;
+    let suite = Suite::start(Backend::Sqlite).await;
+    let key = madtech_gateway::crossing::Pseudonymiser::from_hex_file(
+        &suite.config.gateway.pseudonym_key_file,
+    )
+    .expect("the suite's pseudonym key");
+    let request = gateway_pb::WatchConsentReleasesRequest {
+        destination_ids: vec!["meta-1".into(), "file-1".into()],
+        after_cursor: 0,
+    };
+    let mut releases = ConsentReleaseServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["activation"]),
+    )
+    .watch_consent_releases(request.clone())
+    .await
+    .expect("activation may follow releases")
+    .into_inner();
+
+    let written = suite
+        .consent(suite.bearer(&["admin"]))
+        .record_consent(choice(consent_pb::ConsentState::Denied))
+        .await
+        .expect("withdraw")
+        .into_inner();
+    let released = tokio::time::timeout(Duration::from_secs(10), releases.message())
+        .await
+        .expect("a release arrives")
+        .expect("stream healthy")
+        .expect("stream open");
+    assert_eq!(released.cursor, written.entries[0].cursor);
+    let got: Vec<(String, String, String, consent_pb::ConsentState)> = released
+        .releases
+        .iter()
+        .map(|r| {
+            (
+                r.destination_id.clone(),
+                r.pseudonymous_id.clone(),
+                r.purpose.clone(),
+                r.state(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "meta-1".into(),
+                key.pseudonym("meta-1", "p-1"),
+                "analytics".into(),
+                consent_pb::ConsentState::Denied
+            ),
+            (
+                "file-1".into(),
+                key.pseudonym("file-1", "p-1"),
+                "analytics".into(),
+                consent_pb::ConsentState::Denied
+            ),
+        ]
+    );
+    assert!(!format!("{released:?}").contains("p-1"));
+
+    let status = ConsentReleaseServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["marketer"]),
+    )
+    .watch_consent_releases(request)
+    .await
+    .expect_err("marketers may not");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    suite.stop().await;
+}

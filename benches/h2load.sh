@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Unary gRPC pass-through under h2load, in one run: GetProfile straight to the
+# profiles service, through the gateway (JWT + RBAC + routing) with a role
+# that is allowed and with one that is denied, and through nginx `grpc_pass`
+# (upstream keepalive) in front of the same service. Also: a policy reload
+# during a gateway run, and the suite's peak RSS.
+#
+#   bash benches/h2load.sh            # needs nginx and h2load (Debian: nginx, nghttp2-client)
+#
+# h2load counts a gRPC error as HTTP 200, so every path is first called once
+# and its grpc-status checked. Rounds alternate between paths; medians are
+# reported. Latency percentiles come from h2load's per-request log.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+CLIENTS=${CLIENTS:-16}
+STREAMS=${STREAMS:-8}
+
+cd "$(dirname "$0")/.."
+for tool in nginx h2load python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nginx nghttp2-client)" >&2; exit 1; }
+done
+cargo build --release -q --bin madtech
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+madtech="$target_dir/release/madtech"
+
+work=$(mktemp -d /dev/shm/madtech-h2load.XXXXXX 2>/dev/null || mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The policies are copied so the reload test can change them.
+cp -r policies "$work/policies"
+"$madtech" up --data-dir "$work/data" --policy-dir "$work/policies" >"$work/suite.log" 2>&1 &
+suite_pid=$!
+pids+=("$suite_pid")
+for _ in $(seq 1 200); do
+  (echo >/dev/tcp/127.0.0.1/50051) 2>/dev/null && (echo >/dev/tcp/127.0.0.1/50052) 2>/dev/null && break
+  sleep 0.1
+done
+sleep 1
+
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream profiles { server 127.0.0.1:50052; keepalive 64; }
+  server {
+    listen 127.0.0.1:50090 http2;
+    location / { grpc_pass grpc://profiles; }
+  }
+}
+EOF
+nginx -c "$work/nginx.conf" -g 'daemon off;' &
+pids+=("$!")
+sleep 0.5
+
+admin=$("$madtech" token --data-dir "$work/data" --role admin)
+denied=$("$madtech" token --data-dir "$work/data" --role activation)
+
+# gRPC message bodies: 1 flag byte, 4-byte big-endian length, protobuf.
+python3 - "$work" <<'EOF'
+import struct, sys
+work = sys.argv[1]
+def string(field, text):
+    data = text.encode()
+    return bytes([field << 3 | 2, len(data)]) + data
+def message(field, body):
+    return bytes([field << 3 | 2, len(body)]) + body
+identifier = string(1, "email") + string(2, "bench@example.com")
+upsert = message(1, identifier) + string(3, "FR")
+get = message(2, identifier)
+for name, body in [("upsert", upsert), ("get", get)]:
+    with open(f"{work}/{name}.bin", "wb") as f:
+        f.write(b"\x00" + struct.pack(">I", len(body)) + body)
+EOF
+
+grpc_headers=(-H 'content-type: application/grpc' -H 'te: trailers')
+path_url() {
+  case $1 in
+    direct) echo "http://127.0.0.1:50052/madtech.profiles.v1.ProfileService/$2" ;;
+    nginx) echo "http://127.0.0.1:50090/madtech.profiles.v1.ProfileService/$2" ;;
+    gateway|denied) echo "http://127.0.0.1:50051/madtech.profiles.v1.ProfileService/$2" ;;
+  esac
+}
+auth_for() {
+  case $1 in
+    gateway) echo "authorization: Bearer $admin" ;;
+    denied) echo "authorization: Bearer $denied" ;;
+    *) echo "x-bench: 1" ;;
+  esac
+}
+
+# The profile to read, created once through the gateway.
+h2load -n 1 -c 1 "${grpc_headers[@]}" -H "$(auth_for gateway)" -d "$work/upsert.bin" \
+  "$(path_url gateway UpsertProfile)" >/dev/null
+
+# One call per path with its grpc-status (h2load does not look at trailers).
+check() {
+  local path=$1 want=$2 got
+  got=$(h2load -n 1 -c 1 -v "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/get.bin" \
+    "$(path_url "$path" GetProfile)" 2>&1 | sed -n 's/.*grpc-status: \([0-9]*\).*/\1/p' | head -1)
+  if [ "$got" != "$want" ]; then
+    echo "$path: grpc-status ${got:-none}, expected $want" >&2
+    exit 1
+  fi
+}
+check direct 0
+check nginx 0
+check gateway 0
+check denied 7
+
+# Runs h2load against a path; prints "requests/s p50_us p99_us failed".
+load() {
+  local path=$1; shift
+  local log="$work/$path.log"
+  rm -f "$log"
+  local out
+  out=$(h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$DURATION" --warm-up-time=1 "$@" \
+    "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/get.bin" --log-file="$log" \
+    "$(path_url "$path" GetProfile)")
+  local rps failed
+  rps=$(echo "$out" | sed -n 's/^finished in .* \([0-9.]*\) req\/s.*/\1/p')
+  failed=$(echo "$out" | sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p')
+  python3 - "$log" "$rps" "${failed:-0}" <<'EOF'
+import sys
+times = sorted(int(line.split("\t")[2]) for line in open(sys.argv[1]) if line.strip())
+pick = lambda p: times[min(len(times) - 1, int(p * len(times)))]
+print(sys.argv[2], pick(0.50), pick(0.99), sys.argv[3])
+EOF
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+paths=(direct gateway denied nginx)
+declare -A full
+echo "# Unary GetProfile under h2load ($ROUNDS rounds, ${DURATION}s each, $CLIENTS connections x $STREAMS streams)"
+for round in $(seq 1 "$ROUNDS"); do
+  for path in "${paths[@]}"; do
+    full[$path]+="$(load "$path")"$'\n'
+  done
+done
+echo
+echo "## Full load"
+echo "| path | req/s | p50 µs | p99 µs | failed |"
+echo "|---|---|---|---|---|"
+declare -A best
+for path in "${paths[@]}"; do
+  rps=$(echo -n "${full[$path]}" | awk '{print $1}' | median)
+  p50=$(echo -n "${full[$path]}" | awk '{print $2}' | median)
+  p99=$(echo -n "${full[$path]}" | awk '{print $3}' | median)
+  failed=$(echo -n "${full[$path]}" | awk '{s+=$4} END {print s}')
+  best[$path]=$rps
+  echo "| $path | $rps | $p50 | $p99 | $failed |"
+done
+ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+echo
+echo "gateway / direct: $(ratio "${best[gateway]}" "${best[direct]}")"
+echo "gateway / nginx: $(ratio "${best[gateway]}" "${best[nginx]}")"
+echo "nginx / direct: $(ratio "${best[nginx]}" "${best[direct]}")"
+echo "denied / allowed (gateway): $(ratio "${best[denied]}" "${best[gateway]}")"
+
+# Half of the direct path's maximum, offered to every path: the latency a
+# hop adds when nothing queues.
+half=$(python3 -c "print(max(1, int(float(${best[direct]}) / 2 / $CLIENTS)))")
+declare -A halfload
+for round in $(seq 1 "$ROUNDS"); do
+  for path in direct gateway nginx; do
+    halfload[$path]+="$(load "$path" --rps="$half")"$'\n'
+  done
+done
+echo
+echo "## Half of direct's maximum ($((half * CLIENTS)) req/s offered)"
+echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs |"
+echo "|---|---|---|---|---|"
+d50=$(echo -n "${halfload[direct]}" | awk '{print $2}' | median)
+d99=$(echo -n "${halfload[direct]}" | awk '{print $3}' | median)
+for path in direct gateway nginx; do
+  p50=$(echo -n "${halfload[$path]}" | awk '{print $2}' | median)
+  p99=$(echo -n "${halfload[$path]}" | awk '{print $3}' | median)
+  echo "| $path | $p50 | $p99 | $(python3 -c "print(int($p50 - $d50))") | $(python3 -c "print(int($p99 - $d99))") |"
+done
+
+# A policy reload in the middle of a gateway run: a comment changes the set's
+# version, the gateway swaps it in; no call may fail.
+(
+  sleep $((DURATION / 2))
+  echo "# reloaded during the benchmark" >>"$work/policies/rbac_policy.csv"
+) &
+reload=$(load gateway)
+echo
+echo "## Policy reload during a gateway run"
+echo "req/s p50 p99 failed: $reload"
+grep -q "new policy set in force" "$work/suite.log" && echo "the new set was put in force during the run"
+
+peak=$(awk '/VmHWM/ {print $2}' "/proc/$suite_pid/status")
+echo
+echo "peak RSS of the suite process (every service and the gateway): $((peak / 1024)) MiB"
