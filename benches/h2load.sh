@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Unary gRPC pass-through under h2load, in one run: GetProfile straight to the
-# profiles service, through the gateway (JWT + RBAC + routing) with a role
-# that is allowed and with one that is denied, and through nginx `grpc_pass`
-# (upstream keepalive) in front of the same service. Also: a policy reload
-# during a gateway run, and the suite's peak RSS.
+# profiles service, through the gateway (its own process: JWT + RBAC +
+# routing) with a role that is allowed and with one that is denied, and
+# through nginx `grpc_pass` (upstream keepalive) in front of the same
+# service; once as a real lookup and once answered before any database work.
+# Also: a policy reload during a gateway run, and peak RSS per process.
 #
 #   bash benches/h2load.sh            # needs nginx and h2load (Debian: nginx, nghttp2-client)
 #
@@ -45,6 +46,20 @@ for _ in $(seq 1 200); do
 done
 sleep 1
 
+# The gateway measured runs as its own process (as nginx does), in front of
+# the suite's services, so its memory can be read alone.
+MADTECH_GATEWAY__POLICY_DIR="$work/policies" \
+MADTECH_GATEWAY__AUTH__PUBLIC_KEY_FILE="$work/data/jwt-public-key.pem" \
+MADTECH_GATEWAY__PSEUDONYM_KEY_FILE="$work/data/pseudonym.key" \
+MADTECH_GATEWAY__AUDIT_DATABASE__URL="sqlite://$work/gateway-audit.db?mode=rwc" \
+  "$madtech" serve gateway --listen 127.0.0.1:50061 >"$work/gateway.log" 2>&1 &
+gateway_pid=$!
+pids+=("$gateway_pid")
+for _ in $(seq 1 100); do
+  (echo >/dev/tcp/127.0.0.1/50061) 2>/dev/null && break
+  sleep 0.1
+done
+
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 pid $work/nginx.pid;
@@ -78,7 +93,9 @@ def message(field, body):
 identifier = string(1, "email") + string(2, "bench@example.com")
 upsert = message(1, identifier) + string(3, "FR")
 get = message(2, identifier)
-for name, body in [("upsert", upsert), ("get", get)]:
+# An empty GetProfileRequest: the service answers INVALID_ARGUMENT before any
+# database work, so only the hops are measured.
+for name, body in [("upsert", upsert), ("get", get), ("empty", b"")]:
     with open(f"{work}/{name}.bin", "wb") as f:
         f.write(b"\x00" + struct.pack(">I", len(body)) + body)
 EOF
@@ -88,7 +105,7 @@ path_url() {
   case $1 in
     direct) echo "http://127.0.0.1:50052/madtech.profiles.v1.ProfileService/$2" ;;
     nginx) echo "http://127.0.0.1:50090/madtech.profiles.v1.ProfileService/$2" ;;
-    gateway|denied) echo "http://127.0.0.1:50051/madtech.profiles.v1.ProfileService/$2" ;;
+    gateway|denied) echo "http://127.0.0.1:50061/madtech.profiles.v1.ProfileService/$2" ;;
   esac
 }
 auth_for() {
@@ -103,20 +120,27 @@ auth_for() {
 h2load -n 1 -c 1 "${grpc_headers[@]}" -H "$(auth_for gateway)" -d "$work/upsert.bin" \
   "$(path_url gateway UpsertProfile)" >/dev/null
 
-# One call per path with its grpc-status (h2load does not look at trailers).
+# One call per path with its grpc-status. h2load prints response headers but
+# not trailers: an error answers trailers-only (grpc-status in the headers),
+# while a success sends its message and then grpc-status 0 in the trailers.
 check() {
-  local path=$1 want=$2 got
-  got=$(h2load -n 1 -c 1 -v "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/get.bin" \
-    "$(path_url "$path" GetProfile)" 2>&1 | sed -n 's/.*grpc-status: \([0-9]*\).*/\1/p' | head -1)
+  local path=$1 body=$2 want=$3 out got
+  out=$(h2load -n 1 -c 1 -v "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/$body.bin" \
+    "$(path_url "$path" GetProfile)" 2>&1)
+  got=$(echo "$out" | sed -n 's/.*grpc-status: \([0-9]*\).*/\1/p' | head -1)
+  if [ -z "$got" ] && echo "$out" | grep -q '^traffic: .* [1-9][0-9]*B ([0-9]*) data'; then
+    got=0
+  fi
   if [ "$got" != "$want" ]; then
-    echo "$path: grpc-status ${got:-none}, expected $want" >&2
+    echo "$path $body: grpc-status ${got:-none}, expected $want" >&2
     exit 1
   fi
 }
-check direct 0
-check nginx 0
-check gateway 0
-check denied 7
+for path in direct nginx gateway; do
+  check "$path" get 0
+  check "$path" empty 3
+done
+check denied get 7
 
 # Runs h2load against a path; prints "requests/s p50_us p99_us failed".
 load() {
@@ -125,7 +149,7 @@ load() {
   rm -f "$log"
   local out
   out=$(h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$DURATION" --warm-up-time=1 "$@" \
-    "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/get.bin" --log-file="$log" \
+    "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/$BODY.bin" --log-file="$log" \
     "$(path_url "$path" GetProfile)")
   local rps failed
   rps=$(echo "$out" | sed -n 's/^finished in .* \([0-9.]*\) req\/s.*/\1/p')
@@ -140,54 +164,60 @@ EOF
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-paths=(direct gateway denied nginx)
-declare -A full
-echo "# Unary GetProfile under h2load ($ROUNDS rounds, ${DURATION}s each, $CLIENTS connections x $STREAMS streams)"
-for round in $(seq 1 "$ROUNDS"); do
+measure() {
+  paths=(direct gateway denied nginx)
+  declare -A full
+  echo
+  echo "# $TITLE ($ROUNDS rounds, ${DURATION}s each, $CLIENTS connections x $STREAMS streams)"
+  for round in $(seq 1 "$ROUNDS"); do
+    for path in "${paths[@]}"; do
+      full[$path]+="$(load "$path")"$'\n'
+    done
+  done
+  echo
+  echo "## Full load"
+  echo "| path | req/s | p50 µs | p99 µs | failed |"
+  echo "|---|---|---|---|---|"
+  declare -A best
   for path in "${paths[@]}"; do
-    full[$path]+="$(load "$path")"$'\n'
+    rps=$(echo -n "${full[$path]}" | awk '{print $1}' | median)
+    p50=$(echo -n "${full[$path]}" | awk '{print $2}' | median)
+    p99=$(echo -n "${full[$path]}" | awk '{print $3}' | median)
+    failed=$(echo -n "${full[$path]}" | awk '{s+=$4} END {print s}')
+    best[$path]=$rps
+    echo "| $path | $rps | $p50 | $p99 | $failed |"
   done
-done
-echo
-echo "## Full load"
-echo "| path | req/s | p50 µs | p99 µs | failed |"
-echo "|---|---|---|---|---|"
-declare -A best
-for path in "${paths[@]}"; do
-  rps=$(echo -n "${full[$path]}" | awk '{print $1}' | median)
-  p50=$(echo -n "${full[$path]}" | awk '{print $2}' | median)
-  p99=$(echo -n "${full[$path]}" | awk '{print $3}' | median)
-  failed=$(echo -n "${full[$path]}" | awk '{s+=$4} END {print s}')
-  best[$path]=$rps
-  echo "| $path | $rps | $p50 | $p99 | $failed |"
-done
-ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
-echo
-echo "gateway / direct: $(ratio "${best[gateway]}" "${best[direct]}")"
-echo "gateway / nginx: $(ratio "${best[gateway]}" "${best[nginx]}")"
-echo "nginx / direct: $(ratio "${best[nginx]}" "${best[direct]}")"
-echo "denied / allowed (gateway): $(ratio "${best[denied]}" "${best[gateway]}")"
+  ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+  echo
+  echo "gateway / direct: $(ratio "${best[gateway]}" "${best[direct]}")"
+  echo "gateway / nginx: $(ratio "${best[gateway]}" "${best[nginx]}")"
+  echo "nginx / direct: $(ratio "${best[nginx]}" "${best[direct]}")"
+  echo "denied / allowed (gateway): $(ratio "${best[denied]}" "${best[gateway]}")"
 
-# Half of the direct path's maximum, offered to every path: the latency a
-# hop adds when nothing queues.
-half=$(python3 -c "print(max(1, int(float(${best[direct]}) / 2 / $CLIENTS)))")
-declare -A halfload
-for round in $(seq 1 "$ROUNDS"); do
-  for path in direct gateway nginx; do
-    halfload[$path]+="$(load "$path" --rps="$half")"$'\n'
+  # Half of the direct path's maximum, offered to every path: the latency a
+  # hop adds when nothing queues.
+  half=$(python3 -c "print(max(1, int(float(${best[direct]}) / 2 / $CLIENTS)))")
+  declare -A halfload
+  for round in $(seq 1 "$ROUNDS"); do
+    for path in direct gateway nginx; do
+      halfload[$path]+="$(load "$path" --rps="$half")"$'\n'
+    done
   done
-done
-echo
-echo "## Half of direct's maximum ($((half * CLIENTS)) req/s offered)"
-echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs |"
-echo "|---|---|---|---|---|"
-d50=$(echo -n "${halfload[direct]}" | awk '{print $2}' | median)
-d99=$(echo -n "${halfload[direct]}" | awk '{print $3}' | median)
-for path in direct gateway nginx; do
-  p50=$(echo -n "${halfload[$path]}" | awk '{print $2}' | median)
-  p99=$(echo -n "${halfload[$path]}" | awk '{print $3}' | median)
-  echo "| $path | $p50 | $p99 | $(python3 -c "print(int($p50 - $d50))") | $(python3 -c "print(int($p99 - $d99))") |"
-done
+  echo
+  echo "## Half of direct's maximum ($((half * CLIENTS)) req/s offered)"
+  echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs |"
+  echo "|---|---|---|---|---|"
+  d50=$(echo -n "${halfload[direct]}" | awk '{print $2}' | median)
+  d99=$(echo -n "${halfload[direct]}" | awk '{print $3}' | median)
+  for path in direct gateway nginx; do
+    p50=$(echo -n "${halfload[$path]}" | awk '{print $2}' | median)
+    p99=$(echo -n "${halfload[$path]}" | awk '{print $3}' | median)
+    echo "| $path | $p50 | $p99 | $(python3 -c "print(int($p50 - $d50))") | $(python3 -c "print(int($p99 - $d99))") |"
+  done
+}
+
+BODY=get TITLE="GetProfile by email (a real lookup in the profiles service)" measure
+BODY=empty TITLE="GetProfile with no lookup (INVALID_ARGUMENT from the service, no database work: the hops alone)" measure
 
 # A policy reload in the middle of a gateway run: a comment changes the set's
 # version, the gateway swaps it in; no call may fail.
@@ -195,12 +225,17 @@ done
   sleep $((DURATION / 2))
   echo "# reloaded during the benchmark" >>"$work/policies/rbac_policy.csv"
 ) &
-reload=$(load gateway)
+reload=$(BODY=get load gateway)
 echo
 echo "## Policy reload during a gateway run"
 echo "req/s p50 p99 failed: $reload"
-grep -q "new policy set in force" "$work/suite.log" && echo "the new set was put in force during the run"
+grep -q "new policy set in force" "$work/gateway.log" && echo "the new set was put in force during the run"
 
-peak=$(awk '/VmHWM/ {print $2}' "/proc/$suite_pid/status")
+suite_peak=$(awk '/VmHWM/ {print $2}' "/proc/$suite_pid/status")
+gateway_peak=$(awk '/VmHWM/ {print $2}' "/proc/$gateway_pid/status")
+nginx_peak=$(awk '/VmHWM/ {s+=$2} END {print s}' $(pgrep -f "nginx: " | sed 's#.*#/proc/&/status#'))
 echo
-echo "peak RSS of the suite process (every service and the gateway): $((peak / 1024)) MiB"
+echo "## Peak RSS"
+echo "- gateway process: $((gateway_peak / 1024)) MiB"
+echo "- nginx (master and worker): $((nginx_peak / 1024)) MiB"
+echo "- the services' process (madtech up, its own idle gateway included): $((suite_peak / 1024)) MiB"

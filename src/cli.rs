@@ -61,6 +61,41 @@ enum Command {
     /// strings).
     #[command(subcommand)]
     Signal(SignalCommand),
+    /// Read and verify the gateway's audit trail of crossings (role
+    /// `compliance`).
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The gateway's URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// A bearer token with the `compliance` role.
+    #[arg(long, env = "MADTECH_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print audit records after a sequence number, one JSON object per line.
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Recompute the hash chain; fails unless it is intact and holds the
+    /// anchor (a sequence number and hash kept from an earlier run).
+    Verify {
+        #[arg(long, requires = "anchor_hash")]
+        anchor_seq: Option<u64>,
+        #[arg(long, requires = "anchor_seq")]
+        anchor_hash: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate(cli.config.as_deref(), overrides, args).await,
         Command::Token(args) => token(cli.config.as_deref(), overrides, args),
         Command::Policy(command) => policy(command).await,
+        Command::Audit(args) => audit(args).await,
         Command::Signal(SignalCommand::Decode { signal, kind }) => {
             println!("{}", decode_signal(&signal, kind.as_deref())?);
             Ok(())
@@ -458,6 +494,88 @@ fn token(
     )
     .context("loading the development signing key")?;
     println!("{}", signer.mint(&args.subject, &args.roles, args.ttl)?);
+    Ok(())
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    use madtech_proto::gateway::v1 as pb;
+    use pb::audit_service_client::AuditServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
+        .context("--gateway")?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.gateway))?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", args.token)
+        .parse()
+        .context("--token")?;
+    let mut client =
+        AuditServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            Ok(request)
+        });
+    match args.command {
+        AuditCommand::List { after, limit } => {
+            let records = client
+                .list_audit_records(pb::ListAuditRecordsRequest {
+                    after_seq: after,
+                    page_size: limit,
+                })
+                .await?
+                .into_inner()
+                .records;
+            for record in records {
+                println!(
+                    "{}",
+                    json!({
+                        "seq": record.seq,
+                        "recorded_at": record.recorded_at.map(|t| t.to_string()),
+                        "caller": record.caller,
+                        "method": record.method,
+                        "segment_id": record.segment_id,
+                        "destination_id": record.destination_id,
+                        "destination_kind": record.destination_kind,
+                        "purpose": record.purpose,
+                        "policy_version": record.policy_version,
+                        "outcome": record.outcome,
+                        "allowed": record.allowed,
+                        "denied": record.denied,
+                        "identifiers_stripped": record.identifiers_stripped,
+                        "released_digest": record.released_digest,
+                        "previous_hash": record.previous_hash,
+                        "hash": record.hash,
+                    })
+                );
+            }
+        }
+        AuditCommand::Verify {
+            anchor_seq,
+            anchor_hash,
+        } => {
+            let verified = client
+                .verify_audit_chain(pb::VerifyAuditChainRequest {
+                    anchor_seq: anchor_seq.unwrap_or(0),
+                    anchor_hash: anchor_hash.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{} records checked; head {} {}",
+                verified.records_checked, verified.last_seq, verified.last_hash
+            );
+            if verified.first_broken_seq != 0 {
+                bail!("the chain breaks at record {}", verified.first_broken_seq);
+            }
+            if anchor_seq.is_some() && !verified.anchor_matched {
+                bail!("the anchor is not in the chain: records were removed or rewritten");
+            }
+            if !verified.intact {
+                bail!("the audit chain is not intact");
+            }
+            println!("intact");
+        }
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use pb::audit_service_server::{AuditService, AuditServiceServer};
 use pb::policy_service_server::{PolicyService, PolicyServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditLog, Record};
+use crate::audit::{Anchor, AuditLog, Record};
 use crate::policy::Policies;
 
 #[derive(Clone)]
@@ -114,17 +114,34 @@ impl AuditService for AuditApi {
 
     async fn verify_audit_chain(
         &self,
-        _request: Request<pb::VerifyAuditChainRequest>,
+        request: Request<pb::VerifyAuditChainRequest>,
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
+        let request = request.into_inner();
+        let anchor = match (request.anchor_seq, request.anchor_hash.as_str()) {
+            (0, "") => None,
+            (0, _) => return Err(FieldError::new("anchor_seq", "required with anchor_hash").into()),
+            (_, hash) if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                return Err(FieldError::new("anchor_hash", "must be 64 hex digits").into());
+            }
+            (seq, hash) => Some(Anchor {
+                seq,
+                hash: hash.to_ascii_lowercase(),
+            }),
+        };
         let verification = self
             .log
-            .verify()
+            .verify(anchor.as_ref())
             .await
             .map_err(|err| internal("audit log", &err))?;
+        let (last_seq, last_hash) = verification.head.clone().unwrap_or_default();
         Ok(Response::new(pb::VerifyAuditChainResponse {
-            intact: verification.first_broken.is_none(),
+            intact: verification.first_broken.is_none()
+                && (anchor.is_none() || verification.anchor_matched),
             records_checked: verification.checked,
             first_broken_seq: verification.first_broken.unwrap_or(0),
+            last_seq,
+            last_hash,
+            anchor_matched: verification.anchor_matched,
         }))
     }
 }

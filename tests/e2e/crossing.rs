@@ -350,16 +350,88 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
             "profile id in the audit trail"
         );
     }
+    let last = records.last().expect("records");
     let verified = audit
-        .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {})
+        .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {
+            anchor_seq: last.seq,
+            anchor_hash: last.hash.clone(),
+        })
         .await
         .expect("verify")
         .into_inner();
-    assert!(verified.intact);
+    assert!(verified.intact && verified.anchor_matched);
     assert_eq!(verified.records_checked, 3);
+    assert_eq!(
+        (verified.last_seq, &verified.last_hash),
+        (last.seq, &last.hash)
+    );
+    let wrong_anchor = audit
+        .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {
+            anchor_seq: last.seq + 1,
+            anchor_hash: last.hash.clone(),
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(
+        !wrong_anchor.intact,
+        "a record the anchor names but the chain lacks"
+    );
+
+    // The same from the command line, as compliance runs it.
+    // Run off the test's runtime thread: the suite answering the CLI lives
+    // on it.
+    let gateway_url = suite.config.activation.gateway_url.clone();
+    let token = suite.token(&["compliance"]);
+    let cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_madtech"));
+        command
+            .arg("audit")
+            .args(["--gateway", &gateway_url])
+            .args(args)
+            .env("MADTECH_TOKEN", &token);
+        async move {
+            tokio::task::spawn_blocking(move || command.output().expect("madtech audit runs"))
+                .await
+                .expect("joined")
+        }
+    };
+    let listed = cli(&["list"]).await;
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON record per line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["hash"], last.hash.as_str());
+    let seq = last.seq.to_string();
+    let verified = cli(&["verify", "--anchor-seq", &seq, "--anchor-hash", &last.hash]).await;
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("intact"));
+    let other = (last.seq + 7).to_string();
+    let unanchored = cli(&[
+        "verify",
+        "--anchor-seq",
+        &other,
+        "--anchor-hash",
+        &last.hash,
+    ])
+    .await;
+    assert!(
+        !unanchored.status.success(),
+        "a missing anchor fails the check"
+    );
     let status =
         AuditServiceClient::with_interceptor(suite.gateway_channel(), suite.bearer(&["marketer"]))
-            .verify_audit_chain(gateway_pb::VerifyAuditChainRequest {})
+            .verify_audit_chain(gateway_pb::VerifyAuditChainRequest::default())
             .await
             .expect_err("marketers do not read the audit trail");
     assert_eq!(status.code(), tonic::Code::PermissionDenied);

@@ -56,6 +56,17 @@ pub struct Verification {
     /// The first record whose hash does not match its content and
     /// predecessor.
     pub first_broken: Option<u64>,
+    /// The newest record's sequence number and hash.
+    pub head: Option<(u64, String)>,
+    /// Whether the anchor asked for is in the chain with its hash.
+    pub anchor_matched: bool,
+}
+
+/// A record known from outside the database: its sequence number and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
 }
 
 /// Key of the PostgreSQL advisory lock that serialises appends across
@@ -113,6 +124,9 @@ impl AuditLog {
         };
         let seq = record::Entity::insert(row).exec(&txn).await?.last_insert_id;
         txn.commit().await?;
+        // The chain's head in the logs, which are shipped elsewhere: an anchor
+        // for `VerifyAuditChain` that the audit database cannot rewrite.
+        tracing::info!(target: "madtech::audit", seq, hash = %hash, "audit chain head");
         Ok(Record {
             seq: u64::try_from(seq).unwrap_or_default(),
             recorded_at_micros,
@@ -139,10 +153,12 @@ impl AuditLog {
     /// holds a negative count or does not hash to what it says is broken.
     /// (Removing the newest records leaves a shorter chain that verifies:
     /// compare `checked` and the last hash with a copy kept elsewhere.)
-    pub async fn verify(&self) -> Result<Verification, DbErr> {
+    pub async fn verify(&self, anchor: Option<&Anchor>) -> Result<Verification, DbErr> {
         let mut previous = String::new();
         let mut after = 0_i64;
         let mut checked = 0;
+        let mut anchor_matched = false;
+        let mut head = None;
         loop {
             let page = record::Entity::find()
                 .filter(record::Column::Seq.gt(after))
@@ -167,14 +183,22 @@ impl AuditLog {
                     return Ok(Verification {
                         checked,
                         first_broken: Some(seq),
+                        head: None,
+                        anchor_matched: false,
                     });
                 }
+                if anchor.is_some_and(|a| a.seq == seq && a.hash == row.hash) {
+                    anchor_matched = true;
+                }
+                head = Some((seq, row.hash.clone()));
                 previous = row.hash;
             }
         }
         Ok(Verification {
             checked,
             first_broken: None,
+            head,
+            anchor_matched,
         })
     }
 }
@@ -270,19 +294,38 @@ mod tests {
             let log = AuditLog::new(conn.clone());
             let first = log.append(crossing(1)).await.expect("first");
             let second = log.append(crossing(2)).await.expect("second");
-            log.append(crossing(3)).await.expect("third");
+            let third = log.append(crossing(3)).await.expect("third");
             assert_eq!(first.previous_hash, "");
             assert_eq!(second.previous_hash, first.hash);
             let listed = log.list(first.seq, 10).await.expect("list");
             assert_eq!(listed.len(), 2);
             assert_eq!(listed[0], second);
+            let anchor = Anchor {
+                seq: third.seq,
+                hash: third.hash.clone(),
+            };
             assert_eq!(
-                log.verify().await.expect("verify"),
+                log.verify(Some(&anchor)).await.expect("verify"),
                 Verification {
                     checked: 3,
-                    first_broken: None
+                    first_broken: None,
+                    head: Some((third.seq, third.hash.clone())),
+                    anchor_matched: true,
                 }
             );
+
+            // The newest record deleted: the rest still chains, but the
+            // anchor kept outside shows the truncation.
+            conn.execute_raw(Statement::from_string(
+                conn.get_database_backend(),
+                format!("DELETE FROM audit_records WHERE seq = {}", third.seq),
+            ))
+            .await
+            .expect("truncate");
+            let truncated = log.verify(Some(&anchor)).await.expect("verify");
+            assert_eq!(truncated.first_broken, None);
+            assert!(!truncated.anchor_matched);
+            assert_eq!(truncated.head, Some((second.seq, second.hash.clone())));
 
             // Someone edits a count in place: the chain points at the record.
             conn.execute_raw(Statement::from_string(
@@ -294,7 +337,7 @@ mod tests {
             ))
             .await
             .expect("tamper");
-            let verification = log.verify().await.expect("verify");
+            let verification = log.verify(None).await.expect("verify");
             assert_eq!(verification.first_broken, Some(second.seq));
         }
     );
