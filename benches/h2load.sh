@@ -52,13 +52,18 @@ MADTECH_GATEWAY__POLICY_DIR="$work/policies" \
 MADTECH_GATEWAY__AUTH__PUBLIC_KEY_FILE="$work/data/jwt-public-key.pem" \
 MADTECH_GATEWAY__PSEUDONYM_KEY_FILE="$work/data/pseudonym.key" \
 MADTECH_GATEWAY__AUDIT_DATABASE__URL="sqlite://$work/gateway-audit.db?mode=rwc" \
-  "$madtech" serve gateway --listen 127.0.0.1:50061 >"$work/gateway.log" 2>&1 &
+  "$madtech" serve gateway --listen 127.0.0.1:50061 --metrics-addr 127.0.0.1:9091 >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 pids+=("$gateway_pid")
 for _ in $(seq 1 100); do
   (echo >/dev/tcp/127.0.0.1/50061) 2>/dev/null && break
   sleep 0.1
 done
+if ! kill -0 "$gateway_pid" 2>/dev/null; then
+  echo "the gateway did not start:" >&2
+  cat "$work/gateway.log" >&2
+  exit 1
+fi
 
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
@@ -151,6 +156,12 @@ load() {
   out=$(h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$DURATION" --warm-up-time=1 "$@" \
     "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/$BODY.bin" --log-file="$log" \
     "$(path_url "$path" GetProfile)")
+  # No request finished at all: the path stalled (seen with nginx when the
+  # service answers trailers-only).
+  if [ ! -s "$log" ]; then
+    echo "0 0 0 stalled"
+    return
+  fi
   local rps failed
   rps=$(echo "$out" | sed -n 's/^finished in .* \([0-9.]*\) req\/s.*/\1/p')
   failed=$(echo "$out" | sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p')
@@ -183,19 +194,41 @@ measure() {
     rps=$(echo -n "${full[$path]}" | awk '{print $1}' | median)
     p50=$(echo -n "${full[$path]}" | awk '{print $2}' | median)
     p99=$(echo -n "${full[$path]}" | awk '{print $3}' | median)
-    failed=$(echo -n "${full[$path]}" | awk '{s+=$4} END {print s}')
+    failed=$(echo -n "${full[$path]}" | awk '$4 == "stalled" {st=1} {s+=$4} END {print (st ? "stalled" : s)}')
     best[$path]=$rps
     echo "| $path | $rps | $p50 | $p99 | $failed |"
   done
-  ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+  ratio() { python3 -c "print(f'{float($1)/float($2):.2f}' if float($2) else 'n/a')"; }
   echo
   echo "gateway / direct: $(ratio "${best[gateway]}" "${best[direct]}")"
   echo "gateway / nginx: $(ratio "${best[gateway]}" "${best[nginx]}")"
   echo "nginx / direct: $(ratio "${best[nginx]}" "${best[direct]}")"
   echo "denied / allowed (gateway): $(ratio "${best[denied]}" "${best[gateway]}")"
 
+  # One call at a time: what a hop adds with nothing queued anywhere. (nginx
+  # is left out: with one stream, a request it leaves hanging stops the run;
+  # the same stalls are the "failed" requests under load.)
+  declare -A single
+  for round in $(seq 1 "$ROUNDS"); do
+    for path in direct gateway; do
+      single[$path]+="$(CLIENTS=1 STREAMS=1 load "$path")"$'\n'
+    done
+  done
+  echo
+  echo "## One call at a time (1 connection, 1 stream)"
+  echo "| path | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs |"
+  echo "|---|---|---|---|---|---|"
+  s50=$(echo -n "${single[direct]}" | awk '{print $2}' | median)
+  s99=$(echo -n "${single[direct]}" | awk '{print $3}' | median)
+  for path in direct gateway; do
+    rps=$(echo -n "${single[$path]}" | awk '{print $1}' | median)
+    p50=$(echo -n "${single[$path]}" | awk '{print $2}' | median)
+    p99=$(echo -n "${single[$path]}" | awk '{print $3}' | median)
+    echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") |"
+  done
+
   # Half of the direct path's maximum, offered to every path: the latency a
-  # hop adds when nothing queues.
+  # hop adds under load.
   half=$(python3 -c "print(max(1, int(float(${best[direct]}) / 2 / $CLIENTS)))")
   declare -A halfload
   for round in $(seq 1 "$ROUNDS"); do

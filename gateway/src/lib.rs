@@ -183,7 +183,8 @@ impl Gateway {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
                     tracing::info_span!("grpc", method = %request.uri().path(), request_id = %id)
-                }),
+                })
+                .on_failure(log_failure),
             )
             // Failures of the layers below (deadline, overload) become gRPC
             // statuses here, so no call ever fails the connection.
@@ -247,6 +248,37 @@ impl Gateway {
         }
         served?;
         Ok(())
+    }
+}
+
+/// Logs a failed call by whose fault it is: a caller's mistake (invalid
+/// argument, not found, denied) is routine and counted by the observe layer,
+/// so it is logged at debug; the gateway's or a service's failure is a
+/// warning. Logging every refusal at error would cost more than the call.
+fn log_failure(
+    class: tower_http::classify::GrpcFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    use tonic::Code;
+    use tower_http::classify::GrpcFailureClass;
+    let latency_ms = latency.as_millis();
+    match class {
+        GrpcFailureClass::Code(code) => {
+            let code = Code::from_i32(code.get());
+            match code {
+                Code::Unknown
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+                | Code::DeadlineExceeded
+                | Code::Unimplemented => {
+                    tracing::warn!(?code, latency_ms, "call failed")
+                }
+                _ => tracing::debug!(?code, latency_ms, "call refused"),
+            }
+        }
+        GrpcFailureClass::Error(error) => tracing::warn!(%error, latency_ms, "call failed"),
     }
 }
 

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -221,11 +220,14 @@ pub async fn serve_routes(
     if let Some(tls) = health.tls.clone() {
         builder = builder.tls_config(tls)?;
     }
+    // The builder's `tcp_nodelay` only reaches sockets it accepts itself; a
+    // listener handed in needs it on the incoming stream, or small gRPC
+    // frames wait for Nagle.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let serving = builder
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes.prepare())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             draining.cancelled().await;
             // A probe that sees NOT_SERVING stops sending new calls while the
             // calls in flight finish.
