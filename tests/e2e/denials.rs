@@ -185,6 +185,7 @@ async fn reflection_lists_every_service_without_a_token() {
             "madtech.activation.v1.ActivationService",
             "madtech.consent.v1.ConsentService",
             "madtech.gateway.v1.AuditService",
+            "madtech.gateway.v1.ConsentReleaseService",
             "madtech.gateway.v1.PolicyService",
             "madtech.profiles.v1.ProfileService",
             "madtech.segments.v1.SegmentService",
