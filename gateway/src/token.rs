@@ -71,9 +71,18 @@ pub enum Rejected {
 pub struct Verifier {
     keys: KeySet,
     validation: Validation,
-    /// Tokens verified already, with their expiry: a caller presents the same
-    /// token on every call, and a signature check costs far more than a lookup.
-    verified: std::sync::RwLock<std::collections::HashMap<String, (Caller, u64)>>,
+    /// Tokens verified already, with their expiry and the key set that
+    /// verified them: a caller presents the same token on every call, and a
+    /// signature check costs far more than a lookup. A token is taken from
+    /// here only while that key set is still in force, so a key the issuer
+    /// withdraws from its JWKS stops verifying its tokens at the next refresh.
+    verified: std::sync::RwLock<std::collections::HashMap<String, Remembered>>,
+}
+
+struct Remembered {
+    caller: Caller,
+    expires: u64,
+    keys: std::sync::Arc<Vec<VerificationKey>>,
 }
 
 /// Verified tokens remembered at most; past it the memory starts afresh.
@@ -127,15 +136,16 @@ impl Verifier {
 
     pub fn verify(&self, token: &str) -> Result<Caller, Rejected> {
         use jsonwebtoken::errors::ErrorKind;
+        let keys = self.keys.current();
         if let Ok(verified) = self.verified.read()
-            && let Some((caller, expires)) = verified.get(token)
-            && unix_now() < *expires
+            && let Some(remembered) = verified.get(token)
+            && unix_now() < remembered.expires
+            && std::sync::Arc::ptr_eq(&remembered.keys, &keys)
         {
-            return Ok(caller.clone());
+            return Ok(remembered.caller.clone());
         }
         // `alg: none` and unknown algorithms fail here already.
         let header = jsonwebtoken::decode_header(token).map_err(|_| Rejected::Invalid)?;
-        let keys = self.keys.current();
         // A token naming a key is tried against that key (and keys without
         // an id); the algorithm must be one the key is pinned to.
         let candidates = keys.iter().filter(|key| {
@@ -158,7 +168,14 @@ impl Verifier {
                         if verified.len() >= MAX_REMEMBERED_TOKENS {
                             verified.clear();
                         }
-                        verified.insert(token.to_string(), (caller.clone(), data.claims.exp));
+                        verified.insert(
+                            token.to_string(),
+                            Remembered {
+                                caller: caller.clone(),
+                                expires: data.claims.exp,
+                                keys: std::sync::Arc::clone(&keys),
+                            },
+                        );
                     }
                     return Ok(caller);
                 }
@@ -326,8 +343,8 @@ mod tests {
         assert!(verifier.verify(&token).is_ok(), "answered from memory");
         // Pretend the remembered expiry has passed.
         if let Ok(mut verified) = verifier.verified.write() {
-            for (_, expires) in verified.values_mut() {
-                *expires = 0;
+            for remembered in verified.values_mut() {
+                remembered.expires = 0;
             }
         }
         assert!(
@@ -393,6 +410,25 @@ mod tests {
         // {"alg":"none","typ":"JWT"} . {"sub":"x","roles":["admin"],...} . (no signature)
         let unsigned = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4Iiwicm9sZXMiOlsiYWRtaW4iXSwiaXNzIjoibWFkdGVjaC10ZXN0IiwiYXVkIjoibWFkdGVjaCIsImlhdCI6MCwibmJmIjowLCJleHAiOjQxMDI0NDQ4MDB9.";
         assert_eq!(verifier.verify(unsigned), Err(Rejected::Invalid));
+    }
+
+    #[test]
+    fn a_withdrawn_key_stops_verifying_tokens_it_verified_before() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (private, public) = ensure_dev_keys(dir.path()).expect("keys");
+        let signer = Signer::from_private_key_file(&private, ISS, AUD).expect("signer");
+        let keys = KeySet::new(vec![
+            VerificationKey::ed25519_pem_file(&public).expect("key"),
+        ]);
+        let verifier = Verifier::new(keys.clone(), ISS, AUD, Duration::ZERO);
+        let token = signer
+            .mint("svc", &roles(&["admin"]), Duration::from_secs(60))
+            .expect("mint");
+        assert!(verifier.verify(&token).is_ok());
+        assert!(verifier.verify(&token).is_ok(), "remembered");
+        // The issuer's JWKS no longer holds the key.
+        keys.replace(Vec::new());
+        assert_eq!(verifier.verify(&token), Err(Rejected::Invalid));
     }
 
     #[test]
