@@ -174,6 +174,8 @@ EOF
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+# The median of column N over the rounds' rows of load() output.
+column_median() { echo -n "$1" | awk -v n="$2" '{print $n}' | median; }
 
 measure() {
   paths=(direct gateway denied nginx)
@@ -191,9 +193,9 @@ measure() {
   echo "|---|---|---|---|---|"
   declare -A best
   for path in "${paths[@]}"; do
-    rps=$(echo -n "${full[$path]}" | awk '{print $1}' | median)
-    p50=$(echo -n "${full[$path]}" | awk '{print $2}' | median)
-    p99=$(echo -n "${full[$path]}" | awk '{print $3}' | median)
+    rps=$(column_median "${full[$path]}" 1)
+    p50=$(column_median "${full[$path]}" 2)
+    p99=$(column_median "${full[$path]}" 3)
     failed=$(echo -n "${full[$path]}" | awk '$4 == "stalled" {st=1} {s+=$4} END {print (st ? "stalled" : s)}')
     best[$path]=$rps
     echo "| $path | $rps | $p50 | $p99 | $failed |"
@@ -218,12 +220,12 @@ measure() {
   echo "## One call at a time (1 connection, 1 stream)"
   echo "| path | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs |"
   echo "|---|---|---|---|---|---|"
-  s50=$(echo -n "${single[direct]}" | awk '{print $2}' | median)
-  s99=$(echo -n "${single[direct]}" | awk '{print $3}' | median)
+  s50=$(column_median "${single[direct]}" 2)
+  s99=$(column_median "${single[direct]}" 3)
   for path in direct gateway; do
-    rps=$(echo -n "${single[$path]}" | awk '{print $1}' | median)
-    p50=$(echo -n "${single[$path]}" | awk '{print $2}' | median)
-    p99=$(echo -n "${single[$path]}" | awk '{print $3}' | median)
+    rps=$(column_median "${single[$path]}" 1)
+    p50=$(column_median "${single[$path]}" 2)
+    p99=$(column_median "${single[$path]}" 3)
     echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") |"
   done
 
@@ -240,11 +242,11 @@ measure() {
   echo "## Half of direct's maximum ($((half * CLIENTS)) req/s offered)"
   echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs |"
   echo "|---|---|---|---|---|"
-  d50=$(echo -n "${halfload[direct]}" | awk '{print $2}' | median)
-  d99=$(echo -n "${halfload[direct]}" | awk '{print $3}' | median)
+  d50=$(column_median "${halfload[direct]}" 2)
+  d99=$(column_median "${halfload[direct]}" 3)
   for path in direct gateway nginx; do
-    p50=$(echo -n "${halfload[$path]}" | awk '{print $2}' | median)
-    p99=$(echo -n "${halfload[$path]}" | awk '{print $3}' | median)
+    p50=$(column_median "${halfload[$path]}" 2)
+    p99=$(column_median "${halfload[$path]}" 3)
     echo "| $path | $p50 | $p99 | $(python3 -c "print(int($p50 - $d50))") | $(python3 -c "print(int($p99 - $d99))") |"
   done
 }
