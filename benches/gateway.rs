@@ -271,6 +271,7 @@ async fn unary_pass_through(suite: &InProcess) -> anyhow::Result<()> {
             }],
             traits: Default::default(),
             region: "FR".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -323,6 +324,7 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
                 }],
                 traits: Default::default(),
                 region: "US-CA".into(),
+                ..Default::default()
             })
             .await?;
     }

@@ -74,6 +74,7 @@ async fn upsert(
             }],
             traits: Default::default(),
             region: person.region.into(),
+            ..Default::default()
         })
         .await
         .expect("upsert through the gateway")
@@ -467,6 +468,7 @@ async fn a_merge_never_widens_consent() {
         identifiers,
         traits: Default::default(),
         region: "US-CA".into(),
+        ..Default::default()
     };
     // Two records of one Californian: the newer one opted out.
     let older = profiles

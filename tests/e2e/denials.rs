@@ -23,6 +23,7 @@ fn upsert_request(value: &str) -> profiles_pb::UpsertProfileRequest {
         identifiers: vec![email(value)],
         traits: Default::default(),
         region: "FR".into(),
+        ..Default::default()
     }
 }
 
@@ -275,6 +276,7 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
             identifiers: vec![email("ca@example.com")],
             traits: Default::default(),
             region: "US-CA".into(),
+            ..Default::default()
         })
         .await
         .expect("upsert");

@@ -54,7 +54,9 @@ impl Suite {
         let db = TestDatabase::new(backend);
         let running = InProcess::start(|config| {
             config.data_dir = data.path().to_path_buf();
-            config.gateway.policy_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+            let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+            config.profiles.identity_rules = policies.join("identity.toml");
+            config.gateway.policy_dir = policies;
             config.profiles.database = db.sibling("profiles");
             config.consent.database = db.sibling("consent");
             config.segments.database = db.sibling("segments");

@@ -9,4 +9,5 @@ mod denials;
 mod harness;
 mod keys;
 mod manifests;
+mod profiles;
 mod tls;

@@ -93,6 +93,7 @@ async fn the_suite_runs_on_mutual_tls_and_services_refuse_strangers() {
             }],
             traits: Default::default(),
             region: "US-CA".into(),
+            ..Default::default()
         })
         .await
         .expect("upsert over TLS");

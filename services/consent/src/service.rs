@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as pb;
@@ -249,31 +250,29 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::WatchConsentChangesRequest>,
     ) -> Result<Response<Self::WatchConsentChangesStream>, Status> {
-        let mut cursor = request.into_inner().after_cursor;
+        let cursor = request.into_inner().after_cursor;
         let ledger = Arc::clone(&self.ledger);
-        let poll = self.config.watch_poll_interval;
-        let stream = async_stream::try_stream! {
-            let mut appended = ledger.subscribe();
-            loop {
-                // Mark the current append as seen before reading, so an append
-                // that lands after the read wakes the wait below.
-                appended.borrow_and_update();
-                let page = ledger.entries_after(cursor, WATCH_PAGE).await.map_err(Status::from)?;
-                if page.is_empty() {
-                    tokio::select! {
-                        changed = appended.changed() => {
-                            if changed.is_err() { break; }
-                        }
-                        _ = tokio::time::sleep(poll) => {}
-                    }
-                    continue;
+        let appended = ledger.subscribe();
+        let stream = follow(
+            cursor,
+            appended,
+            self.config.watch_poll_interval,
+            move |cursor| {
+                let ledger = Arc::clone(&ledger);
+                async move {
+                    let entries = ledger.entries_after(cursor, WATCH_PAGE).await?;
+                    Ok::<_, Status>(Page {
+                        read_to: entries.last().map_or(cursor, |e| e.cursor),
+                        items: entries
+                            .iter()
+                            .map(|entry| pb::WatchConsentChangesResponse {
+                                entry: Some(entry_to_pb(entry)),
+                            })
+                            .collect(),
+                    })
                 }
-                for entry in &page {
-                    cursor = entry.cursor;
-                    yield pb::WatchConsentChangesResponse { entry: Some(entry_to_pb(entry)) };
-                }
-            }
-        };
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,4 +1,6 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
@@ -17,6 +19,14 @@ pub struct ProfilesConfig {
     /// Region (ISO 3166-1 alpha-2) assumed for phone numbers written without
     /// a country code.
     pub default_phone_region: String,
+    /// The identity resolution rules (limits, priorities, blocked values,
+    /// custom identifier kinds); see `policies/identity.toml`.
+    pub identity_rules: PathBuf,
+    /// How often a change watcher looks for changes written by another
+    /// replica (this process's writes wake watchers at once). Written like
+    /// `1s` or `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub watch_poll_interval: Duration,
 }
 
 impl Default for ProfilesConfig {
@@ -26,6 +36,8 @@ impl Default for ProfilesConfig {
             tls: ServerTls::default(),
             database: DatabaseConfig::default(),
             default_phone_region: "US".into(),
+            identity_rules: PathBuf::from("policies/identity.toml"),
+            watch_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -43,6 +55,16 @@ impl Validate for ProfilesConfig {
                 "profiles.default_phone_region {:?} is not an ISO 3166-1 alpha-2 code",
                 self.default_phone_region
             )));
+        }
+        if self.identity_rules.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "profiles.identity_rules must name the identity rules file".into(),
+            ));
+        }
+        if self.watch_poll_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "profiles.watch_poll_interval must be positive".into(),
+            ));
         }
         Ok(())
     }

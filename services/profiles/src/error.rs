@@ -7,6 +7,15 @@ pub enum ProfileError {
     Invalid(#[from] FieldError),
     #[error("profile not found")]
     NotFound,
+    /// A request names a profile that does not exist; the field is named.
+    #[error("{0}: no such profile")]
+    UnknownReference(String),
+    /// The stored data does not allow the request (e.g. incrementing a
+    /// string trait, or only blocked identifiers).
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    Rules(#[from] crate::resolution::RulesError),
     #[error("concurrent update, retry")]
     Conflict,
     #[error("stored data is corrupt: {0}")]
@@ -22,6 +31,9 @@ impl From<ProfileError> for Status {
         match err {
             ProfileError::Invalid(field) => field.into(),
             ProfileError::NotFound => Status::not_found("profile not found"),
+            ProfileError::UnknownReference(_) => Status::not_found(err.to_string()),
+            ProfileError::Precondition(reason) => Status::failed_precondition(reason),
+            ProfileError::Rules(_) => internal("profiles identity rules", &err),
             ProfileError::Conflict => {
                 Status::aborted("concurrent update of the same profile, retry")
             }

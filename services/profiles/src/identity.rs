@@ -1,13 +1,16 @@
 //! Identifiers and their normalisation. Every other part of the suite sees
 //! only normalised values, so the same person always hashes the same way.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
+use std::sync::Arc;
 
 use madtech_common::error::FieldError;
+use serde::{Deserialize, Serialize};
 
-/// The kinds of identifier a profile can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The kinds of identifier a profile can carry: the built-in ones, and the
+/// custom kinds the identity rules declare.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdentifierKind {
     Email,
     Phone,
@@ -16,10 +19,12 @@ pub enum IdentifierKind {
     Maid,
     CookieId,
     AnonymousId,
+    /// Declared in the identity rules; normalised as the rules say.
+    Custom(Arc<str>),
 }
 
 impl IdentifierKind {
-    pub const ALL: [IdentifierKind; 6] = [
+    pub const BUILT_IN: [IdentifierKind; 6] = [
         IdentifierKind::Email,
         IdentifierKind::Phone,
         IdentifierKind::CustomerId,
@@ -28,7 +33,7 @@ impl IdentifierKind {
         IdentifierKind::AnonymousId,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             IdentifierKind::Email => "email",
             IdentifierKind::Phone => "phone",
@@ -36,7 +41,20 @@ impl IdentifierKind {
             IdentifierKind::Maid => "maid",
             IdentifierKind::CookieId => "cookie_id",
             IdentifierKind::AnonymousId => "anonymous_id",
+            IdentifierKind::Custom(name) => name,
         }
+    }
+
+    /// The kind named `name`: built-in, or else custom.
+    pub fn from_name(name: &str) -> IdentifierKind {
+        IdentifierKind::built_in(name).unwrap_or_else(|| IdentifierKind::Custom(name.into()))
+    }
+
+    /// The built-in kind named `name`.
+    pub fn built_in(name: &str) -> Option<IdentifierKind> {
+        IdentifierKind::BUILT_IN
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
     }
 }
 
@@ -46,22 +64,41 @@ impl fmt::Display for IdentifierKind {
     }
 }
 
-impl FromStr for IdentifierKind {
-    type Err = ();
+impl Serialize for IdentifierKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        IdentifierKind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or(())
+impl<'de> Deserialize<'de> for IdentifierKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Ok(IdentifierKind::from_name(&name))
     }
 }
 
 /// A normalised identifier.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Identifier {
     pub kind: IdentifierKind,
     pub value: String,
+}
+
+impl Identifier {
+    /// `kind:value`: unique, the identity graph's key.
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.kind.as_str(), self.value)
+    }
+}
+
+/// How a custom identifier kind's values are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomNormalisation {
+    /// Trimmed, bounded, no control characters; case kept.
+    Opaque,
+    /// As `opaque`, then lower-cased.
+    Lowercase,
 }
 
 /// Longest value accepted for free-form ids.
@@ -71,6 +108,7 @@ const MAX_ID_LEN: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Normaliser {
     default_phone_region: phonenumber::country::Id,
+    custom: BTreeMap<Arc<str>, CustomNormalisation>,
 }
 
 impl Normaliser {
@@ -82,7 +120,41 @@ impl Normaliser {
         })?;
         Ok(Normaliser {
             default_phone_region: region,
+            custom: BTreeMap::new(),
         })
+    }
+
+    /// Accepts the custom kinds `custom` declares besides the built-in ones.
+    pub fn with_custom_kinds(
+        mut self,
+        custom: impl IntoIterator<Item = (String, CustomNormalisation)>,
+    ) -> Self {
+        self.custom = custom
+            .into_iter()
+            .map(|(name, how)| (Arc::from(name), how))
+            .collect();
+        self
+    }
+
+    fn kind(&self, field: &str, kind: &str) -> Result<IdentifierKind, FieldError> {
+        if let Some(kind) = IdentifierKind::built_in(kind) {
+            return Ok(kind);
+        }
+        if let Some((name, _)) = self.custom.get_key_value(kind) {
+            return Ok(IdentifierKind::Custom(Arc::clone(name)));
+        }
+        let known: Vec<&str> = IdentifierKind::BUILT_IN
+            .iter()
+            .map(IdentifierKind::as_str)
+            .chain(self.custom.keys().map(|name| &**name))
+            .collect();
+        Err(FieldError::new(
+            format!("{field}.kind"),
+            format!(
+                "unknown identifier kind {kind:?}; expected one of {}",
+                known.join(", ")
+            ),
+        ))
     }
 
     /// Normalises `value` as an identifier of `kind`; `field` names the
@@ -93,25 +165,25 @@ impl Normaliser {
         kind: &str,
         value: &str,
     ) -> Result<Identifier, FieldError> {
-        let kind: IdentifierKind = kind.parse().map_err(|()| {
-            FieldError::new(
-                format!("{field}.kind"),
-                format!(
-                    "unknown identifier kind {kind:?}; expected one of email, phone, customer_id, maid, cookie_id, anonymous_id"
-                ),
-            )
-        })?;
+        let kind = self.kind(field, kind)?;
         let field = format!("{field}.value");
         let value = value.trim();
         if value.is_empty() {
             return Err(FieldError::required(field));
         }
-        let value = match kind {
+        let value = match &kind {
             IdentifierKind::Email => normalise_email(&field, value)?,
             IdentifierKind::Phone => self.normalise_phone(&field, value)?,
             IdentifierKind::Maid => normalise_maid(&field, value)?,
             IdentifierKind::CustomerId | IdentifierKind::CookieId | IdentifierKind::AnonymousId => {
                 normalise_opaque(&field, value)?
+            }
+            IdentifierKind::Custom(name) => {
+                let value = normalise_opaque(&field, value)?;
+                match self.custom.get(name) {
+                    Some(CustomNormalisation::Lowercase) => value.to_lowercase(),
+                    _ => value,
+                }
             }
         };
         Ok(Identifier { kind, value })
@@ -220,6 +292,43 @@ mod tests {
     fn unknown_kinds_name_the_kind_field() {
         let e = err("fax", "123");
         assert_eq!(e.field, "identifiers[0].kind");
+    }
+
+    #[test]
+    fn custom_kinds_are_normalised_as_declared() {
+        let normaliser = normaliser().with_custom_kinds([
+            ("loyalty_id".to_string(), CustomNormalisation::Lowercase),
+            ("crm_key".to_string(), CustomNormalisation::Opaque),
+        ]);
+        let loyalty = normaliser
+            .normalise("identifiers[0]", "loyalty_id", " AB-12 ")
+            .expect("declared");
+        assert_eq!(loyalty.kind.as_str(), "loyalty_id");
+        assert_eq!(loyalty.value, "ab-12");
+        assert_eq!(loyalty.key(), "loyalty_id:ab-12");
+        let crm = normaliser
+            .normalise("identifiers[0]", "crm_key", "AB-12")
+            .expect("declared");
+        assert_eq!(crm.value, "AB-12");
+        let unknown = normaliser
+            .normalise("identifiers[0]", "fax", "1")
+            .expect_err("undeclared");
+        assert!(unknown.reason.contains("loyalty_id"), "{}", unknown.reason);
+    }
+
+    #[test]
+    fn international_phones_keep_their_country() {
+        assert_eq!(ok("phone", "+49 30 901820"), "+4930901820");
+        assert_eq!(ok("phone", "0033 1 42 68 53 00"), "+33142685300");
+        assert_eq!(ok("phone", "+81 3-3224-9999"), "+81332249999");
+    }
+
+    #[test]
+    fn padded_mixed_case_emails_normalise_the_same() {
+        assert_eq!(
+            ok("email", "\tBOB@Example.Org  "),
+            ok("email", "bob@example.org")
+        );
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! zone only through the gateway, hashed.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod identity;
+pub mod resolution;
 pub mod service;
 pub mod store;
 pub mod traits;
@@ -23,9 +25,16 @@ use madtech_common::server::GrpcServer;
 /// Connects to the database, migrates it and returns the service ready to
 /// serve.
 pub async fn grpc_server(config: &ProfilesConfig) -> Result<GrpcServer, ProfileError> {
+    let rules =
+        resolution::IdentityRules::load(&config.identity_rules, &config.default_phone_region)?;
+    let normaliser = identity::Normaliser::new(&config.default_phone_region)?
+        .with_custom_kinds(rules.custom_kinds());
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
-    let normaliser = identity::Normaliser::new(&config.default_phone_region)?;
-    let api = ProfileApi::new(store::ProfileStore::new(db), normaliser);
+    let api = ProfileApi::new(
+        store::ProfileStore::new(db, rules),
+        normaliser,
+        config.watch_poll_interval,
+    );
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
         .add_service(api.into_server()))

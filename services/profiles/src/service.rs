@@ -1,43 +1,40 @@
 //! The gRPC edge: protobuf in, validated domain types to the store, protobuf
-//! out. No business rules live here.
+//! out ([`crate::convert`] does the translating). No business rules live here.
 
-use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::DateTime;
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use madtech_common::changelog::{self, follow};
 use madtech_common::error::FieldError;
 use madtech_proto::profiles::v1 as pb;
-use madtech_proto::time::{from_micros, to_micros};
 use pb::profile_service_server::{ProfileService, ProfileServiceServer};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::identity::{Identifier, Normaliser};
-use crate::store::{Profile, ProfileStore, Upsert};
-use crate::traits::{MAX_TRAIT_NAME_LEN, TraitValue, Traits};
+use crate::convert::{self, change_to_pb, conflict_to_pb, profile_to_pb};
+use crate::identity::Normaliser;
+use crate::store::{Ingested, ProfileStore};
 
-/// Identifiers accepted in one upsert.
-const MAX_IDENTIFIERS: usize = 100;
 const DEFAULT_PAGE_SIZE: u32 = 500;
-/// Traits accepted in one upsert.
-const MAX_TRAITS: usize = 200;
-/// Longest string trait value.
-const MAX_STRING_LEN: usize = 4096;
 const MAX_PAGE_SIZE: u32 = 10_000;
+/// Change-log rows read per page while catching up a watcher.
+const WATCH_PAGE: u64 = 64;
 
 /// The profiles service's gRPC implementation.
 #[derive(Clone)]
 pub struct ProfileApi {
     store: Arc<ProfileStore>,
     normaliser: Normaliser,
+    watch_poll_interval: Duration,
 }
 
 impl ProfileApi {
-    pub fn new(store: ProfileStore, normaliser: Normaliser) -> Self {
+    pub fn new(store: ProfileStore, normaliser: Normaliser, watch_poll_interval: Duration) -> Self {
         ProfileApi {
             store: Arc::new(store),
             normaliser,
+            watch_poll_interval,
         }
     }
 
@@ -45,128 +42,13 @@ impl ProfileApi {
         ProfileServiceServer::new(self)
     }
 
-    fn identifier(&self, field: &str, id: &pb::Identifier) -> Result<Identifier, FieldError> {
-        self.normaliser.normalise(field, &id.kind, &id.value)
-    }
-
-    fn upsert_from(&self, request: pb::UpsertProfileRequest) -> Result<Upsert, FieldError> {
-        if request.identifiers.is_empty() {
-            return Err(FieldError::new(
-                "identifiers",
-                "at least one identifier is required",
-            ));
-        }
-        if request.identifiers.len() > MAX_IDENTIFIERS {
-            return Err(FieldError::new(
-                "identifiers",
-                format!("at most {MAX_IDENTIFIERS} identifiers per call"),
-            ));
-        }
-        let identifiers = request
-            .identifiers
-            .iter()
-            .enumerate()
-            .map(|(i, id)| self.identifier(&format!("identifiers[{i}]"), id))
-            .collect::<Result<BTreeSet<_>, _>>()?;
-        if request.traits.len() > MAX_TRAITS {
-            return Err(FieldError::new(
-                "traits",
-                format!("at most {MAX_TRAITS} traits per call"),
-            ));
-        }
-        let traits = request
-            .traits
-            .into_iter()
-            .map(|(name, value)| {
-                let field = format!("traits[{name:?}]");
-                if name.is_empty()
-                    || name.len() > MAX_TRAIT_NAME_LEN
-                    || name.chars().any(char::is_control)
-                {
-                    return Err(FieldError::new(
-                        field,
-                        format!("trait names are 1 to {MAX_TRAIT_NAME_LEN} printable bytes"),
-                    ));
-                }
-                Ok((name, trait_value_from(&field, value)?))
-            })
-            .collect::<Result<Traits, _>>()?;
-        Ok(Upsert {
-            identifiers,
-            traits,
-            region: madtech_common::validate::region("region", &request.region)?,
-        })
+    async fn ingest(&self, events: Vec<pb::Event>) -> Result<Ingested, Status> {
+        let events = convert::events_from(&self.normaliser, events)?;
+        Ok(self.store.ingest(&events).await?)
     }
 }
 
-/// Converts a protobuf trait value, rejecting empty and non-finite values.
-pub fn trait_value_from(field: &str, value: pb::TraitValue) -> Result<TraitValue, FieldError> {
-    use pb::trait_value::Value;
-    match value.value {
-        None => Err(FieldError::new(field, "a trait value must have a type")),
-        Some(Value::StringValue(s)) if s.len() <= MAX_STRING_LEN && !s.contains('\0') => {
-            Ok(TraitValue::String(s))
-        }
-        Some(Value::StringValue(_)) => Err(FieldError::new(
-            field,
-            format!("strings are at most {MAX_STRING_LEN} bytes, without NUL"),
-        )),
-        Some(Value::NumberValue(n)) if n.is_finite() => Ok(TraitValue::Number(n)),
-        Some(Value::NumberValue(_)) => Err(FieldError::new(field, "numbers must be finite")),
-        Some(Value::BoolValue(b)) => Ok(TraitValue::Bool(b)),
-        Some(Value::TimestampValue(ts)) => to_micros(&ts)
-            .and_then(DateTime::from_timestamp_micros)
-            .map(TraitValue::Timestamp)
-            .ok_or_else(|| FieldError::new(field, "timestamp out of range")),
-        Some(Value::ListValue(list)) => list
-            .values
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| trait_value_from(&format!("{field}[{i}]"), v))
-            .collect::<Result<Vec<_>, _>>()
-            .map(TraitValue::List),
-    }
-}
-
-/// Converts a domain trait value to protobuf.
-pub fn trait_value_to_pb(value: &TraitValue) -> pb::TraitValue {
-    use pb::trait_value::Value;
-    let value = match value {
-        TraitValue::String(s) => Value::StringValue(s.clone()),
-        TraitValue::Number(n) => Value::NumberValue(*n),
-        TraitValue::Bool(b) => Value::BoolValue(*b),
-        TraitValue::Timestamp(t) => Value::TimestampValue(from_micros(t.timestamp_micros())),
-        TraitValue::List(values) => Value::ListValue(pb::TraitList {
-            values: values.iter().map(trait_value_to_pb).collect(),
-        }),
-    };
-    pb::TraitValue { value: Some(value) }
-}
-
-fn profile_to_pb(profile: &Profile) -> pb::Profile {
-    pb::Profile {
-        profile_id: profile.id.clone(),
-        identifiers: profile
-            .identifiers
-            .iter()
-            .map(|id| pb::Identifier {
-                kind: id.kind.as_str().to_string(),
-                value: id.value.clone(),
-            })
-            .collect(),
-        traits: profile
-            .traits
-            .iter()
-            .map(|(name, value)| (name.clone(), trait_value_to_pb(value)))
-            .collect(),
-        region: profile.region.clone(),
-        created_at: Some(from_micros(profile.created_at_micros)),
-        updated_at: Some(from_micros(profile.updated_at_micros)),
-        merged_profile_ids: profile.merged_ids.clone(),
-    }
-}
-
-type ProfileStream = Pin<Box<dyn Stream<Item = Result<pb::ListProfilesResponse, Status>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ProfileService for ProfileApi {
@@ -174,12 +56,13 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::UpsertProfileRequest>,
     ) -> Result<Response<pb::UpsertProfileResponse>, Status> {
-        let upsert = self.upsert_from(request.into_inner())?;
+        let upsert = convert::upsert_from(&self.normaliser, request.into_inner())?;
         let done = self.store.upsert(upsert).await?;
         Ok(Response::new(pb::UpsertProfileResponse {
             profile: Some(profile_to_pb(&done.profile)),
             created: done.created,
             merged_profile_ids: done.merged,
+            conflicts: done.kept_apart.iter().map(conflict_to_pb).collect(),
         }))
     }
 
@@ -187,26 +70,14 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
-        use pb::get_profile_request::Lookup;
-        let profile = match request.into_inner().lookup {
-            Some(Lookup::ProfileId(id)) if !id.trim().is_empty() => {
-                self.store.get(id.trim()).await?
-            }
-            Some(Lookup::ProfileId(_)) => return Err(FieldError::required("profile_id").into()),
-            Some(Lookup::Identifier(id)) => {
-                let id = self.identifier("identifier", &id)?;
-                self.store.find_by_identifier(&id).await?
-            }
-            None => {
-                return Err(FieldError::new("lookup", "set profile_id or identifier").into());
-            }
-        };
+        let lookup = convert::lookup(&self.normaliser, request.into_inner().lookup)?;
+        let profile = self.store.find(&lookup).await?;
         Ok(Response::new(pb::GetProfileResponse {
             profile: Some(profile_to_pb(&profile)),
         }))
     }
 
-    type ListProfilesStream = ProfileStream;
+    type ListProfilesStream = BoxStream<pb::ListProfilesResponse>;
 
     async fn list_profiles(
         &self,
@@ -235,5 +106,155 @@ impl ProfileService for ProfileApi {
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn remove_identifier(
+        &self,
+        request: Request<pb::RemoveIdentifierRequest>,
+    ) -> Result<Response<pb::RemoveIdentifierResponse>, Status> {
+        let id = request
+            .into_inner()
+            .identifier
+            .ok_or_else(|| FieldError::required("identifier"))?;
+        let id = self
+            .normaliser
+            .normalise("identifier", &id.kind, &id.value)?;
+        let profile = self.store.remove_identifier(&id).await?;
+        Ok(Response::new(pb::RemoveIdentifierResponse {
+            profile: Some(profile_to_pb(&profile)),
+        }))
+    }
+
+    async fn track(
+        &self,
+        request: Request<pb::TrackRequest>,
+    ) -> Result<Response<pb::TrackResponse>, Status> {
+        let event = request
+            .into_inner()
+            .event
+            .ok_or_else(|| FieldError::required("event"))?;
+        let event = convert::event_from(&self.normaliser, "event", event)?;
+        let done = self.store.ingest(std::slice::from_ref(&event)).await?;
+        let profile_id = match done.profile_ids.first() {
+            Some(Some(id)) => id.clone(),
+            // A duplicate: answer who it was recorded for the first time.
+            _ => self.store.event_owner(&event.message_id).await?,
+        };
+        Ok(Response::new(pb::TrackResponse {
+            profile_id,
+            duplicate: done.duplicates > 0,
+        }))
+    }
+
+    async fn ingest_events(
+        &self,
+        request: Request<pb::IngestEventsRequest>,
+    ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let done = self.ingest(request.into_inner().events).await?;
+        Ok(Response::new(pb::IngestEventsResponse {
+            accepted: done.accepted,
+            duplicates: done.duplicates,
+            conflicts: done.kept_apart.iter().map(conflict_to_pb).collect(),
+        }))
+    }
+
+    async fn ingest_event_stream(
+        &self,
+        request: Request<Streaming<pb::IngestEventStreamRequest>>,
+    ) -> Result<Response<pb::IngestEventStreamResponse>, Status> {
+        let mut batches = request.into_inner();
+        let mut total = Ingested::default();
+        let mut committed = 0u64;
+        while let Some(batch) = batches.next().await {
+            let done = match batch {
+                Ok(batch) => self.ingest(batch.events).await,
+                Err(status) => Err(status),
+            };
+            let done = done.map_err(|status| {
+                Status::new(
+                    status.code(),
+                    format!(
+                        "batch {}: {} ({committed} earlier batches were committed)",
+                        committed,
+                        status.message()
+                    ),
+                )
+            })?;
+            committed += 1;
+            total.accepted += done.accepted;
+            total.duplicates += done.duplicates;
+            total.kept_apart.extend(done.kept_apart);
+        }
+        Ok(Response::new(pb::IngestEventStreamResponse {
+            accepted: total.accepted,
+            duplicates: total.duplicates,
+            conflicts: total.kept_apart.iter().map(conflict_to_pb).collect(),
+            batches: committed,
+        }))
+    }
+
+    type WatchProfileChangesStream = BoxStream<pb::WatchProfileChangesResponse>;
+
+    async fn watch_profile_changes(
+        &self,
+        request: Request<pb::WatchProfileChangesRequest>,
+    ) -> Result<Response<Self::WatchProfileChangesStream>, Status> {
+        let cursor = request.into_inner().after_cursor;
+        let store = Arc::clone(&self.store);
+        let appended = store.subscribe();
+        let stream = follow(cursor, appended, self.watch_poll_interval, move |cursor| {
+            let store = Arc::clone(&store);
+            async move {
+                let page = store.changes_after(cursor, WATCH_PAGE).await?;
+                Ok::<_, Status>(changelog::Page {
+                    items: page
+                        .changes
+                        .iter()
+                        .map(|change| pb::WatchProfileChangesResponse {
+                            change: Some(change_to_pb(change)),
+                        })
+                        .collect(),
+                    read_to: page.read_to,
+                })
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn export_profile(
+        &self,
+        request: Request<pb::ExportProfileRequest>,
+    ) -> Result<Response<pb::ExportProfileResponse>, Status> {
+        let lookup = convert::lookup(&self.normaliser, request.into_inner().lookup)?;
+        let export = self.store.export(&lookup).await?;
+        let profile_id = export["profile_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let json = serde_json::to_vec_pretty(&export)
+            .map_err(|err| madtech_common::error::internal("export encoding", &err))?;
+        Ok(Response::new(pb::ExportProfileResponse {
+            profile_id,
+            json,
+        }))
+    }
+
+    async fn erase_profile(
+        &self,
+        request: Request<pb::EraseProfileRequest>,
+    ) -> Result<Response<pb::EraseProfileResponse>, Status> {
+        let lookup = convert::lookup(&self.normaliser, request.into_inner().lookup)?;
+        let erased = self.store.erase(&lookup).await?;
+        tracing::info!(
+            profiles = erased.profile_ids.len(),
+            identifiers = erased.identifiers,
+            events = erased.events,
+            "erased a person"
+        );
+        Ok(Response::new(pb::EraseProfileResponse {
+            profile_ids: erased.profile_ids,
+            identifiers: erased.identifiers,
+            events: erased.events,
+        }))
     }
 }

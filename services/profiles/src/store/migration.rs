@@ -1,5 +1,5 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, string, string_null, text};
+use sea_orm_migration::schema::{big_integer, big_pk_auto, string, string_null, text};
 
 /// The profiles service's schema, one migration per change.
 pub struct Migrator;
@@ -7,7 +7,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateProfiles)]
+        vec![Box::new(CreateProfiles), Box::new(CreateEventsAndChanges)]
     }
 }
 
@@ -81,4 +81,178 @@ impl MigrationTrait for CreateProfiles {
             )
             .await
     }
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum Events {
+    Table,
+    Id,
+    MessageId,
+    ProfileId,
+    Name,
+    OccurredAt,
+    ReceivedAt,
+    Properties,
+    Source,
+    ChangeSeq,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum Merges {
+    Table,
+    Id,
+    SurvivorId,
+    MergedId,
+    LinkedBy,
+    MergedAt,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum IdentityConflicts {
+    Table,
+    Id,
+    ProfileId,
+    Identifier,
+    OwnerId,
+    Rule,
+    At,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum ProfileChanges {
+    Table,
+    Seq,
+    ProfileId,
+    Payload,
+    At,
+}
+
+/// Events, the merge and conflict records, and the change log.
+struct CreateEventsAndChanges;
+
+impl MigrationName for CreateEventsAndChanges {
+    fn name(&self) -> &str {
+        "m20261122_000002_create_events_and_changes"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateEventsAndChanges {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Events::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(Events::Id))
+                    .col(string(Events::MessageId).unique_key())
+                    .col(string(Events::ProfileId))
+                    .col(string(Events::Name))
+                    .col(big_integer(Events::OccurredAt))
+                    .col(big_integer(Events::ReceivedAt))
+                    .col(text(Events::Properties))
+                    .col(string(Events::Source))
+                    .col(big_integer(Events::ChangeSeq))
+                    .to_owned(),
+            )
+            .await?;
+        index(
+            manager,
+            "events_by_profile",
+            Events::Table,
+            &[Events::ProfileId, Events::OccurredAt],
+        )
+        .await?;
+        index(
+            manager,
+            "events_by_change",
+            Events::Table,
+            &[Events::ChangeSeq],
+        )
+        .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(Merges::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(Merges::Id))
+                    .col(string(Merges::SurvivorId))
+                    .col(string(Merges::MergedId))
+                    .col(string(Merges::LinkedBy))
+                    .col(big_integer(Merges::MergedAt))
+                    .to_owned(),
+            )
+            .await?;
+        index(
+            manager,
+            "merges_by_survivor",
+            Merges::Table,
+            &[Merges::SurvivorId],
+        )
+        .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(IdentityConflicts::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(IdentityConflicts::Id))
+                    .col(string(IdentityConflicts::ProfileId))
+                    .col(string(IdentityConflicts::Identifier))
+                    .col(string_null(IdentityConflicts::OwnerId))
+                    .col(string(IdentityConflicts::Rule))
+                    .col(big_integer(IdentityConflicts::At))
+                    .to_owned(),
+            )
+            .await?;
+        index(
+            manager,
+            "conflicts_by_profile",
+            IdentityConflicts::Table,
+            &[IdentityConflicts::ProfileId],
+        )
+        .await?;
+        index(
+            manager,
+            "conflicts_by_owner",
+            IdentityConflicts::Table,
+            &[IdentityConflicts::OwnerId],
+        )
+        .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(ProfileChanges::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(ProfileChanges::Seq))
+                    .col(string(ProfileChanges::ProfileId))
+                    .col(text(ProfileChanges::Payload))
+                    .col(big_integer(ProfileChanges::At))
+                    .to_owned(),
+            )
+            .await?;
+        index(
+            manager,
+            "changes_by_profile",
+            ProfileChanges::Table,
+            &[ProfileChanges::ProfileId],
+        )
+        .await
+    }
+}
+
+async fn index<T: IntoIden + Copy + 'static, C: IntoIden + Copy + 'static>(
+    manager: &SchemaManager<'_>,
+    name: &str,
+    table: T,
+    columns: &[C],
+) -> Result<(), DbErr> {
+    let mut index = Index::create();
+    index.name(name).table(table).if_not_exists();
+    for column in columns {
+        index.col(*column);
+    }
+    manager.create_index(index.to_owned()).await
 }

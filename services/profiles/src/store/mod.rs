@@ -1,29 +1,42 @@
-//! Persistence of profiles and the identity graph. One writer at a time per
-//! process (SQLite allows no more, and it keeps merges simple); on
-//! PostgreSQL the unique index on identifiers catches races between replicas.
+//! Persistence of profiles, the identity graph, events and the change log.
+//!
+//! Every write runs in one transaction that also appends to the change log
+//! ([`changes`]); writes are serialised (a mutex in the process, an advisory
+//! lock across PostgreSQL replicas), which keeps merges simple and cursors in
+//! commit order. SQLite syncs each commit to disk (see `madtech_common::db`),
+//! so a write that returned OK survives a crash.
 
+pub mod changes;
 mod entities;
+mod events;
+mod graph;
 mod migration;
+mod privacy;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::Utc;
-use sea_orm::sea_query::Expr;
+use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
-use tokio::sync::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, MutexGuard, watch};
 
+pub use changes::{Change, ChangeKind, Page};
+pub use events::{Ingested, NewEvent, Who};
 pub use migration::Migrator;
+pub use privacy::Erased;
 
 use crate::error::ProfileError;
-use crate::identity::{Identifier, IdentifierKind};
-use crate::traits::Traits;
-use entities::{identifier, profile};
+use crate::identity::Identifier;
+use crate::resolution::{IdentityRules, KeptApart};
+use crate::traits::{self, TraitOperation, TraitValue, Traits};
+use changes::ChangeRecord;
+use entities::{event, identifier, profile};
 
 /// A profile as the domain sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
     pub id: String,
     pub identifiers: BTreeSet<Identifier>,
@@ -36,13 +49,28 @@ pub struct Profile {
     pub updated_at_micros: i64,
 }
 
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub profile_id: String,
+    pub message_id: String,
+    pub name: String,
+    pub occurred_at_micros: i64,
+    pub properties: BTreeMap<String, TraitValue>,
+    pub source: String,
+}
+
 /// What an upsert asks for, already validated and normalised.
 #[derive(Debug, Clone)]
 pub struct Upsert {
     pub identifiers: BTreeSet<Identifier>,
-    pub traits: Traits,
+    /// Applied in order.
+    pub operations: Vec<TraitOperation>,
     /// Empty keeps the current region.
     pub region: String,
+    pub source: String,
+    /// When the values were observed; now when `None`.
+    pub observed_at: Option<DateTime<Utc>>,
 }
 
 /// What an upsert did.
@@ -51,178 +79,239 @@ pub struct Upserted {
     pub profile: Profile,
     pub created: bool,
     pub merged: Vec<String>,
+    pub kept_apart: Vec<KeptApart>,
 }
 
-/// How many times an upsert that lost a race is retried.
-const UPSERT_ATTEMPTS: usize = 3;
+/// How a request names a person.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    ProfileId(String),
+    Identifier(Identifier),
+}
+
+/// How many times a write that lost a race (another replica) is tried.
+const WRITE_ATTEMPTS: usize = 3;
+
+/// Runs `$attempt` (an async expression using the transaction `$txn`) in a
+/// write, committing on success and retrying a lost race.
+macro_rules! write_retrying {
+    ($store:ident, |$txn:ident| $attempt:expr) => {{
+        for _ in 0..WRITE_ATTEMPTS {
+            let write = $store.begin_write().await?;
+            let result = {
+                let $txn = &write.txn;
+                $attempt.await
+            };
+            if let Some(done) = $store.finish(write, result).await? {
+                return Ok(done);
+            }
+        }
+        Err(ProfileError::Conflict)
+    }};
+}
 
 /// The longest chain of merged-away ids followed on a read.
 const MAX_MERGE_HOPS: usize = 32;
 
 pub struct ProfileStore {
     db: DatabaseConnection,
+    rules: IdentityRules,
     writer: Mutex<()>,
+    /// The newest cursor this process appended, for watchers to wake on.
+    appended: watch::Sender<u64>,
+}
+
+/// A write in progress: the process's writer slot and a transaction holding
+/// the append lock.
+struct Write<'a> {
+    _slot: MutexGuard<'a, ()>,
+    txn: DatabaseTransaction,
 }
 
 impl ProfileStore {
-    pub fn new(db: DatabaseConnection) -> Self {
+    pub fn new(db: DatabaseConnection, rules: IdentityRules) -> Self {
         ProfileStore {
             db,
+            rules,
             writer: Mutex::new(()),
+            appended: watch::Sender::new(0),
+        }
+    }
+
+    async fn begin_write(&self) -> Result<Write<'_>, ProfileError> {
+        let slot = self.writer.lock().await;
+        let txn = self.db.begin().await?;
+        changes::lock(&txn).await?;
+        Ok(Write { _slot: slot, txn })
+    }
+
+    async fn commit(&self, write: Write<'_>) -> Result<(), ProfileError> {
+        let head = changes::head(&write.txn).await?;
+        write.txn.commit().await?;
+        self.appended.send_replace(head);
+        Ok(())
+    }
+
+    /// Commits a write that succeeded; `None` when it lost a race with
+    /// another replica on the same identifier (PostgreSQL's unique index
+    /// catches it) and should be retried.
+    async fn finish<T>(
+        &self,
+        write: Write<'_>,
+        result: Result<T, ProfileError>,
+    ) -> Result<Option<T>, ProfileError> {
+        match result {
+            Ok(value) => {
+                self.commit(write).await?;
+                Ok(Some(value))
+            }
+            Err(ProfileError::Database(err)) if madtech_common::db::is_unique_violation(&err) => {
+                Ok(None)
+            }
+            Err(err) => Err(err),
         }
     }
 
     /// Creates the profile the identifiers describe, or updates the one they
-    /// point at; several matching profiles merge into the oldest.
+    /// point at; several matching profiles merge unless the identity rules
+    /// keep them apart.
     pub async fn upsert(&self, request: Upsert) -> Result<Upserted, ProfileError> {
-        let _writer = self.writer.lock().await;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_upsert(&request).await {
-                Err(ProfileError::Database(err))
-                    if madtech_common::db::is_unique_violation(&err) =>
-                {
-                    if attempt >= UPSERT_ATTEMPTS {
-                        return Err(ProfileError::Conflict);
-                    }
-                }
-                result => return result,
-            }
-        }
+        write_retrying!(self, |txn| self.try_upsert(txn, &request))
     }
 
-    async fn try_upsert(&self, request: &Upsert) -> Result<Upserted, ProfileError> {
-        let txn = self.db.begin().await?;
-        let now = Utc::now().timestamp_micros();
-
-        let keys: Vec<String> = request.identifiers.iter().map(identifier_key).collect();
-        let owners: BTreeSet<String> = identifier::Entity::find()
-            .filter(identifier::Column::Key.is_in(keys))
-            .all(&txn)
+    async fn try_upsert(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &Upsert,
+    ) -> Result<Upserted, ProfileError> {
+        let now = Utc::now();
+        let resolved = graph::resolve(txn, &self.rules, &request.identifiers, now).await?;
+        let row = profile::Entity::find_by_id(resolved.profile_id.clone())
+            .one(txn)
             .await?
-            .into_iter()
-            .map(|row| row.profile_id)
-            .collect();
-
-        let mut matched = profile::Entity::find()
-            .filter(profile::Column::Id.is_in(owners))
-            .order_by_asc(profile::Column::CreatedAt)
-            .order_by_asc(profile::Column::Id)
-            .all(&txn)
-            .await?;
-
-        let created = matched.is_empty();
-        let (survivor, absorbed) = if created {
-            let row = profile::Model {
-                id: uuid::Uuid::now_v7().to_string(),
-                region: String::new(),
-                traits: "{}".into(),
-                merged_into: None,
-                created_at: now,
-                updated_at: now,
-            };
-            profile::Entity::insert(profile::ActiveModel::from(row.clone()))
-                .exec(&txn)
-                .await?;
-            (row, Vec::new())
-        } else {
-            let survivor = matched.remove(0);
-            (survivor, matched)
-        };
-
-        // Merge: the survivor keeps its own values where both have one.
-        let mut traits = decode_traits(&survivor.traits)?;
-        let mut region = survivor.region.clone();
-        let mut merged = Vec::with_capacity(absorbed.len());
-        for other in &absorbed {
-            for (name, value) in decode_traits(&other.traits)? {
-                traits.entry(name).or_insert(value);
-            }
-            if region.is_empty() {
-                region.clone_from(&other.region);
-            }
-            identifier::Entity::update_many()
-                .col_expr(
-                    identifier::Column::ProfileId,
-                    Expr::value(survivor.id.clone()),
-                )
-                .filter(identifier::Column::ProfileId.eq(other.id.clone()))
-                .exec(&txn)
-                .await?;
-            // Everything merged into `other` earlier now points at the
-            // survivor directly: chains stay one hop long.
-            profile::Entity::update_many()
-                .col_expr(
-                    profile::Column::MergedInto,
-                    Expr::value(survivor.id.clone()),
-                )
-                .filter(profile::Column::MergedInto.eq(other.id.clone()))
-                .exec(&txn)
-                .await?;
-            profile::Entity::update_many()
-                .col_expr(
-                    profile::Column::MergedInto,
-                    Expr::value(survivor.id.clone()),
-                )
-                .col_expr(profile::Column::Traits, Expr::value("{}"))
-                .col_expr(profile::Column::UpdatedAt, Expr::value(now))
-                .filter(profile::Column::Id.eq(other.id.clone()))
-                .exec(&txn)
-                .await?;
-            merged.push(other.id.clone());
-        }
-
-        let known: BTreeSet<String> = identifier::Entity::find()
-            .filter(identifier::Column::ProfileId.eq(survivor.id.clone()))
-            .all(&txn)
-            .await?
-            .into_iter()
-            .map(|row| row.key)
-            .collect();
-        let new_rows: Vec<identifier::ActiveModel> = request
-            .identifiers
-            .iter()
-            .filter(|id| !known.contains(&identifier_key(id)))
-            .map(|id| {
-                identifier::ActiveModel::from(identifier::Model {
-                    key: identifier_key(id),
-                    kind: id.kind.as_str().to_string(),
-                    value: id.value.clone(),
-                    profile_id: survivor.id.clone(),
-                    created_at: now,
-                })
-            })
-            .collect();
-        if !new_rows.is_empty() {
-            identifier::Entity::insert_many(new_rows).exec(&txn).await?;
-        }
-
-        traits.extend(request.traits.clone());
+            .ok_or(ProfileError::NotFound)?;
+        let mut traits = decode_traits(&row.traits)?;
+        traits::apply(
+            &mut traits,
+            &request.operations,
+            &request.source,
+            request.observed_at.unwrap_or(now),
+        )
+        .map_err(|err| ProfileError::Precondition(err.to_string()))?;
+        let mut region = row.region;
         if !request.region.is_empty() {
             region.clone_from(&request.region);
         }
         profile::Entity::update(profile::ActiveModel {
-            id: Set(survivor.id.clone()),
+            id: Set(row.id.clone()),
             region: Set(region),
             traits: Set(encode_traits(&traits)?),
-            updated_at: Set(now),
+            updated_at: Set(now.timestamp_micros()),
             ..Default::default()
         })
-        .exec(&txn)
+        .exec(txn)
         .await?;
-
-        let profile = load_live(&txn, &survivor.id).await?;
-        txn.commit().await?;
+        let profile = load_live(txn, &row.id).await?;
+        publish_upsert(txn, &profile, resolved.created, now.timestamp_micros()).await?;
         Ok(Upserted {
             profile,
-            created,
-            merged,
+            created: resolved.created,
+            merged: resolved.merged,
+            kept_apart: resolved.kept_apart,
         })
     }
 
-    /// The live profile behind `id`, following merges.
-    pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
+    /// Detaches `id` from the person it points at.
+    pub async fn remove_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
+        write_retrying!(self, |txn| Self::try_remove_identifier(txn, id))
+    }
+
+    async fn try_remove_identifier(
+        txn: &DatabaseTransaction,
+        id: &Identifier,
+    ) -> Result<Profile, ProfileError> {
+        {
+            let row = identifier::Entity::find_by_id(id.key())
+                .one(txn)
+                .await?
+                .ok_or(ProfileError::NotFound)?;
+            identifier::Entity::delete_by_id(id.key()).exec(txn).await?;
+            let now = Utc::now().timestamp_micros();
+            profile::Entity::update(profile::ActiveModel {
+                id: Set(row.profile_id.clone()),
+                updated_at: Set(now),
+                ..Default::default()
+            })
+            .exec(txn)
+            .await?;
+            let profile = load_live(txn, &row.profile_id).await?;
+            publish_upsert(txn, &profile, false, now).await?;
+            Ok(profile)
+        }
+    }
+
+    /// Records events; see [`events`].
+    pub async fn ingest(&self, batch: &[NewEvent]) -> Result<Ingested, ProfileError> {
+        write_retrying!(self, |txn| events::ingest(txn, &self.rules, batch))
+    }
+
+    /// The person an already stored event was recorded for.
+    pub async fn event_owner(&self, message_id: &str) -> Result<String, ProfileError> {
+        let row = event::Entity::find()
+            .filter(event::Column::MessageId.eq(message_id))
+            .one(&self.db)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        Ok(self.live_row(&row.profile_id).await?.id)
+    }
+
+    /// Hard-deletes a person; see [`privacy`].
+    pub async fn erase(&self, lookup: &Lookup) -> Result<Erased, ProfileError> {
+        let id = self.resolve_lookup(lookup).await?;
+        write_retrying!(self, |txn| privacy::erase(txn, &id))
+    }
+
+    /// Everything held about a person, as JSON.
+    pub async fn export(&self, lookup: &Lookup) -> Result<serde_json::Value, ProfileError> {
+        let id = self.resolve_lookup(lookup).await?;
+        privacy::export(&self.db, &id).await
+    }
+
+    /// Up to `limit` rows of the change log after `cursor`.
+    pub async fn changes_after(&self, cursor: u64, limit: u64) -> Result<Page, ProfileError> {
+        changes::after(&self.db, cursor, limit).await
+    }
+
+    /// Wakes when this process appends to the change log. Other replicas'
+    /// appends are found by polling.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// The live profile behind a lookup.
+    pub async fn find(&self, lookup: &Lookup) -> Result<Profile, ProfileError> {
+        match lookup {
+            Lookup::ProfileId(id) => self.get(id).await,
+            Lookup::Identifier(id) => self.find_by_identifier(id).await,
+        }
+    }
+
+    async fn resolve_lookup(&self, lookup: &Lookup) -> Result<String, ProfileError> {
+        match lookup {
+            Lookup::ProfileId(id) => Ok(self.live_row(id).await?.id),
+            Lookup::Identifier(id) => Ok(self.owner_of(id).await?),
+        }
+    }
+
+    async fn owner_of(&self, id: &Identifier) -> Result<String, ProfileError> {
+        identifier::Entity::find_by_id(id.key())
+            .one(&self.db)
+            .await?
+            .map(|row| row.profile_id)
+            .ok_or(ProfileError::NotFound)
+    }
+
+    async fn live_row(&self, id: &str) -> Result<profile::Model, ProfileError> {
         let mut current = id.to_string();
         for _ in 0..MAX_MERGE_HOPS {
             let row = profile::Entity::find_by_id(current.clone())
@@ -231,7 +320,7 @@ impl ProfileStore {
                 .ok_or(ProfileError::NotFound)?;
             match row.merged_into {
                 Some(next) => current = next,
-                None => return to_profile(&self.db, row).await,
+                None => return Ok(row),
             }
         }
         Err(ProfileError::Corrupt(format!(
@@ -239,13 +328,16 @@ impl ProfileStore {
         )))
     }
 
+    /// The live profile behind `id`, following merges.
+    pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
+        let row = self.live_row(id).await?;
+        to_profile(&self.db, row).await
+    }
+
     /// The live profile an identifier points at.
     pub async fn find_by_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
-        let row = identifier::Entity::find_by_id(identifier_key(id))
-            .one(&self.db)
-            .await?
-            .ok_or(ProfileError::NotFound)?;
-        self.get(&row.profile_id).await
+        let owner = self.owner_of(id).await?;
+        self.get(&owner).await
     }
 
     /// Up to `limit` live profiles with ids after `after`, in id order.
@@ -276,9 +368,19 @@ impl ProfileStore {
     }
 }
 
-/// The primary key of an identifier: kind and value are unique together.
-fn identifier_key(id: &Identifier) -> String {
-    format!("{}:{}", id.kind.as_str(), id.value)
+/// Appends the profile as it now is to the change log.
+async fn publish_upsert(
+    txn: &DatabaseTransaction,
+    profile: &Profile,
+    created: bool,
+    at: i64,
+) -> Result<(), ProfileError> {
+    let record = ChangeRecord::Upserted {
+        profile: Box::new(profile.clone()),
+        created,
+    };
+    changes::append(txn, &profile.id, &record, at).await?;
+    Ok(())
 }
 
 async fn load_live<C: ConnectionTrait>(db: &C, id: &str) -> Result<Profile, ProfileError> {
@@ -323,27 +425,22 @@ fn assemble(
     identifiers: &[identifier::Model],
     merged: &[(String, String)],
 ) -> Result<Profile, ProfileError> {
-    let identifiers = identifiers
-        .iter()
-        .map(|i| {
-            let kind: IdentifierKind = i.kind.parse().map_err(|()| {
-                ProfileError::Corrupt(format!("unknown identifier kind {}", i.kind))
-            })?;
-            Ok(Identifier {
-                kind,
-                value: i.value.clone(),
-            })
-        })
-        .collect::<Result<_, ProfileError>>()?;
     Ok(Profile {
         traits: decode_traits(&row.traits)?,
         id: row.id,
-        identifiers,
+        identifiers: identifiers.iter().map(identifier_from_row).collect(),
         region: row.region,
         merged_ids: merged.iter().map(|(id, _)| id.clone()).collect(),
         created_at_micros: row.created_at,
         updated_at_micros: row.updated_at,
     })
+}
+
+fn identifier_from_row(row: &identifier::Model) -> Identifier {
+    Identifier {
+        kind: crate::identity::IdentifierKind::from_name(&row.kind),
+        value: row.value.clone(),
+    }
 }
 
 fn decode_traits(json: &str) -> Result<Traits, ProfileError> {
@@ -352,6 +449,19 @@ fn decode_traits(json: &str) -> Result<Traits, ProfileError> {
 
 fn encode_traits(traits: &Traits) -> Result<String, ProfileError> {
     serde_json::to_string(traits).map_err(|err| ProfileError::Corrupt(format!("traits: {err}")))
+}
+
+fn decode_event(row: event::Model) -> Result<StoredEvent, ProfileError> {
+    let properties = serde_json::from_str(&row.properties)
+        .map_err(|err| ProfileError::Corrupt(format!("event {}: {err}", row.message_id)))?;
+    Ok(StoredEvent {
+        profile_id: row.profile_id,
+        message_id: row.message_id,
+        name: row.name,
+        occurred_at_micros: row.occurred_at,
+        properties,
+        source: row.source,
+    })
 }
 
 #[cfg(test)]

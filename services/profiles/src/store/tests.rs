@@ -4,11 +4,27 @@ use crate::traits::TraitValue;
 use madtech_common::db::connect_and_migrate;
 use madtech_common::testing::TestDatabase;
 
+const RULES: &str = r#"
+    blocked = [{ kind = "email", value = "test@example.com" }]
+    [kinds.customer_id]
+    limit = 1
+    priority = 1
+    [kinds.email]
+    limit = 3
+    priority = 2
+    [kinds.cookie_id]
+    priority = 9
+"#;
+
 async fn store(db: &TestDatabase) -> ProfileStore {
     let conn = connect_and_migrate::<Migrator>(&db.config)
         .await
         .expect("connect");
-    ProfileStore::new(conn)
+    ProfileStore::new(conn, IdentityRules::parse(RULES, "FR").expect("rules"))
+}
+
+fn value(profile: &Profile, name: &str) -> TraitValue {
+    profile.traits[name].value.clone()
 }
 
 fn ids(pairs: &[(&str, &str)]) -> BTreeSet<Identifier> {
@@ -22,11 +38,13 @@ fn ids(pairs: &[(&str, &str)]) -> BTreeSet<Identifier> {
 fn upsert(pairs: &[(&str, &str)], traits: &[(&str, TraitValue)], region: &str) -> Upsert {
     Upsert {
         identifiers: ids(pairs),
-        traits: traits
+        operations: traits
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| TraitOperation::Set(k.to_string(), v.clone()))
             .collect(),
         region: region.into(),
+        source: "api".into(),
+        observed_at: None,
     }
 }
 
@@ -104,12 +122,12 @@ madtech_common::backend_tests!(
         assert_eq!(joined.profile.id, older.profile.id);
         assert_eq!(joined.merged, vec![newer.profile.id.clone()]);
         assert_eq!(
-            joined.profile.traits["tier"],
-            TraitValue::String("gold".into()),
-            "survivor keeps its values"
+            value(&joined.profile, "tier"),
+            TraitValue::String("silver".into()),
+            "the value observed last wins"
         );
         assert_eq!(
-            joined.profile.traits["age"],
+            value(&joined.profile, "age"),
             TraitValue::Number(40.0),
             "absorbed traits are kept"
         );
@@ -232,5 +250,461 @@ madtech_common::backend_tests!(
             oldest.profile.id
         );
         assert_eq!(last.profile.identifiers.len(), 3);
+    }
+);
+
+fn event(message_id: &str, name: &str, who: Who) -> NewEvent {
+    NewEvent {
+        message_id: message_id.into(),
+        name: name.into(),
+        occurred_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+        properties: BTreeMap::from([("amount".to_string(), TraitValue::Number(60.0))]),
+        source: "web".into(),
+        who,
+    }
+}
+
+fn by(pairs: &[(&str, &str)]) -> Who {
+    Who::Identifiers(ids(pairs))
+}
+
+async fn all_changes(store: &ProfileStore, after: u64) -> Vec<Change> {
+    let mut cursor = after;
+    let mut out = Vec::new();
+    loop {
+        let page = store.changes_after(cursor, 3).await.expect("changes");
+        if page.read_to == cursor {
+            return out;
+        }
+        cursor = page.read_to;
+        out.extend(page.changes);
+    }
+}
+
+fn events_in(changes: &[Change]) -> Vec<StoredEvent> {
+    changes
+        .iter()
+        .filter_map(|c| match &c.kind {
+            ChangeKind::EventsAppended(events) => Some(events.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+madtech_common::backend_tests!(
+    trait_operations_keep_source_and_time,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let observed = chrono::DateTime::from_timestamp(1_600_000_000, 0).expect("time");
+        let mut request = upsert(&[("email", "t@example.com")], &[], "FR");
+        request.operations = vec![
+            TraitOperation::Set("plan".into(), TraitValue::String("free".into())),
+            TraitOperation::Increment("visits".into(), 2.0),
+            TraitOperation::SetOnce("first".into(), TraitValue::Bool(true)),
+        ];
+        request.source = "crm".into();
+        request.observed_at = Some(observed);
+        store.upsert(request.clone()).await.expect("first");
+        request.operations = vec![
+            TraitOperation::Increment("visits".into(), 3.0),
+            TraitOperation::SetOnce("first".into(), TraitValue::Bool(false)),
+            TraitOperation::Unset("plan".into()),
+        ];
+        let done = store.upsert(request.clone()).await.expect("second");
+        assert_eq!(value(&done.profile, "visits"), TraitValue::Number(5.0));
+        assert_eq!(value(&done.profile, "first"), TraitValue::Bool(true));
+        assert!(!done.profile.traits.contains_key("plan"));
+        assert_eq!(done.profile.traits["visits"].source, "crm");
+        assert_eq!(done.profile.traits["visits"].observed_at, observed);
+
+        // Incrementing a string changes nothing and says why.
+        request.operations = vec![
+            TraitOperation::Set("visits".into(), TraitValue::Number(100.0)),
+            TraitOperation::Set("first".into(), TraitValue::String("x".into())),
+            TraitOperation::Increment("first".into(), 1.0),
+        ];
+        let err = store.upsert(request).await.expect_err("not a number");
+        assert!(matches!(err, ProfileError::Precondition(_)), "{err}");
+        let after = store.get(&done.profile.id).await.expect("get");
+        assert_eq!(
+            value(&after, "visits"),
+            TraitValue::Number(5.0),
+            "rolled back"
+        );
+    }
+);
+
+madtech_common::backend_tests!(
+    refused_merges_and_blocked_values_are_recorded,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let parent = store
+            .upsert(upsert(
+                &[("customer_id", "C1"), ("cookie_id", "tablet")],
+                &[],
+                "FR",
+            ))
+            .await
+            .expect("parent");
+        // The child logs in on the family tablet.
+        let child = store
+            .upsert(upsert(
+                &[("customer_id", "C2"), ("cookie_id", "tablet")],
+                &[],
+                "FR",
+            ))
+            .await
+            .expect("child");
+        assert!(child.created, "a second person, not a merge");
+        assert_ne!(child.profile.id, parent.profile.id);
+        assert!(child.merged.is_empty());
+        assert_eq!(child.kept_apart.len(), 1);
+        assert_eq!(child.kept_apart[0].rule, "limit customer_id 1");
+        assert_eq!(
+            child.kept_apart[0].owner.as_deref(),
+            Some(parent.profile.id.as_str())
+        );
+        assert_eq!(
+            store
+                .find_by_identifier(&ids(&[("cookie_id", "tablet")]).pop_first().expect("one"))
+                .await
+                .expect("cookie")
+                .id,
+            parent.profile.id,
+            "the cookie stays where it was"
+        );
+        let export = store
+            .export(&Lookup::ProfileId(child.profile.id.clone()))
+            .await
+            .expect("export");
+        assert_eq!(
+            export["identity_conflicts"][0]["rule"],
+            "limit customer_id 1"
+        );
+
+        let blocked = store
+            .upsert(upsert(&[("email", "TEST@example.com")], &[], ""))
+            .await
+            .expect_err("only a blocked identifier");
+        assert!(
+            matches!(blocked, ProfileError::Precondition(_)),
+            "{blocked}"
+        );
+        let with_blocked = store
+            .upsert(upsert(
+                &[("email", "test@example.com"), ("customer_id", "C1")],
+                &[],
+                "",
+            ))
+            .await
+            .expect("blocked one is dropped");
+        assert_eq!(with_blocked.profile.id, parent.profile.id);
+        assert_eq!(with_blocked.kept_apart[0].rule, "blocked");
+        assert_eq!(with_blocked.profile.identifiers.len(), 2);
+    }
+);
+
+madtech_common::backend_tests!(
+    events_are_idempotent_and_resolve_people,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let known = store
+            .upsert(upsert(&[("customer_id", "K1")], &[], "FR"))
+            .await
+            .expect("known");
+        let batch = vec![
+            event("m1", "purchase", by(&[("customer_id", "K1")])),
+            event("m2", "view", Who::ProfileId(known.profile.id.clone())),
+            event("m3", "signup", by(&[("email", "new@example.com")])),
+            // Links the new person's email to a cookie seen in the batch.
+            event(
+                "m4",
+                "view",
+                by(&[("email", "new@example.com"), ("cookie_id", "ck")]),
+            ),
+            event("m1", "purchase", by(&[("customer_id", "K1")])),
+        ];
+        let first = store.ingest(&batch).await.expect("ingest");
+        assert_eq!(
+            (first.accepted, first.duplicates),
+            (4, 1),
+            "m1 twice in one batch"
+        );
+        assert_eq!(
+            first.profile_ids[0].as_deref(),
+            Some(known.profile.id.as_str())
+        );
+        assert_eq!(first.profile_ids[2], first.profile_ids[3]);
+        assert_eq!(first.profile_ids[4], None);
+
+        let retry = store.ingest(&batch).await.expect("retry");
+        assert_eq!(
+            (retry.accepted, retry.duplicates),
+            (0, 5),
+            "a retried batch changes nothing"
+        );
+
+        let newcomer = store
+            .find_by_identifier(&ids(&[("cookie_id", "ck")]).pop_first().expect("one"))
+            .await
+            .expect("created by events");
+        assert_eq!(newcomer.identifiers.len(), 2);
+
+        let unknown = store
+            .ingest(&[
+                event("m9", "view", by(&[("customer_id", "K1")])),
+                event("m10", "view", Who::ProfileId("nobody".into())),
+            ])
+            .await
+            .expect_err("unknown profile");
+        assert!(
+            matches!(unknown, ProfileError::UnknownReference(ref f) if f == "events[1].profile_id")
+        );
+        let changes = all_changes(&store, 0).await;
+        assert_eq!(
+            events_in(&changes).len(),
+            4,
+            "the refused batch wrote nothing"
+        );
+    }
+);
+
+madtech_common::backend_tests!(
+    events_follow_their_person_through_merges,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let a = store
+            .upsert(upsert(&[("email", "a@example.com")], &[], "FR"))
+            .await
+            .expect("a");
+        let b = store
+            .upsert(upsert(&[("cookie_id", "kb")], &[], ""))
+            .await
+            .expect("b");
+        store
+            .ingest(&[
+                event("e1", "view", Who::ProfileId(b.profile.id.clone())),
+                // This event merges b into a; e1, before it, follows.
+                event(
+                    "e2",
+                    "login",
+                    by(&[("email", "a@example.com"), ("cookie_id", "kb")]),
+                ),
+                event("e3", "view", Who::ProfileId(b.profile.id.clone())),
+            ])
+            .await
+            .expect("ingest");
+        let export = store
+            .export(&Lookup::ProfileId(b.profile.id.clone()))
+            .await
+            .expect("export via the merged id");
+        assert_eq!(export["profile_id"], a.profile.id.as_str());
+        assert_eq!(export["events"].as_array().expect("events").len(), 3);
+        assert_eq!(
+            export["merges"][0]["merged_profile_id"],
+            b.profile.id.as_str()
+        );
+        assert_eq!(export["merges"][0]["linked_by"], "cookie_id:kb");
+        let changes = all_changes(&store, 0).await;
+        assert!(
+            events_in(&changes)
+                .iter()
+                .all(|e| e.profile_id == a.profile.id)
+        );
+        assert!(changes.iter().any(|c| matches!(&c.kind,
+            ChangeKind::Merged { survivor, merged } if *survivor == a.profile.id && merged == &vec![b.profile.id.clone()])));
+    }
+);
+
+madtech_common::backend_tests!(
+    the_change_stream_is_ordered_and_resumes_after_reconnecting,
+    |db: TestDatabase| async move {
+        let cursor = {
+            let store = store(&db).await;
+            let p = store
+                .upsert(upsert(&[("email", "w@example.com")], &[], "FR"))
+                .await
+                .expect("p");
+            store
+                .ingest(&[event("w1", "view", Who::ProfileId(p.profile.id.clone()))])
+                .await
+                .expect("ingest");
+            let changes = all_changes(&store, 0).await;
+            assert_eq!(changes.len(), 2);
+            assert!(matches!(
+                &changes[0].kind,
+                ChangeKind::Upserted { created: true, .. }
+            ));
+            assert!(changes[0].cursor < changes[1].cursor);
+            changes[1].cursor
+        };
+        let store = store(&db).await;
+        store
+            .upsert(upsert(
+                &[("email", "w@example.com")],
+                &[("x", TraitValue::Bool(true))],
+                "",
+            ))
+            .await
+            .expect("update");
+        let resumed = all_changes(&store, cursor).await;
+        assert_eq!(resumed.len(), 1, "exactly what came after the cursor");
+        let ChangeKind::Upserted { profile, created } = &resumed[0].kind else {
+            panic!("expected an upsert, got {:?}", resumed[0].kind);
+        };
+        assert!(!created);
+        assert_eq!(profile.traits["x"].value, TraitValue::Bool(true));
+    }
+);
+
+madtech_common::backend_tests!(
+    erasure_removes_the_person_everywhere_and_is_published,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let keep = store
+            .upsert(upsert(&[("email", "keep@example.com")], &[], "FR"))
+            .await
+            .expect("keep");
+        let gone = store
+            .upsert(upsert(&[("email", "gone@example.com")], &[], "FR"))
+            .await
+            .expect("gone");
+        let alias = store
+            .upsert(upsert(&[("cookie_id", "gone-cookie")], &[], ""))
+            .await
+            .expect("alias");
+        store
+            .upsert(upsert(
+                &[("email", "gone@example.com"), ("cookie_id", "gone-cookie")],
+                &[],
+                "",
+            ))
+            .await
+            .expect("merge");
+        store
+            .ingest(&[
+                event("g1", "view", by(&[("email", "gone@example.com")])),
+                event("k1", "view", by(&[("email", "keep@example.com")])),
+            ])
+            .await
+            .expect("events");
+        let before = all_changes(&store, 0).await.last().expect("changes").cursor;
+
+        let erased = store
+            .erase(&Lookup::Identifier(
+                ids(&[("cookie_id", "gone-cookie")])
+                    .pop_first()
+                    .expect("one"),
+            ))
+            .await
+            .expect("erase");
+        let mut expected = vec![gone.profile.id.clone(), alias.profile.id.clone()];
+        expected.sort();
+        let mut got = erased.profile_ids.clone();
+        got.sort();
+        assert_eq!(got, expected);
+        assert_eq!((erased.identifiers, erased.events), (2, 1));
+
+        assert!(matches!(
+            store.get(&gone.profile.id).await,
+            Err(ProfileError::NotFound)
+        ));
+        assert!(matches!(
+            store.get(&alias.profile.id).await,
+            Err(ProfileError::NotFound)
+        ));
+        assert_eq!(
+            store
+                .get(&keep.profile.id)
+                .await
+                .expect("untouched")
+                .identifiers
+                .len(),
+            1
+        );
+
+        // Nothing about the person is left in the change log but the erasure.
+        let changes = all_changes(&store, 0).await;
+        let text = format!("{changes:?}");
+        assert!(
+            !text.contains("gone@example.com") && !text.contains("gone-cookie"),
+            "{text}"
+        );
+        assert_eq!(events_in(&changes).len(), 1);
+        let last = changes.last().expect("erasure");
+        assert!(last.cursor > before, "cursors are never reused");
+        assert!(matches!(&last.kind, ChangeKind::Erased { profile_ids } if profile_ids.len() == 2));
+
+        // A cursor taken before the erasure still resumes, and new writes get
+        // new cursors.
+        let again = store
+            .upsert(upsert(&[("email", "gone@example.com")], &[], ""))
+            .await
+            .expect("new");
+        assert!(again.created, "an erased person comes back as someone new");
+        let tail = all_changes(&store, last.cursor).await;
+        assert_eq!(tail.len(), 1);
+    }
+);
+
+madtech_common::backend_tests!(identifiers_can_be_removed, |db: TestDatabase| async move {
+    let store = store(&db).await;
+    let p = store
+        .upsert(upsert(
+            &[("email", "r@example.com"), ("cookie_id", "rc")],
+            &[],
+            "FR",
+        ))
+        .await
+        .expect("p");
+    let cookie = ids(&[("cookie_id", "rc")]).pop_first().expect("one");
+    let after = store.remove_identifier(&cookie).await.expect("remove");
+    assert_eq!(after.id, p.profile.id);
+    assert_eq!(after.identifiers.len(), 1);
+    assert!(matches!(
+        store.find_by_identifier(&cookie).await,
+        Err(ProfileError::NotFound)
+    ));
+    assert!(matches!(
+        store.remove_identifier(&cookie).await,
+        Err(ProfileError::NotFound)
+    ));
+    // The cookie seen again makes a new person; it is no longer linked.
+    let next = store
+        .upsert(upsert(&[("cookie_id", "rc")], &[], ""))
+        .await
+        .expect("new");
+    assert!(next.created);
+});
+
+madtech_common::backend_tests!(
+    large_batches_span_several_changes,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let p = store
+            .upsert(upsert(&[("customer_id", "big")], &[], "FR"))
+            .await
+            .expect("p");
+        let batch: Vec<NewEvent> = (0..2_500)
+            .map(|i| {
+                event(
+                    &format!("b{i}"),
+                    "view",
+                    Who::ProfileId(p.profile.id.clone()),
+                )
+            })
+            .collect();
+        let done = store.ingest(&batch).await.expect("ingest");
+        assert_eq!(done.accepted, 2_500);
+        let changes = all_changes(&store, 0).await;
+        let batches: Vec<usize> = changes
+            .iter()
+            .filter_map(|c| match &c.kind {
+                ChangeKind::EventsAppended(e) => Some(e.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(batches, vec![1_000, 1_000, 500]);
     }
 );

@@ -1,0 +1,178 @@
+//! The change log behind `WatchProfileChanges`. Every write appends to it in
+//! the same transaction, under the append lock, so cursors follow commit
+//! order; rows are only deleted by erasure.
+
+use std::collections::BTreeMap;
+
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+use serde::{Deserialize, Serialize};
+
+use super::entities::{change, event};
+use super::{Profile, StoredEvent, decode_event};
+use crate::error::ProfileError;
+
+/// Key of the PostgreSQL advisory lock that serialises appends across
+/// replicas, so a cursor is never committed after a higher one.
+const APPEND_LOCK: i64 = 0x6d61_6474_6563_6803;
+
+/// A change as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChangeRecord {
+    Upserted {
+        profile: Box<Profile>,
+        created: bool,
+    },
+    Merged {
+        survivor: String,
+        merged: Vec<String>,
+    },
+    Erased {
+        profile_ids: Vec<String>,
+    },
+    /// The events carry this change's sequence number.
+    EventsAppended,
+}
+
+/// A change as watchers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub cursor: u64,
+    pub at_micros: i64,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeKind {
+    Upserted {
+        profile: Box<Profile>,
+        created: bool,
+    },
+    Merged {
+        survivor: String,
+        merged: Vec<String>,
+    },
+    Erased {
+        profile_ids: Vec<String>,
+    },
+    EventsAppended(Vec<StoredEvent>),
+}
+
+/// Takes the append lock for this transaction (PostgreSQL; SQLite has one
+/// writer anyway).
+pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), ProfileError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends a change and returns its sequence number.
+pub(super) async fn append(
+    txn: &DatabaseTransaction,
+    profile_id: &str,
+    record: &ChangeRecord,
+    at: i64,
+) -> Result<i64, ProfileError> {
+    let payload = serde_json::to_string(record)
+        .map_err(|err| ProfileError::Corrupt(format!("change: {err}")))?;
+    let row = change::ActiveModel {
+        seq: sea_orm::NotSet,
+        profile_id: sea_orm::Set(profile_id.to_string()),
+        payload: sea_orm::Set(payload),
+        at: sea_orm::Set(at),
+    };
+    Ok(change::Entity::insert(row).exec(txn).await?.last_insert_id)
+}
+
+/// A page of the change log.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub changes: Vec<Change>,
+    /// The last cursor read: resume after it even when `changes` is empty
+    /// (event batches whose events were all erased are left out).
+    pub read_to: u64,
+}
+
+/// Up to `limit` rows of the change log after `cursor`, in order, events
+/// included.
+pub(super) async fn after<C: ConnectionTrait>(
+    db: &C,
+    cursor: u64,
+    limit: u64,
+) -> Result<Page, ProfileError> {
+    let start = cursor;
+    let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+    let rows = change::Entity::find()
+        .filter(change::Column::Seq.gt(cursor))
+        .order_by_asc(change::Column::Seq)
+        .limit(limit)
+        .all(db)
+        .await?;
+    let records = rows
+        .into_iter()
+        .map(|row| {
+            let record: ChangeRecord = serde_json::from_str(&row.payload)
+                .map_err(|err| ProfileError::Corrupt(format!("change {}: {err}", row.seq)))?;
+            Ok((row, record))
+        })
+        .collect::<Result<Vec<_>, ProfileError>>()?;
+
+    let event_seqs: Vec<i64> = records
+        .iter()
+        .filter(|(_, record)| matches!(record, ChangeRecord::EventsAppended))
+        .map(|(row, _)| row.seq)
+        .collect();
+    let mut events: BTreeMap<i64, Vec<StoredEvent>> = BTreeMap::new();
+    if !event_seqs.is_empty() {
+        for row in event::Entity::find()
+            .filter(event::Column::ChangeSeq.is_in(event_seqs))
+            .order_by_asc(event::Column::Id)
+            .all(db)
+            .await?
+        {
+            events
+                .entry(row.change_seq)
+                .or_default()
+                .push(decode_event(row)?);
+        }
+    }
+
+    let read_to = records
+        .last()
+        .map_or(start, |(row, _)| u64::try_from(row.seq).unwrap_or(start));
+    let mut changes = Vec::with_capacity(records.len());
+    for (row, record) in records {
+        let kind = match record {
+            ChangeRecord::Upserted { profile, created } => {
+                ChangeKind::Upserted { profile, created }
+            }
+            ChangeRecord::Merged { survivor, merged } => ChangeKind::Merged { survivor, merged },
+            ChangeRecord::Erased { profile_ids } => ChangeKind::Erased { profile_ids },
+            ChangeRecord::EventsAppended => match events.remove(&row.seq) {
+                Some(events) => ChangeKind::EventsAppended(events),
+                None => continue,
+            },
+        };
+        changes.push(Change {
+            cursor: u64::try_from(row.seq)
+                .map_err(|_| ProfileError::Corrupt(format!("negative cursor {}", row.seq)))?,
+            at_micros: row.at,
+            kind,
+        });
+    }
+    Ok(Page { changes, read_to })
+}
+
+/// The newest cursor, 0 when nothing was ever written.
+pub(super) async fn head<C: ConnectionTrait>(db: &C) -> Result<u64, ProfileError> {
+    let last = change::Entity::find()
+        .order_by_desc(change::Column::Seq)
+        .one(db)
+        .await?;
+    Ok(last.map_or(0, |row| u64::try_from(row.seq).unwrap_or(0)))
+}

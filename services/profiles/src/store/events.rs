@@ -1,0 +1,235 @@
+//! Event ingestion: a batch is one transaction. Message ids already stored
+//! are skipped (retries are idempotent); events whose identifiers all point
+//! at one known person take the fast path (one lookup for the whole batch),
+//! the rest resolve identities one by one as an upsert would.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
+
+use super::changes::{self, ChangeRecord};
+use super::entities::{event, profile};
+use super::graph::{self, LOOKUP_CHUNK};
+use super::{load_live, publish_upsert};
+use crate::error::ProfileError;
+use crate::identity::Identifier;
+use crate::resolution::{IdentityRules, KeptApart};
+use crate::traits::TraitValue;
+
+/// Who an event is about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Who {
+    ProfileId(String),
+    /// Linked to one another as an upsert links them.
+    Identifiers(BTreeSet<Identifier>),
+}
+
+/// An event to record, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub message_id: String,
+    pub name: String,
+    pub occurred_at: DateTime<Utc>,
+    pub properties: BTreeMap<String, TraitValue>,
+    pub source: String,
+    pub who: Who,
+}
+
+/// What an ingestion did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ingested {
+    pub accepted: u64,
+    pub duplicates: u64,
+    /// The person each accepted event was recorded for, in batch order
+    /// (`None` for duplicates).
+    pub profile_ids: Vec<Option<String>>,
+    pub kept_apart: Vec<KeptApart>,
+}
+
+/// Events per change-log entry, which bounds a watcher's message size.
+const EVENTS_PER_CHANGE: usize = 1_000;
+
+pub(super) async fn ingest(
+    txn: &DatabaseTransaction,
+    rules: &IdentityRules,
+    batch: &[NewEvent],
+) -> Result<Ingested, ProfileError> {
+    let now = Utc::now();
+    let stored = stored_message_ids(txn, batch).await?;
+    let mut seen = HashSet::with_capacity(batch.len());
+    let fresh: Vec<bool> = batch
+        .iter()
+        .map(|e| !stored.contains(&e.message_id) && seen.insert(e.message_id.as_str()))
+        .collect();
+
+    let mut live = live_ids(txn, batch, &fresh).await?;
+    let mut owners = graph::owners(
+        txn,
+        batch
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, fresh)| **fresh)
+            .filter_map(|(e, _)| match &e.who {
+                Who::Identifiers(ids) => Some(ids.iter().map(Identifier::key)),
+                Who::ProfileId(_) => None,
+            })
+            .flatten()
+            .collect::<BTreeSet<_>>(),
+    )
+    .await?;
+
+    let mut result = Ingested::default();
+    let mut rows = Vec::new();
+    for (i, (new, fresh)) in batch.iter().zip(&fresh).enumerate() {
+        if !fresh {
+            result.duplicates += 1;
+            continue;
+        }
+        let profile_id = match &new.who {
+            Who::ProfileId(id) => live
+                .get(id)
+                .cloned()
+                .ok_or_else(|| ProfileError::UnknownReference(format!("events[{i}].profile_id")))?,
+            Who::Identifiers(ids) => match single_owner(&owners, ids) {
+                Some(owner) => owner,
+                None => {
+                    let resolved = graph::resolve(txn, rules, ids, now).await?;
+                    // Later events in the batch see what this one linked.
+                    for merged in &resolved.merged {
+                        let survivor = &resolved.profile_id;
+                        for target in live.values_mut().chain(owners.values_mut()) {
+                            if target == merged {
+                                target.clone_from(survivor);
+                            }
+                        }
+                        live.insert(merged.clone(), survivor.clone());
+                    }
+                    for id in ids {
+                        if !resolved.kept_apart.iter().any(|k| &k.identifier == id) {
+                            owners.insert(id.key(), resolved.profile_id.clone());
+                        }
+                    }
+                    if resolved.created || !resolved.merged.is_empty() {
+                        let profile = load_live(txn, &resolved.profile_id).await?;
+                        publish_upsert(txn, &profile, resolved.created, now.timestamp_micros())
+                            .await?;
+                    }
+                    result.kept_apart.extend(resolved.kept_apart);
+                    resolved.profile_id
+                }
+            },
+        };
+        rows.push((new, profile_id));
+    }
+    // An event placed before a later event in the batch merged its person
+    // away belongs to the survivor.
+    for (_, profile_id) in &mut rows {
+        if let Some(survivor) = live.get(profile_id) {
+            profile_id.clone_from(survivor);
+        }
+    }
+    let mut accepted = rows.iter().map(|(_, id)| id.clone());
+    result.profile_ids = fresh
+        .iter()
+        .map(|fresh| if *fresh { accepted.next() } else { None })
+        .collect();
+
+    for chunk in rows.chunks(EVENTS_PER_CHANGE) {
+        let seq = changes::append(
+            txn,
+            "",
+            &ChangeRecord::EventsAppended,
+            now.timestamp_micros(),
+        )
+        .await?;
+        let models = chunk
+            .iter()
+            .map(|(new, profile_id)| {
+                let properties = serde_json::to_string(&new.properties)
+                    .map_err(|err| ProfileError::Corrupt(format!("properties: {err}")))?;
+                Ok(event::ActiveModel {
+                    id: sea_orm::NotSet,
+                    message_id: Set(new.message_id.clone()),
+                    profile_id: Set(profile_id.clone()),
+                    name: Set(new.name.clone()),
+                    occurred_at: Set(new.occurred_at.timestamp_micros()),
+                    received_at: Set(now.timestamp_micros()),
+                    properties: Set(properties),
+                    source: Set(new.source.clone()),
+                    change_seq: Set(seq),
+                })
+            })
+            .collect::<Result<Vec<_>, ProfileError>>()?;
+        event::Entity::insert_many(models).exec(txn).await?;
+        result.accepted += chunk.len() as u64;
+    }
+    Ok(result)
+}
+
+/// The one person every identifier already points at, if there is one.
+fn single_owner(owners: &BTreeMap<String, String>, ids: &BTreeSet<Identifier>) -> Option<String> {
+    let mut found: Option<&String> = None;
+    for id in ids {
+        let owner = owners.get(&id.key())?;
+        match found {
+            Some(previous) if previous != owner => return None,
+            _ => found = Some(owner),
+        }
+    }
+    found.cloned()
+}
+
+async fn stored_message_ids(
+    txn: &DatabaseTransaction,
+    batch: &[NewEvent],
+) -> Result<HashSet<String>, ProfileError> {
+    let mut stored = HashSet::new();
+    for chunk in batch.chunks(LOOKUP_CHUNK) {
+        let found: Vec<String> = event::Entity::find()
+            .select_only()
+            .column(event::Column::MessageId)
+            .filter(event::Column::MessageId.is_in(chunk.iter().map(|e| e.message_id.clone())))
+            .into_tuple()
+            .all(txn)
+            .await?;
+        stored.extend(found);
+    }
+    Ok(stored)
+}
+
+/// The live profile behind each profile id the fresh events name.
+async fn live_ids(
+    txn: &DatabaseTransaction,
+    batch: &[NewEvent],
+    fresh: &[bool],
+) -> Result<BTreeMap<String, String>, ProfileError> {
+    let named: Vec<String> = batch
+        .iter()
+        .zip(fresh)
+        .filter(|(_, fresh)| **fresh)
+        .filter_map(|(e, _)| match &e.who {
+            Who::ProfileId(id) => Some(id.clone()),
+            Who::Identifiers(_) => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut live = BTreeMap::new();
+    for chunk in named.chunks(LOOKUP_CHUNK) {
+        let rows: Vec<(String, Option<String>)> = profile::Entity::find()
+            .select_only()
+            .column(profile::Column::Id)
+            .column(profile::Column::MergedInto)
+            .filter(profile::Column::Id.is_in(chunk.iter().cloned()))
+            .into_tuple()
+            .all(txn)
+            .await?;
+        // Merge chains are one hop long, so `merged_into` is the live id.
+        live.extend(rows.into_iter().map(|(id, into)| {
+            let target = into.unwrap_or_else(|| id.clone());
+            (id, target)
+        }));
+    }
+    Ok(live)
+}

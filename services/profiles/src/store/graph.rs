@@ -1,0 +1,216 @@
+//! The identity graph inside a write: find who the identifiers point at,
+//! plan with the identity rules, then merge, attach and record conflicts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, Set};
+
+use super::changes::{self, ChangeRecord};
+use super::entities::{conflict, event, identifier, merge, profile};
+use super::{decode_traits, encode_traits, identifier_from_row};
+use crate::error::ProfileError;
+use crate::identity::Identifier;
+use crate::resolution::{IdentityRules, KeptApart};
+use crate::traits;
+
+/// Who a call's identifiers resolved to.
+#[derive(Debug, Clone)]
+pub(super) struct Resolved {
+    pub profile_id: String,
+    pub created: bool,
+    /// Profiles merged into `profile_id` by this call.
+    pub merged: Vec<String>,
+    pub kept_apart: Vec<KeptApart>,
+}
+
+/// Bound parameters per lookup statement: well under SQLite's and
+/// PostgreSQL's limits.
+pub(super) const LOOKUP_CHUNK: usize = 1_000;
+
+/// The profile each of `keys` points at.
+pub(super) async fn owners(
+    txn: &DatabaseTransaction,
+    keys: impl IntoIterator<Item = String>,
+) -> Result<BTreeMap<String, String>, ProfileError> {
+    let keys: Vec<String> = keys.into_iter().collect();
+    let mut owners = BTreeMap::new();
+    for chunk in keys.chunks(LOOKUP_CHUNK) {
+        for row in identifier::Entity::find()
+            .filter(identifier::Column::Key.is_in(chunk.iter().cloned()))
+            .all(txn)
+            .await?
+        {
+            owners.insert(row.key, row.profile_id);
+        }
+    }
+    Ok(owners)
+}
+
+/// Resolves `identifiers` to one person, creating or merging as the rules
+/// allow. Publishes merges and creations on the change log; the caller
+/// publishes the person's final state.
+pub(super) async fn resolve(
+    txn: &DatabaseTransaction,
+    rules: &IdentityRules,
+    identifiers: &BTreeSet<Identifier>,
+    now: DateTime<Utc>,
+) -> Result<Resolved, ProfileError> {
+    let now_micros = now.timestamp_micros();
+    let by_key = owners(txn, identifiers.iter().map(Identifier::key)).await?;
+    let owners: BTreeMap<Identifier, String> = identifiers
+        .iter()
+        .filter_map(|id| Some((id.clone(), by_key.get(&id.key())?.clone())))
+        .collect();
+    let owner_ids: BTreeSet<String> = owners.values().cloned().collect();
+    let mut held: BTreeMap<String, Vec<Identifier>> = BTreeMap::new();
+    for row in identifier::Entity::find()
+        .filter(identifier::Column::ProfileId.is_in(owner_ids))
+        .all(txn)
+        .await?
+    {
+        held.entry(row.profile_id.clone())
+            .or_default()
+            .push(identifier_from_row(&row));
+    }
+
+    let plan = rules.plan(identifiers, &owners, &held);
+    if plan.profiles.is_empty() && plan.attach.is_empty() {
+        return Err(ProfileError::Precondition(
+            "every identifier is blocked by the identity rules".into(),
+        ));
+    }
+
+    let mut matched = profile::Entity::find()
+        .filter(profile::Column::Id.is_in(plan.profiles.iter().cloned()))
+        .order_by_asc(profile::Column::CreatedAt)
+        .order_by_asc(profile::Column::Id)
+        .all(txn)
+        .await?;
+    let created = matched.is_empty();
+    let survivor = if created {
+        let row = profile::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            region: String::new(),
+            traits: "{}".into(),
+            merged_into: None,
+            created_at: now_micros,
+            updated_at: now_micros,
+        };
+        profile::Entity::insert(profile::ActiveModel::from(row.clone()))
+            .exec(txn)
+            .await?;
+        row
+    } else {
+        matched.remove(0)
+    };
+
+    let mut merged = Vec::with_capacity(matched.len());
+    if !matched.is_empty() {
+        let mut traits = decode_traits(&survivor.traits)?;
+        let mut region = survivor.region.clone();
+        for other in &matched {
+            traits::merge(&mut traits, decode_traits(&other.traits)?);
+            if region.is_empty() {
+                region.clone_from(&other.region);
+            }
+            absorb(txn, &survivor.id, other, &plan.linked_by, now_micros).await?;
+            merged.push(other.id.clone());
+        }
+        profile::Entity::update(profile::ActiveModel {
+            id: Set(survivor.id.clone()),
+            region: Set(region),
+            traits: Set(encode_traits(&traits)?),
+            updated_at: Set(now_micros),
+            ..Default::default()
+        })
+        .exec(txn)
+        .await?;
+        let record = ChangeRecord::Merged {
+            survivor: survivor.id.clone(),
+            merged: merged.clone(),
+        };
+        changes::append(txn, &survivor.id, &record, now_micros).await?;
+    }
+
+    if !plan.attach.is_empty() {
+        let rows = plan.attach.iter().map(|id| {
+            identifier::ActiveModel::from(identifier::Model {
+                key: id.key(),
+                kind: id.kind.as_str().to_string(),
+                value: id.value.clone(),
+                profile_id: survivor.id.clone(),
+                created_at: now_micros,
+            })
+        });
+        identifier::Entity::insert_many(rows).exec(txn).await?;
+    }
+
+    if !plan.kept_apart.is_empty() {
+        let rows = plan.kept_apart.iter().map(|kept| conflict::ActiveModel {
+            id: sea_orm::NotSet,
+            profile_id: Set(survivor.id.clone()),
+            identifier: Set(kept.identifier.key()),
+            owner_id: Set(kept.owner.clone()),
+            rule: Set(kept.rule.clone()),
+            at: Set(now_micros),
+        });
+        conflict::Entity::insert_many(rows).exec(txn).await?;
+    }
+
+    Ok(Resolved {
+        profile_id: survivor.id,
+        created,
+        merged,
+        kept_apart: plan.kept_apart,
+    })
+}
+
+/// Moves everything `other` holds to `survivor` and records the merge.
+async fn absorb(
+    txn: &DatabaseTransaction,
+    survivor: &str,
+    other: &profile::Model,
+    linked_by: &BTreeMap<String, Identifier>,
+    now: i64,
+) -> Result<(), ProfileError> {
+    identifier::Entity::update_many()
+        .col_expr(identifier::Column::ProfileId, Expr::value(survivor))
+        .filter(identifier::Column::ProfileId.eq(other.id.clone()))
+        .exec(txn)
+        .await?;
+    event::Entity::update_many()
+        .col_expr(event::Column::ProfileId, Expr::value(survivor))
+        .filter(event::Column::ProfileId.eq(other.id.clone()))
+        .exec(txn)
+        .await?;
+    // Everything merged into `other` earlier now points at the survivor
+    // directly: chains stay one hop long.
+    profile::Entity::update_many()
+        .col_expr(profile::Column::MergedInto, Expr::value(survivor))
+        .filter(profile::Column::MergedInto.eq(other.id.clone()))
+        .exec(txn)
+        .await?;
+    profile::Entity::update_many()
+        .col_expr(profile::Column::MergedInto, Expr::value(survivor))
+        .col_expr(profile::Column::Traits, Expr::value("{}"))
+        .col_expr(profile::Column::UpdatedAt, Expr::value(now))
+        .filter(profile::Column::Id.eq(other.id.clone()))
+        .exec(txn)
+        .await?;
+    let linked_by = linked_by
+        .get(&other.id)
+        .map(Identifier::key)
+        .unwrap_or_default();
+    merge::Entity::insert(merge::ActiveModel {
+        id: sea_orm::NotSet,
+        survivor_id: Set(survivor.to_string()),
+        merged_id: Set(other.id.clone()),
+        linked_by: Set(linked_by),
+        merged_at: Set(now),
+    })
+    .exec(txn)
+    .await?;
+    Ok(())
+}
