@@ -64,6 +64,31 @@ enum Command {
     /// Read and verify the gateway's audit trail of crossings (role
     /// `compliance`).
     Audit(AuditArgs),
+    /// Load realistic synthetic people and events through the gateway (role
+    /// `ingest`) or straight into a profiles service, with a progress bar.
+    /// The same seed always gives the same data, so a rerun adds nothing.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// People to create.
+    #[arg(long, default_value_t = 10_000)]
+    profiles: u64,
+    /// Events per person, spread over the last 90 days.
+    #[arg(long, default_value_t = 20)]
+    events_per_profile: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to send: the gateway, or a profiles service's own address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// A bearer token with the `ingest` role (needed through the gateway).
+    #[arg(long, env = "MADTECH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
 }
 
 #[derive(clap::Args)]
@@ -271,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(args) => token(cli.config.as_deref(), overrides, args),
         Command::Policy(command) => policy(command).await,
         Command::Audit(args) => audit(args).await,
+        Command::Generate(args) => generate(args).await,
         Command::Signal(SignalCommand::Decode { signal, kind }) => {
             println!("{}", decode_signal(&signal, kind.as_deref())?);
             Ok(())
@@ -494,6 +520,57 @@ fn token(
     )
     .context("loading the development signing key")?;
     println!("{}", signer.mint(&args.subject, &args.roles, args.ttl)?);
+    Ok(())
+}
+
+async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
+        .context("--target")?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.target))?;
+    let bearer: Option<tonic::metadata::MetadataValue<_>> = args
+        .token
+        .map(|token| format!("Bearer {token}").parse())
+        .transpose()
+        .context("--token")?;
+    let client =
+        ProfileServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(bearer) = &bearer {
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+            }
+            Ok(request)
+        })
+        .max_decoding_message_size(64 << 20);
+    let mut plan = crate::generate::Plan::new(args.profiles, args.events_per_profile);
+    plan.seed = args.seed;
+    plan.concurrency = args.concurrency;
+
+    let bar = indicatif::ProgressBar::new(args.profiles);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} people · {msg} · {per_sec} · ETA {eta}",
+        )
+        .context("progress bar template")?,
+    );
+    let started = std::time::Instant::now();
+    let done = crate::generate::run(client, &plan, |progress| {
+        bar.set_position(progress.profiles);
+        bar.set_message(format!("{} events", progress.events));
+    })
+    .await
+    .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?;
+    bar.finish();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} people and {} events in {secs:.1} s ({:.0} events/s)",
+        done.profiles,
+        done.events,
+        done.events as f64 / secs
+    );
     Ok(())
 }
 

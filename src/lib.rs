@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod generate;
 pub mod suite;
 
 pub use config::MadtechConfig;

@@ -4,6 +4,7 @@
 
 mod cli;
 mod consent;
+mod crash;
 mod crossing;
 mod denials;
 mod harness;

@@ -20,6 +20,8 @@ const MAX_IDENTIFIERS: usize = 100;
 const MAX_TRAITS: usize = 200;
 /// Longest string trait value.
 const MAX_STRING_LEN: usize = 4096;
+/// Upserts in one `BatchUpsertProfiles` call.
+pub const MAX_UPSERTS: usize = 1_000;
 /// Events in one `IngestEvents` call (or one streamed batch).
 pub const MAX_EVENTS: usize = 10_000;
 const MAX_MESSAGE_ID_LEN: usize = 128;
@@ -169,6 +171,26 @@ fn operation(field: &str, op: pb::TraitOperation) -> Result<TraitOperation, Fiel
             "set SET, SET_ONCE, INCREMENT or UNSET",
         )),
     }
+}
+
+pub fn upserts_from(
+    normaliser: &Normaliser,
+    requests: Vec<pb::UpsertProfileRequest>,
+) -> Result<Vec<Upsert>, FieldError> {
+    if requests.is_empty() || requests.len() > MAX_UPSERTS {
+        return Err(FieldError::new(
+            "upserts",
+            format!("1 to {MAX_UPSERTS} upserts per batch"),
+        ));
+    }
+    requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            upsert_from(normaliser, request)
+                .map_err(|err| FieldError::new(format!("upserts[{i}].{}", err.field), err.reason))
+        })
+        .collect()
 }
 
 pub fn upsert_from(

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, change_to_pb, conflict_to_pb, profile_to_pb};
 use crate::identity::Normaliser;
-use crate::store::{Ingested, ProfileStore};
+use crate::store::{Ingested, ProfileStore, Upserted};
 
 const DEFAULT_PAGE_SIZE: u32 = 500;
 const MAX_PAGE_SIZE: u32 = 10_000;
@@ -48,6 +48,15 @@ impl ProfileApi {
     }
 }
 
+fn upserted_to_pb(done: Upserted) -> pb::UpsertProfileResponse {
+    pb::UpsertProfileResponse {
+        profile: Some(profile_to_pb(&done.profile)),
+        created: done.created,
+        merged_profile_ids: done.merged,
+        conflicts: done.kept_apart.iter().map(conflict_to_pb).collect(),
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -58,11 +67,17 @@ impl ProfileService for ProfileApi {
     ) -> Result<Response<pb::UpsertProfileResponse>, Status> {
         let upsert = convert::upsert_from(&self.normaliser, request.into_inner())?;
         let done = self.store.upsert(upsert).await?;
-        Ok(Response::new(pb::UpsertProfileResponse {
-            profile: Some(profile_to_pb(&done.profile)),
-            created: done.created,
-            merged_profile_ids: done.merged,
-            conflicts: done.kept_apart.iter().map(conflict_to_pb).collect(),
+        Ok(Response::new(upserted_to_pb(done)))
+    }
+
+    async fn batch_upsert_profiles(
+        &self,
+        request: Request<pb::BatchUpsertProfilesRequest>,
+    ) -> Result<Response<pb::BatchUpsertProfilesResponse>, Status> {
+        let upserts = convert::upserts_from(&self.normaliser, request.into_inner().upserts)?;
+        let done = self.store.upsert_many(&upserts).await?;
+        Ok(Response::new(pb::BatchUpsertProfilesResponse {
+            results: done.into_iter().map(upserted_to_pb).collect(),
         }))
     }
 

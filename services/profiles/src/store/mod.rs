@@ -179,6 +179,32 @@ impl ProfileStore {
         write_retrying!(self, |txn| self.try_upsert(txn, &request))
     }
 
+    /// Applies `requests` in order in one transaction: all or none.
+    pub async fn upsert_many(&self, requests: &[Upsert]) -> Result<Vec<Upserted>, ProfileError> {
+        write_retrying!(self, |txn| self.try_upsert_many(txn, requests))
+    }
+
+    async fn try_upsert_many(
+        &self,
+        txn: &DatabaseTransaction,
+        requests: &[Upsert],
+    ) -> Result<Vec<Upserted>, ProfileError> {
+        let mut done = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            done.push(
+                self.try_upsert(txn, request)
+                    .await
+                    .map_err(|err| match err {
+                        ProfileError::Precondition(reason) => {
+                            ProfileError::Precondition(format!("upserts[{i}]: {reason}"))
+                        }
+                        other => other,
+                    })?,
+            );
+        }
+        Ok(done)
+    }
+
     async fn try_upsert(
         &self,
         txn: &DatabaseTransaction,

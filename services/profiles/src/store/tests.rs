@@ -708,3 +708,46 @@ madtech_common::backend_tests!(
         assert_eq!(batches, vec![1_000, 1_000, 500]);
     }
 );
+
+madtech_common::backend_tests!(
+    batch_upserts_apply_all_or_nothing,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let done = store
+            .upsert_many(&[
+                upsert(&[("email", "b1@example.com")], &[], "FR"),
+                upsert(&[("email", "b2@example.com")], &[], "DE"),
+                // Links the first two: a merge inside the batch.
+                upsert(
+                    &[("email", "b1@example.com"), ("email", "b2@example.com")],
+                    &[],
+                    "",
+                ),
+            ])
+            .await
+            .expect("batch");
+        assert_eq!(done.len(), 3);
+        assert_eq!(done[2].merged, vec![done[1].profile.id.clone()]);
+
+        let mut failing = upsert(&[("email", "b3@example.com")], &[], "");
+        failing.operations = vec![
+            TraitOperation::Set("s".into(), TraitValue::String("x".into())),
+            TraitOperation::Increment("s".into(), 1.0),
+        ];
+        let err = store
+            .upsert_many(&[upsert(&[("email", "b4@example.com")], &[], ""), failing])
+            .await
+            .expect_err("second fails");
+        assert!(err.to_string().starts_with("upserts[1]:"), "{err}");
+        let b4 = ids(&[("email", "b4@example.com")])
+            .pop_first()
+            .expect("one");
+        assert!(
+            matches!(
+                store.find_by_identifier(&b4).await,
+                Err(ProfileError::NotFound)
+            ),
+            "the first upsert was rolled back"
+        );
+    }
+);
