@@ -216,11 +216,11 @@ pub fn local_socket_url(url: &str, dirs: &[&str]) -> Option<String> {
 
 fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
     let mut url = config.resolved_url()?;
-    if config.prefer_unix_socket {
-        if let Some(local) = local_socket_url(&url, &SOCKET_DIRS) {
-            tracing::debug!("connecting to PostgreSQL through its Unix socket");
-            url = local;
-        }
+    if config.prefer_unix_socket
+        && let Some(local) = local_socket_url(&url, &SOCKET_DIRS)
+    {
+        tracing::debug!("connecting to PostgreSQL through its Unix socket");
+        url = local;
     }
     let mut options = ConnectOptions::new(url);
     options
