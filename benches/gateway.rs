@@ -5,6 +5,8 @@
 //! (through the gateway vs direct) alternate rounds in one run, so a noisy
 //! machine slows both sides alike and the ratio stays meaningful.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +18,8 @@ use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use common::{bearer, channel, median, peak_rss_mib, percentile};
 
 const ROUNDS: usize = 5;
 const FILTER_MEMBERS: usize = 1_000_000;
@@ -33,33 +34,10 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
-}
-
 async fn run() -> anyhow::Result<()> {
     println!("# MadTech gateway benchmarks ({ROUNDS} rounds each, medians)\n");
     filter_throughput().await?;
-    let scratch = scratch_dir()?;
+    let scratch = common::tmpfs_dir()?;
     let suite = InProcess::start(|config| {
         config.data_dir = scratch.path().to_path_buf();
         config.gateway.policy_dir = "policies".into();
@@ -72,17 +50,6 @@ async fn run() -> anyhow::Result<()> {
         peak_rss_mib()
     );
     suite.stop().await
-}
-
-/// SQLite files on tmpfs when there is one, so fsync latency does not swamp
-/// what is measured here (the gateway, not the disk).
-fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
-    let shm = std::path::Path::new("/dev/shm");
-    Ok(if shm.is_dir() {
-        tempfile::tempdir_in(shm)?
-    } else {
-        tempfile::tempdir()?
-    })
 }
 
 fn synthetic_members(n: usize) -> Vec<(segments_pb::AudienceMember, ConsentState)> {
@@ -182,30 +149,6 @@ async fn filter_throughput() -> anyhow::Result<()> {
         filtered / hashing
     );
     Ok(())
-}
-
-/// Adds a bearer token to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-fn bearer(suite: &InProcess, role: &str) -> anyhow::Result<Bearer> {
-    Ok(Bearer(format!("Bearer {}", suite.token(&[role])?).parse()?))
-}
-
-fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
 }
 
 struct Load {

@@ -124,9 +124,10 @@ fn phone(region: &str, i: u64) -> Option<String> {
     })
 }
 
-/// The customer id of person `i`, which events use to find them.
-pub fn customer_id(i: u64) -> String {
-    format!("C{i:09}")
+/// The customer id of person `i` of a seed's data, which events use to
+/// find them.
+pub fn customer_id(seed: u64, i: u64) -> String {
+    format!("C{seed}-{i:09}")
 }
 
 /// The upsert that creates person `i`.
@@ -136,7 +137,7 @@ pub fn person(seed: u64, i: u64, now: DateTime<Utc>) -> pb::UpsertProfileRequest
     let first = FIRST[rng.random_range(0..FIRST.len())];
     let domain = DOMAINS[rng.random_range(0..DOMAINS.len())];
     let mut identifiers = vec![
-        id("customer_id", customer_id(i)),
+        id("customer_id", customer_id(seed, i)),
         id("email", format!("{first}.{i}@{domain}")),
         id("cookie_id", format!("ck-{seed}-{i}")),
     ];
@@ -226,7 +227,7 @@ pub fn event(plan: &Plan, i: u64, j: u32) -> pb::Event {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
-        identifiers: vec![id("customer_id", customer_id(i))],
+        identifiers: vec![id("customer_id", customer_id(plan.seed, i))],
         source: "generator".into(),
         ..Default::default()
     }

@@ -11,7 +11,7 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryS
 use super::changes::{self, ChangeRecord};
 use super::entities::{event, profile};
 use super::graph::{self, LOOKUP_CHUNK};
-use super::{load_live, publish_upsert};
+use super::publish_upsert;
 use crate::error::ProfileError;
 use crate::identity::Identifier;
 use crate::resolution::{IdentityRules, KeptApart};
@@ -96,27 +96,27 @@ pub(super) async fn ingest(
                 None => {
                     let resolved = graph::resolve(txn, rules, ids, now).await?;
                     // Later events in the batch see what this one linked.
+                    let survivor = resolved.profile_id().to_string();
                     for merged in &resolved.merged {
-                        let survivor = &resolved.profile_id;
                         for target in live.values_mut().chain(owners.values_mut()) {
                             if target == merged {
-                                target.clone_from(survivor);
+                                target.clone_from(&survivor);
                             }
                         }
                         live.insert(merged.clone(), survivor.clone());
                     }
                     for id in ids {
                         if !resolved.kept_apart.iter().any(|k| &k.identifier == id) {
-                            owners.insert(id.key(), resolved.profile_id.clone());
+                            owners.insert(id.key(), survivor.clone());
                         }
                     }
                     if resolved.created || !resolved.merged.is_empty() {
-                        let profile = load_live(txn, &resolved.profile_id).await?;
-                        publish_upsert(txn, &profile, resolved.created, now.timestamp_micros())
-                            .await?;
+                        graph::save(txn, &resolved.person).await?;
+                        let at = now.timestamp_micros();
+                        publish_upsert(txn, &resolved.person, resolved.created, at).await?;
                     }
                     result.kept_apart.extend(resolved.kept_apart);
-                    resolved.profile_id
+                    survivor
                 }
             },
         };

@@ -5,24 +5,33 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::changes::{self, ChangeRecord};
 use super::entities::{conflict, event, identifier, merge, profile};
-use super::{decode_traits, encode_traits, identifier_from_row};
+use super::{Profile, decode_traits, encode_traits, identifier_from_row};
 use crate::error::ProfileError;
 use crate::identity::Identifier;
 use crate::resolution::{IdentityRules, KeptApart};
 use crate::traits;
 
-/// Who a call's identifiers resolved to.
+/// Who a call's identifiers resolved to: the person as they now are (merged
+/// traits and region not yet written; the caller writes the row once).
 #[derive(Debug, Clone)]
 pub(super) struct Resolved {
-    pub profile_id: String,
+    pub person: Profile,
     pub created: bool,
-    /// Profiles merged into `profile_id` by this call.
+    /// Profiles merged into the person by this call.
     pub merged: Vec<String>,
     pub kept_apart: Vec<KeptApart>,
+}
+
+impl Resolved {
+    pub fn profile_id(&self) -> &str {
+        &self.person.id
+    }
 }
 
 /// Bound parameters per lookup statement: well under SQLite's and
@@ -106,27 +115,18 @@ pub(super) async fn resolve(
         matched.remove(0)
     };
 
+    let mut traits = decode_traits(&survivor.traits)?;
+    let mut region = survivor.region.clone();
     let mut merged = Vec::with_capacity(matched.len());
-    if !matched.is_empty() {
-        let mut traits = decode_traits(&survivor.traits)?;
-        let mut region = survivor.region.clone();
-        for other in &matched {
-            traits::merge(&mut traits, decode_traits(&other.traits)?);
-            if region.is_empty() {
-                region.clone_from(&other.region);
-            }
-            absorb(txn, &survivor.id, other, &plan.linked_by, now_micros).await?;
-            merged.push(other.id.clone());
+    for other in &matched {
+        traits::merge(&mut traits, decode_traits(&other.traits)?);
+        if region.is_empty() {
+            region.clone_from(&other.region);
         }
-        profile::Entity::update(profile::ActiveModel {
-            id: Set(survivor.id.clone()),
-            region: Set(region),
-            traits: Set(encode_traits(&traits)?),
-            updated_at: Set(now_micros),
-            ..Default::default()
-        })
-        .exec(txn)
-        .await?;
+        absorb(txn, &survivor.id, other, &plan.linked_by, now_micros).await?;
+        merged.push(other.id.clone());
+    }
+    if !merged.is_empty() {
         let record = ChangeRecord::Merged {
             survivor: survivor.id.clone(),
             merged: merged.clone(),
@@ -159,12 +159,56 @@ pub(super) async fn resolve(
         conflict::Entity::insert_many(rows).exec(txn).await?;
     }
 
+    // Everyone merged into the person, before and now; the merged-away ids
+    // themselves were re-pointed by `absorb`.
+    let merged_ids = if created {
+        Vec::new()
+    } else {
+        profile::Entity::find()
+            .select_only()
+            .column(profile::Column::Id)
+            .filter(profile::Column::MergedInto.eq(survivor.id.clone()))
+            .order_by_asc(profile::Column::Id)
+            .into_tuple()
+            .all(txn)
+            .await?
+    };
+    let identifiers = plan
+        .profiles
+        .iter()
+        .filter_map(|id| held.get(id))
+        .flatten()
+        .cloned()
+        .chain(plan.attach.iter().cloned())
+        .collect();
     Ok(Resolved {
-        profile_id: survivor.id,
+        person: Profile {
+            id: survivor.id,
+            identifiers,
+            traits,
+            region,
+            merged_ids,
+            created_at_micros: survivor.created_at,
+            updated_at_micros: now_micros,
+        },
         created,
         merged,
         kept_apart: plan.kept_apart,
     })
+}
+
+/// Writes the person's traits, region and update time.
+pub(super) async fn save(txn: &DatabaseTransaction, person: &Profile) -> Result<(), ProfileError> {
+    profile::Entity::update(profile::ActiveModel {
+        id: Set(person.id.clone()),
+        region: Set(person.region.clone()),
+        traits: Set(encode_traits(&person.traits)?),
+        updated_at: Set(person.updated_at_micros),
+        ..Default::default()
+    })
+    .exec(txn)
+    .await?;
+    Ok(())
 }
 
 /// Moves everything `other` holds to `survivor` and records the merge.

@@ -97,6 +97,14 @@ enum Events {
     ChangeSeq,
 }
 
+/// The profiles table as the second migration indexes it.
+#[derive(DeriveIden, Clone, Copy)]
+enum MergedProfiles {
+    #[sea_orm(iden = "profiles")]
+    Table,
+    MergedInto,
+}
+
 #[derive(DeriveIden, Clone, Copy)]
 enum Merges {
     Table,
@@ -127,7 +135,8 @@ enum ProfileChanges {
     At,
 }
 
-/// Events, the merge and conflict records, and the change log.
+/// Events, the merge and conflict records, the change log, and the index
+/// that finds the profiles merged into a person.
 struct CreateEventsAndChanges;
 
 impl MigrationName for CreateEventsAndChanges {
@@ -168,6 +177,13 @@ impl MigrationTrait for CreateEventsAndChanges {
             "events_by_change",
             Events::Table,
             &[Events::ChangeSeq],
+        )
+        .await?;
+        index(
+            manager,
+            "profiles_by_merged_into",
+            MergedProfiles::Table,
+            &[MergedProfiles::MergedInto],
         )
         .await?;
 

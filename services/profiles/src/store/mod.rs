@@ -212,32 +212,18 @@ impl ProfileStore {
     ) -> Result<Upserted, ProfileError> {
         let now = Utc::now();
         let resolved = graph::resolve(txn, &self.rules, &request.identifiers, now).await?;
-        let row = profile::Entity::find_by_id(resolved.profile_id.clone())
-            .one(txn)
-            .await?
-            .ok_or(ProfileError::NotFound)?;
-        let mut traits = decode_traits(&row.traits)?;
+        let mut profile = resolved.person;
         traits::apply(
-            &mut traits,
+            &mut profile.traits,
             &request.operations,
             &request.source,
             request.observed_at.unwrap_or(now),
         )
         .map_err(|err| ProfileError::Precondition(err.to_string()))?;
-        let mut region = row.region;
         if !request.region.is_empty() {
-            region.clone_from(&request.region);
+            profile.region.clone_from(&request.region);
         }
-        profile::Entity::update(profile::ActiveModel {
-            id: Set(row.id.clone()),
-            region: Set(region),
-            traits: Set(encode_traits(&traits)?),
-            updated_at: Set(now.timestamp_micros()),
-            ..Default::default()
-        })
-        .exec(txn)
-        .await?;
-        let profile = load_live(txn, &row.id).await?;
+        graph::save(txn, &profile).await?;
         publish_upsert(txn, &profile, resolved.created, now.timestamp_micros()).await?;
         Ok(Upserted {
             profile,

@@ -1,0 +1,68 @@
+//! Helpers every benchmark shares: medians, percentiles, memory, scratch
+//! directories and authenticated channels to the in-process suite.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use madtech::suite::InProcess;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// SQLite files on tmpfs when there is one, so fsync latency does not swamp
+/// what is measured (the gateway, not the disk).
+pub fn tmpfs_dir() -> anyhow::Result<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    Ok(if shm.is_dir() {
+        tempfile::tempdir_in(shm)?
+    } else {
+        tempfile::tempdir()?
+    })
+}
+
+/// Adds a bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(pub MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub fn bearer(suite: &InProcess, role: &str) -> anyhow::Result<Bearer> {
+    Ok(Bearer(format!("Bearer {}", suite.token(&[role])?).parse()?))
+}
+
+pub fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
+}
