@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+/// The allocator the `madtech` binary uses, so benchmarks measure what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use madtech::suite::InProcess;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;

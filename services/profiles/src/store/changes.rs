@@ -33,8 +33,9 @@ pub enum ChangeRecord {
     Erased {
         profile_ids: Vec<String>,
     },
-    /// The events carry this change's sequence number.
-    EventsAppended,
+    /// The events with ids in `(after_id, last_id]`: appends hold the
+    /// append lock, so no other writer's events fall in between.
+    EventsAppended { after_id: i64, last_id: i64 },
 }
 
 /// A change as watchers see it.
@@ -122,23 +123,21 @@ pub(super) async fn after<C: ConnectionTrait>(
         })
         .collect::<Result<Vec<_>, ProfileError>>()?;
 
-    let event_seqs: Vec<i64> = records
-        .iter()
-        .filter(|(_, record)| matches!(record, ChangeRecord::EventsAppended))
-        .map(|(row, _)| row.seq)
-        .collect();
     let mut events: BTreeMap<i64, Vec<StoredEvent>> = BTreeMap::new();
-    if !event_seqs.is_empty() {
-        for row in event::Entity::find()
-            .filter(event::Column::ChangeSeq.is_in(event_seqs))
-            .order_by_asc(event::Column::Id)
-            .all(db)
-            .await?
-        {
-            events
-                .entry(row.change_seq)
-                .or_default()
-                .push(decode_event(row)?);
+    for (row, record) in &records {
+        if let ChangeRecord::EventsAppended { after_id, last_id } = record {
+            let found = event::Entity::find()
+                .filter(event::Column::Id.gt(*after_id))
+                .filter(event::Column::Id.lte(*last_id))
+                .order_by_asc(event::Column::Id)
+                .all(db)
+                .await?
+                .into_iter()
+                .map(decode_event)
+                .collect::<Result<Vec<_>, _>>()?;
+            if !found.is_empty() {
+                events.insert(row.seq, found);
+            }
         }
     }
 
@@ -153,7 +152,7 @@ pub(super) async fn after<C: ConnectionTrait>(
             }
             ChangeRecord::Merged { survivor, merged } => ChangeKind::Merged { survivor, merged },
             ChangeRecord::Erased { profile_ids } => ChangeKind::Erased { profile_ids },
-            ChangeRecord::EventsAppended => match events.remove(&row.seq) {
+            ChangeRecord::EventsAppended { .. } => match events.remove(&row.seq) {
                 Some(events) => ChangeKind::EventsAppended(events),
                 None => continue,
             },

@@ -65,8 +65,6 @@ pub mod event {
         #[sea_orm(column_type = "Text")]
         pub properties: String,
         pub source: String,
-        /// The change that published this event.
-        pub change_seq: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

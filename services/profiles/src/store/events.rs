@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 
 use super::changes::{self, ChangeRecord};
 use super::entities::{event, profile};
@@ -135,14 +137,8 @@ pub(super) async fn ingest(
         .map(|fresh| if *fresh { accepted.next() } else { None })
         .collect();
 
+    let mut after_id = last_event_id(txn).await?;
     for chunk in rows.chunks(EVENTS_PER_CHANGE) {
-        let seq = changes::append(
-            txn,
-            "",
-            &ChangeRecord::EventsAppended,
-            now.timestamp_micros(),
-        )
-        .await?;
         let models = chunk
             .iter()
             .map(|(new, profile_id)| {
@@ -157,14 +153,32 @@ pub(super) async fn ingest(
                     received_at: Set(now.timestamp_micros()),
                     properties: Set(properties),
                     source: Set(new.source.clone()),
-                    change_seq: Set(seq),
                 })
             })
             .collect::<Result<Vec<_>, ProfileError>>()?;
-        event::Entity::insert_many(models).exec(txn).await?;
+        let last_id = event::Entity::insert_many(models)
+            .exec(txn)
+            .await?
+            .last_insert_id
+            .ok_or_else(|| ProfileError::Corrupt("an event insert returned no id".into()))?;
+        let record = ChangeRecord::EventsAppended { after_id, last_id };
+        changes::append(txn, "", &record, now.timestamp_micros()).await?;
+        after_id = last_id;
         result.accepted += chunk.len() as u64;
     }
     Ok(result)
+}
+
+/// The highest event id so far (0 when there are none).
+async fn last_event_id(txn: &DatabaseTransaction) -> Result<i64, ProfileError> {
+    let last: Option<i64> = event::Entity::find()
+        .select_only()
+        .column(event::Column::Id)
+        .order_by_desc(event::Column::Id)
+        .into_tuple()
+        .one(txn)
+        .await?;
+    Ok(last.unwrap_or(0))
 }
 
 /// The one person every identifier already points at, if there is one.

@@ -94,7 +94,6 @@ enum Events {
     ReceivedAt,
     Properties,
     Source,
-    ChangeSeq,
 }
 
 /// The profiles table as the second migration indexes it.
@@ -161,7 +160,6 @@ impl MigrationTrait for CreateEventsAndChanges {
                     .col(big_integer(Events::ReceivedAt))
                     .col(text(Events::Properties))
                     .col(string(Events::Source))
-                    .col(big_integer(Events::ChangeSeq))
                     .to_owned(),
             )
             .await?;
@@ -170,13 +168,6 @@ impl MigrationTrait for CreateEventsAndChanges {
             "events_by_profile",
             Events::Table,
             &[Events::ProfileId, Events::OccurredAt],
-        )
-        .await?;
-        index(
-            manager,
-            "events_by_change",
-            Events::Table,
-            &[Events::ChangeSeq],
         )
         .await?;
         index(
