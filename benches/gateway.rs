@@ -10,6 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{bearer, channel, median, peak_rss_mib, percentile};
 use madtech::suite::InProcess;
 use madtech_gateway::crossing::{Filter, Pseudonymiser, sha256_hex};
 use madtech_gateway::policy::PolicySet;
@@ -19,7 +20,6 @@ use madtech_proto::segments::v1 as segments_pb;
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
-use common::{bearer, channel, median, peak_rss_mib, percentile};
 
 const ROUNDS: usize = 5;
 const FILTER_MEMBERS: usize = 1_000_000;
@@ -275,6 +275,7 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
     let segment =
         SegmentServiceClient::new(InterceptedService::new(suite.gateway_channel()?, admin))
             .create_segment(segments_pb::CreateSegmentRequest {
+                rule_text: String::new(),
                 name: "bench".into(),
                 rule: Some(segments_pb::Rule {
                     rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {

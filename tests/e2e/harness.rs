@@ -118,6 +118,7 @@ impl Suite {
     pub async fn region_segment(&self, name: &str, regions: &[&str]) -> segments_pb::Segment {
         self.segments(self.bearer(&["admin"]))
             .create_segment(segments_pb::CreateSegmentRequest {
+                rule_text: String::new(),
                 name: name.into(),
                 rule: Some(segments_pb::Rule {
                     rule: Some(segments_pb::rule::Rule::RegionIn(segments_pb::RegionIn {

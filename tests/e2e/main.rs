@@ -11,4 +11,5 @@ mod harness;
 mod keys;
 mod manifests;
 mod profiles;
+mod segments;
 mod tls;

@@ -6,6 +6,7 @@
 //! profiles (over gRPC; it never reads another service's database).
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod rules;
 pub mod service;

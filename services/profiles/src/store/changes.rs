@@ -35,7 +35,10 @@ pub enum ChangeRecord {
     },
     /// The events with ids in `(after_id, last_id]`: appends hold the
     /// append lock, so no other writer's events fall in between.
-    EventsAppended { after_id: i64, last_id: i64 },
+    EventsAppended {
+        after_id: i64,
+        last_id: i64,
+    },
 }
 
 /// A change as watchers see it.
