@@ -62,7 +62,11 @@ async fn rules_are_written_as_text_validated_and_printed_back() {
         .await
         .expect_err("unknown segment");
     assert_eq!(unknown.code(), Code::InvalidArgument);
-    assert!(unknown.message().contains("no such segment"), "{}", unknown.message());
+    assert!(
+        unknown.message().contains("no such segment"),
+        "{}",
+        unknown.message()
+    );
 
     let nested = marketer
         .create_segment(pb::CreateSegmentRequest {

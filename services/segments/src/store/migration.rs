@@ -1,5 +1,7 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, string, string_uniq, text};
+use sea_orm_migration::schema::{
+    big_integer, big_integer_null, big_pk_auto, double_null, string, string_null, string_uniq, text,
+};
 
 /// The segments service's schema, one migration per change.
 pub struct Migrator;
@@ -7,7 +9,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateSegments)]
+        vec![Box::new(CreateSegments), Box::new(CreateProjection)]
     }
 }
 
@@ -40,6 +42,202 @@ impl MigrationTrait for CreateSegments {
                     .col(string_uniq(Segments::Name))
                     .col(text(Segments::Rule))
                     .col(big_integer(Segments::CreatedAt))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The projection of the profiles change stream that rules are evaluated
+/// over (see `store::projection`).
+struct CreateProjection;
+
+impl MigrationName for CreateProjection {
+    fn name(&self) -> &str {
+        "m20261122_000002_create_projection"
+    }
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum People {
+    Table,
+    ProfileId,
+    Region,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum PersonIdentifiers {
+    Table,
+    ProfileId,
+    Kind,
+    Value,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum PersonMerged {
+    Table,
+    ProfileId,
+    MergedId,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum PersonTraits {
+    Table,
+    ProfileId,
+    Name,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum PersonEvents {
+    Table,
+    Id,
+    ProfileId,
+    Name,
+    OccurredAt,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum EventProperties {
+    Table,
+    EventId,
+    Name,
+}
+
+/// A typed value's columns: `kind` is `string`, `number`, `bool`,
+/// `timestamp` or `other`; bools and timestamps live in `int_value`.
+#[derive(DeriveIden, Clone, Copy)]
+enum ValueColumns {
+    Kind,
+    StringValue,
+    NumberValue,
+    IntValue,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum ProjectionState {
+    Table,
+    Id,
+    Cursor,
+}
+
+fn with_value_columns(table: &mut TableCreateStatement) -> &mut TableCreateStatement {
+    table
+        .col(string(ValueColumns::Kind))
+        .col(string_null(ValueColumns::StringValue))
+        .col(double_null(ValueColumns::NumberValue))
+        .col(big_integer_null(ValueColumns::IntValue))
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateProjection {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(People::Table)
+                    .if_not_exists()
+                    .col(string(People::ProfileId).primary_key())
+                    .col(string(People::Region))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(PersonIdentifiers::Table)
+                    .if_not_exists()
+                    .col(string(PersonIdentifiers::ProfileId))
+                    .col(string(PersonIdentifiers::Kind))
+                    .col(string(PersonIdentifiers::Value))
+                    .primary_key(
+                        Index::create()
+                            .col(PersonIdentifiers::ProfileId)
+                            .col(PersonIdentifiers::Kind)
+                            .col(PersonIdentifiers::Value),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(PersonMerged::Table)
+                    .if_not_exists()
+                    .col(string(PersonMerged::ProfileId))
+                    .col(string(PersonMerged::MergedId))
+                    .primary_key(
+                        Index::create()
+                            .col(PersonMerged::ProfileId)
+                            .col(PersonMerged::MergedId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                with_value_columns(
+                    Table::create()
+                        .table(PersonTraits::Table)
+                        .if_not_exists()
+                        .col(string(PersonTraits::ProfileId))
+                        .col(string(PersonTraits::Name)),
+                )
+                .primary_key(
+                    Index::create()
+                        .col(PersonTraits::ProfileId)
+                        .col(PersonTraits::Name),
+                )
+                .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(PersonEvents::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(PersonEvents::Id))
+                    .col(string(PersonEvents::ProfileId))
+                    .col(string(PersonEvents::Name))
+                    .col(big_integer(PersonEvents::OccurredAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("person_events_by_person")
+                    .table(PersonEvents::Table)
+                    .col(PersonEvents::ProfileId)
+                    .col(PersonEvents::Name)
+                    .col(PersonEvents::OccurredAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                with_value_columns(
+                    Table::create()
+                        .table(EventProperties::Table)
+                        .if_not_exists()
+                        .col(big_integer(EventProperties::EventId))
+                        .col(string(EventProperties::Name)),
+                )
+                .primary_key(
+                    Index::create()
+                        .col(EventProperties::EventId)
+                        .col(EventProperties::Name),
+                )
+                .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ProjectionState::Table)
+                    .if_not_exists()
+                    .col(big_integer(ProjectionState::Id).primary_key())
+                    .col(big_integer(ProjectionState::Cursor))
                     .to_owned(),
             )
             .await

@@ -2,6 +2,8 @@
 
 mod entities;
 mod migration;
+pub mod projection;
+pub mod sql;
 
 use chrono::Utc;
 use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};

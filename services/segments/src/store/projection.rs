@@ -1,0 +1,428 @@
+//! The segments service's own copy of what rules need, kept from the
+//! profiles change stream (it never reads the profiles database): people
+//! (region, identifiers, merged ids), typed traits, and events with typed
+//! properties. Each page of changes is applied in one transaction with the
+//! cursor it ends at, so a restart resumes exactly after it.
+
+use std::collections::BTreeMap;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
+};
+
+use super::sql::{Compiler, Sql};
+use crate::error::SegmentError;
+use crate::rules::eval::{Person, PersonEvent, Stored};
+use crate::rules::{Rule, Value};
+
+/// A change from the profiles stream, as the projection needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A person's current state (created or changed).
+    Upserted(Snapshot),
+    Merged {
+        survivor: String,
+        merged: Vec<String>,
+    },
+    Erased {
+        profile_ids: Vec<String>,
+    },
+    Events(Vec<NewEvent>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub profile_id: String,
+    pub region: String,
+    /// `(kind, value)` pairs.
+    pub identifiers: Vec<(String, String)>,
+    pub merged_ids: Vec<String>,
+    pub traits: BTreeMap<String, Stored>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub profile_id: String,
+    pub name: String,
+    pub occurred_at_micros: i64,
+    pub properties: BTreeMap<String, Stored>,
+}
+
+/// A member as an export sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub profile_id: String,
+    pub region: String,
+    pub identifiers: Vec<(String, String)>,
+    pub merged_ids: Vec<String>,
+}
+
+pub struct Projection {
+    db: DatabaseConnection,
+}
+
+async fn exec(txn: &DatabaseTransaction, sql: &Sql) -> Result<(), SegmentError> {
+    txn.execute_raw(sql.statement(txn.get_database_backend()))
+        .await?;
+    Ok(())
+}
+
+/// `(kind, string, number, int)` columns of a stored value.
+fn columns(value: &Stored) -> (&'static str, Option<String>, Option<f64>, Option<i64>) {
+    match value {
+        Stored::Value(Value::String(s)) => ("string", Some(s.clone()), None, None),
+        Stored::Value(Value::Number(n)) => ("number", None, Some(*n), None),
+        Stored::Value(Value::Bool(b)) => ("bool", None, None, Some(i64::from(*b))),
+        Stored::Value(Value::Timestamp(t)) => ("timestamp", None, None, Some(*t)),
+        Stored::Other => ("other", None, None, None),
+    }
+}
+
+fn bind_value(sql: &mut Sql, value: &Stored) {
+    let (kind, s, n, i) = columns(value);
+    sql.bind(kind.to_string())
+        .push(", ")
+        .bind(s)
+        .push(", ")
+        .bind(n)
+        .push(", ")
+        .bind(i);
+}
+
+fn stored_from_columns(kind: &str, s: Option<String>, n: Option<f64>, i: Option<i64>) -> Stored {
+    match (kind, s, n, i) {
+        ("string", Some(s), _, _) => Stored::Value(Value::String(s)),
+        ("number", _, Some(n), _) => Stored::Value(Value::Number(n)),
+        ("bool", _, _, Some(i)) => Stored::Value(Value::Bool(i != 0)),
+        ("timestamp", _, _, Some(i)) => Stored::Value(Value::Timestamp(i)),
+        _ => Stored::Other,
+    }
+}
+
+/// Deletes everything the projection holds about `ids`.
+async fn forget(
+    txn: &DatabaseTransaction,
+    ids: &[String],
+    keep_events: bool,
+) -> Result<(), SegmentError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let list = |sql: &mut Sql| {
+        sql.push("(");
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(id.clone());
+        }
+        sql.push(")");
+    };
+    let mut tables = vec![
+        "person_traits",
+        "person_identifiers",
+        "person_merged",
+        "people",
+    ];
+    if !keep_events {
+        let mut sql = Sql::new(
+            "DELETE FROM event_properties WHERE event_id IN (SELECT id FROM person_events WHERE profile_id IN ",
+        );
+        list(&mut sql);
+        sql.push(")");
+        exec(txn, &sql).await?;
+        tables.insert(0, "person_events");
+    }
+    for table in tables {
+        let mut sql = Sql::new(&format!("DELETE FROM {table} WHERE profile_id IN "));
+        list(&mut sql);
+        exec(txn, &sql).await?;
+    }
+    Ok(())
+}
+
+impl Projection {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Projection { db }
+    }
+
+    /// The cursor of the last change applied (0 before the first).
+    pub async fn cursor(&self) -> Result<u64, SegmentError> {
+        let row = self
+            .db
+            .query_one_raw(
+                Sql::new("SELECT cursor FROM projection_state WHERE id = 1")
+                    .statement(self.db.get_database_backend()),
+            )
+            .await?;
+        Ok(match row {
+            Some(row) => u64::try_from(row.try_get::<i64>("", "cursor")?).unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    /// Applies `changes` in order and records `cursor`, in one transaction.
+    pub async fn apply(&self, changes: &[Change], cursor: u64) -> Result<(), SegmentError> {
+        let txn = self.db.begin().await?;
+        for change in changes {
+            apply_one(&txn, change).await?;
+        }
+        let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+        let mut upsert = Sql::new("INSERT INTO projection_state (id, cursor) VALUES (1, ");
+        upsert
+            .bind(cursor)
+            .push(") ON CONFLICT (id) DO UPDATE SET cursor = excluded.cursor");
+        exec(&txn, &upsert).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Members of `rule` with ids after `after`, in id order, at most `limit`.
+    pub async fn members(
+        &self,
+        rule: &Rule,
+        compiler: &Compiler<'_>,
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<Member>, SegmentError> {
+        let mut sql = Sql::new(
+            "SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
+        );
+        sql.bind(after.to_string()).push(" AND ");
+        compiler.condition(&mut sql, rule)?;
+        sql.push(" ORDER BY people.profile_id LIMIT ")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let backend = self.db.get_database_backend();
+        let rows = self.db.query_all_raw(sql.statement(backend)).await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            members.push(Member {
+                profile_id: row.try_get("", "profile_id")?,
+                region: row.try_get("", "region")?,
+                identifiers: Vec::new(),
+                merged_ids: Vec::new(),
+            });
+        }
+        if members.is_empty() {
+            return Ok(members);
+        }
+        let ids: Vec<String> = members.iter().map(|m| m.profile_id.clone()).collect();
+        let mut identifiers: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for row in self
+            .rows_for(
+                "SELECT profile_id, kind, value FROM person_identifiers WHERE profile_id IN ",
+                &ids,
+                " ORDER BY profile_id, kind, value",
+            )
+            .await?
+        {
+            identifiers
+                .entry(row.try_get("", "profile_id")?)
+                .or_default()
+                .push((row.try_get("", "kind")?, row.try_get("", "value")?));
+        }
+        let mut merged: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for row in self
+            .rows_for(
+                "SELECT profile_id, merged_id FROM person_merged WHERE profile_id IN ",
+                &ids,
+                " ORDER BY profile_id, merged_id",
+            )
+            .await?
+        {
+            merged
+                .entry(row.try_get("", "profile_id")?)
+                .or_default()
+                .push(row.try_get("", "merged_id")?);
+        }
+        for member in &mut members {
+            member.identifiers = identifiers.remove(&member.profile_id).unwrap_or_default();
+            member.merged_ids = merged.remove(&member.profile_id).unwrap_or_default();
+        }
+        Ok(members)
+    }
+
+    async fn rows_for(
+        &self,
+        head: &str,
+        ids: &[String],
+        tail: &str,
+    ) -> Result<Vec<sea_orm::QueryResult>, SegmentError> {
+        let mut sql = Sql::new(head);
+        sql.push("(");
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(id.clone());
+        }
+        sql.push(")").push(tail);
+        Ok(self
+            .db
+            .query_all_raw(sql.statement(self.db.get_database_backend()))
+            .await?)
+    }
+
+    /// One person as the in-memory evaluator sees them.
+    pub async fn person(&self, profile_id: &str) -> Result<Option<Person>, SegmentError> {
+        let ids = [profile_id.to_string()];
+        let people = self
+            .rows_for("SELECT region FROM people WHERE profile_id IN ", &ids, "")
+            .await?;
+        let Some(row) = people.first() else {
+            return Ok(None);
+        };
+        let mut person = Person {
+            region: row.try_get("", "region")?,
+            ..Person::default()
+        };
+        for row in self.rows_for("SELECT name, kind, string_value, number_value, int_value FROM person_traits WHERE profile_id IN ", &ids, "").await? {
+            person.traits.insert(
+                row.try_get("", "name")?,
+                stored_from_columns(
+                    &row.try_get::<String>("", "kind")?,
+                    row.try_get("", "string_value")?,
+                    row.try_get("", "number_value")?,
+                    row.try_get("", "int_value")?,
+                ),
+            );
+        }
+        for row in self
+            .rows_for(
+                "SELECT DISTINCT kind FROM person_identifiers WHERE profile_id IN ",
+                &ids,
+                "",
+            )
+            .await?
+        {
+            person.identifier_kinds.insert(row.try_get("", "kind")?);
+        }
+        let mut events: BTreeMap<i64, PersonEvent> = BTreeMap::new();
+        for row in self
+            .rows_for(
+                "SELECT id, name, occurred_at FROM person_events WHERE profile_id IN ",
+                &ids,
+                "",
+            )
+            .await?
+        {
+            events.insert(
+                row.try_get("", "id")?,
+                PersonEvent {
+                    name: row.try_get("", "name")?,
+                    occurred_at_micros: row.try_get("", "occurred_at")?,
+                    properties: BTreeMap::new(),
+                },
+            );
+        }
+        for row in self.rows_for("SELECT ep.event_id, ep.name, ep.kind, ep.string_value, ep.number_value, ep.int_value FROM event_properties ep JOIN person_events e ON e.id = ep.event_id WHERE e.profile_id IN ", &ids, "").await? {
+            if let Some(event) = events.get_mut(&row.try_get::<i64>("", "event_id")?) {
+                event.properties.insert(
+                    row.try_get("", "name")?,
+                    stored_from_columns(
+                        &row.try_get::<String>("", "kind")?,
+                        row.try_get("", "string_value")?,
+                        row.try_get("", "number_value")?,
+                        row.try_get("", "int_value")?,
+                    ),
+                );
+            }
+        }
+        person.events = events.into_values().collect();
+        Ok(Some(person))
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+}
+
+async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), SegmentError> {
+    match change {
+        Change::Upserted(person) => {
+            forget(txn, std::slice::from_ref(&person.profile_id), true).await?;
+            let mut sql = Sql::new("INSERT INTO people (profile_id, region) VALUES (");
+            sql.bind(person.profile_id.clone())
+                .push(", ")
+                .bind(person.region.clone())
+                .push(")");
+            exec(txn, &sql).await?;
+            for (kind, value) in &person.identifiers {
+                let mut sql =
+                    Sql::new("INSERT INTO person_identifiers (profile_id, kind, value) VALUES (");
+                sql.bind(person.profile_id.clone())
+                    .push(", ")
+                    .bind(kind.clone())
+                    .push(", ")
+                    .bind(value.clone())
+                    .push(") ON CONFLICT DO NOTHING");
+                exec(txn, &sql).await?;
+            }
+            for merged in &person.merged_ids {
+                let mut sql =
+                    Sql::new("INSERT INTO person_merged (profile_id, merged_id) VALUES (");
+                sql.bind(person.profile_id.clone())
+                    .push(", ")
+                    .bind(merged.clone())
+                    .push(") ON CONFLICT DO NOTHING");
+                exec(txn, &sql).await?;
+            }
+            for (name, value) in &person.traits {
+                let mut sql = Sql::new(
+                    "INSERT INTO person_traits (profile_id, name, kind, string_value, number_value, int_value) VALUES (",
+                );
+                sql.bind(person.profile_id.clone())
+                    .push(", ")
+                    .bind(name.clone())
+                    .push(", ");
+                bind_value(&mut sql, value);
+                sql.push(")");
+                exec(txn, &sql).await?;
+            }
+        }
+        Change::Merged { survivor, merged } => {
+            for id in merged {
+                let mut sql = Sql::new("UPDATE person_events SET profile_id = ");
+                sql.bind(survivor.clone())
+                    .push(" WHERE profile_id = ")
+                    .bind(id.clone());
+                exec(txn, &sql).await?;
+            }
+            // The survivor's snapshot follows and brings the merged state.
+            forget(txn, merged, true).await?;
+        }
+        Change::Erased { profile_ids } => forget(txn, profile_ids, false).await?,
+        Change::Events(events) => {
+            for event in events {
+                let mut sql =
+                    Sql::new("INSERT INTO person_events (profile_id, name, occurred_at) VALUES (");
+                sql.bind(event.profile_id.clone())
+                    .push(", ")
+                    .bind(event.name.clone())
+                    .push(", ")
+                    .bind(event.occurred_at_micros)
+                    .push(") RETURNING id");
+                let row = txn
+                    .query_one_raw(sql.statement(txn.get_database_backend()))
+                    .await?
+                    .ok_or_else(|| {
+                        SegmentError::Corrupt("an event insert returned no id".into())
+                    })?;
+                let id: i64 = row.try_get("", "id")?;
+                for (name, value) in &event.properties {
+                    let mut sql = Sql::new(
+                        "INSERT INTO event_properties (event_id, name, kind, string_value, number_value, int_value) VALUES (",
+                    );
+                    sql.bind(id).push(", ").bind(name.clone()).push(", ");
+                    bind_value(&mut sql, value);
+                    sql.push(")");
+                    exec(txn, &sql).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

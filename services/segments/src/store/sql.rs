@@ -1,0 +1,279 @@
+//! Rules compiled to SQL over the projection, so the database finds the
+//! members. Every literal is a bound parameter; the text holds only what
+//! this module writes. The semantics are those of `rules::eval`, which a
+//! property test checks on both backends' behaviour.
+
+use madtech_common::error::FieldError;
+use sea_orm::{DbBackend, Statement, Value};
+
+use crate::error::SegmentError;
+use crate::rules::Value as Literal;
+use crate::rules::eval::window_start;
+use crate::rules::{Cmp, EventFilter, EventMeasure, MAX_DEPTH, Rule, Test};
+
+/// SQL text with `?` placeholders and their values.
+#[derive(Debug, Default, Clone)]
+pub struct Sql {
+    text: String,
+    values: Vec<Value>,
+}
+
+impl Sql {
+    pub fn new(text: &str) -> Self {
+        Sql {
+            text: text.to_string(),
+            values: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    pub fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
+        self.text.push('?');
+        self.values.push(value.into());
+        self
+    }
+
+    /// The statement for `backend` (PostgreSQL numbers its placeholders).
+    pub fn statement(&self, backend: DbBackend) -> Statement {
+        let text = if backend == DbBackend::Postgres {
+            let mut numbered = String::with_capacity(self.text.len() + 16);
+            let mut n = 0;
+            for c in self.text.chars() {
+                if c == '?' {
+                    n += 1;
+                    numbered.push('$');
+                    numbered.push_str(&n.to_string());
+                } else {
+                    numbered.push(c);
+                }
+            }
+            numbered
+        } else {
+            self.text.clone()
+        };
+        Statement::from_sql_and_values(backend, text, self.values.clone())
+    }
+}
+
+/// Compiles rules for one evaluation: one backend, one "now", and the
+/// segments that `in_segment` may refer to.
+pub struct Compiler<'a> {
+    pub backend: DbBackend,
+    pub now_micros: i64,
+    /// The rule of a segment by id.
+    pub segment_rule: &'a dyn Fn(&str) -> Option<Rule>,
+}
+
+impl Compiler<'_> {
+    /// Appends a boolean SQL condition on the row `people` for `rule`.
+    pub fn condition(&self, sql: &mut Sql, rule: &Rule) -> Result<(), SegmentError> {
+        self.rule(sql, rule, 0)
+    }
+
+    fn rule(&self, sql: &mut Sql, rule: &Rule, depth: usize) -> Result<(), SegmentError> {
+        if depth > MAX_DEPTH * 2 {
+            return Err(SegmentError::Invalid(FieldError::new(
+                "rule",
+                "rules nest too deeply through their segments",
+            )));
+        }
+        match rule {
+            Rule::All(rules) | Rule::Any(rules) if rules.is_empty() => {
+                sql.push(if matches!(rule, Rule::All(_)) {
+                    "1 = 1"
+                } else {
+                    "1 = 0"
+                });
+            }
+            Rule::All(rules) | Rule::Any(rules) => {
+                let joiner = if matches!(rule, Rule::All(_)) {
+                    " AND "
+                } else {
+                    " OR "
+                };
+                sql.push("(");
+                for (i, r) in rules.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(joiner);
+                    }
+                    self.rule(sql, r, depth + 1)?;
+                }
+                sql.push(")");
+            }
+            Rule::Not(inner) => {
+                sql.push("NOT (");
+                self.rule(sql, inner, depth + 1)?;
+                sql.push(")");
+            }
+            Rule::Trait { name, test } => {
+                sql.push("EXISTS (SELECT 1 FROM person_traits t WHERE t.profile_id = people.profile_id AND t.name = ")
+                    .bind(name.clone())
+                    .push(" AND ");
+                self.test(sql, "t", test);
+                sql.push(")");
+            }
+            Rule::HasIdentifier(kind) => {
+                sql.push("EXISTS (SELECT 1 FROM person_identifiers i WHERE i.profile_id = people.profile_id AND i.kind = ")
+                    .bind(kind.clone())
+                    .push(")");
+            }
+            Rule::RegionIn(regions) => {
+                if regions.is_empty() {
+                    sql.push("1 = 0");
+                } else {
+                    sql.push("people.region IN (");
+                    for (i, region) in regions.iter().enumerate() {
+                        if i > 0 {
+                            sql.push(", ");
+                        }
+                        sql.bind(region.clone());
+                    }
+                    sql.push(")");
+                }
+            }
+            Rule::Event { filter, measure } => match *measure {
+                EventMeasure::Count { days, cmp, count } => {
+                    sql.push("(SELECT count(*) FROM person_events e WHERE ");
+                    self.event_match(sql, filter, Some(window_start(self.now_micros, days)));
+                    sql.push(") ")
+                        .push(operator(cmp))
+                        .push(" ")
+                        .bind(i64::from(count));
+                }
+                EventMeasure::LastAfter { days } => {
+                    sql.push("EXISTS (SELECT 1 FROM person_events e WHERE ");
+                    self.event_match(sql, filter, Some(window_start(self.now_micros, days)));
+                    sql.push(")");
+                }
+                EventMeasure::LastBefore { days } => {
+                    sql.push("(EXISTS (SELECT 1 FROM person_events e WHERE ");
+                    self.event_match(sql, filter, None);
+                    sql.push(") AND NOT EXISTS (SELECT 1 FROM person_events e WHERE ");
+                    self.event_match(sql, filter, Some(window_start(self.now_micros, days)));
+                    sql.push("))");
+                }
+            },
+            Rule::InSegment(id) => {
+                let Some(other) = (self.segment_rule)(id) else {
+                    return Err(SegmentError::Invalid(FieldError::new(
+                        "rule",
+                        format!("in_segment({id:?}): no such segment"),
+                    )));
+                };
+                self.rule(sql, &other, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Conditions on the row `e` of `person_events` for the person.
+    fn event_match(&self, sql: &mut Sql, filter: &EventFilter, since: Option<i64>) {
+        sql.push("e.profile_id = people.profile_id AND e.name = ")
+            .bind(filter.name.clone());
+        if let Some(since) = since {
+            sql.push(" AND e.occurred_at >= ").bind(since);
+        }
+        for (property, test) in &filter.properties {
+            sql.push(" AND EXISTS (SELECT 1 FROM event_properties ep WHERE ep.event_id = e.id AND ep.name = ")
+                .bind(property.clone())
+                .push(" AND ");
+            self.test(sql, "ep", test);
+            sql.push(")");
+        }
+    }
+
+    /// A test on the typed value columns of the row aliased `at`.
+    fn test(&self, sql: &mut Sql, at: &str, test: &Test) {
+        match test {
+            Test::Exists => {
+                sql.push("1 = 1");
+            }
+            Test::Equals(value) => equals(sql, at, value),
+            Test::In(values) if values.is_empty() => {
+                sql.push("1 = 0");
+            }
+            Test::In(values) => {
+                sql.push("(");
+                for (i, value) in values.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(" OR ");
+                    }
+                    equals(sql, at, value);
+                }
+                sql.push(")");
+            }
+            Test::Compare(cmp, Literal::Number(n)) => {
+                sql.push(&format!("({at}.kind = 'number' AND {at}.number_value "))
+                    .push(operator(*cmp))
+                    .push(" ")
+                    .bind(*n)
+                    .push(")");
+            }
+            Test::Compare(cmp, Literal::Timestamp(t)) => {
+                sql.push(&format!("({at}.kind = 'timestamp' AND {at}.int_value "))
+                    .push(operator(*cmp))
+                    .push(" ")
+                    .bind(*t)
+                    .push(")");
+            }
+            // Comparisons take numbers and timestamps only (validated); any
+            // other literal matches nothing, as in memory.
+            Test::Compare(..) => {
+                sql.push("1 = 0");
+            }
+            Test::Prefix(prefix) => {
+                sql.push(&format!(
+                    "({at}.kind = 'string' AND substr({at}.string_value, 1, length(CAST("
+                ))
+                .bind(prefix.clone())
+                .push(" AS TEXT))) = ")
+                .bind(prefix.clone())
+                .push(")");
+            }
+            Test::Contains(needle) => {
+                let find = match self.backend {
+                    DbBackend::Postgres => "strpos",
+                    _ => "instr",
+                };
+                sql.push(&format!(
+                    "({at}.kind = 'string' AND {find}({at}.string_value, CAST("
+                ))
+                .bind(needle.clone())
+                .push(" AS TEXT)) > 0)");
+            }
+        }
+    }
+}
+
+fn equals(sql: &mut Sql, at: &str, value: &Literal) {
+    match value {
+        Literal::String(s) => sql
+            .push(&format!("({at}.kind = 'string' AND {at}.string_value = "))
+            .bind(s.clone()),
+        Literal::Number(n) => sql
+            .push(&format!("({at}.kind = 'number' AND {at}.number_value = "))
+            .bind(*n),
+        Literal::Bool(b) => sql
+            .push(&format!("({at}.kind = 'bool' AND {at}.int_value = "))
+            .bind(i64::from(*b)),
+        Literal::Timestamp(t) => sql
+            .push(&format!("({at}.kind = 'timestamp' AND {at}.int_value = "))
+            .bind(*t),
+    };
+    sql.push(")");
+}
+
+fn operator(cmp: Cmp) -> &'static str {
+    match cmp {
+        Cmp::Lt => "<",
+        Cmp::Le => "<=",
+        Cmp::Eq => "=",
+        Cmp::Ne => "<>",
+        Cmp::Ge => ">=",
+        Cmp::Gt => ">",
+    }
+}
