@@ -46,7 +46,14 @@ pub struct GrpcServer {
     tls: Option<tonic::transport::ServerTlsConfig>,
     health: HealthReporter,
     health_service: HealthServer<HealthService>,
+    /// Work that runs beside the server (e.g. following a change stream),
+    /// started by `serve` and stopped with it.
+    tasks: Vec<BackgroundTask>,
 }
+
+/// A background task: given the shutdown token, runs until it is cancelled.
+pub type BackgroundTask =
+    Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 impl Default for GrpcServer {
     fn default() -> Self {
@@ -66,7 +73,14 @@ impl GrpcServer {
             tls: None,
             health,
             health_service,
+            tasks: Vec::new(),
         }
+    }
+
+    /// Runs `task` beside the server while it serves.
+    pub fn with_task(mut self, task: BackgroundTask) -> Self {
+        self.tasks.push(task);
+        self
     }
 
     /// Adds a tonic service; health reports it SERVING while the server runs.
@@ -132,12 +146,24 @@ impl GrpcServer {
     /// Serves on `listener` until `shutdown` is cancelled, then drains
     /// in-flight calls and returns.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
+        // A child token: the tasks stop with this server, and stopping them
+        // does not stop the rest of an in-process suite.
+        let tasks_shutdown = shutdown.child_token();
+        let tasks: Vec<_> = std::mem::take(&mut self.tasks)
+            .into_iter()
+            .map(|task| tokio::spawn(task(tasks_shutdown.clone())))
+            .collect();
         let (routes, health) = self.into_routes()?;
-        serve_routes(routes, health, listener, shutdown).await
+        let served = serve_routes(routes, health, listener, shutdown).await;
+        tasks_shutdown.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        served
     }
 }
 

@@ -236,6 +236,15 @@ impl ProfileService for ProfileApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn get_change_head(
+        &self,
+        _request: Request<pb::GetChangeHeadRequest>,
+    ) -> Result<Response<pb::GetChangeHeadResponse>, Status> {
+        Ok(Response::new(pb::GetChangeHeadResponse {
+            cursor: self.store.head().await?,
+        }))
+    }
+
     async fn export_profile(
         &self,
         request: Request<pb::ExportProfileRequest>,

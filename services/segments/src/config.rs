@@ -20,6 +20,10 @@ pub struct SegmentsConfig {
     pub profiles_tls: ClientTls,
     /// Members per `ExportAudience` message (and profiles read per page).
     pub export_chunk_size: u32,
+    /// How long an export waits for the projection to catch up with the
+    /// profiles service before answering UNAVAILABLE. Written like `5s`.
+    #[serde(with = "humantime_serde")]
+    pub projection_freshness_timeout: std::time::Duration,
 }
 
 impl Default for SegmentsConfig {
@@ -31,6 +35,7 @@ impl Default for SegmentsConfig {
             profiles_url: "http://127.0.0.1:50052".into(),
             profiles_tls: ClientTls::default(),
             export_chunk_size: 1000,
+            projection_freshness_timeout: std::time::Duration::from_secs(5),
         }
     }
 }

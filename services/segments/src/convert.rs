@@ -7,8 +7,10 @@ use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as pb;
 use madtech_proto::time::{from_micros, to_micros};
 
+use crate::rules::eval::Stored;
 use crate::rules::text::{self, ParseError};
 use crate::rules::{Cmp, EventFilter, EventMeasure, MAX_DAYS, MAX_DEPTH, Rule, Test, Value};
+use crate::store::projection::{Change, NewEvent, Snapshot};
 
 /// Longest trait, property, event or identifier kind name.
 const MAX_NAME_LEN: usize = 200;
@@ -313,6 +315,68 @@ pub fn rule_to_pb(rule: &Rule) -> pb::Rule {
         }
     };
     pb::Rule { rule: Some(kind) }
+}
+
+/// A trait or property value as the projection keeps it.
+pub fn stored_from_pb(value: &profiles_pb::TraitValue) -> Stored {
+    use profiles_pb::trait_value::Value as V;
+    match &value.value {
+        Some(V::StringValue(s)) => Stored::Value(Value::String(s.clone())),
+        Some(V::NumberValue(n)) => Stored::Value(Value::Number(*n)),
+        Some(V::BoolValue(b)) => Stored::Value(Value::Bool(*b)),
+        Some(V::TimestampValue(ts)) => {
+            to_micros(ts).map_or(Stored::Other, |t| Stored::Value(Value::Timestamp(t)))
+        }
+        Some(V::ListValue(_)) | None => Stored::Other,
+    }
+}
+
+/// A profile change as the projection applies it (`None` for nothing).
+pub fn change_from_pb(change: profiles_pb::ProfileChange) -> Option<Change> {
+    use profiles_pb::profile_change::Change as C;
+    Some(match change.change? {
+        C::Upserted(upserted) => {
+            let profile = upserted.profile?;
+            Change::Upserted(Snapshot {
+                identifiers: profile
+                    .identifiers
+                    .into_iter()
+                    .map(|id| (id.kind, id.value))
+                    .collect(),
+                traits: profile
+                    .traits
+                    .iter()
+                    .map(|(name, value)| (name.clone(), stored_from_pb(value)))
+                    .collect(),
+                profile_id: profile.profile_id,
+                region: profile.region,
+                merged_ids: profile.merged_profile_ids,
+            })
+        }
+        C::Merged(merged) => Change::Merged {
+            survivor: merged.survivor_profile_id,
+            merged: merged.merged_profile_ids,
+        },
+        C::Erased(erased) => Change::Erased {
+            profile_ids: erased.profile_ids,
+        },
+        C::EventsAppended(appended) => Change::Events(
+            appended
+                .events
+                .into_iter()
+                .map(|event| NewEvent {
+                    occurred_at_micros: event.timestamp.as_ref().and_then(to_micros).unwrap_or(0),
+                    properties: event
+                        .properties
+                        .iter()
+                        .map(|(name, value)| (name.clone(), stored_from_pb(value)))
+                        .collect(),
+                    profile_id: event.profile_id,
+                    name: event.name,
+                })
+                .collect(),
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! profiles service knows, and their export, the stream the gateway filters
 //! when it crosses into the adtech zone.
 //!
-//! This slice evaluates rules while it streams the profiles service's
-//! profiles (over gRPC; it never reads another service's database).
+//! It keeps its own projection of what rules need, fed by the profiles
+//! service's change stream ([`follow`]); it never reads another service's
+//! database. Rules compile to SQL over the projection (`store::sql`).
 
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod follow;
 pub mod rules;
 pub mod service;
 pub mod store;
@@ -15,6 +17,8 @@ pub mod store;
 pub use config::SegmentsConfig;
 pub use error::SegmentError;
 pub use service::SegmentApi;
+
+use std::sync::Arc;
 
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
@@ -28,12 +32,18 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
         .profiles_tls
         .endpoint(&config.profiles_url)?
         .connect_lazy();
+    let profiles = ProfileServiceClient::new(channel);
+    let projection = Arc::new(store::projection::Projection::new(db.clone()));
     let api = SegmentApi::new(
         store::SegmentStore::new(db),
-        ProfileServiceClient::new(channel),
+        Arc::clone(&projection),
+        profiles.clone(),
         config.clone(),
     );
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
-        .add_service(api.into_server()))
+        .add_service(api.into_server())
+        .with_task(Box::new(move |shutdown| {
+            Box::pin(follow::follow(projection, profiles, shutdown))
+        })))
 }

@@ -4,12 +4,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use madtech_common::error::FieldError;
 use madtech_common::validate::{self, require};
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as pb;
-use madtech_proto::time::{from_micros, to_micros};
+use madtech_proto::time::from_micros;
 use pb::segment_service_server::{SegmentService, SegmentServiceServer};
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use tonic::transport::Channel;
@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::config::SegmentsConfig;
 use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
-use crate::rules::eval::{Context, Person, Stored};
-use crate::rules::{Value, text};
+use crate::rules::text;
+use crate::store::projection::{Member, Projection};
+use crate::store::sql::Compiler;
 use crate::store::{Segment, SegmentStore};
 
 /// Longest segment name accepted.
@@ -28,6 +29,7 @@ const MAX_NAME_LEN: usize = 200;
 #[derive(Clone)]
 pub struct SegmentApi {
     store: Arc<SegmentStore>,
+    projection: Arc<Projection>,
     profiles: ProfileServiceClient<Channel>,
     config: SegmentsConfig,
 }
@@ -35,11 +37,13 @@ pub struct SegmentApi {
 impl SegmentApi {
     pub fn new(
         store: SegmentStore,
+        projection: Arc<Projection>,
         profiles: ProfileServiceClient<Channel>,
         config: SegmentsConfig,
     ) -> Self {
         SegmentApi {
             store: Arc::new(store),
+            projection,
             profiles,
             config,
         }
@@ -60,47 +64,45 @@ fn segment_to_pb(segment: &Segment) -> pb::Segment {
     }
 }
 
-/// What a rule sees of a profile from the profiles service: traits,
-/// identifier kinds and region (no events: rules about events need the
-/// projection).
-fn person(profile: &profiles_pb::Profile) -> Person {
-    Person {
-        region: profile.region.clone(),
-        traits: profile
-            .traits
-            .iter()
-            .map(|(name, value)| (name.clone(), stored_from_pb(value)))
-            .collect(),
-        identifier_kinds: profile
-            .identifiers
-            .iter()
-            .map(|id| id.kind.clone())
-            .collect(),
-        events: Vec::new(),
-    }
-}
-
-fn stored_from_pb(value: &profiles_pb::TraitValue) -> Stored {
-    use profiles_pb::trait_value::Value as V;
-    match &value.value {
-        Some(V::StringValue(s)) => Stored::Value(Value::String(s.clone())),
-        Some(V::NumberValue(n)) => Stored::Value(Value::Number(*n)),
-        Some(V::BoolValue(b)) => Stored::Value(Value::Bool(*b)),
-        Some(V::TimestampValue(ts)) => {
-            to_micros(ts).map_or(Stored::Other, |t| Stored::Value(Value::Timestamp(t)))
-        }
-        Some(V::ListValue(_)) | None => Stored::Other,
-    }
-}
-
-fn member(profile: profiles_pb::Profile) -> pb::AudienceMember {
+fn member_to_pb(member: Member) -> pb::AudienceMember {
     pb::AudienceMember {
-        profile_id: profile.profile_id,
-        identifiers: profile.identifiers,
-        region: profile.region,
+        profile_id: member.profile_id,
+        identifiers: member
+            .identifiers
+            .into_iter()
+            .map(|(kind, value)| profiles_pb::Identifier { kind, value })
+            .collect(),
+        region: member.region,
         pseudonymous_id: String::new(),
         hashed_identifiers: Vec::new(),
-        merged_profile_ids: profile.merged_profile_ids,
+        merged_profile_ids: member.merged_ids,
+    }
+}
+
+impl SegmentApi {
+    /// Waits until the projection holds every profile change made before
+    /// this call, so an export sees what callers wrote before asking.
+    async fn catch_up(&self) -> Result<(), Status> {
+        let head = self
+            .profiles
+            .clone()
+            .get_change_head(profiles_pb::GetChangeHeadRequest {})
+            .await
+            .map_err(SegmentError::Profiles)?
+            .into_inner()
+            .cursor;
+        let deadline = tokio::time::Instant::now() + self.config.projection_freshness_timeout;
+        loop {
+            if self.projection.cursor().await? >= head {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(
+                    "the segments projection is behind the profiles service; retry",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -166,47 +168,31 @@ impl SegmentService for SegmentApi {
         validate::policy_name("purpose", &request.purpose)?;
         let segment = self.store.get(segment_id).await?;
 
-        let page_size = self.config.export_chunk_size;
-        let mut profiles = self.profiles.clone();
-        let pages = profiles
-            .list_profiles(profiles_pb::ListProfilesRequest {
-                page_size,
-                after_profile_id: String::new(),
-            })
-            .await
-            .map_err(SegmentError::Profiles)?
-            .into_inner();
-        // Pulling one page of profiles per message the caller pulls keeps the
-        // export's memory flat whatever the audience size.
+        self.catch_up().await?;
+        let rules = self.store.rules().await?;
+        let projection = Arc::clone(&self.projection);
+        let chunk = u64::from(self.config.export_chunk_size);
+        let now_micros = chrono::Utc::now().timestamp_micros();
         let rule = segment.rule;
-        if rule.depends_on_time() || !rule.segments().is_empty() {
-            return Err(Status::failed_precondition(
-                "this export reads profiles without their events or memberships; rules with event or segment conditions need the segments projection, which is not built yet",
-            ));
-        }
-        let now = chrono::Utc::now().timestamp_micros();
-        let stream = pages.filter_map(move |page| {
-            let answer = match page {
-                Err(status) => Some(Err(Status::from(SegmentError::Profiles(status)))),
-                Ok(page) => {
-                    let members: Vec<pb::AudienceMember> = page
-                        .profiles
-                        .into_iter()
-                        .filter(|p| {
-                            let no_memberships = |_: &str| false;
-                            let context = Context {
-                                now_micros: now,
-                                member_of: &no_memberships,
-                            };
-                            rule.matches(&person(p), &context)
-                        })
-                        .map(member)
-                        .collect();
-                    (!members.is_empty()).then_some(Ok(pb::ExportAudienceResponse { members }))
-                }
+        // One page of members per message the caller pulls keeps the export's
+        // memory flat whatever the audience size.
+        let stream = async_stream::try_stream! {
+            let lookup = |id: &str| rules.get(id).cloned();
+            let compiler = Compiler {
+                backend: projection.backend(),
+                now_micros,
+                segment_rule: &lookup,
             };
-            std::future::ready(answer)
-        });
+            let mut after = String::new();
+            loop {
+                let page = projection.members(&rule, &compiler, &after, chunk).await.map_err(Status::from)?;
+                let Some(last) = page.last() else { break };
+                after = last.profile_id.clone();
+                let full = page.len() as u64 == chunk;
+                yield pb::ExportAudienceResponse { members: page.into_iter().map(member_to_pb).collect() };
+                if !full { break; }
+            }
+        };
         Ok(Response::new(Box::pin(stream)))
     }
 }

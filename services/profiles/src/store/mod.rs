@@ -294,6 +294,11 @@ impl ProfileStore {
         changes::after(&self.db, cursor, limit).await
     }
 
+    /// The newest cursor (0 before the first change).
+    pub async fn head(&self) -> Result<u64, ProfileError> {
+        changes::head(&self.db).await
+    }
+
     /// Wakes when this process appends to the change log. Other replicas'
     /// appends are found by polling.
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -5,6 +5,8 @@ mod migration;
 pub mod projection;
 pub mod sql;
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
 
@@ -61,14 +63,28 @@ impl SegmentStore {
             .one(&self.db)
             .await?
             .ok_or(SegmentError::NotFound)?;
-        Ok(Segment {
-            rule: serde_json::from_str(&row.rule)
-                .map_err(|err| SegmentError::Corrupt(format!("rule of {}: {err}", row.id)))?,
-            id: row.id,
-            name: row.name,
-            created_at_micros: row.created_at,
-        })
+        segment_from_row(row)
     }
+
+    /// Every segment's rule by id, for rules that refer to other segments.
+    pub async fn rules(&self) -> Result<BTreeMap<String, Rule>, SegmentError> {
+        segment::Entity::find()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| segment_from_row(row).map(|s| (s.id, s.rule)))
+            .collect()
+    }
+}
+
+fn segment_from_row(row: segment::Model) -> Result<Segment, SegmentError> {
+    Ok(Segment {
+        rule: serde_json::from_str(&row.rule)
+            .map_err(|err| SegmentError::Corrupt(format!("rule of {}: {err}", row.id)))?,
+        id: row.id,
+        name: row.name,
+        created_at_micros: row.created_at,
+    })
 }
 
 #[cfg(test)]

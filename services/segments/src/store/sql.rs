@@ -65,7 +65,7 @@ pub struct Compiler<'a> {
     pub backend: DbBackend,
     pub now_micros: i64,
     /// The rule of a segment by id.
-    pub segment_rule: &'a dyn Fn(&str) -> Option<Rule>,
+    pub segment_rule: &'a (dyn Fn(&str) -> Option<Rule> + Sync),
 }
 
 impl Compiler<'_> {

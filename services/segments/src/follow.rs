@@ -1,0 +1,78 @@
+//! Keeps the projection fed from the profiles change stream: resume after
+//! the projection's cursor, apply what arrives in pages (each page and its
+//! cursor in one transaction), reconnect with backoff after any failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use madtech_common::CancellationToken;
+use madtech_proto::profiles::v1 as profiles_pb;
+use profiles_pb::profile_service_client::ProfileServiceClient;
+use tonic::transport::Channel;
+
+use crate::convert::change_from_pb;
+use crate::error::SegmentError;
+use crate::store::projection::Projection;
+
+/// Changes applied per transaction at most.
+const PAGE: usize = 512;
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Follows the stream until `shutdown`.
+pub async fn follow(
+    projection: Arc<Projection>,
+    client: ProfileServiceClient<Channel>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let mut client = client.clone();
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = follow_once(&projection, &mut client, &mut backoff) => outcome,
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, retry_in = ?backoff, "following profile changes failed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn follow_once(
+    projection: &Projection,
+    client: &mut ProfileServiceClient<Channel>,
+    backoff: &mut Duration,
+) -> Result<(), SegmentError> {
+    let cursor = projection.cursor().await?;
+    let stream = client
+        .watch_profile_changes(profiles_pb::WatchProfileChangesRequest {
+            after_cursor: cursor,
+        })
+        .await
+        .map_err(SegmentError::Profiles)?
+        .into_inner();
+    let mut pages = stream.ready_chunks(PAGE);
+    while let Some(page) = pages.next().await {
+        let mut changes = Vec::with_capacity(page.len());
+        let mut last = None;
+        for item in page {
+            let change = item
+                .map_err(SegmentError::Profiles)?
+                .change
+                .ok_or_else(|| SegmentError::Corrupt("an empty profile change".into()))?;
+            last = Some(change.cursor);
+            changes.extend(change_from_pb(change));
+        }
+        if let Some(cursor) = last {
+            projection.apply(&changes, cursor).await?;
+            *backoff = MIN_BACKOFF;
+        }
+    }
+    Ok(())
+}
