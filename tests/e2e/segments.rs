@@ -90,3 +90,126 @@ async fn rules_are_written_as_text_validated_and_printed_back() {
         .expect("segment");
     assert_eq!(fetched.rule_text, nested.rule_text);
 }
+
+fn purchase(message_id: &str, email: &str, amount: f64) -> madtech_proto::profiles::v1::Event {
+    use madtech_proto::profiles::v1 as profiles_pb;
+    profiles_pb::Event {
+        message_id: message_id.into(),
+        name: "purchase".into(),
+        identifiers: vec![profiles_pb::Identifier {
+            kind: "email".into(),
+            value: email.into(),
+        }],
+        properties: [(
+            "amount".to_string(),
+            profiles_pb::TraitValue {
+                value: Some(profiles_pb::trait_value::Value::NumberValue(amount)),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+async fn segments_over_events_follow_the_profiles_stream(backend: Backend) {
+    use madtech_proto::consent::v1 as consent_pb;
+    use madtech_proto::profiles::v1 as profiles_pb;
+    let suite = Suite::start(backend).await;
+    let mut ingest = suite.profiles(suite.bearer(&["ingest"]));
+    let events = vec![
+        purchase("e1", "big@example.com", 80.0),
+        purchase("e2", "big@example.com", 60.0),
+        purchase("e3", "small@example.com", 80.0),
+        purchase("e4", "small@example.com", 10.0),
+    ];
+    ingest
+        .ingest_events(profiles_pb::IngestEventsRequest { events })
+        .await
+        .expect("ingest");
+    let big = ingest
+        .get_profile(profiles_pb::GetProfileRequest {
+            lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(
+                profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: "big@example.com".into(),
+                },
+            )),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .profile
+        .expect("profile");
+    for (email, region) in [("big@example.com", "FR"), ("small@example.com", "FR")] {
+        let id = ingest
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers: vec![profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: email.into(),
+                }],
+                region: region.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("region")
+            .into_inner()
+            .profile
+            .expect("profile")
+            .profile_id;
+        suite
+            .consent(suite.bearer(&["ingest"]))
+            .record_consent(consent_pb::RecordConsentRequest {
+                profile_id: id,
+                choices: vec![consent_pb::PurposeChoice {
+                    purpose: "ad_targeting".into(),
+                    state: consent_pb::ConsentState::Granted.into(),
+                }],
+                source: consent_pb::ConsentSource::Cmp.into(),
+                region: region.into(),
+                notice_version: "2026-11".into(),
+                collected_at: None,
+            })
+            .await
+            .expect("consent");
+    }
+
+    let segment = suite
+        .segments(suite.bearer(&["marketer"]))
+        .create_segment(pb::CreateSegmentRequest {
+            name: "big spenders".into(),
+            rule: None,
+            rule_text:
+                r#"region in ["FR"] and count(event "purchase" where amount > 50, last 30d) >= 2"#
+                    .into(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .segment
+        .expect("segment");
+    let members = suite.export(&segment.segment_id).await;
+    assert_eq!(members.len(), 1, "only the person with two large purchases");
+    assert!(!members[0].pseudonymous_id.is_empty());
+
+    // Erasure reaches the projection: the person leaves the audience.
+    suite
+        .profiles(suite.bearer(&["compliance"]))
+        .erase_profile(profiles_pb::EraseProfileRequest {
+            lookup: Some(profiles_pb::erase_profile_request::Lookup::ProfileId(
+                big.profile_id,
+            )),
+        })
+        .await
+        .expect("erase");
+    assert!(suite.export(&segment.segment_id).await.is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_segments_over_events_follow_the_profiles_stream() {
+    segments_over_events_follow_the_profiles_stream(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_segments_over_events_follow_the_profiles_stream() {
+    segments_over_events_follow_the_profiles_stream(Backend::Postgres).await;
+}
