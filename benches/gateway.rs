@@ -28,10 +28,7 @@ const UNARY_CONCURRENCY: usize = 32;
 const AUDIENCE: usize = 10_000;
 
 fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run())
+    common::block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

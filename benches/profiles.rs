@@ -35,10 +35,7 @@ const CONCURRENCY: usize = 4;
 const PEOPLE: u64 = 10_000;
 
 fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run())
+    common::block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -13,6 +13,14 @@ use madtech::suite::InProcess;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
+/// Runs a benchmark on the multi-threaded runtime the binary uses.
+pub fn block_on(run: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run)
+}
+
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

@@ -89,6 +89,16 @@ fn bind_value(sql: &mut Sql, value: &Stored) {
         .bind(i);
 }
 
+/// A stored value read back from the typed value columns of `row`.
+fn stored_from_row(row: &sea_orm::QueryResult) -> Result<Stored, SegmentError> {
+    Ok(stored_from_columns(
+        &row.try_get::<String>("", "kind")?,
+        row.try_get("", "string_value")?,
+        row.try_get("", "number_value")?,
+        row.try_get("", "int_value")?,
+    ))
+}
+
 fn stored_from_columns(kind: &str, s: Option<String>, n: Option<f64>, i: Option<i64>) -> Stored {
     match (kind, s, n, i) {
         ("string", Some(s), _, _) => Stored::Value(Value::String(s)),
@@ -279,12 +289,7 @@ impl Projection {
         for row in self.rows_for("SELECT name, kind, string_value, number_value, int_value FROM person_traits WHERE profile_id IN ", &ids, "").await? {
             person.traits.insert(
                 row.try_get("", "name")?,
-                stored_from_columns(
-                    &row.try_get::<String>("", "kind")?,
-                    row.try_get("", "string_value")?,
-                    row.try_get("", "number_value")?,
-                    row.try_get("", "int_value")?,
-                ),
+                stored_from_row(&row)?,
             );
         }
         for row in self
@@ -319,12 +324,7 @@ impl Projection {
             if let Some(event) = events.get_mut(&row.try_get::<i64>("", "event_id")?) {
                 event.properties.insert(
                     row.try_get("", "name")?,
-                    stored_from_columns(
-                        &row.try_get::<String>("", "kind")?,
-                        row.try_get("", "string_value")?,
-                        row.try_get("", "number_value")?,
-                        row.try_get("", "int_value")?,
-                    ),
+                    stored_from_row(&row)?,
                 );
             }
         }
