@@ -64,10 +64,31 @@ enum Command {
     /// Read and verify the gateway's audit trail of crossings (role
     /// `compliance`).
     Audit(AuditArgs),
+    /// Work with segments through the gateway (role `marketer`).
+    Segment(SegmentArgs),
     /// Load realistic synthetic people and events through the gateway (role
     /// `ingest`) or straight into a profiles service, with a progress bar.
     /// The same seed always gives the same data, so a rerun adds nothing.
     Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct SegmentArgs {
+    /// The gateway's URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// A bearer token with the `marketer` role.
+    #[arg(long, env = "MADTECH_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: SegmentCommand,
+}
+
+#[derive(Subcommand)]
+enum SegmentCommand {
+    /// Evaluate a segment over everyone and store who entered and left,
+    /// with a progress bar; prints the counts as JSON.
+    Compute { segment_id: String },
 }
 
 #[derive(clap::Args)]
@@ -297,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(command) => policy(command).await,
         Command::Audit(args) => audit(args).await,
         Command::Generate(args) => generate(args).await,
+        Command::Segment(args) => segment(args).await,
         Command::Signal(SignalCommand::Decode { signal, kind }) => {
             println!("{}", decode_signal(&signal, kind.as_deref())?);
             Ok(())
@@ -523,28 +545,92 @@ fn token(
     Ok(())
 }
 
-async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
-    let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
-        .context("--target")?
+/// Adds the bearer token (when there is one) to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to `url` (named by `flag` in errors) and the token to send.
+async fn connect(
+    url: &str,
+    flag: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(tonic::transport::Channel, Bearer)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| flag.to_string())?
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.target))?;
-    let bearer: Option<tonic::metadata::MetadataValue<_>> = args
-        .token
+        .with_context(|| format!("connecting to {url}"))?;
+    let bearer = token
         .map(|token| format!("Bearer {token}").parse())
         .transpose()
         .context("--token")?;
-    let client =
-        ProfileServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            if let Some(bearer) = &bearer {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
+    Ok((channel, Bearer(bearer)))
+}
+
+async fn segment(args: SegmentArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use madtech_proto::segments::v1 as pb;
+    use pb::segment_service_client::SegmentServiceClient;
+    let (channel, bearer) = connect(&args.gateway, "--gateway", Some(&args.token)).await?;
+    let mut client = SegmentServiceClient::with_interceptor(channel, bearer);
+    match args.command {
+        SegmentCommand::Compute { segment_id } => {
+            let mut steps = client
+                .compute_segment(pb::ComputeSegmentRequest { segment_id })
+                .await
+                .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
+                .into_inner();
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} people · {msg} · ETA {eta}",
+                )
+                .context("progress bar template")?,
+            );
+            while let Some(step) = steps.next().await {
+                let step = step
+                    .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?;
+                bar.set_length(step.total);
+                bar.set_position(step.processed);
+                bar.set_message(format!("{} entered, {} left", step.entered, step.exited));
+                if step.done {
+                    bar.finish();
+                    println!(
+                        "{}",
+                        json!({
+                            "members": step.members,
+                            "entered": step.entered,
+                            "exited": step.exited,
+                            "processed": step.processed,
+                            "cursor": step.cursor,
+                        })
+                    );
+                }
             }
-            Ok(request)
-        })
-        .max_decoding_message_size(64 << 20);
+        }
+    }
+    Ok(())
+}
+
+async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
+    let (channel, bearer) = connect(&args.target, "--target", args.token.as_deref()).await?;
+    let client =
+        ProfileServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20);
     let mut plan = crate::generate::Plan::new(args.profiles, args.events_per_profile);
     plan.seed = args.seed;
     plan.concurrency = args.concurrency;
@@ -577,21 +663,8 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     use madtech_proto::gateway::v1 as pb;
     use pb::audit_service_client::AuditServiceClient;
-    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .context("--gateway")?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.gateway))?;
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", args.token)
-        .parse()
-        .context("--token")?;
-    let mut client =
-        AuditServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
-            Ok(request)
-        });
+    let (channel, bearer) = connect(&args.gateway, "--gateway", Some(&args.token)).await?;
+    let mut client = AuditServiceClient::with_interceptor(channel, bearer);
     match args.command {
         AuditCommand::List { after, limit } => {
             let records = client

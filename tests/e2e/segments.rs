@@ -187,6 +187,19 @@ async fn segments_over_events_follow_the_profiles_stream(backend: Backend) {
         .into_inner()
         .segment
         .expect("segment");
+    let preview = suite
+        .segments(suite.bearer(&["marketer"]))
+        .preview_segment(pb::PreviewSegmentRequest {
+            rule: None,
+            rule_text: r#"count(event "purchase" where amount > 50, last 30d) >= 1"#.into(),
+            sample_size: 1,
+        })
+        .await
+        .expect("preview")
+        .into_inner();
+    assert_eq!(preview.count, 2, "both bought something large");
+    assert_eq!(preview.sample_profile_ids.len(), 1, "the sample is bounded");
+
     let members = suite.export(&segment.segment_id).await;
     assert_eq!(members.len(), 1, "only the person with two large purchases");
     assert!(!members[0].pseudonymous_id.is_empty());
@@ -212,4 +225,112 @@ async fn sqlite_segments_over_events_follow_the_profiles_stream() {
 #[tokio::test]
 async fn postgres_segments_over_events_follow_the_profiles_stream() {
     segments_over_events_follow_the_profiles_stream(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn computing_a_segment_reports_progress_and_records_who_entered_and_left() {
+    use futures::StreamExt;
+    use madtech_proto::profiles::v1 as profiles_pb;
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut ingest = suite.profiles(suite.bearer(&["ingest"]));
+    let person = |i: usize, plan: &str| profiles_pb::UpsertProfileRequest {
+        identifiers: vec![profiles_pb::Identifier {
+            kind: "customer_id".into(),
+            value: format!("c{i}"),
+        }],
+        traits: [(
+            "plan".to_string(),
+            profiles_pb::TraitValue {
+                value: Some(profiles_pb::trait_value::Value::StringValue(plan.into())),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    for batch in [0..1_000, 1_000..1_500] {
+        ingest
+            .batch_upsert_profiles(profiles_pb::BatchUpsertProfilesRequest {
+                upserts: batch
+                    .map(|i| person(i, if i % 3 == 0 { "pro" } else { "free" }))
+                    .collect(),
+            })
+            .await
+            .expect("people");
+    }
+    let mut marketer = suite.segments(suite.bearer(&["marketer"]));
+    let segment = marketer
+        .create_segment(pb::CreateSegmentRequest {
+            name: "pro".into(),
+            rule: None,
+            rule_text: r#"trait.plan == "pro""#.into(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .segment
+        .expect("segment");
+
+    let compute = |marketer: &mut madtech_proto::segments::v1::segment_service_client::SegmentServiceClient<crate::harness::Authed>| {
+        let request = pb::ComputeSegmentRequest {
+            segment_id: segment.segment_id.clone(),
+        };
+        let mut marketer = marketer.clone();
+        async move {
+            let mut stream = marketer.compute_segment(request).await.expect("compute").into_inner();
+            let mut steps = Vec::new();
+            while let Some(step) = stream.next().await {
+                steps.push(step.expect("progress"));
+            }
+            steps
+        }
+    };
+    let steps = compute(&mut marketer).await;
+    let last = steps.last().expect("a final message");
+    assert!(last.done);
+    assert_eq!((last.processed, last.total), (1_500, 1_500));
+    assert_eq!((last.entered, last.exited, last.members), (500, 0, 500));
+    assert!(steps.len() >= 3, "progress between pages: {}", steps.len());
+    assert!(steps.windows(2).all(|w| w[0].processed <= w[1].processed));
+
+    // Someone downgrades; the next computation records one exit only.
+    ingest
+        .upsert_profile(person(0, "free"))
+        .await
+        .expect("downgrade");
+    let again = compute(&mut marketer).await;
+    let last_again = again.last().expect("final");
+    assert_eq!(
+        (last_again.entered, last_again.exited, last_again.members),
+        (0, 1, 499)
+    );
+
+    let mut changes = marketer
+        .watch_membership_changes(pb::WatchMembershipChangesRequest {
+            segment_id: segment.segment_id.clone(),
+            after_cursor: last.cursor,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let change = changes
+        .next()
+        .await
+        .expect("open")
+        .expect("change")
+        .change
+        .expect("set");
+    assert!(
+        !change.entered,
+        "the downgrade is the only change after the first run"
+    );
+
+    let denied = suite
+        .segments(suite.bearer(&["activation"]))
+        .watch_membership_changes(pb::WatchMembershipChangesRequest {
+            segment_id: segment.segment_id.clone(),
+            after_cursor: 0,
+        })
+        .await
+        .expect_err("raw profile ids never reach the adtech role");
+    assert_eq!(denied.code(), Code::PermissionDenied);
 }

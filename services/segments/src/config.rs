@@ -24,6 +24,10 @@ pub struct SegmentsConfig {
     /// profiles service before answering UNAVAILABLE. Written like `5s`.
     #[serde(with = "humantime_serde")]
     pub projection_freshness_timeout: std::time::Duration,
+    /// How often a membership watcher looks for changes another replica
+    /// wrote (this process's wake watchers at once). Written like `1s`.
+    #[serde(with = "humantime_serde")]
+    pub watch_poll_interval: std::time::Duration,
 }
 
 impl Default for SegmentsConfig {
@@ -36,6 +40,7 @@ impl Default for SegmentsConfig {
             profiles_tls: ClientTls::default(),
             export_chunk_size: 1000,
             projection_freshness_timeout: std::time::Duration::from_secs(5),
+            watch_poll_interval: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -54,6 +59,11 @@ impl Validate for SegmentsConfig {
         if !(1..=10_000).contains(&self.export_chunk_size) {
             return Err(ConfigError::Invalid(
                 "segments.export_chunk_size must be 1 to 10000".into(),
+            ));
+        }
+        if self.watch_poll_interval.is_zero() || self.projection_freshness_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "segments.watch_poll_interval and segments.projection_freshness_timeout must be positive".into(),
             ));
         }
         Ok(())

@@ -34,9 +34,11 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
         .connect_lazy();
     let profiles = ProfileServiceClient::new(channel);
     let projection = Arc::new(store::projection::Projection::new(db.clone()));
+    let memberships = Arc::new(store::membership::Memberships::new(db.clone()));
     let api = SegmentApi::new(
         store::SegmentStore::new(db),
         Arc::clone(&projection),
+        memberships,
         profiles.clone(),
         config.clone(),
     );

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
 use madtech_common::validate::{self, require};
 use madtech_proto::profiles::v1 as profiles_pb;
@@ -18,7 +19,8 @@ use tonic::{Request, Response, Status};
 use crate::config::SegmentsConfig;
 use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
-use crate::rules::text;
+use crate::rules::{Rule, text};
+use crate::store::membership::Memberships;
 use crate::store::projection::{Member, Projection};
 use crate::store::sql::Compiler;
 use crate::store::{Segment, SegmentStore};
@@ -30,6 +32,7 @@ const MAX_NAME_LEN: usize = 200;
 pub struct SegmentApi {
     store: Arc<SegmentStore>,
     projection: Arc<Projection>,
+    memberships: Arc<Memberships>,
     profiles: ProfileServiceClient<Channel>,
     config: SegmentsConfig,
 }
@@ -38,12 +41,14 @@ impl SegmentApi {
     pub fn new(
         store: SegmentStore,
         projection: Arc<Projection>,
+        memberships: Arc<Memberships>,
         profiles: ProfileServiceClient<Channel>,
         config: SegmentsConfig,
     ) -> Self {
         SegmentApi {
             store: Arc::new(store),
             projection,
+            memberships,
             profiles,
             config,
         }
@@ -79,7 +84,16 @@ fn member_to_pb(member: Member) -> pb::AudienceMember {
     }
 }
 
+/// Sample size of a preview when the caller names none, and the most.
+const DEFAULT_SAMPLE: u32 = 10;
+const MAX_SAMPLE: u32 = 100;
+
 impl SegmentApi {
+    /// Every stored segment's rule, for `in_segment`.
+    async fn segment_rules(&self) -> Result<std::collections::BTreeMap<String, Rule>, Status> {
+        Ok(self.store.rules().await?)
+    }
+
     /// Waits until the projection holds every profile change made before
     /// this call, so an export sees what callers wrote before asking.
     async fn catch_up(&self) -> Result<(), Status> {
@@ -106,7 +120,13 @@ impl SegmentApi {
     }
 }
 
-type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportAudienceResponse, Status>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type ExportStream = BoxStream<pb::ExportAudienceResponse>;
+
+/// People evaluated per step of a computation (one transaction each).
+const COMPUTE_PAGE: u64 = 1_000;
+/// Membership changes read per page while catching up a watcher.
+const WATCH_PAGE: u64 = 500;
 
 #[tonic::async_trait]
 impl SegmentService for SegmentApi {
@@ -144,6 +164,131 @@ impl SegmentService for SegmentApi {
         }))
     }
 
+    async fn preview_segment(
+        &self,
+        request: Request<pb::PreviewSegmentRequest>,
+    ) -> Result<Response<pb::PreviewSegmentResponse>, Status> {
+        let request = request.into_inner();
+        let rule = rule_from_request(request.rule.as_ref(), &request.rule_text)?;
+        let sample = match request.sample_size {
+            0 => DEFAULT_SAMPLE,
+            n if n <= MAX_SAMPLE => n,
+            _ => {
+                return Err(FieldError::new("sample_size", format!("at most {MAX_SAMPLE}")).into());
+            }
+        };
+        self.catch_up().await?;
+        let rules = self.segment_rules().await?;
+        let lookup = |id: &str| rules.get(id).cloned();
+        let compiler = Compiler {
+            backend: self.projection.backend(),
+            now_micros: chrono::Utc::now().timestamp_micros(),
+            segment_rule: &lookup,
+        };
+        let count = self.projection.count(&rule, &compiler).await?;
+        let members = self
+            .projection
+            .members(&rule, &compiler, "", u64::from(sample))
+            .await?;
+        Ok(Response::new(pb::PreviewSegmentResponse {
+            count,
+            sample_profile_ids: members.into_iter().map(|m| m.profile_id).collect(),
+            rule_text: text::print(&rule),
+        }))
+    }
+
+    type ComputeSegmentStream = BoxStream<pb::ComputeSegmentResponse>;
+
+    async fn compute_segment(
+        &self,
+        request: Request<pb::ComputeSegmentRequest>,
+    ) -> Result<Response<Self::ComputeSegmentStream>, Status> {
+        let segment_id = require("segment_id", &request.get_ref().segment_id)?.to_string();
+        let segment = self.store.get(&segment_id).await?;
+        self.catch_up().await?;
+        let rules = self.segment_rules().await?;
+        let projection = Arc::clone(&self.projection);
+        let memberships = Arc::clone(&self.memberships);
+        let stream = async_stream::try_stream! {
+            let now_micros = chrono::Utc::now().timestamp_micros();
+            let lookup = |id: &str| rules.get(id).cloned();
+            let compiler = Compiler {
+                backend: projection.backend(),
+                now_micros,
+                segment_rule: &lookup,
+            };
+            let total = projection.people().await.map_err(Status::from)?;
+            let mut progress = pb::ComputeSegmentResponse { total, ..Default::default() };
+            yield progress;
+            let mut after = String::new();
+            loop {
+                let page = projection
+                    .evaluate_page(&segment.rule, &compiler, &after, COMPUTE_PAGE)
+                    .await
+                    .map_err(Status::from)?;
+                let Some((last, _)) = page.last() else { break };
+                after = last.clone();
+                let (entered, exited) = memberships
+                    .reconcile(&segment.id, &page, now_micros)
+                    .await
+                    .map_err(Status::from)?;
+                progress.processed += page.len() as u64;
+                // People added while computing can push it past the first count.
+                progress.total = progress.total.max(progress.processed);
+                progress.entered += entered;
+                progress.exited += exited;
+                yield progress;
+            }
+            progress.members = memberships.count(&segment.id).await.map_err(Status::from)?;
+            progress.cursor = memberships.head().await.map_err(Status::from)?;
+            progress.done = true;
+            yield progress;
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchMembershipChangesStream = BoxStream<pb::WatchMembershipChangesResponse>;
+
+    async fn watch_membership_changes(
+        &self,
+        request: Request<pb::WatchMembershipChangesRequest>,
+    ) -> Result<Response<Self::WatchMembershipChangesStream>, Status> {
+        let request = request.into_inner();
+        let segment_id = require("segment_id", &request.segment_id)?.to_string();
+        self.store.get(&segment_id).await?;
+        let memberships = Arc::clone(&self.memberships);
+        let appended = memberships.subscribe();
+        let stream = follow(
+            request.after_cursor,
+            appended,
+            self.config.watch_poll_interval,
+            move |cursor| {
+                let memberships = Arc::clone(&memberships);
+                let segment_id = segment_id.clone();
+                async move {
+                    let changes = memberships
+                        .changes_after(&segment_id, cursor, WATCH_PAGE)
+                        .await?;
+                    Ok::<_, Status>(Page {
+                        read_to: changes.last().map_or(cursor, |c| c.cursor),
+                        items: changes
+                            .into_iter()
+                            .map(|c| pb::WatchMembershipChangesResponse {
+                                change: Some(pb::MembershipChange {
+                                    cursor: c.cursor,
+                                    profile_id: c.profile_id,
+                                    entered: c.entered,
+                                    at: Some(from_micros(c.at_micros)),
+                                }),
+                            })
+                            .collect(),
+                    })
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn get_segment(
         &self,
         request: Request<pb::GetSegmentRequest>,
@@ -169,7 +314,7 @@ impl SegmentService for SegmentApi {
         let segment = self.store.get(segment_id).await?;
 
         self.catch_up().await?;
-        let rules = self.store.rules().await?;
+        let rules = self.segment_rules().await?;
         let projection = Arc::clone(&self.projection);
         let chunk = u64::from(self.config.export_chunk_size);
         let now_micros = chrono::Utc::now().timestamp_micros();

@@ -9,7 +9,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateSegments), Box::new(CreateProjection)]
+        vec![
+            Box::new(CreateSegments),
+            Box::new(CreateProjection),
+            Box::new(CreateMemberships),
+        ]
     }
 }
 
@@ -238,6 +242,79 @@ impl MigrationTrait for CreateProjection {
                     .if_not_exists()
                     .col(big_integer(ProjectionState::Id).primary_key())
                     .col(big_integer(ProjectionState::Cursor))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Who is in which segment, and the ordered log of who entered and left.
+struct CreateMemberships;
+
+impl MigrationName for CreateMemberships {
+    fn name(&self) -> &str {
+        "m20261122_000003_create_memberships"
+    }
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum Memberships {
+    Table,
+    SegmentId,
+    ProfileId,
+    EnteredAt,
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum MembershipChanges {
+    Table,
+    Seq,
+    SegmentId,
+    ProfileId,
+    Entered,
+    At,
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateMemberships {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Memberships::Table)
+                    .if_not_exists()
+                    .col(string(Memberships::SegmentId))
+                    .col(string(Memberships::ProfileId))
+                    .col(big_integer(Memberships::EnteredAt))
+                    .primary_key(
+                        Index::create()
+                            .col(Memberships::SegmentId)
+                            .col(Memberships::ProfileId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(MembershipChanges::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(MembershipChanges::Seq))
+                    .col(string(MembershipChanges::SegmentId))
+                    .col(string(MembershipChanges::ProfileId))
+                    .col(big_integer(MembershipChanges::Entered))
+                    .col(big_integer(MembershipChanges::At))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("membership_changes_by_segment")
+                    .table(MembershipChanges::Table)
+                    .col(MembershipChanges::SegmentId)
+                    .col(MembershipChanges::Seq)
+                    .if_not_exists()
                     .to_owned(),
             )
             .await

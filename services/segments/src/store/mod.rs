@@ -1,6 +1,7 @@
 //! Persistence of segment definitions.
 
 mod entities;
+pub mod membership;
 mod migration;
 pub mod projection;
 pub mod sql;

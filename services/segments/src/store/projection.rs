@@ -10,7 +10,12 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
 };
 
+use super::membership;
 use super::sql::{Compiler, Sql};
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
 use crate::error::SegmentError;
 use crate::rules::eval::{Person, PersonEvent, Stored};
 use crate::rules::{Rule, Value};
@@ -185,6 +190,59 @@ impl Projection {
         exec(&txn, &upsert).await?;
         txn.commit().await?;
         Ok(())
+    }
+
+    /// Everyone in the projection.
+    pub async fn people(&self) -> Result<u64, SegmentError> {
+        let row = self
+            .db
+            .query_one_raw(
+                Sql::new("SELECT count(*) AS n FROM people")
+                    .statement(self.db.get_database_backend()),
+            )
+            .await?
+            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
+        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
+    }
+
+    /// Up to `limit` people with ids after `after`, in id order, each with
+    /// whether `rule` matches them.
+    pub async fn evaluate_page(
+        &self,
+        rule: &Rule,
+        compiler: &Compiler<'_>,
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<(String, bool)>, SegmentError> {
+        let mut sql = Sql::new("SELECT people.profile_id, CASE WHEN ");
+        compiler.condition(&mut sql, rule)?;
+        sql.push(" THEN 1 ELSE 0 END AS matches FROM people WHERE people.profile_id > ")
+            .bind(after.to_string())
+            .push(" ORDER BY people.profile_id LIMIT ")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.db
+            .query_all_raw(sql.statement(self.db.get_database_backend()))
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("", "profile_id")?,
+                    row.try_get::<i32>("", "matches")? != 0,
+                ))
+            })
+            .collect()
+    }
+
+    /// How many people `rule` matches.
+    pub async fn count(&self, rule: &Rule, compiler: &Compiler<'_>) -> Result<u64, SegmentError> {
+        let mut sql = Sql::new("SELECT count(*) AS n FROM people WHERE ");
+        compiler.condition(&mut sql, rule)?;
+        let row = self
+            .db
+            .query_one_raw(sql.statement(self.db.get_database_backend()))
+            .await?
+            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
+        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
     }
 
     /// Members of `rule` with ids after `after`, in id order, at most `limit`.
@@ -388,10 +446,16 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                     .bind(id.clone());
                 exec(txn, &sql).await?;
             }
-            // The survivor's snapshot follows and brings the merged state.
+            // The survivor's snapshot follows and brings the merged state;
+            // the merged-away ids leave their segments (the survivor is
+            // evaluated as themselves).
             forget(txn, merged, true).await?;
+            membership::leave_everything(txn, merged, now()).await?;
         }
-        Change::Erased { profile_ids } => forget(txn, profile_ids, false).await?,
+        Change::Erased { profile_ids } => {
+            forget(txn, profile_ids, false).await?;
+            membership::leave_everything(txn, profile_ids, now()).await?;
+        }
         Change::Events(events) => {
             for event in events {
                 let mut sql =

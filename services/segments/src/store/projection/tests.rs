@@ -379,3 +379,70 @@ madtech_common::backend_tests!(
         assert_eq!(projection.cursor().await.expect("cursor"), 6);
     }
 );
+
+madtech_common::backend_tests!(
+    memberships_record_entries_exits_and_erasures,
+    |db: TestDatabase| async move {
+        let conn = connect_and_migrate::<Migrator>(&db.config)
+            .await
+            .expect("connect");
+        let projection = Projection::new(conn.clone());
+        let memberships = crate::store::membership::Memberships::new(conn);
+        let person = |id: &str| {
+            Change::Upserted(Snapshot {
+                profile_id: id.into(),
+                region: "FR".into(),
+                identifiers: Vec::new(),
+                merged_ids: Vec::new(),
+                traits: BTreeMap::new(),
+            })
+        };
+        projection
+            .apply(&[person("a"), person("b")], 2)
+            .await
+            .expect("people");
+        let (entered, exited) = memberships
+            .reconcile("s", &[("a".into(), true), ("b".into(), true)], NOW)
+            .await
+            .expect("first");
+        assert_eq!((entered, exited), (2, 0));
+        let again = memberships
+            .reconcile("s", &[("a".into(), true), ("b".into(), false)], NOW)
+            .await
+            .expect("second");
+        assert_eq!(again, (0, 1), "only changes are recorded");
+        projection
+            .apply(
+                &[Change::Erased {
+                    profile_ids: vec!["a".into()],
+                }],
+                3,
+            )
+            .await
+            .expect("erase");
+        assert_eq!(memberships.count("s").await.expect("count"), 0);
+        let log: Vec<(String, bool)> = memberships
+            .changes_after("s", 0, 10)
+            .await
+            .expect("log")
+            .into_iter()
+            .map(|c| (c.profile_id, c.entered))
+            .collect();
+        assert_eq!(
+            log,
+            vec![
+                ("a".into(), true),
+                ("b".into(), true),
+                ("b".into(), false),
+                ("a".into(), false)
+            ]
+        );
+        assert!(
+            memberships
+                .changes_after("other", 0, 10)
+                .await
+                .expect("log")
+                .is_empty()
+        );
+    }
+);

@@ -1,0 +1,240 @@
+//! Who is in which segment, and the ordered log of who entered and left
+//! (the stream activation syncs differences from). A computation reconciles
+//! one page of evaluated people at a time; the projection makes people who
+//! were erased or merged away leave every segment.
+
+use std::collections::BTreeSet;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
+};
+use tokio::sync::watch;
+
+use super::sql::Sql;
+use crate::error::SegmentError;
+
+/// Key of the PostgreSQL advisory lock that keeps membership change cursors
+/// in commit order across replicas.
+const APPEND_LOCK: i64 = 0x6d61_6474_6563_6804;
+
+/// One entry of the membership log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MembershipChange {
+    pub cursor: u64,
+    pub profile_id: String,
+    pub entered: bool,
+    pub at_micros: i64,
+}
+
+pub struct Memberships {
+    db: DatabaseConnection,
+    appended: watch::Sender<u64>,
+}
+
+pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), SegmentError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn exec(txn: &DatabaseTransaction, sql: &Sql) -> Result<(), SegmentError> {
+    txn.execute_raw(sql.statement(txn.get_database_backend()))
+        .await?;
+    Ok(())
+}
+
+async fn log(
+    txn: &DatabaseTransaction,
+    segment_id: &str,
+    profile_id: &str,
+    entered: bool,
+    at: i64,
+) -> Result<(), SegmentError> {
+    let mut sql =
+        Sql::new("INSERT INTO membership_changes (segment_id, profile_id, entered, at) VALUES (");
+    sql.bind(segment_id.to_string())
+        .push(", ")
+        .bind(profile_id.to_string())
+        .push(", ")
+        .bind(i64::from(entered))
+        .push(", ")
+        .bind(at)
+        .push(")");
+    exec(txn, &sql).await
+}
+
+/// Makes `profile_ids` leave every segment they are in (erased or merged
+/// away), inside the projection's transaction.
+pub(super) async fn leave_everything(
+    txn: &DatabaseTransaction,
+    profile_ids: &[String],
+    at: i64,
+) -> Result<(), SegmentError> {
+    if profile_ids.is_empty() {
+        return Ok(());
+    }
+    lock(txn).await?;
+    let mut sql = Sql::new("SELECT segment_id, profile_id FROM memberships WHERE profile_id IN (");
+    for (i, id) in profile_ids.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.bind(id.clone());
+    }
+    sql.push(") ORDER BY segment_id, profile_id");
+    let rows = txn
+        .query_all_raw(sql.statement(txn.get_database_backend()))
+        .await?;
+    for row in rows {
+        let segment: String = row.try_get("", "segment_id")?;
+        let profile: String = row.try_get("", "profile_id")?;
+        let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
+        delete
+            .bind(segment.clone())
+            .push(" AND profile_id = ")
+            .bind(profile.clone());
+        exec(txn, &delete).await?;
+        log(txn, &segment, &profile, false, at).await?;
+    }
+    Ok(())
+}
+
+impl Memberships {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Memberships {
+            db,
+            appended: watch::Sender::new(0),
+        }
+    }
+
+    /// Records who of `evaluated` (profile id, matches) is in the segment
+    /// now; answers how many entered and how many left.
+    pub async fn reconcile(
+        &self,
+        segment_id: &str,
+        evaluated: &[(String, bool)],
+        at: i64,
+    ) -> Result<(u64, u64), SegmentError> {
+        if evaluated.is_empty() {
+            return Ok((0, 0));
+        }
+        let txn = self.db.begin().await?;
+        lock(&txn).await?;
+        let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
+        sql.bind(segment_id.to_string())
+            .push(" AND profile_id IN (");
+        for (i, (id, _)) in evaluated.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(id.clone());
+        }
+        sql.push(")");
+        let current: BTreeSet<String> = txn
+            .query_all_raw(sql.statement(txn.get_database_backend()))
+            .await?
+            .into_iter()
+            .map(|row| row.try_get("", "profile_id"))
+            .collect::<Result<_, _>>()?;
+        let (mut entered, mut exited) = (0, 0);
+        for (id, matches) in evaluated {
+            match (*matches, current.contains(id)) {
+                (true, false) => {
+                    let mut insert = Sql::new(
+                        "INSERT INTO memberships (segment_id, profile_id, entered_at) VALUES (",
+                    );
+                    insert
+                        .bind(segment_id.to_string())
+                        .push(", ")
+                        .bind(id.clone())
+                        .push(", ")
+                        .bind(at)
+                        .push(")");
+                    exec(&txn, &insert).await?;
+                    log(&txn, segment_id, id, true, at).await?;
+                    entered += 1;
+                }
+                (false, true) => {
+                    let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
+                    delete
+                        .bind(segment_id.to_string())
+                        .push(" AND profile_id = ")
+                        .bind(id.clone());
+                    exec(&txn, &delete).await?;
+                    log(&txn, segment_id, id, false, at).await?;
+                    exited += 1;
+                }
+                _ => {}
+            }
+        }
+        txn.commit().await?;
+        if entered + exited > 0 {
+            self.appended.send_replace(self.head().await?);
+        }
+        Ok((entered, exited))
+    }
+
+    pub async fn count(&self, segment_id: &str) -> Result<u64, SegmentError> {
+        let mut sql = Sql::new("SELECT count(*) AS n FROM memberships WHERE segment_id = ");
+        sql.bind(segment_id.to_string());
+        let row = self
+            .db
+            .query_one_raw(sql.statement(self.db.get_database_backend()))
+            .await?
+            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
+        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
+    }
+
+    /// The newest membership change cursor (0 before the first).
+    pub async fn head(&self) -> Result<u64, SegmentError> {
+        let row = self
+            .db
+            .query_one_raw(
+                Sql::new("SELECT max(seq) AS head FROM membership_changes")
+                    .statement(self.db.get_database_backend()),
+            )
+            .await?;
+        let head: Option<i64> = match row {
+            Some(row) => row.try_get("", "head")?,
+            None => None,
+        };
+        Ok(head.map_or(0, |h| u64::try_from(h).unwrap_or(0)))
+    }
+
+    /// Up to `limit` changes of one segment after `cursor`, in order.
+    pub async fn changes_after(
+        &self,
+        segment_id: &str,
+        cursor: u64,
+        limit: u64,
+    ) -> Result<Vec<MembershipChange>, SegmentError> {
+        let mut sql = Sql::new(
+            "SELECT seq, profile_id, entered, at FROM membership_changes WHERE segment_id = ",
+        );
+        sql.bind(segment_id.to_string())
+            .push(" AND seq > ")
+            .bind(i64::try_from(cursor).unwrap_or(i64::MAX))
+            .push(" ORDER BY seq LIMIT ")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.db
+            .query_all_raw(sql.statement(self.db.get_database_backend()))
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(MembershipChange {
+                    cursor: u64::try_from(row.try_get::<i64>("", "seq")?).unwrap_or(0),
+                    profile_id: row.try_get("", "profile_id")?,
+                    entered: row.try_get::<i64>("", "entered")? != 0,
+                    at_micros: row.try_get("", "at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Wakes when this process records membership changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+}
