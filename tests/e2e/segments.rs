@@ -292,18 +292,7 @@ async fn computing_a_segment_reports_progress_and_records_who_entered_and_left()
     assert!(steps.len() >= 3, "progress between pages: {}", steps.len());
     assert!(steps.windows(2).all(|w| w[0].processed <= w[1].processed));
 
-    // Someone downgrades; the next computation records one exit only.
-    ingest
-        .upsert_profile(person(0, "free"))
-        .await
-        .expect("downgrade");
-    let again = compute(&mut marketer).await;
-    let last_again = again.last().expect("final");
-    assert_eq!(
-        (last_again.entered, last_again.exited, last_again.members),
-        (0, 1, 499)
-    );
-
+    // Real time: changes move people in and out without a computation.
     let mut changes = marketer
         .watch_membership_changes(pb::WatchMembershipChangesRequest {
             segment_id: segment.segment_id.clone(),
@@ -312,16 +301,39 @@ async fn computing_a_segment_reports_progress_and_records_who_entered_and_left()
         .await
         .expect("watch")
         .into_inner();
-    let change = changes
-        .next()
+    let downgraded = ingest
+        .upsert_profile(person(0, "free"))
         .await
-        .expect("open")
-        .expect("change")
-        .change
-        .expect("set");
-    assert!(
-        !change.entered,
-        "the downgrade is the only change after the first run"
+        .expect("downgrade")
+        .into_inner()
+        .profile
+        .expect("profile")
+        .profile_id;
+    let left = next_membership_change(&mut changes).await;
+    assert_eq!(
+        (left.profile_id.as_str(), left.entered),
+        (downgraded.as_str(), false)
+    );
+    let upgraded = ingest
+        .upsert_profile(person(1, "pro"))
+        .await
+        .expect("upgrade")
+        .into_inner()
+        .profile
+        .expect("profile")
+        .profile_id;
+    let joined = next_membership_change(&mut changes).await;
+    assert_eq!(
+        (joined.profile_id.as_str(), joined.entered),
+        (upgraded.as_str(), true)
+    );
+
+    // A computation afterwards finds nothing left to change.
+    let again = compute(&mut marketer).await;
+    let last_again = again.last().expect("final");
+    assert_eq!(
+        (last_again.entered, last_again.exited, last_again.members),
+        (0, 0, 500)
     );
 
     let denied = suite
@@ -333,4 +345,17 @@ async fn computing_a_segment_reports_progress_and_records_who_entered_and_left()
         .await
         .expect_err("raw profile ids never reach the adtech role");
     assert_eq!(denied.code(), Code::PermissionDenied);
+}
+
+async fn next_membership_change(
+    changes: &mut tonic::Streaming<pb::WatchMembershipChangesResponse>,
+) -> pb::MembershipChange {
+    use futures::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_secs(10), changes.next())
+        .await
+        .expect("a membership change within 10 s")
+        .expect("open")
+        .expect("change")
+        .change
+        .expect("set")
 }

@@ -28,6 +28,10 @@ pub struct SegmentsConfig {
     /// wrote (this process's wake watchers at once). Written like `1s`.
     #[serde(with = "humantime_serde")]
     pub watch_poll_interval: std::time::Duration,
+    /// How often segments whose rules look back over a window (`last 30d`)
+    /// are recomputed, so people leave them as their events age out.
+    #[serde(with = "humantime_serde")]
+    pub reevaluate_interval: std::time::Duration,
 }
 
 impl Default for SegmentsConfig {
@@ -41,6 +45,7 @@ impl Default for SegmentsConfig {
             export_chunk_size: 1000,
             projection_freshness_timeout: std::time::Duration::from_secs(5),
             watch_poll_interval: std::time::Duration::from_secs(1),
+            reevaluate_interval: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -61,9 +66,12 @@ impl Validate for SegmentsConfig {
                 "segments.export_chunk_size must be 1 to 10000".into(),
             ));
         }
-        if self.watch_poll_interval.is_zero() || self.projection_freshness_timeout.is_zero() {
+        if self.watch_poll_interval.is_zero()
+            || self.projection_freshness_timeout.is_zero()
+            || self.reevaluate_interval.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "segments.watch_poll_interval and segments.projection_freshness_timeout must be positive".into(),
+                "segments.watch_poll_interval, projection_freshness_timeout and reevaluate_interval must be positive".into(),
             ));
         }
         Ok(())

@@ -1,7 +1,10 @@
 //! Keeps the projection fed from the profiles change stream: resume after
 //! the projection's cursor, apply what arrives in pages (each page and its
-//! cursor in one transaction), reconnect with backoff after any failure.
+//! cursor in one transaction), re-evaluate the people a page touched
+//! against every segment (real-time membership), reconnect with backoff
+//! after any failure.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +16,8 @@ use tonic::transport::Channel;
 
 use crate::convert::change_from_pb;
 use crate::error::SegmentError;
-use crate::store::projection::Projection;
+use crate::evaluate::Evaluator;
+use crate::store::projection::{Change, Projection};
 
 /// Changes applied per transaction at most.
 const PAGE: usize = 512;
@@ -23,6 +27,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Follows the stream until `shutdown`.
 pub async fn follow(
     projection: Arc<Projection>,
+    evaluator: Evaluator,
     client: ProfileServiceClient<Channel>,
     shutdown: CancellationToken,
 ) {
@@ -31,7 +36,7 @@ pub async fn follow(
         let mut client = client.clone();
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = follow_once(&projection, &mut client, &mut backoff) => outcome,
+            outcome = follow_once(&projection, &evaluator, &mut client, &mut backoff) => outcome,
         };
         if let Err(err) = outcome {
             tracing::warn!(error = %err, retry_in = ?backoff, "following profile changes failed");
@@ -46,6 +51,7 @@ pub async fn follow(
 
 async fn follow_once(
     projection: &Projection,
+    evaluator: &Evaluator,
     client: &mut ProfileServiceClient<Channel>,
     backoff: &mut Duration,
 ) -> Result<(), SegmentError> {
@@ -72,6 +78,13 @@ async fn follow_once(
         if let Some(cursor) = last {
             projection.apply(&changes, cursor).await?;
             *backoff = MIN_BACKOFF;
+            let touched: BTreeSet<&str> = changes.iter().flat_map(Change::touched).collect();
+            let touched: Vec<String> = touched.into_iter().map(String::from).collect();
+            // The projection is already ahead: a failure here is logged and
+            // the next computation (or change) repairs the memberships.
+            if let Err(err) = evaluator.reevaluate(&touched).await {
+                tracing::warn!(error = %err, people = touched.len(), "real-time re-evaluation failed");
+            }
         }
     }
     Ok(())

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod evaluate;
 pub mod follow;
 pub mod rules;
 pub mod service;
@@ -35,17 +36,25 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
     let profiles = ProfileServiceClient::new(channel);
     let projection = Arc::new(store::projection::Projection::new(db.clone()));
     let memberships = Arc::new(store::membership::Memberships::new(db.clone()));
+    let store = Arc::new(store::SegmentStore::new(db));
+    let evaluator =
+        evaluate::Evaluator::new(Arc::clone(&store), Arc::clone(&projection), memberships);
     let api = SegmentApi::new(
-        store::SegmentStore::new(db),
+        store,
         Arc::clone(&projection),
-        memberships,
+        evaluator.clone(),
         profiles.clone(),
         config.clone(),
     );
+    let scheduled = evaluator.clone();
+    let interval = config.reevaluate_interval;
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
         .add_service(api.into_server())
         .with_task(Box::new(move |shutdown| {
-            Box::pin(follow::follow(projection, profiles, shutdown))
+            Box::pin(follow::follow(projection, evaluator, profiles, shutdown))
+        }))
+        .with_task(Box::new(move |shutdown| {
+            Box::pin(scheduled.run_schedule(interval, shutdown))
         })))
 }

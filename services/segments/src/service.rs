@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
 use madtech_common::validate::{self, require};
@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status};
 use crate::config::SegmentsConfig;
 use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
+use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
-use crate::store::membership::Memberships;
 use crate::store::projection::{Member, Projection};
 use crate::store::sql::Compiler;
 use crate::store::{Segment, SegmentStore};
@@ -32,23 +32,23 @@ const MAX_NAME_LEN: usize = 200;
 pub struct SegmentApi {
     store: Arc<SegmentStore>,
     projection: Arc<Projection>,
-    memberships: Arc<Memberships>,
+    evaluator: Evaluator,
     profiles: ProfileServiceClient<Channel>,
     config: SegmentsConfig,
 }
 
 impl SegmentApi {
     pub fn new(
-        store: SegmentStore,
+        store: Arc<SegmentStore>,
         projection: Arc<Projection>,
-        memberships: Arc<Memberships>,
+        evaluator: Evaluator,
         profiles: ProfileServiceClient<Channel>,
         config: SegmentsConfig,
     ) -> Self {
         SegmentApi {
-            store: Arc::new(store),
+            store,
             projection,
-            memberships,
+            evaluator,
             profiles,
             config,
         }
@@ -123,8 +123,6 @@ impl SegmentApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 type ExportStream = BoxStream<pb::ExportAudienceResponse>;
 
-/// People evaluated per step of a computation (one transaction each).
-const COMPUTE_PAGE: u64 = 1_000;
 /// Membership changes read per page while catching up a watcher.
 const WATCH_PAGE: u64 = 500;
 
@@ -206,44 +204,18 @@ impl SegmentService for SegmentApi {
         let segment_id = require("segment_id", &request.get_ref().segment_id)?.to_string();
         let segment = self.store.get(&segment_id).await?;
         self.catch_up().await?;
-        let rules = self.segment_rules().await?;
-        let projection = Arc::clone(&self.projection);
-        let memberships = Arc::clone(&self.memberships);
-        let stream = async_stream::try_stream! {
-            let now_micros = chrono::Utc::now().timestamp_micros();
-            let lookup = |id: &str| rules.get(id).cloned();
-            let compiler = Compiler {
-                backend: projection.backend(),
-                now_micros,
-                segment_rule: &lookup,
-            };
-            let total = projection.people().await.map_err(Status::from)?;
-            let mut progress = pb::ComputeSegmentResponse { total, ..Default::default() };
-            yield progress;
-            let mut after = String::new();
-            loop {
-                let page = projection
-                    .evaluate_page(&segment.rule, &compiler, &after, COMPUTE_PAGE)
-                    .await
-                    .map_err(Status::from)?;
-                let Some((last, _)) = page.last() else { break };
-                after = last.clone();
-                let (entered, exited) = memberships
-                    .reconcile(&segment.id, &page, now_micros)
-                    .await
-                    .map_err(Status::from)?;
-                progress.processed += page.len() as u64;
-                // People added while computing can push it past the first count.
-                progress.total = progress.total.max(progress.processed);
-                progress.entered += entered;
-                progress.exited += exited;
-                yield progress;
-            }
-            progress.members = memberships.count(&segment.id).await.map_err(Status::from)?;
-            progress.cursor = memberships.head().await.map_err(Status::from)?;
-            progress.done = true;
-            yield progress;
-        };
+        let stream = self.evaluator.compute(segment).map(|step| {
+            step.map(|p| pb::ComputeSegmentResponse {
+                processed: p.processed,
+                total: p.total,
+                entered: p.entered,
+                exited: p.exited,
+                members: p.members,
+                done: p.done,
+                cursor: p.cursor,
+            })
+            .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -256,7 +228,7 @@ impl SegmentService for SegmentApi {
         let request = request.into_inner();
         let segment_id = require("segment_id", &request.segment_id)?.to_string();
         self.store.get(&segment_id).await?;
-        let memberships = Arc::clone(&self.memberships);
+        let memberships = self.evaluator.memberships();
         let appended = memberships.subscribe();
         let stream = follow(
             request.after_cursor,

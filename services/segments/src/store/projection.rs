@@ -35,6 +35,19 @@ pub enum Change {
     Events(Vec<NewEvent>),
 }
 
+impl Change {
+    /// The people whose segment memberships this change may alter (erased
+    /// and merged-away people leave by themselves).
+    pub fn touched(&self) -> Vec<&str> {
+        match self {
+            Change::Upserted(person) => vec![person.profile_id.as_str()],
+            Change::Merged { survivor, .. } => vec![survivor.as_str()],
+            Change::Erased { .. } => Vec::new(),
+            Change::Events(events) => events.iter().map(|e| e.profile_id.as_str()).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub profile_id: String,
@@ -220,6 +233,33 @@ impl Projection {
             .bind(after.to_string())
             .push(" ORDER BY people.profile_id LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.matches(&sql).await
+    }
+
+    /// Whether `rule` matches each of `profile_ids` that still exists.
+    pub async fn evaluate_ids(
+        &self,
+        rule: &Rule,
+        compiler: &Compiler<'_>,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, bool)>, SegmentError> {
+        if profile_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::new("SELECT people.profile_id, CASE WHEN ");
+        compiler.condition(&mut sql, rule)?;
+        sql.push(" THEN 1 ELSE 0 END AS matches FROM people WHERE people.profile_id IN (");
+        for (i, id) in profile_ids.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(id.clone());
+        }
+        sql.push(")");
+        self.matches(&sql).await
+    }
+
+    async fn matches(&self, sql: &Sql) -> Result<Vec<(String, bool)>, SegmentError> {
         self.db
             .query_all_raw(sql.statement(self.db.get_database_backend()))
             .await?

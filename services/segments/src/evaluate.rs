@@ -1,0 +1,164 @@
+//! Keeping memberships true: a full computation of one segment (on request,
+//! and on a schedule for rules whose windows move with time), and the
+//! re-evaluation of the people a page of profile changes touched against
+//! every segment. All of it runs the rules as SQL over the projection, the
+//! evaluator the property test checks against the in-memory one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use madtech_common::CancellationToken;
+
+use crate::error::SegmentError;
+use crate::rules::Rule;
+use crate::store::membership::Memberships;
+use crate::store::projection::Projection;
+use crate::store::sql::Compiler;
+use crate::store::{Segment, SegmentStore};
+
+/// People evaluated per step of a computation (one transaction each).
+const PAGE: u64 = 1_000;
+
+/// How far a computation has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub processed: u64,
+    pub total: u64,
+    pub entered: u64,
+    pub exited: u64,
+    /// Set on the last step.
+    pub members: u64,
+    pub cursor: u64,
+    pub done: bool,
+}
+
+#[derive(Clone)]
+pub struct Evaluator {
+    store: Arc<SegmentStore>,
+    projection: Arc<Projection>,
+    memberships: Arc<Memberships>,
+}
+
+impl Evaluator {
+    pub fn new(
+        store: Arc<SegmentStore>,
+        projection: Arc<Projection>,
+        memberships: Arc<Memberships>,
+    ) -> Self {
+        Evaluator {
+            store,
+            projection,
+            memberships,
+        }
+    }
+
+    pub fn memberships(&self) -> Arc<Memberships> {
+        Arc::clone(&self.memberships)
+    }
+
+    /// Evaluates `segment` over everyone, page by page, recording who
+    /// entered and who left; yields progress after each page.
+    pub fn compute(
+        &self,
+        segment: Segment,
+    ) -> impl Stream<Item = Result<Progress, SegmentError>> + Send + use<> {
+        let this = self.clone();
+        async_stream::try_stream! {
+            let rules = this.store.rules().await?;
+            let now_micros = chrono::Utc::now().timestamp_micros();
+            let lookup = |id: &str| rules.get(id).cloned();
+            let compiler = Compiler {
+                backend: this.projection.backend(),
+                now_micros,
+                segment_rule: &lookup,
+            };
+            let mut progress = Progress {
+                total: this.projection.people().await?,
+                ..Progress::default()
+            };
+            yield progress;
+            let mut after = String::new();
+            loop {
+                let page = this
+                    .projection
+                    .evaluate_page(&segment.rule, &compiler, &after, PAGE)
+                    .await?;
+                let Some((last, _)) = page.last() else { break };
+                after = last.clone();
+                let (entered, exited) = this.memberships.reconcile(&segment.id, &page, now_micros).await?;
+                progress.processed += page.len() as u64;
+                // People added while computing can push it past the first count.
+                progress.total = progress.total.max(progress.processed);
+                progress.entered += entered;
+                progress.exited += exited;
+                yield progress;
+            }
+            progress.members = this.memberships.count(&segment.id).await?;
+            progress.cursor = this.memberships.head().await?;
+            progress.done = true;
+            yield progress;
+        }
+    }
+
+    /// Re-evaluates `profile_ids` (just changed) against every segment.
+    pub async fn reevaluate(&self, profile_ids: &[String]) -> Result<(), SegmentError> {
+        if profile_ids.is_empty() {
+            return Ok(());
+        }
+        let rules = self.store.rules().await?;
+        let now_micros = chrono::Utc::now().timestamp_micros();
+        let lookup = |id: &str| rules.get(id).cloned();
+        let compiler = Compiler {
+            backend: self.projection.backend(),
+            now_micros,
+            segment_rule: &lookup,
+        };
+        for chunk in profile_ids.chunks(PAGE as usize) {
+            for (segment_id, rule) in &rules {
+                let evaluated = self.projection.evaluate_ids(rule, &compiler, chunk).await?;
+                self.memberships
+                    .reconcile(segment_id, &evaluated, now_micros)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes, every `interval`, the segments whose rules look back over
+    /// a time window, so people leave "last 30 days" segments as their
+    /// events age out.
+    pub async fn run_schedule(self, interval: Duration, shutdown: CancellationToken) {
+        use futures::StreamExt;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let rules: BTreeMap<String, Rule> = match self.store.rules().await {
+                Ok(rules) => rules,
+                Err(err) => {
+                    tracing::warn!(error = %err, "scheduled re-evaluation could not list segments");
+                    continue;
+                }
+            };
+            for id in rules
+                .iter()
+                .filter(|(_, rule)| rule.depends_on_time())
+                .map(|(id, _)| id.clone())
+            {
+                let Ok(segment) = self.store.get(&id).await else {
+                    continue;
+                };
+                let mut steps = Box::pin(self.compute(segment));
+                while let Some(step) = steps.next().await {
+                    if let Err(err) = step {
+                        tracing::warn!(error = %err, segment = %id, "scheduled re-evaluation failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
