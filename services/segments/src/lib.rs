@@ -34,8 +34,12 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
         .endpoint(&config.profiles_url)?
         .connect_lazy();
     let profiles = ProfileServiceClient::new(channel);
-    let projection = Arc::new(store::projection::Projection::new(db.clone()));
-    let memberships = Arc::new(store::membership::Memberships::new(db.clone()));
+    let writes = store::WriteLock::default();
+    let projection = Arc::new(store::projection::Projection::new(
+        db.clone(),
+        Arc::clone(&writes),
+    ));
+    let memberships = Arc::new(store::membership::Memberships::new(db.clone(), writes));
     let store = Arc::new(store::SegmentStore::new(db));
     let evaluator =
         evaluate::Evaluator::new(Arc::clone(&store), Arc::clone(&projection), memberships);

@@ -10,7 +10,8 @@ use sea_orm::{
 };
 use tokio::sync::watch;
 
-use super::sql::Sql;
+use super::WriteLock;
+use super::sql::{Sql, execute, number};
 use crate::error::SegmentError;
 
 /// Key of the PostgreSQL advisory lock that keeps membership change cursors
@@ -28,6 +29,7 @@ pub struct MembershipChange {
 
 pub struct Memberships {
     db: DatabaseConnection,
+    writes: WriteLock,
     appended: watch::Sender<u64>,
 }
 
@@ -36,12 +38,6 @@ pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), SegmentError> 
         txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
             .await?;
     }
-    Ok(())
-}
-
-async fn exec(txn: &DatabaseTransaction, sql: &Sql) -> Result<(), SegmentError> {
-    txn.execute_raw(sql.statement(txn.get_database_backend()))
-        .await?;
     Ok(())
 }
 
@@ -62,7 +58,7 @@ async fn log(
         .push(", ")
         .bind(at)
         .push(")");
-    exec(txn, &sql).await
+    execute(txn, &sql).await
 }
 
 /// Makes `profile_ids` leave every segment they are in (erased or merged
@@ -95,16 +91,17 @@ pub(super) async fn leave_everything(
             .bind(segment.clone())
             .push(" AND profile_id = ")
             .bind(profile.clone());
-        exec(txn, &delete).await?;
+        execute(txn, &delete).await?;
         log(txn, &segment, &profile, false, at).await?;
     }
     Ok(())
 }
 
 impl Memberships {
-    pub fn new(db: DatabaseConnection) -> Self {
+    pub fn new(db: DatabaseConnection, writes: WriteLock) -> Self {
         Memberships {
             db,
+            writes,
             appended: watch::Sender::new(0),
         }
     }
@@ -120,6 +117,7 @@ impl Memberships {
         if evaluated.is_empty() {
             return Ok((0, 0));
         }
+        let _writing = self.writes.lock().await;
         let txn = self.db.begin().await?;
         lock(&txn).await?;
         let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
@@ -152,7 +150,7 @@ impl Memberships {
                         .push(", ")
                         .bind(at)
                         .push(")");
-                    exec(&txn, &insert).await?;
+                    execute(&txn, &insert).await?;
                     log(&txn, segment_id, id, true, at).await?;
                     entered += 1;
                 }
@@ -162,7 +160,7 @@ impl Memberships {
                         .bind(segment_id.to_string())
                         .push(" AND profile_id = ")
                         .bind(id.clone());
-                    exec(&txn, &delete).await?;
+                    execute(&txn, &delete).await?;
                     log(&txn, segment_id, id, false, at).await?;
                     exited += 1;
                 }
@@ -179,28 +177,16 @@ impl Memberships {
     pub async fn count(&self, segment_id: &str) -> Result<u64, SegmentError> {
         let mut sql = Sql::new("SELECT count(*) AS n FROM memberships WHERE segment_id = ");
         sql.bind(segment_id.to_string());
-        let row = self
-            .db
-            .query_one_raw(sql.statement(self.db.get_database_backend()))
-            .await?
-            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
-        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
+        number(&self.db, &sql).await
     }
 
     /// The newest membership change cursor (0 before the first).
     pub async fn head(&self) -> Result<u64, SegmentError> {
-        let row = self
-            .db
-            .query_one_raw(
-                Sql::new("SELECT max(seq) AS head FROM membership_changes")
-                    .statement(self.db.get_database_backend()),
-            )
-            .await?;
-        let head: Option<i64> = match row {
-            Some(row) => row.try_get("", "head")?,
-            None => None,
-        };
-        Ok(head.map_or(0, |h| u64::try_from(h).unwrap_or(0)))
+        number(
+            &self.db,
+            &Sql::new("SELECT max(seq) AS n FROM membership_changes"),
+        )
+        .await
     }
 
     /// Up to `limit` changes of one segment after `cursor`, in order.

@@ -13,6 +13,11 @@ use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
 
 pub use migration::Migrator;
 
+/// Serialises this process's writes to the projection and the memberships:
+/// a SQLite transaction that read before writing cannot commit after
+/// another writer did, and PostgreSQL replicas add an advisory lock.
+pub type WriteLock = std::sync::Arc<tokio::sync::Mutex<()>>;
+
 use crate::error::SegmentError;
 use crate::rules::Rule;
 use entities::segment;

@@ -10,8 +10,9 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
 };
 
+use super::WriteLock;
 use super::membership;
-use super::sql::{Compiler, Sql};
+use super::sql::{Compiler, Sql, execute, number};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -77,12 +78,7 @@ pub struct Member {
 
 pub struct Projection {
     db: DatabaseConnection,
-}
-
-async fn exec(txn: &DatabaseTransaction, sql: &Sql) -> Result<(), SegmentError> {
-    txn.execute_raw(sql.statement(txn.get_database_backend()))
-        .await?;
-    Ok(())
+    writes: WriteLock,
 }
 
 /// `(kind, string, number, int)` columns of a stored value.
@@ -158,39 +154,34 @@ async fn forget(
         );
         list(&mut sql);
         sql.push(")");
-        exec(txn, &sql).await?;
+        execute(txn, &sql).await?;
         tables.insert(0, "person_events");
     }
     for table in tables {
         let mut sql = Sql::new(&format!("DELETE FROM {table} WHERE profile_id IN "));
         list(&mut sql);
-        exec(txn, &sql).await?;
+        execute(txn, &sql).await?;
     }
     Ok(())
 }
 
 impl Projection {
-    pub fn new(db: DatabaseConnection) -> Self {
-        Projection { db }
+    pub fn new(db: DatabaseConnection, writes: WriteLock) -> Self {
+        Projection { db, writes }
     }
 
     /// The cursor of the last change applied (0 before the first).
     pub async fn cursor(&self) -> Result<u64, SegmentError> {
-        let row = self
-            .db
-            .query_one_raw(
-                Sql::new("SELECT cursor FROM projection_state WHERE id = 1")
-                    .statement(self.db.get_database_backend()),
-            )
-            .await?;
-        Ok(match row {
-            Some(row) => u64::try_from(row.try_get::<i64>("", "cursor")?).unwrap_or(0),
-            None => 0,
-        })
+        number(
+            &self.db,
+            &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
+        )
+        .await
     }
 
     /// Applies `changes` in order and records `cursor`, in one transaction.
     pub async fn apply(&self, changes: &[Change], cursor: u64) -> Result<(), SegmentError> {
+        let _writing = self.writes.lock().await;
         let txn = self.db.begin().await?;
         for change in changes {
             apply_one(&txn, change).await?;
@@ -200,22 +191,14 @@ impl Projection {
         upsert
             .bind(cursor)
             .push(") ON CONFLICT (id) DO UPDATE SET cursor = excluded.cursor");
-        exec(&txn, &upsert).await?;
+        execute(&txn, &upsert).await?;
         txn.commit().await?;
         Ok(())
     }
 
     /// Everyone in the projection.
     pub async fn people(&self) -> Result<u64, SegmentError> {
-        let row = self
-            .db
-            .query_one_raw(
-                Sql::new("SELECT count(*) AS n FROM people")
-                    .statement(self.db.get_database_backend()),
-            )
-            .await?
-            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
-        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
+        number(&self.db, &Sql::new("SELECT count(*) AS n FROM people")).await
     }
 
     /// Up to `limit` people with ids after `after`, in id order, each with
@@ -277,12 +260,7 @@ impl Projection {
     pub async fn count(&self, rule: &Rule, compiler: &Compiler<'_>) -> Result<u64, SegmentError> {
         let mut sql = Sql::new("SELECT count(*) AS n FROM people WHERE ");
         compiler.condition(&mut sql, rule)?;
-        let row = self
-            .db
-            .query_one_raw(sql.statement(self.db.get_database_backend()))
-            .await?
-            .ok_or_else(|| SegmentError::Corrupt("count returned no row".into()))?;
-        Ok(u64::try_from(row.try_get::<i64>("", "n")?).unwrap_or(0))
+        number(&self.db, &sql).await
     }
 
     /// Members of `rule` with ids after `after`, in id order, at most `limit`.
@@ -444,7 +422,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                 .push(", ")
                 .bind(person.region.clone())
                 .push(")");
-            exec(txn, &sql).await?;
+            execute(txn, &sql).await?;
             for (kind, value) in &person.identifiers {
                 let mut sql =
                     Sql::new("INSERT INTO person_identifiers (profile_id, kind, value) VALUES (");
@@ -454,7 +432,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                     .push(", ")
                     .bind(value.clone())
                     .push(") ON CONFLICT DO NOTHING");
-                exec(txn, &sql).await?;
+                execute(txn, &sql).await?;
             }
             for merged in &person.merged_ids {
                 let mut sql =
@@ -463,7 +441,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                     .push(", ")
                     .bind(merged.clone())
                     .push(") ON CONFLICT DO NOTHING");
-                exec(txn, &sql).await?;
+                execute(txn, &sql).await?;
             }
             for (name, value) in &person.traits {
                 let mut sql = Sql::new(
@@ -475,7 +453,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                     .push(", ");
                 bind_value(&mut sql, value);
                 sql.push(")");
-                exec(txn, &sql).await?;
+                execute(txn, &sql).await?;
             }
         }
         Change::Merged { survivor, merged } => {
@@ -484,7 +462,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                 sql.bind(survivor.clone())
                     .push(" WHERE profile_id = ")
                     .bind(id.clone());
-                exec(txn, &sql).await?;
+                execute(txn, &sql).await?;
             }
             // The survivor's snapshot follows and brings the merged state;
             // the merged-away ids leave their segments (the survivor is
@@ -520,7 +498,7 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
                     sql.bind(id).push(", ").bind(name.clone()).push(", ");
                     bind_value(&mut sql, value);
                     sql.push(")");
-                    exec(txn, &sql).await?;
+                    execute(txn, &sql).await?;
                 }
             }
         }

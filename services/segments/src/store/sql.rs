@@ -4,7 +4,7 @@
 //! property test checks on both backends' behaviour.
 
 use madtech_common::error::FieldError;
-use sea_orm::{DbBackend, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
 use crate::error::SegmentError;
 use crate::rules::Value as Literal;
@@ -57,6 +57,26 @@ impl Sql {
         };
         Statement::from_sql_and_values(backend, text, self.values.clone())
     }
+}
+
+/// Runs a statement that returns no rows.
+pub async fn execute<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<(), SegmentError> {
+    db.execute_raw(sql.statement(db.get_database_backend()))
+        .await?;
+    Ok(())
+}
+
+/// Runs a query whose one row has one integer column named `n` (a count,
+/// a maximum, a stored cursor); 0 when there is no row or it is NULL.
+pub async fn number<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<u64, SegmentError> {
+    let row = db
+        .query_one_raw(sql.statement(db.get_database_backend()))
+        .await?;
+    let n: Option<i64> = match row {
+        Some(row) => row.try_get("", "n")?,
+        None => None,
+    };
+    Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
 /// Compiles rules for one evaluation: one backend, one "now", and the

@@ -17,7 +17,7 @@ async fn projection(db: &TestDatabase) -> Projection {
     let conn = connect_and_migrate::<Migrator>(&db.config)
         .await
         .expect("connect");
-    Projection::new(conn)
+    Projection::new(conn, crate::store::WriteLock::default())
 }
 
 fn value() -> impl Strategy<Value = Stored> {
@@ -386,8 +386,9 @@ madtech_common::backend_tests!(
         let conn = connect_and_migrate::<Migrator>(&db.config)
             .await
             .expect("connect");
-        let projection = Projection::new(conn.clone());
-        let memberships = crate::store::membership::Memberships::new(conn);
+        let writes = crate::store::WriteLock::default();
+        let projection = Projection::new(conn.clone(), std::sync::Arc::clone(&writes));
+        let memberships = crate::store::membership::Memberships::new(conn, writes);
         let person = |id: &str| {
             Change::Upserted(Snapshot {
                 profile_id: id.into(),
