@@ -751,3 +751,46 @@ madtech_common::backend_tests!(
         );
     }
 );
+
+madtech_common::backend_tests!(
+    concurrent_batches_commit_together_without_touching_each_other,
+    |db: TestDatabase| async move {
+        let store = std::sync::Arc::new(store(&db).await);
+        let p = store
+            .upsert(upsert(&[("customer_id", "group")], &[], "FR"))
+            .await
+            .expect("p");
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let store = std::sync::Arc::clone(&store);
+            let id = p.profile.id.clone();
+            tasks.push(tokio::spawn(async move {
+                let who = if t == 3 {
+                    Who::ProfileId("nobody".into())
+                } else {
+                    Who::ProfileId(id)
+                };
+                let batch: Vec<NewEvent> = (0..50)
+                    .map(|e| event(&format!("g{t}-{e}"), "view", who.clone()))
+                    .collect();
+                store.ingest(&batch).await
+            }));
+        }
+        let mut accepted = 0;
+        for (t, task) in tasks.into_iter().enumerate() {
+            match task.await.expect("task") {
+                Ok(done) => accepted += done.accepted,
+                Err(ProfileError::UnknownReference(_)) if t == 3 => {}
+                Err(err) => panic!("batch {t}: {err}"),
+            }
+        }
+        assert_eq!(accepted, 7 * 50, "one bad batch fails alone");
+        let export = store
+            .export(&Lookup::ProfileId(p.profile.id.clone()))
+            .await
+            .expect("export");
+        assert_eq!(export["events"].as_array().expect("events").len(), 7 * 50);
+        let changes = all_changes(&store, 0).await;
+        assert_eq!(events_in(&changes).len(), 7 * 50, "published once each");
+    }
+);
