@@ -290,6 +290,7 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
         destination_id: "bench".into(),
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
+        snapshot_cursor: 0,
     };
     let gateway = SegmentServiceClient::new(InterceptedService::new(
         suite.gateway_channel()?,

@@ -286,6 +286,7 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
         destination_id: "d1".into(),
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
+        snapshot_cursor: 0,
     };
     // Even an admin gets only what may cross.
     let mut stream = suite
@@ -337,6 +338,7 @@ async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
         destination_id: "d".into(),
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
+        snapshot_cursor: 0,
     };
     for path in [
         "//madtech.segments.v1.SegmentService/ExportAudience",

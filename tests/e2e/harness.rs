@@ -143,6 +143,7 @@ impl Suite {
                 destination_id: "d".into(),
                 destination_kind: "file".into(),
                 purpose: "ad_targeting".into(),
+                snapshot_cursor: 0,
             })
             .await
             .expect("export")

@@ -203,6 +203,7 @@ impl Syncer {
             destination_id: destination.id.clone(),
             destination_kind: destination.target.kind().to_string(),
             purpose: activation.purpose.clone(),
+            snapshot_cursor: 0,
         };
         let gateway_error = |status: tonic::Status| ActivationError::Gateway {
             code: status.code(),

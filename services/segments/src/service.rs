@@ -21,7 +21,7 @@ use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
-use crate::store::projection::{Member, Projection};
+use crate::store::projection::{Member, Projection, Selection};
 use crate::store::sql::Compiler;
 use crate::store::{Segment, SegmentStore};
 
@@ -186,7 +186,7 @@ impl SegmentService for SegmentApi {
         let count = self.projection.count(&rule, &compiler).await?;
         let members = self
             .projection
-            .members(&rule, &compiler, "", u64::from(sample))
+            .members(Selection::Rule(&rule, &compiler), "", u64::from(sample))
             .await?;
         Ok(Response::new(pb::PreviewSegmentResponse {
             count,
@@ -284,6 +284,8 @@ impl SegmentService for SegmentApi {
         require("destination_kind", &request.destination_kind)?;
         validate::policy_name("purpose", &request.purpose)?;
         let segment = self.store.get(segment_id).await?;
+        let segment_id = segment.id.clone();
+        let snapshot = request.snapshot_cursor;
 
         self.catch_up().await?;
         let rules = self.segment_rules().await?;
@@ -302,7 +304,11 @@ impl SegmentService for SegmentApi {
             };
             let mut after = String::new();
             loop {
-                let page = projection.members(&rule, &compiler, &after, chunk).await.map_err(Status::from)?;
+                let selection = match snapshot {
+                    0 => Selection::Rule(&rule, &compiler),
+                    cursor => Selection::Snapshot { segment_id: &segment_id, cursor },
+                };
+                let page = projection.members(selection, &after, chunk).await.map_err(Status::from)?;
                 let Some(last) = page.last() else { break };
                 after = last.profile_id.clone();
                 let full = page.len() as u64 == chunk;

@@ -67,6 +67,15 @@ pub struct NewEvent {
     pub properties: BTreeMap<String, Stored>,
 }
 
+/// Who an export takes.
+pub enum Selection<'s, 'c> {
+    /// Whoever the rule matches now.
+    Rule(&'s Rule, &'s Compiler<'c>),
+    /// Whoever was a member of the segment at a membership cursor (the
+    /// `cursor` a computation ended at), so a sync can be reproduced.
+    Snapshot { segment_id: &'s str, cursor: u64 },
+}
+
 /// A member as an export sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -263,11 +272,10 @@ impl Projection {
         number(&self.db, &sql).await
     }
 
-    /// Members of `rule` with ids after `after`, in id order, at most `limit`.
+    /// Members with ids after `after`, in id order, at most `limit`.
     pub async fn members(
         &self,
-        rule: &Rule,
-        compiler: &Compiler<'_>,
+        selection: Selection<'_, '_>,
         after: &str,
         limit: u64,
     ) -> Result<Vec<Member>, SegmentError> {
@@ -275,7 +283,20 @@ impl Projection {
             "SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
         );
         sql.bind(after.to_string()).push(" AND ");
-        compiler.condition(&mut sql, rule)?;
+        match selection {
+            Selection::Rule(rule, compiler) => compiler.condition(&mut sql, rule)?,
+            Selection::Snapshot { segment_id, cursor } => {
+                // Members as of `cursor`: the person's last membership change
+                // up to it is an entry. People erased since are gone from
+                // `people`, so an old snapshot never brings them back.
+                let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+                sql.push("EXISTS (SELECT 1 FROM membership_changes mc WHERE mc.segment_id = ")
+                    .bind(segment_id.to_string())
+                    .push(" AND mc.profile_id = people.profile_id AND mc.entered = 1 AND mc.seq = (SELECT max(m2.seq) FROM membership_changes m2 WHERE m2.segment_id = mc.segment_id AND m2.profile_id = mc.profile_id AND m2.seq <= ")
+                    .bind(cursor)
+                    .push("))");
+            }
+        }
         sql.push(" ORDER BY people.profile_id LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let backend = self.db.get_database_backend();

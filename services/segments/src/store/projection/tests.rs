@@ -214,7 +214,7 @@ async fn agree(
         segment_rule: &lookup,
     };
     let by_sql: BTreeSet<String> = projection
-        .members(rule, &compiler, "", 1_000_000)
+        .members(Selection::Rule(rule, &compiler), "", 1_000_000)
         .await
         .map_err(|err| TestCaseError::fail(err.to_string()))?
         .into_iter()
@@ -351,7 +351,7 @@ madtech_common::backend_tests!(
             segment_rule: &lookup,
         };
         let members = projection
-            .members(&everyone, &compiler, "", 10)
+            .members(Selection::Rule(&everyone, &compiler), "", 10)
             .await
             .expect("members");
         assert_eq!(members.len(), 1);
@@ -371,7 +371,7 @@ madtech_common::backend_tests!(
         assert!(projection.person("a").await.expect("read").is_none());
         assert!(
             projection
-                .members(&everyone, &compiler, "", 10)
+                .members(Selection::Rule(&everyone, &compiler), "", 10)
                 .await
                 .expect("members")
                 .is_empty()
@@ -407,11 +407,36 @@ madtech_common::backend_tests!(
             .await
             .expect("first");
         assert_eq!((entered, exited), (2, 0));
+        let snapshot = memberships.head().await.expect("head");
         let again = memberships
             .reconcile("s", &[("a".into(), true), ("b".into(), false)], NOW)
             .await
             .expect("second");
         assert_eq!(again, (0, 1), "only changes are recorded");
+        let projection = &projection;
+        let as_of = |cursor| async move {
+            projection
+                .members(
+                    Selection::Snapshot {
+                        segment_id: "s",
+                        cursor,
+                    },
+                    "",
+                    10,
+                )
+                .await
+                .expect("snapshot")
+                .into_iter()
+                .map(|m| m.profile_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            as_of(snapshot).await,
+            vec!["a", "b"],
+            "the first computation, reproduced"
+        );
+        let now = memberships.head().await.expect("head");
+        assert_eq!(as_of(now).await, vec!["a"]);
         projection
             .apply(
                 &[Change::Erased {
@@ -422,6 +447,11 @@ madtech_common::backend_tests!(
             .await
             .expect("erase");
         assert_eq!(memberships.count("s").await.expect("count"), 0);
+        assert_eq!(
+            as_of(snapshot).await,
+            vec!["b"],
+            "an old snapshot never brings an erased person back"
+        );
         let log: Vec<(String, bool)> = memberships
             .changes_after("s", 0, 10)
             .await
