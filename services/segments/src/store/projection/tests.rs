@@ -46,14 +46,7 @@ fn test() -> impl Strategy<Value = Test> {
         literal().prop_map(Test::Equals),
         prop::collection::vec(literal(), 0..3).prop_map(Test::In),
         (
-            prop_oneof![
-                Just(Cmp::Lt),
-                Just(Cmp::Le),
-                Just(Cmp::Eq),
-                Just(Cmp::Ne),
-                Just(Cmp::Ge),
-                Just(Cmp::Gt)
-            ],
+            cmp(),
             prop_oneof![
                 prop_oneof![Just(1.0), Just(2.0), Just(3.0)].prop_map(Value::Number),
                 prop_oneof![Just(NOW - MICROS_PER_DAY), Just(NOW)].prop_map(Value::Timestamp),
