@@ -79,6 +79,39 @@ async fn rules_are_written_as_text_validated_and_printed_back() {
         .into_inner()
         .segment
         .expect("segment");
+    // Updating vip to refer back to the segment that refers to it is a cycle.
+    let cycle = marketer
+        .update_segment(pb::UpdateSegmentRequest {
+            segment_id: vip.segment_id.clone(),
+            rule: None,
+            rule_text: format!(r#"in_segment("{}")"#, nested.segment_id),
+        })
+        .await
+        .expect_err("a cycle");
+    assert_eq!(cycle.code(), Code::InvalidArgument);
+    assert!(cycle.message().contains("cycle"), "{}", cycle.message());
+    let updated = marketer
+        .update_segment(pb::UpdateSegmentRequest {
+            segment_id: vip.segment_id.clone(),
+            rule: None,
+            rule_text: r#"trait.plan == "enterprise""#.into(),
+        })
+        .await
+        .expect("update")
+        .into_inner()
+        .segment
+        .expect("segment");
+    assert_eq!(updated.rule_text, r#"trait.plan == "enterprise""#);
+    let missing = marketer
+        .update_segment(pb::UpdateSegmentRequest {
+            segment_id: "nope".into(),
+            rule: None,
+            rule_text: "true".into(),
+        })
+        .await
+        .expect_err("no such segment");
+    assert_eq!(missing.code(), Code::NotFound);
+
     let fetched = marketer
         .get_segment(pb::GetSegmentRequest {
             segment_id: nested.segment_id.clone(),

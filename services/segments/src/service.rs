@@ -135,17 +135,38 @@ impl SegmentService for SegmentApi {
         let request = request.into_inner();
         let name = validate::text("name", &request.name, MAX_NAME_LEN)?.to_string();
         let rule = rule_from_request(request.rule.as_ref(), &request.rule_text)?;
-        for id in rule.segments() {
-            self.store.get(id).await.map_err(|err| match err {
-                SegmentError::NotFound => Status::from(FieldError::new(
-                    "rule",
-                    format!("in_segment({id:?}): no such segment"),
-                )),
-                other => other.into(),
-            })?;
-        }
+        // A new segment cannot be referred to yet: only existence matters.
+        rule.check_references("", &self.segment_rules().await?)
+            .map_err(|reason| FieldError::new("rule", reason))?;
         let segment = self.store.create(name, rule).await?;
         Ok(Response::new(pb::CreateSegmentResponse {
+            segment: Some(segment_to_pb(&segment)),
+        }))
+    }
+
+    async fn update_segment(
+        &self,
+        request: Request<pb::UpdateSegmentRequest>,
+    ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
+        let request = request.into_inner();
+        let segment_id = require("segment_id", &request.segment_id)?.to_string();
+        let rule = rule_from_request(request.rule.as_ref(), &request.rule_text)?;
+        self.store.get(&segment_id).await?;
+        rule.check_references(&segment_id, &self.segment_rules().await?)
+            .map_err(|reason| FieldError::new("rule", reason))?;
+        let segment = self.store.update_rule(&segment_id, rule).await?;
+        // Memberships follow the new rule without waiting for a request.
+        let steps = self.evaluator.compute(segment.clone());
+        tokio::spawn(async move {
+            let mut steps = Box::pin(steps);
+            while let Some(step) = steps.next().await {
+                if let Err(err) = step {
+                    tracing::warn!(error = %err, "recomputing an updated segment failed");
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(pb::UpdateSegmentResponse {
             segment: Some(segment_to_pb(&segment)),
         }))
     }

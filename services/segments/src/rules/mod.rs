@@ -159,6 +159,46 @@ impl Rule {
         }
     }
 
+    /// Checks that every segment this rule (the rule of `segment_id`)
+    /// refers to exists in `segments` and that none of them refers back to
+    /// `segment_id`, directly or through others. The error says which.
+    pub fn check_references(
+        &self,
+        segment_id: &str,
+        segments: &std::collections::BTreeMap<String, Rule>,
+    ) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        let mut path: Vec<&str> = Vec::new();
+        fn walk<'a>(
+            rule: &'a Rule,
+            target: &str,
+            segments: &'a std::collections::BTreeMap<String, Rule>,
+            seen: &mut BTreeSet<&'a str>,
+            path: &mut Vec<&'a str>,
+        ) -> Result<(), String> {
+            for id in rule.segments() {
+                if id == target {
+                    let mut cycle: Vec<&str> = path.clone();
+                    cycle.push(id);
+                    return Err(format!(
+                        "in_segment({id:?}) makes a cycle: {target} → {}",
+                        cycle.join(" → ")
+                    ));
+                }
+                let Some(other) = segments.get(id) else {
+                    return Err(format!("in_segment({id:?}): no such segment"));
+                };
+                if seen.insert(id) {
+                    path.push(id);
+                    walk(other, target, segments, seen, path)?;
+                    path.pop();
+                }
+            }
+            Ok(())
+        }
+        walk(self, segment_id, segments, &mut seen, &mut path)
+    }
+
     pub fn depth(&self) -> usize {
         match self {
             Rule::All(rules) | Rule::Any(rules) => {
@@ -167,5 +207,49 @@ impl Rule {
             Rule::Not(rule) => 1 + rule.depth(),
             _ => 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn refers(ids: &[&str]) -> Rule {
+        Rule::All(
+            ids.iter()
+                .map(|id| Rule::InSegment(id.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn references_must_exist_and_never_come_back() {
+        let segments = BTreeMap::from([
+            ("a".to_string(), refers(&["b"])),
+            ("b".to_string(), refers(&["c"])),
+            ("c".to_string(), refers(&[])),
+        ]);
+        assert!(
+            refers(&["a", "c"])
+                .check_references("new", &segments)
+                .is_ok()
+        );
+        let missing = refers(&["zz"])
+            .check_references("new", &segments)
+            .expect_err("missing");
+        assert!(missing.contains("no such segment"), "{missing}");
+        // c → a → b → c
+        let cycle = refers(&["a"])
+            .check_references("c", &segments)
+            .expect_err("cycle");
+        assert!(
+            cycle.contains("cycle") && cycle.contains("a → b → c"),
+            "{cycle}"
+        );
+        let itself = refers(&["c"])
+            .check_references("c", &segments)
+            .expect_err("self");
+        assert!(itself.contains("cycle"), "{itself}");
     }
 }

@@ -9,7 +9,7 @@ pub mod sql;
 use std::collections::BTreeMap;
 
 use chrono::Utc;
-use sea_orm::{ActiveValue::Set, DatabaseConnection, EntityTrait};
+use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 
 pub use migration::Migrator;
 
@@ -70,6 +70,24 @@ impl SegmentStore {
             .await?
             .ok_or(SegmentError::NotFound)?;
         segment_from_row(row)
+    }
+
+    /// Replaces a segment's rule.
+    pub async fn update_rule(&self, id: &str, rule: Rule) -> Result<Segment, SegmentError> {
+        let rule_json = serde_json::to_string(&rule)
+            .map_err(|err| SegmentError::Corrupt(format!("rule: {err}")))?;
+        let updated = segment::Entity::update_many()
+            .col_expr(
+                segment::Column::Rule,
+                sea_orm::sea_query::Expr::value(rule_json),
+            )
+            .filter(segment::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        if updated.rows_affected == 0 {
+            return Err(SegmentError::NotFound);
+        }
+        self.get(id).await
     }
 
     /// Every segment's rule by id, for rules that refer to other segments.
