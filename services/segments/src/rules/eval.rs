@@ -209,6 +209,28 @@ mod tests {
     }
 
     #[test]
+    fn windows_include_their_first_instant_and_nothing_before() {
+        let at = |micros| Person {
+            events: vec![PersonEvent {
+                name: "x".into(),
+                occurred_at_micros: micros,
+                properties: BTreeMap::new(),
+            }],
+            ..Person::default()
+        };
+        let rule = parse(r#"count(event "x", last 7d) >= 1"#).expect("parses");
+        let context = Context {
+            now_micros: NOW,
+            member_of: &|_| false,
+        };
+        assert!(rule.matches(&at(NOW - 7 * MICROS_PER_DAY), &context));
+        assert!(!rule.matches(&at(NOW - 7 * MICROS_PER_DAY - 1), &context));
+        let before = parse(r#"last(event "x") before 7d"#).expect("parses");
+        assert!(!before.matches(&at(NOW - 7 * MICROS_PER_DAY), &context));
+        assert!(before.matches(&at(NOW - 7 * MICROS_PER_DAY - 1), &context));
+    }
+
+    #[test]
     fn segment_membership() {
         assert!(holds(r#"in_segment("vip")"#));
         assert!(!holds(r#"in_segment("churned")"#));

@@ -131,6 +131,8 @@ fn person() -> impl Strategy<Value = Person> {
             (
                 prop_oneof![Just("buy"), Just("view")],
                 0i64..40,
+                // Exactly on a window's edge, just outside it, or well inside.
+                prop_oneof![Just(0i64), Just(1), Just(MICROS_PER_DAY / 2)],
                 prop::collection::btree_map(
                     prop_oneof![Just("amount"), Just("cur")],
                     value(),
@@ -146,11 +148,11 @@ fn person() -> impl Strategy<Value = Person> {
             identifier_kinds: kinds.into_iter().map(String::from).collect(),
             events: events
                 .into_iter()
-                .map(|(name, days_ago, properties)| PersonEvent {
+                .map(|(name, days_ago, offset, properties)| PersonEvent {
                     name: name.into(),
-                    // Half a day off the window edges, so "now" moving a
-                    // little between the two evaluations changes nothing.
-                    occurred_at_micros: NOW - days_ago * MICROS_PER_DAY - MICROS_PER_DAY / 2,
+                    // Both evaluations use the same fixed "now", so window
+                    // edges are exact on both sides.
+                    occurred_at_micros: NOW - days_ago * MICROS_PER_DAY - offset,
                     properties: properties.into_iter().map(|(k, v)| (k.into(), v)).collect(),
                 })
                 .collect(),
