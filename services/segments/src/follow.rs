@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use crate::convert::change_from_pb;
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
-use crate::store::projection::{Change, Projection};
+use crate::store::projection::Projection;
 
 /// Changes applied per transaction at most.
 const PAGE: usize = 512;
@@ -72,13 +72,14 @@ async fn follow_once(
                 .map_err(SegmentError::Profiles)?
                 .change
                 .ok_or_else(|| SegmentError::Corrupt("an empty profile change".into()))?;
-            last = Some(change.cursor);
-            changes.extend(change_from_pb(change));
+            let cursor = change.cursor;
+            last = Some(cursor);
+            changes.extend(change_from_pb(change).map(|c| (cursor, c)));
         }
-        if let Some(cursor) = last {
-            projection.apply(&changes, cursor).await?;
+        if last.is_some() {
+            projection.apply(&changes).await?;
             *backoff = MIN_BACKOFF;
-            let touched: BTreeSet<&str> = changes.iter().flat_map(Change::touched).collect();
+            let touched: BTreeSet<&str> = changes.iter().flat_map(|(_, c)| c.touched()).collect();
             let touched: Vec<String> = touched.into_iter().map(String::from).collect();
             // The projection is already ahead: a failure here is logged and
             // the next computation (or change) repairs the memberships.

@@ -85,6 +85,10 @@ pub struct Member {
     pub merged_ids: Vec<String>,
 }
 
+/// Key of the PostgreSQL advisory lock under which a page is applied, so
+/// replicas following the same stream take turns and skip what is done.
+const APPLY_LOCK: i64 = 0x6d61_6474_6563_6805;
+
 pub struct Projection {
     db: DatabaseConnection,
     writes: WriteLock,
@@ -188,14 +192,31 @@ impl Projection {
         .await
     }
 
-    /// Applies `changes` in order and records `cursor`, in one transaction.
-    pub async fn apply(&self, changes: &[Change], cursor: u64) -> Result<(), SegmentError> {
+    /// Applies `changes` (each with its cursor) in order and records the last
+    /// cursor, in one transaction. Changes at or below the stored cursor are
+    /// skipped, so a page applied twice (a retry, or two replicas following
+    /// the same stream into one database) changes nothing the second time.
+    pub async fn apply(&self, changes: &[(u64, Change)]) -> Result<(), SegmentError> {
+        let Some((last, _)) = changes.last() else {
+            return Ok(());
+        };
         let _writing = self.writes.lock().await;
         let txn = self.db.begin().await?;
-        for change in changes {
-            apply_one(&txn, change).await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))
+                .await?;
         }
-        let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+        let applied = number(
+            &txn,
+            &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
+        )
+        .await?;
+        for (cursor, change) in changes {
+            if *cursor > applied {
+                apply_one(&txn, change).await?;
+            }
+        }
+        let cursor = i64::try_from((*last).max(applied)).unwrap_or(i64::MAX);
         let mut upsert = Sql::new("INSERT INTO projection_state (id, cursor) VALUES (1, ");
         upsert
             .bind(cursor)

@@ -160,6 +160,15 @@ fn person() -> impl Strategy<Value = Person> {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+static NEXT_CURSOR: AtomicU64 = AtomicU64::new(1);
+
+/// Gives `changes` the next cursors of the (test-wide) stream.
+fn numbered(changes: Vec<Change>) -> Vec<(u64, Change)> {
+    changes
+        .into_iter()
+        .map(|c| (NEXT_CURSOR.fetch_add(1, Ordering::Relaxed), c))
+        .collect()
+}
 
 async fn load(projection: &Projection, people: &[Person]) -> Vec<String> {
     let mut ids = Vec::new();
@@ -191,7 +200,7 @@ async fn load(projection: &Projection, people: &[Person]) -> Vec<String> {
         ));
         ids.push(id);
     }
-    projection.apply(&changes, 1).await.expect("apply");
+    projection.apply(&numbered(changes)).await.expect("apply");
     ids
 }
 
@@ -304,14 +313,17 @@ madtech_common::backend_tests!(
                 properties: BTreeMap::new(),
             }])
         };
-        projection
-            .apply(
-                &[snapshot("a", "a@x.io"), snapshot("b", "b@x.io"), view("b")],
-                3,
-            )
-            .await
-            .expect("apply");
+        let first = vec![
+            (1, snapshot("a", "a@x.io")),
+            (2, snapshot("b", "b@x.io")),
+            (3, view("b")),
+        ];
+        projection.apply(&first).await.expect("apply");
         assert_eq!(projection.cursor().await.expect("cursor"), 3);
+        // The same page again (a retry, or a second replica) changes nothing.
+        projection.apply(&first).await.expect("again");
+        let b = projection.person("b").await.expect("read").expect("b");
+        assert_eq!(b.events.len(), 1, "events are not applied twice");
         let mut survivor = Snapshot {
             profile_id: "a".into(),
             region: "FR".into(),
@@ -323,16 +335,16 @@ madtech_common::backend_tests!(
             traits: BTreeMap::new(),
         };
         projection
-            .apply(
-                &[
+            .apply(&[
+                (
+                    4,
                     Change::Merged {
                         survivor: "a".into(),
                         merged: vec!["b".into()],
                     },
-                    Change::Upserted(survivor.clone()),
-                ],
-                5,
-            )
+                ),
+                (5, Change::Upserted(survivor.clone())),
+            ])
             .await
             .expect("merge");
         assert!(projection.person("b").await.expect("read").is_none());
@@ -355,12 +367,12 @@ madtech_common::backend_tests!(
 
         survivor.traits.clear();
         projection
-            .apply(
-                &[Change::Erased {
-                    profile_ids: vec!["a".into(), "b".into()],
-                }],
+            .apply(&[(
                 6,
-            )
+                Change::Erased {
+                    profile_ids: vec!["a".into(), "b".into()],
+                },
+            )])
             .await
             .expect("erase");
         assert!(projection.person("a").await.expect("read").is_none());
@@ -394,7 +406,7 @@ madtech_common::backend_tests!(
             })
         };
         projection
-            .apply(&[person("a"), person("b")], 2)
+            .apply(&numbered(vec![person("a"), person("b")]))
             .await
             .expect("people");
         let (entered, exited) = memberships
@@ -433,12 +445,9 @@ madtech_common::backend_tests!(
         let now = memberships.head().await.expect("head");
         assert_eq!(as_of(now).await, vec!["a"]);
         projection
-            .apply(
-                &[Change::Erased {
-                    profile_ids: vec!["a".into()],
-                }],
-                3,
-            )
+            .apply(&numbered(vec![Change::Erased {
+                profile_ids: vec!["a".into()],
+            }]))
             .await
             .expect("erase");
         assert_eq!(memberships.count("s").await.expect("count"), 0);
