@@ -68,11 +68,10 @@ impl Evaluator {
         async_stream::try_stream! {
             let rules = this.store.rules().await?;
             let now_micros = chrono::Utc::now().timestamp_micros();
-            let lookup = |id: &str| rules.get(id).cloned();
             let compiler = Compiler {
                 backend: this.projection.backend(),
                 now_micros,
-                segment_rule: &lookup,
+                segments: &rules,
             };
             let mut progress = Progress {
                 total: this.projection.people().await?,
@@ -109,11 +108,10 @@ impl Evaluator {
         }
         let rules = self.store.rules().await?;
         let now_micros = chrono::Utc::now().timestamp_micros();
-        let lookup = |id: &str| rules.get(id).cloned();
         let compiler = Compiler {
             backend: self.projection.backend(),
             now_micros,
-            segment_rule: &lookup,
+            segments: &rules,
         };
         for chunk in profile_ids.chunks(PAGE as usize) {
             for (segment_id, rule) in &rules {

@@ -198,11 +198,10 @@ impl SegmentService for SegmentApi {
         };
         self.catch_up().await?;
         let rules = self.segment_rules().await?;
-        let lookup = |id: &str| rules.get(id).cloned();
         let compiler = Compiler {
             backend: self.projection.backend(),
             now_micros: chrono::Utc::now().timestamp_micros(),
-            segment_rule: &lookup,
+            segments: &rules,
         };
         let count = self.projection.count(&rule, &compiler).await?;
         let members = self
@@ -317,11 +316,10 @@ impl SegmentService for SegmentApi {
         // One page of members per message the caller pulls keeps the export's
         // memory flat whatever the audience size.
         let stream = async_stream::try_stream! {
-            let lookup = |id: &str| rules.get(id).cloned();
             let compiler = Compiler {
                 backend: projection.backend(),
                 now_micros,
-                segment_rule: &lookup,
+                segments: &rules,
             };
             let mut after = String::new();
             loop {

@@ -126,20 +126,31 @@ pub(super) async fn after<C: ConnectionTrait>(
         })
         .collect::<Result<Vec<_>, ProfileError>>()?;
 
+    // The page's event batches cover consecutive id ranges (batches are
+    // appended under the append lock), so one range query reads them all.
+    let ranges: Vec<(i64, i64, i64)> = records
+        .iter()
+        .filter_map(|(row, record)| match record {
+            ChangeRecord::EventsAppended { after_id, last_id } => {
+                Some((*after_id, *last_id, row.seq))
+            }
+            _ => None,
+        })
+        .collect();
     let mut events: BTreeMap<i64, Vec<StoredEvent>> = BTreeMap::new();
-    for (row, record) in &records {
-        if let ChangeRecord::EventsAppended { after_id, last_id } = record {
-            let found = event::Entity::find()
-                .filter(event::Column::Id.gt(*after_id))
-                .filter(event::Column::Id.lte(*last_id))
-                .order_by_asc(event::Column::Id)
-                .all(db)
-                .await?
-                .into_iter()
-                .map(decode_event)
-                .collect::<Result<Vec<_>, _>>()?;
-            if !found.is_empty() {
-                events.insert(row.seq, found);
+    if let (Some((first, _, _)), Some((_, last, _))) = (ranges.first(), ranges.last()) {
+        for row in event::Entity::find()
+            .filter(event::Column::Id.gt(*first))
+            .filter(event::Column::Id.lte(*last))
+            .order_by_asc(event::Column::Id)
+            .all(db)
+            .await?
+        {
+            let id = row.id;
+            // Ranges follow the log's order, so their ends increase.
+            let at = ranges.partition_point(|(_, last, _)| *last < id);
+            if let Some((_, _, seq)) = ranges.get(at).filter(|(after, _, _)| *after < id) {
+                events.entry(*seq).or_default().push(decode_event(row)?);
             }
         }
     }

@@ -242,24 +242,22 @@ impl ProfileStore {
         txn: &DatabaseTransaction,
         id: &Identifier,
     ) -> Result<Profile, ProfileError> {
-        {
-            let row = identifier::Entity::find_by_id(id.key())
-                .one(txn)
-                .await?
-                .ok_or(ProfileError::NotFound)?;
-            identifier::Entity::delete_by_id(id.key()).exec(txn).await?;
-            let now = Utc::now().timestamp_micros();
-            profile::Entity::update(profile::ActiveModel {
-                id: Set(row.profile_id.clone()),
-                updated_at: Set(now),
-                ..Default::default()
-            })
-            .exec(txn)
-            .await?;
-            let profile = load_live(txn, &row.profile_id).await?;
-            publish_upsert(txn, &profile, false, now).await?;
-            Ok(profile)
-        }
+        let row = identifier::Entity::find_by_id(id.key())
+            .one(txn)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        identifier::Entity::delete_by_id(id.key()).exec(txn).await?;
+        let now = Utc::now().timestamp_micros();
+        profile::Entity::update(profile::ActiveModel {
+            id: Set(row.profile_id.clone()),
+            updated_at: Set(now),
+            ..Default::default()
+        })
+        .exec(txn)
+        .await?;
+        let profile = load_live(txn, &row.profile_id).await?;
+        publish_upsert(txn, &profile, false, now).await?;
+        Ok(profile)
     }
 
     /// Records events; see [`events`].
@@ -274,18 +272,24 @@ impl ProfileStore {
             .one(&self.db)
             .await?
             .ok_or(ProfileError::NotFound)?;
-        Ok(self.live_row(&row.profile_id).await?.id)
+        Ok(live_row(&self.db, &row.profile_id).await?.id)
     }
 
     /// Hard-deletes a person; see [`privacy`].
     pub async fn erase(&self, lookup: &Lookup) -> Result<Erased, ProfileError> {
-        let id = self.resolve_lookup(lookup).await?;
-        write_retrying!(self, |txn| privacy::erase(txn, &id))
+        write_retrying!(self, |txn| Self::try_erase(txn, lookup))
+    }
+
+    /// Resolves the person inside the write, so a merge committed just before
+    /// cannot leave part of them behind.
+    async fn try_erase(txn: &DatabaseTransaction, lookup: &Lookup) -> Result<Erased, ProfileError> {
+        let id = resolve_lookup(txn, lookup).await?;
+        privacy::erase(txn, &id).await
     }
 
     /// Everything held about a person, as JSON.
     pub async fn export(&self, lookup: &Lookup) -> Result<serde_json::Value, ProfileError> {
-        let id = self.resolve_lookup(lookup).await?;
+        let id = resolve_lookup(&self.db, lookup).await?;
         privacy::export(&self.db, &id).await
     }
 
@@ -313,47 +317,15 @@ impl ProfileStore {
         }
     }
 
-    async fn resolve_lookup(&self, lookup: &Lookup) -> Result<String, ProfileError> {
-        match lookup {
-            Lookup::ProfileId(id) => Ok(self.live_row(id).await?.id),
-            Lookup::Identifier(id) => Ok(self.owner_of(id).await?),
-        }
-    }
-
-    async fn owner_of(&self, id: &Identifier) -> Result<String, ProfileError> {
-        identifier::Entity::find_by_id(id.key())
-            .one(&self.db)
-            .await?
-            .map(|row| row.profile_id)
-            .ok_or(ProfileError::NotFound)
-    }
-
-    async fn live_row(&self, id: &str) -> Result<profile::Model, ProfileError> {
-        let mut current = id.to_string();
-        for _ in 0..MAX_MERGE_HOPS {
-            let row = profile::Entity::find_by_id(current.clone())
-                .one(&self.db)
-                .await?
-                .ok_or(ProfileError::NotFound)?;
-            match row.merged_into {
-                Some(next) => current = next,
-                None => return Ok(row),
-            }
-        }
-        Err(ProfileError::Corrupt(format!(
-            "merge chain from {id} is too long"
-        )))
-    }
-
     /// The live profile behind `id`, following merges.
     pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
-        let row = self.live_row(id).await?;
+        let row = live_row(&self.db, id).await?;
         to_profile(&self.db, row).await
     }
 
     /// The live profile an identifier points at.
     pub async fn find_by_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
-        let owner = self.owner_of(id).await?;
+        let owner = owner_of(&self.db, id).await?;
         self.get(&owner).await
     }
 
@@ -383,6 +355,42 @@ impl ProfileStore {
             })
             .collect()
     }
+}
+
+/// The live profile id behind a lookup.
+async fn resolve_lookup<C: ConnectionTrait>(
+    db: &C,
+    lookup: &Lookup,
+) -> Result<String, ProfileError> {
+    match lookup {
+        Lookup::ProfileId(id) => Ok(live_row(db, id).await?.id),
+        Lookup::Identifier(id) => owner_of(db, id).await,
+    }
+}
+
+async fn owner_of<C: ConnectionTrait>(db: &C, id: &Identifier) -> Result<String, ProfileError> {
+    identifier::Entity::find_by_id(id.key())
+        .one(db)
+        .await?
+        .map(|row| row.profile_id)
+        .ok_or(ProfileError::NotFound)
+}
+
+async fn live_row<C: ConnectionTrait>(db: &C, id: &str) -> Result<profile::Model, ProfileError> {
+    let mut current = id.to_string();
+    for _ in 0..MAX_MERGE_HOPS {
+        let row = profile::Entity::find_by_id(current.clone())
+            .one(db)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        match row.merged_into {
+            Some(next) => current = next,
+            None => return Ok(row),
+        }
+    }
+    Err(ProfileError::Corrupt(format!(
+        "merge chain from {id} is too long"
+    )))
 }
 
 /// Appends the profile as it now is to the change log.

@@ -3,6 +3,8 @@
 //! this module writes. The semantics are those of `rules::eval`, which a
 //! property test checks on both backends' behaviour.
 
+use std::collections::BTreeMap;
+
 use madtech_common::error::FieldError;
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
@@ -84,8 +86,8 @@ pub async fn number<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<u64, Segmen
 pub struct Compiler<'a> {
     pub backend: DbBackend,
     pub now_micros: i64,
-    /// The rule of a segment by id.
-    pub segment_rule: &'a (dyn Fn(&str) -> Option<Rule> + Sync),
+    /// Every segment's rule by id, for `in_segment`.
+    pub segments: &'a BTreeMap<String, Rule>,
 }
 
 impl Compiler<'_> {
@@ -178,13 +180,13 @@ impl Compiler<'_> {
                 }
             },
             Rule::InSegment(id) => {
-                let Some(other) = (self.segment_rule)(id) else {
+                let Some(other) = self.segments.get(id) else {
                     return Err(SegmentError::Invalid(FieldError::new(
                         "rule",
                         format!("in_segment({id:?}): no such segment"),
                     )));
                 };
-                self.rule(sql, &other, depth + 1)?;
+                self.rule(sql, other, depth + 1)?;
             }
         }
         Ok(())

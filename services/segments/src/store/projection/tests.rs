@@ -211,11 +211,11 @@ async fn agree(
 ) -> Result<(), TestCaseError> {
     let ids = load(projection, people).await;
     let base = base_rule();
-    let lookup = |id: &str| (id == "base").then(|| base.clone());
+    let segments = BTreeMap::from([("base".to_string(), base.clone())]);
     let compiler = Compiler {
         backend: projection.backend(),
         now_micros: NOW,
-        segment_rule: &lookup,
+        segments: &segments,
     };
     let by_sql: BTreeSet<String> = projection
         .members(Selection::Rule(rule, &compiler), "", 1_000_000)
@@ -351,11 +351,11 @@ madtech_common::backend_tests!(
         let a = projection.person("a").await.expect("read").expect("a");
         assert_eq!(a.events.len(), 1, "b's event moved to a");
         let everyone = Rule::All(Vec::new());
-        let lookup = |_: &str| None;
+        let no_segments = BTreeMap::new();
         let compiler = Compiler {
             backend: projection.backend(),
             now_micros: NOW,
-            segment_rule: &lookup,
+            segments: &no_segments,
         };
         let members = projection
             .members(Selection::Rule(&everyone, &compiler), "", 10)
