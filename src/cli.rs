@@ -816,7 +816,11 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Lint { dir } => {
             let set = PolicySet::load(&dir).await?;
-            let problems = compliance::lint(&dir, &set)?;
+            let mut problems = compliance::lint(&dir, &set)?;
+            // The consent service's own policy is checked as it loads it.
+            if let Err(err) = madtech_consent::rules::ConsentRules::load(&dir).await {
+                problems.push(err.to_string());
+            }
             for problem in &problems {
                 println!("{problem}");
             }

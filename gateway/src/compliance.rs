@@ -354,10 +354,7 @@ pub fn diff(
 /// rules no request can reach.
 pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
     let mut problems = Vec::new();
-    let purposes: BTreeSet<String> = read_rows::<PurposeRow>(dir, PURPOSES)?
-        .into_iter()
-        .map(|(_, row)| row.purpose)
-        .collect();
+    let purposes = purpose_catalogue(dir)?;
     let rows = set.rows();
     let grouping = |file: &str, ptype: &str| -> Vec<(String, String)> {
         rows.get(file)
@@ -507,14 +504,25 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
     Ok(problems)
 }
 
-/// The purpose catalogue, relative to the policy directory.
-pub const PURPOSES: &str = "purposes.csv";
+/// The consent service's policy, which holds the purpose catalogue,
+/// relative to the policy directory.
+pub const PURPOSES: &str = "consent.toml";
 
-#[derive(Deserialize)]
-struct PurposeRow {
-    purpose: String,
-    #[allow(dead_code)]
-    description: String,
+/// The purpose names of the catalogue. The rest of the file is the consent
+/// service's to check (`madtech policy lint` loads it whole).
+fn purpose_catalogue(dir: &Path) -> Result<BTreeSet<String>, CaseError> {
+    #[derive(Deserialize)]
+    struct Catalogue {
+        purposes: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+    }
+    use figment::providers::{Format, Toml};
+    let catalogue: Catalogue = figment::Figment::from(Toml::file_exact(dir.join(PURPOSES)))
+        .extract()
+        .map_err(|err| CaseError::Invalid {
+            file: PURPOSES.to_string(),
+            reason: err.to_string(),
+        })?;
+    Ok(catalogue.purposes.into_keys().collect())
 }
 
 /// The shipped policy directory, for tests.

@@ -29,6 +29,7 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::crossing::with_deadline;
+use crate::policy::now_micros;
 
 /// The consent service answers at most this many people per batch.
 const MAX_BATCH: usize = 10_000;
@@ -60,6 +61,24 @@ impl Default for ConsentViewConfig {
 struct Known {
     state: consent_pb::ConsentState,
     cursor: u64,
+    /// When the choice stops counting (Unix microseconds): the ledger sends
+    /// nothing when a choice expires, so the view checks at each read.
+    expires_at_micros: Option<i64>,
+}
+
+impl Known {
+    fn state_at(&self, now_micros: i64) -> consent_pb::ConsentState {
+        match self.expires_at_micros {
+            Some(expiry) if expiry <= now_micros => consent_pb::ConsentState::Unset,
+            _ => self.state,
+        }
+    }
+}
+
+fn expiry_micros(at: Option<&prost_types::Timestamp>) -> Option<i64> {
+    // An expiry that does not convert is treated as already passed: fail
+    // closed rather than keep a grant forever.
+    at.map(|at| madtech_proto::time::to_micros(at).unwrap_or(i64::MIN))
 }
 
 #[derive(Default)]
@@ -192,7 +211,7 @@ impl ConsentView {
             .by_purpose
             .get(purpose)
             .and_then(|people| people.get(person))
-            .map(|known| known.state)
+            .map(|known| known.state_at(now_micros()))
     }
 
     /// Takes one ledger entry from the change stream into the view.
@@ -217,6 +236,7 @@ impl ConsentView {
                     Known {
                         state,
                         cursor: entry.cursor,
+                        expires_at_micros: expiry_micros(entry.expires_at.as_ref()),
                     },
                 );
             }
@@ -319,6 +339,7 @@ impl ConsentView {
             }
         }
 
+        let now = now_micros();
         Ok(members
             .iter()
             .map(|member| {
@@ -327,7 +348,7 @@ impl ConsentView {
                     .map(|person| {
                         known
                             .get(person.as_str())
-                            .map_or(UNKNOWN.state, |k| k.state)
+                            .map_or(UNKNOWN.state, |k| k.state_at(now))
                     })
                     .min_by_key(|state| restrictiveness(*state))
                     .unwrap_or(consent_pb::ConsentState::Unspecified)
@@ -374,6 +395,7 @@ impl ConsentView {
                         state: consent_pb::ConsentState::try_from(p.state)
                             .unwrap_or(consent_pb::ConsentState::Unspecified),
                         cursor: p.cursor,
+                        expires_at_micros: expiry_micros(p.expires_at.as_ref()),
                     })
                     .ok_or_else(|| Status::internal("consent did not answer for the purpose"))
             })
@@ -384,6 +406,7 @@ impl ConsentView {
 const UNKNOWN: Known = Known {
     state: consent_pb::ConsentState::Unspecified,
     cursor: 0,
+    expires_at_micros: None,
 };
 
 fn unavailable(status: Status) -> Status {
@@ -425,7 +448,32 @@ mod tests {
     use consent_pb::ConsentState::{Denied, Granted, Unset};
 
     fn known(state: consent_pb::ConsentState, cursor: u64) -> Known {
-        Known { state, cursor }
+        Known {
+            state,
+            cursor,
+            expires_at_micros: None,
+        }
+    }
+
+    #[test]
+    fn an_expired_state_reads_as_unset() {
+        let now = 1_700_000_000_000_000;
+        let expiring = Known {
+            expires_at_micros: Some(now),
+            ..known(Granted, 3)
+        };
+        assert_eq!(expiring.state_at(now - 1), Granted);
+        assert_eq!(expiring.state_at(now), Unset);
+        assert_eq!(known(Granted, 3).state_at(i64::MAX), Granted);
+        let garbled = prost_types::Timestamp {
+            seconds: 1,
+            nanos: -5,
+        };
+        assert_eq!(
+            expiry_micros(Some(&garbled)),
+            Some(i64::MIN),
+            "an expiry that does not convert has passed"
+        );
     }
 
     fn get(cache: &Cache, purpose: &str, person: &str) -> Option<Known> {

@@ -22,6 +22,7 @@ fn choice(state: consent_pb::ConsentState) -> consent_pb::RecordConsentRequest {
         region: "DE".into(),
         notice_version: "v3".into(),
         collected_at: None,
+        ..Default::default()
     }
 }
 
@@ -276,5 +277,172 @@ async fn activation_follows_consent_releases_under_pseudonyms() {
     .await
     .expect_err("marketers may not");
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    suite.stop().await;
+}
+
+fn signal(signal: consent_pb::consent_signal::Signal) -> consent_pb::ConsentSignal {
+    consent_pb::ConsentSignal {
+        signal: Some(signal),
+    }
+}
+
+fn purpose_state(entries: &[consent_pb::ConsentEntry], purpose: &str) -> consent_pb::ConsentEntry {
+    entries
+        .iter()
+        .find(|e| e.purpose == purpose)
+        .unwrap_or_else(|| panic!("an entry for {purpose}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn signals_are_recorded_with_their_evidence_and_gpc_wins_where_binding() {
+    use consent_pb::consent_signal::Signal;
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut ingest = suite.consent(suite.bearer(&["ingest"]));
+
+    // A Californian's CMP sends a US Privacy string that did not opt out, the
+    // browser sends GPC, and the form says yes to targeting.
+    let request = consent_pb::RecordConsentRequest {
+        profile_id: "p-ca".into(),
+        choices: vec![consent_pb::PurposeChoice {
+            purpose: "ad_targeting".into(),
+            state: consent_pb::ConsentState::Granted.into(),
+        }],
+        signals: vec![
+            signal(Signal::UsPrivacy("1YNN".into())),
+            signal(Signal::Gpc(true)),
+        ],
+        source: consent_pb::ConsentSource::Cmp.into(),
+        region: "US-CA".into(),
+        cmp_id: 28,
+        cmp_version: 3,
+        ..Default::default()
+    };
+    let written = ingest
+        .record_consent(request)
+        .await
+        .expect("recorded")
+        .into_inner();
+    let targeting = purpose_state(&written.entries, "ad_targeting");
+    assert_eq!(targeting.state(), consent_pb::ConsentState::Denied);
+    assert_eq!(targeting.signal_kind, "gpc");
+    assert_eq!(targeting.legal_basis(), consent_pb::LegalBasis::OptOut);
+    assert!(
+        targeting.conflict.contains("explicit choice") && targeting.conflict.contains("usp"),
+        "both overridden choices are recorded: {}",
+        targeting.conflict
+    );
+    assert_eq!((targeting.cmp_id, targeting.cmp_version), (28, 3));
+    let sale = purpose_state(&written.entries, "data_sale");
+    assert_eq!(sale.state(), consent_pb::ConsentState::Denied);
+
+    // The business may not ask again for a year; the person may come back.
+    let ask_again = |person_initiated| consent_pb::RecordConsentRequest {
+        profile_id: "p-ca".into(),
+        choices: vec![consent_pb::PurposeChoice {
+            purpose: "data_sale".into(),
+            state: consent_pb::ConsentState::Granted.into(),
+        }],
+        source: consent_pb::ConsentSource::Form.into(),
+        region: "US-CA".into(),
+        person_initiated,
+        ..Default::default()
+    };
+    let refused = ingest
+        .record_consent(ask_again(false))
+        .await
+        .expect_err("too soon to ask");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("ccpa_twelve_months"),
+        "{}",
+        refused.message()
+    );
+    ingest
+        .record_consent(ask_again(true))
+        .await
+        .expect("the person opts back in themselves");
+
+    // GPC in France changes nothing and says so.
+    let french = ingest
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: "p-fr".into(),
+            signals: vec![signal(Signal::Gpc(true))],
+            source: consent_pb::ConsentSource::Cmp.into(),
+            region: "FR".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("recorded")
+        .into_inner();
+    assert!(french.entries.is_empty());
+    assert!(french.notes[0].contains("not a binding opt-out"));
+
+    // A string made before TCF 2.2 is refused, naming the field.
+    let old = ingest
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: "p-fr".into(),
+            signals: vec![signal(Signal::TcString(
+                "COtybn4PA_zT4KjACBENAPCIAEBAAECAAIAAAAAAAAAA".into(),
+            ))],
+            source: consent_pb::ConsentSource::Cmp.into(),
+            region: "FR".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("pre-2.2 string");
+    assert_eq!(old.code(), tonic::Code::InvalidArgument);
+    assert!(
+        old.message().contains("signals[0].tc_string"),
+        "{}",
+        old.message()
+    );
+
+    // Compliance reads the proof, page by page; the source may not.
+    let history_of = |after_cursor| consent_pb::ConsentHistoryRequest {
+        profile_id: "p-ca".into(),
+        after_cursor,
+        page_size: 2,
+    };
+    let denied = ingest
+        .consent_history(history_of(0))
+        .await
+        .expect_err("not the source's to read");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let mut compliance = suite.consent(suite.bearer(&["compliance"]));
+    let first = compliance
+        .consent_history(history_of(0))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(first.entries.len(), 2);
+    assert_ne!(first.next_cursor, 0);
+    let rest = compliance
+        .consent_history(history_of(first.next_cursor))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(rest.next_cursor, 0);
+    let all: Vec<_> = first.entries.iter().chain(&rest.entries).collect();
+    assert_eq!(all.len(), 3, "two from the signals, one opt-back-in");
+    assert!(all.iter().any(|e| e.raw_signal == "Sec-GPC: 1"));
+    assert!(all.iter().all(|e| e.profile_id == "p-ca"));
+
+    let state = compliance
+        .get_consent(consent_pb::GetConsentRequest {
+            profile_id: "p-ca".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let of = |purpose: &str| {
+        state
+            .purposes
+            .iter()
+            .find(|p| p.purpose == purpose)
+            .map(|p| p.state())
+    };
+    assert_eq!(of("ad_targeting"), Some(consent_pb::ConsentState::Denied));
+    assert_eq!(of("data_sale"), Some(consent_pb::ConsentState::Granted));
     suite.stop().await;
 }

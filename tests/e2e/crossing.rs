@@ -101,6 +101,7 @@ async fn record(
             region: region.into(),
             notice_version: "2026-11".into(),
             collected_at: None,
+            ..Default::default()
         })
         .await
         .expect("record consent through the gateway");

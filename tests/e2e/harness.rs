@@ -56,6 +56,7 @@ impl Suite {
             config.data_dir = data.path().to_path_buf();
             let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
             config.profiles.identity_rules = policies.join("identity.toml");
+            config.consent.policy_dir = policies.clone();
             config.gateway.policy_dir = policies;
             config.profiles.database = db.sibling("profiles");
             config.consent.database = db.sibling("consent");

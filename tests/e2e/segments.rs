@@ -201,6 +201,7 @@ async fn segments_over_events_follow_the_profiles_stream(backend: Backend) {
                 region: region.into(),
                 notice_version: "2026-11".into(),
                 collected_at: None,
+                ..Default::default()
             })
             .await
             .expect("consent");

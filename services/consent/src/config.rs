@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
@@ -20,6 +21,15 @@ pub struct ConsentConfig {
     /// Written like `1s` or `250ms`.
     #[serde(with = "humantime_serde")]
     pub watch_poll_interval: Duration,
+    /// The directory holding `consent.toml` (the purpose catalogue and the
+    /// consent rules) and the consent policy whose `g2` rows map regions to
+    /// regimes.
+    pub policy_dir: PathBuf,
+    /// Accept TC strings that break TCF 2.2's rules (policy version below 4,
+    /// global scope, legitimate interest for purposes 3 to 6). Off by
+    /// default: such strings are refused with INVALID_ARGUMENT. Turn it on
+    /// only to import consent collected before TCF 2.2 (November 2023).
+    pub accept_pre_tcf22_strings: bool,
 }
 
 impl Default for ConsentConfig {
@@ -29,6 +39,8 @@ impl Default for ConsentConfig {
             tls: ServerTls::default(),
             database: DatabaseConfig::default(),
             watch_poll_interval: Duration::from_secs(1),
+            policy_dir: PathBuf::from("policies"),
+            accept_pre_tcf22_strings: false,
         }
     }
 }
@@ -37,6 +49,11 @@ impl Validate for ConsentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("consent")?;
         self.tls.validate("consent")?;
+        if self.policy_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "consent.policy_dir must name the policy directory".into(),
+            ));
+        }
         if self.watch_poll_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "consent.watch_poll_interval must be positive".into(),

@@ -4,8 +4,10 @@
 //! to watchers (the gateway's cache, activation) in ledger order.
 
 pub mod config;
+pub mod derive;
 pub mod error;
 pub mod ledger;
+pub mod rules;
 pub mod service;
 
 pub use config::ConsentConfig;
@@ -19,7 +21,8 @@ use madtech_common::server::GrpcServer;
 /// serve.
 pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentError> {
     let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
-    let api = ConsentApi::new(ledger::Ledger::new(db), config.clone());
+    let rules = rules::ConsentRules::load(&config.policy_dir).await?;
+    let api = ConsentApi::new(ledger::Ledger::new(db), rules, config.clone());
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
         .add_service(api.into_server()))

@@ -15,12 +15,20 @@ use pb::consent_service_server::{ConsentService, ConsentServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::config::ConsentConfig;
-use crate::ledger::{Choice, Entry, Ledger, PurposeState, Record, Source, State};
+use crate::derive::{self, Collection, SignalInput, TcfValidity};
+use crate::ledger::{Choice, Entry, Ledger, LegalBasis, PurposeState, Source, State};
+use crate::rules::ConsentRules;
 
 /// Entries read per page while catching up a watcher.
 const WATCH_PAGE: u64 = 500;
 const MAX_BATCH: usize = 10_000;
 const MAX_CHOICES: usize = 64;
+const MAX_SIGNALS: usize = 8;
+/// Longest signal string accepted (a TC string with every vendor listed
+/// singly stays well below).
+const MAX_SIGNAL_LEN: usize = 16 * 1024;
+const DEFAULT_HISTORY_PAGE: u32 = 100;
+const MAX_HISTORY_PAGE: u32 = 1000;
 /// Longest profile id or notice version accepted.
 const MAX_ID_LEN: usize = 128;
 /// How far ahead of this clock a collection time may be (clocks differ).
@@ -29,13 +37,15 @@ const CLOCK_SKEW_MICROS: i64 = 5 * 60 * 1_000_000;
 #[derive(Clone)]
 pub struct ConsentApi {
     ledger: Arc<Ledger>,
+    rules: Arc<ConsentRules>,
     config: ConsentConfig,
 }
 
 impl ConsentApi {
-    pub fn new(ledger: Ledger, config: ConsentConfig) -> Self {
+    pub fn new(ledger: Ledger, rules: ConsentRules, config: ConsentConfig) -> Self {
         ConsentApi {
             ledger: Arc::new(ledger),
+            rules: Arc::new(rules),
             config,
         }
     }
@@ -43,14 +53,25 @@ impl ConsentApi {
     pub fn into_server(self) -> ConsentServiceServer<Self> {
         ConsentServiceServer::new(self)
     }
+
+    fn tcf_validity(&self) -> TcfValidity {
+        if self.config.accept_pre_tcf22_strings {
+            TcfValidity::AcceptOlder
+        } else {
+            TcfValidity::Tcf22
+        }
+    }
 }
 
-fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> {
+fn collection_from(
+    rules: &ConsentRules,
+    request: pb::RecordConsentRequest,
+) -> Result<Collection, FieldError> {
     let profile_id = validate::text("profile_id", &request.profile_id, MAX_ID_LEN)?.to_string();
-    if request.choices.is_empty() {
+    if request.choices.is_empty() && request.signals.is_empty() {
         return Err(FieldError::new(
             "choices",
-            "at least one choice is required",
+            "at least one choice or signal is required",
         ));
     }
     if request.choices.len() > MAX_CHOICES {
@@ -59,15 +80,22 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
             format!("at most {MAX_CHOICES} choices"),
         ));
     }
+    if request.signals.len() > MAX_SIGNALS {
+        return Err(FieldError::new(
+            "signals",
+            format!("at most {MAX_SIGNALS} signals"),
+        ));
+    }
     let mut seen = HashSet::new();
     let mut choices = Vec::with_capacity(request.choices.len());
     for (i, choice) in request.choices.iter().enumerate() {
-        let name = validate::policy_name(&format!("choices[{i}].purpose"), &choice.purpose)?;
+        let field = format!("choices[{i}].purpose");
+        let name = validate::policy_name(&field, &choice.purpose)?;
+        if rules.purpose(&name).is_none() {
+            return Err(FieldError::new(field, "not in the purpose catalogue"));
+        }
         if !seen.insert(name.clone()) {
-            return Err(FieldError::new(
-                format!("choices[{i}].purpose"),
-                "each purpose may appear once",
-            ));
+            return Err(FieldError::new(field, "each purpose may appear once"));
         }
         let state = match pb::ConsentState::try_from(choice.state) {
             Ok(pb::ConsentState::Granted) => Choice::Granted,
@@ -81,6 +109,33 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         };
         choices.push((name, state));
     }
+    let mut signals = Vec::with_capacity(request.signals.len());
+    for (i, signal) in request.signals.into_iter().enumerate() {
+        use pb::consent_signal::Signal as S;
+        let text = |name: &str, raw: String| -> Result<String, FieldError> {
+            let field = format!("signals[{i}].{name}");
+            validate::text(&field, &raw, MAX_SIGNAL_LEN)?;
+            Ok(raw)
+        };
+        signals.push(match signal.signal {
+            Some(S::TcString(raw)) => SignalInput::Tcf(text("tc_string", raw)?),
+            Some(S::GppString(raw)) => SignalInput::Gpp(text("gpp_string", raw)?),
+            Some(S::UsPrivacy(raw)) => SignalInput::Usp(text("us_privacy", raw)?),
+            Some(S::Gpc(true)) => SignalInput::Gpc,
+            Some(S::Gpc(false)) => {
+                return Err(FieldError::new(
+                    format!("signals[{i}].gpc"),
+                    "send GPC only when the browser sent Sec-GPC: 1",
+                ));
+            }
+            None => {
+                return Err(FieldError::new(
+                    format!("signals[{i}]"),
+                    "one of tc_string, gpp_string, us_privacy or gpc is required",
+                ));
+            }
+        });
+    }
     let source = match pb::ConsentSource::try_from(request.source) {
         Ok(pb::ConsentSource::Cmp) => Source::Cmp,
         Ok(pb::ConsentSource::Form) => Source::Form,
@@ -91,9 +146,23 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         _ => {
             return Err(FieldError::new(
                 "source",
-                "must name how the choice was collected",
+                "must name how the choice was collected (MERGE is the service's own)",
             ));
         }
+    };
+    let legal_basis = match pb::LegalBasis::try_from(request.legal_basis) {
+        Ok(pb::LegalBasis::Unspecified | pb::LegalBasis::Consent) => LegalBasis::Consent,
+        Ok(pb::LegalBasis::OptOut) => LegalBasis::OptOut,
+        Ok(pb::LegalBasis::LegitimateInterest) => LegalBasis::LegitimateInterest,
+        Ok(pb::LegalBasis::Contract) => LegalBasis::Contract,
+        Err(_) => return Err(FieldError::new("legal_basis", "unknown legal basis")),
+    };
+    let cmp = match (request.cmp_id, request.cmp_version) {
+        (0, 0) => None,
+        (id, version) => Some((
+            u16::try_from(id).map_err(|_| FieldError::new("cmp_id", "at most 4095"))?,
+            u16::try_from(version).map_err(|_| FieldError::new("cmp_version", "at most 4095"))?,
+        )),
     };
     let collected_at_micros = match &request.collected_at {
         Some(ts) => {
@@ -107,9 +176,11 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         }
         None => None,
     };
-    Ok(Record {
+    Ok(Collection {
         profile_id,
         choices,
+        legal_basis,
+        signals,
         source,
         region: validate::region("region", &request.region)?,
         notice_version: validate::optional_text(
@@ -119,6 +190,8 @@ fn record_from(request: pb::RecordConsentRequest) -> Result<Record, FieldError> 
         )?
         .to_string(),
         collected_at_micros,
+        cmp,
+        person_initiated: request.person_initiated,
     })
 }
 
@@ -138,21 +211,45 @@ fn source_to_pb(source: Source) -> pb::ConsentSource {
         Source::Gpc => pb::ConsentSource::Gpc,
         Source::Import => pb::ConsentSource::Import,
         Source::PrivacyRequest => pb::ConsentSource::PrivacyRequest,
+        Source::Merge => pb::ConsentSource::Merge,
+    }
+}
+
+fn legal_basis_to_pb(basis: LegalBasis) -> pb::LegalBasis {
+    match basis {
+        LegalBasis::Consent => pb::LegalBasis::Consent,
+        LegalBasis::OptOut => pb::LegalBasis::OptOut,
+        LegalBasis::LegitimateInterest => pb::LegalBasis::LegitimateInterest,
+        LegalBasis::Contract => pb::LegalBasis::Contract,
     }
 }
 
 fn entry_to_pb(entry: &Entry) -> pb::ConsentEntry {
+    let (signal_kind, raw_signal) = entry
+        .signal
+        .as_ref()
+        .map(|s| (s.kind.clone(), s.raw.clone()))
+        .unwrap_or_default();
+    let (cmp_id, cmp_version) = entry.cmp.unwrap_or_default();
     pb::ConsentEntry {
         cursor: entry.cursor,
         profile_id: entry.profile_id.clone(),
         purpose: entry.purpose.clone(),
-        state: state_to_pb(entry.choice.into()).into(),
+        state: state_to_pb(entry.state).into(),
         source: source_to_pb(entry.source).into(),
         region: entry.region.clone(),
         notice_version: entry.notice_version.clone(),
         collected_at: Some(from_micros(entry.collected_at_micros)),
         recorded_at: Some(from_micros(entry.recorded_at_micros)),
         effective: entry.effective,
+        legal_basis: legal_basis_to_pb(entry.legal_basis).into(),
+        signal_kind,
+        raw_signal,
+        cmp_id: cmp_id.into(),
+        cmp_version: cmp_version.into(),
+        derived_from: entry.derived_from.clone(),
+        conflict: entry.conflict.clone().unwrap_or_default(),
+        expires_at: entry.expires_at_micros.map(from_micros),
     }
 }
 
@@ -163,6 +260,7 @@ fn states_to_pb(states: &[PurposeState]) -> Vec<pb::PurposeState> {
             purpose: s.purpose.clone(),
             state: state_to_pb(s.state).into(),
             cursor: s.cursor,
+            expires_at: s.expires_at_micros.map(from_micros),
         })
         .collect()
 }
@@ -176,9 +274,43 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
-        let record = record_from(request.into_inner())?;
-        let entries = self.ledger.record(record).await?;
+        let collection = collection_from(&self.rules, request.into_inner())?;
+        let plan = derive::plan(&self.rules, collection, self.tcf_validity())?;
+        let entries = self.ledger.record(plan.record).await?;
         Ok(Response::new(pb::RecordConsentResponse {
+            entries: entries.iter().map(entry_to_pb).collect(),
+            notes: plan.notes,
+        }))
+    }
+
+    async fn consent_history(
+        &self,
+        request: Request<pb::ConsentHistoryRequest>,
+    ) -> Result<Response<pb::ConsentHistoryResponse>, Status> {
+        let request = request.into_inner();
+        let profile_id = validate::text("profile_id", &request.profile_id, MAX_ID_LEN)?;
+        let page_size = match request.page_size {
+            0 => DEFAULT_HISTORY_PAGE,
+            n if n <= MAX_HISTORY_PAGE => n,
+            _ => {
+                return Err(
+                    FieldError::new("page_size", format!("at most {MAX_HISTORY_PAGE}")).into(),
+                );
+            }
+        };
+        // One more than asked tells whether another page follows.
+        let mut entries = self
+            .ledger
+            .history(profile_id, request.after_cursor, u64::from(page_size) + 1)
+            .await?;
+        let more = entries.len() > page_size as usize;
+        entries.truncate(page_size as usize);
+        Ok(Response::new(pb::ConsentHistoryResponse {
+            next_cursor: if more {
+                entries.last().map_or(0, |e| e.cursor)
+            } else {
+                0
+            },
             entries: entries.iter().map(entry_to_pb).collect(),
         }))
     }
@@ -291,59 +423,111 @@ mod tests {
             source: pb::ConsentSource::Api.into(),
             region: "fr".into(),
             notice_version: "v1".into(),
-            collected_at: None,
+            ..Default::default()
         }
     }
 
-    fn field_of(request: pb::RecordConsentRequest) -> String {
-        record_from(request).expect_err("invalid").field
+    async fn field_of(request: pb::RecordConsentRequest) -> String {
+        let rules = crate::rules::tests::shipped().await;
+        collection_from(&rules, request).expect_err("invalid").field
     }
 
-    #[test]
-    fn a_valid_request_converts() {
-        let record = record_from(request()).expect("valid");
-        assert_eq!(record.region, "FR");
+    #[tokio::test]
+    async fn a_valid_request_converts() {
+        let rules = crate::rules::tests::shipped().await;
+        let collection = collection_from(&rules, request()).expect("valid");
+        assert_eq!(collection.region, "FR");
         assert_eq!(
-            record.choices,
+            collection.choices,
             vec![("ad_targeting".to_string(), Choice::Granted)]
         );
+        assert_eq!(collection.legal_basis, LegalBasis::Consent);
     }
 
-    #[test]
-    fn each_invalid_field_is_named() {
+    #[tokio::test]
+    async fn each_invalid_field_is_named() {
         let mut r = request();
         r.profile_id = " ".into();
-        assert_eq!(field_of(r), "profile_id");
+        assert_eq!(field_of(r).await, "profile_id");
 
         let mut r = request();
         r.choices.clear();
-        assert_eq!(field_of(r), "choices");
+        assert_eq!(field_of(r).await, "choices");
 
         let mut r = request();
         r.choices[0].purpose = "Ad Targeting".into();
-        assert_eq!(field_of(r), "choices[0].purpose");
+        assert_eq!(field_of(r).await, "choices[0].purpose");
+
+        let mut r = request();
+        r.choices[0].purpose = "telepathy".into();
+        assert_eq!(
+            field_of(r).await,
+            "choices[0].purpose",
+            "not in the catalogue"
+        );
 
         let mut r = request();
         r.choices[0].state = pb::ConsentState::Unset.into();
-        assert_eq!(field_of(r), "choices[0].state");
+        assert_eq!(field_of(r).await, "choices[0].state");
 
         let mut r = request();
         r.choices.push(r.choices[0].clone());
-        assert_eq!(field_of(r), "choices[1].purpose");
+        assert_eq!(field_of(r).await, "choices[1].purpose");
 
         let mut r = request();
         r.source = 0;
-        assert_eq!(field_of(r), "source");
+        assert_eq!(field_of(r).await, "source");
+
+        let mut r = request();
+        r.source = pb::ConsentSource::Merge.into();
+        assert_eq!(field_of(r).await, "source", "merges are the service's own");
 
         let mut r = request();
         r.region = "France".into();
-        assert_eq!(field_of(r), "region");
+        assert_eq!(field_of(r).await, "region");
+
+        let mut r = request();
+        r.legal_basis = 99;
+        assert_eq!(field_of(r).await, "legal_basis");
+
+        let mut r = request();
+        r.cmp_id = 70_000;
+        r.cmp_version = 1;
+        assert_eq!(field_of(r).await, "cmp_id");
+
+        let mut r = request();
+        r.signals.push(pb::ConsentSignal { signal: None });
+        assert_eq!(field_of(r).await, "signals[0]");
+
+        let mut r = request();
+        r.signals.push(pb::ConsentSignal {
+            signal: Some(pb::consent_signal::Signal::Gpc(false)),
+        });
+        assert_eq!(field_of(r).await, "signals[0].gpc");
+
+        let mut r = request();
+        r.signals.push(pb::ConsentSignal {
+            signal: Some(pb::consent_signal::Signal::TcString(String::new())),
+        });
+        assert_eq!(field_of(r).await, "signals[0].tc_string");
 
         let mut r = request();
         r.collected_at = Some(prost_types::Timestamp {
             seconds: 0,
             nanos: -1,
         });
-        assert_eq!(field_of(r), "collected_at");
+        assert_eq!(field_of(r).await, "collected_at");
+    }
+
+    #[tokio::test]
+    async fn a_signal_alone_is_enough() {
+        let rules = crate::rules::tests::shipped().await;
+        let mut r = request();
+        r.choices.clear();
+        r.signals.push(pb::ConsentSignal {
+            signal: Some(pb::consent_signal::Signal::UsPrivacy("1YNN".into())),
+        });
+        let collection = collection_from(&rules, r).expect("valid");
+        assert_eq!(collection.signals, vec![SignalInput::Usp("1YNN".into())]);
     }
 }

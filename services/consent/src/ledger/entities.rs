@@ -12,11 +12,21 @@ pub mod entry {
         pub profile_id: String,
         pub purpose: String,
         pub state: String,
+        pub legal_basis: String,
         pub source: String,
         pub region: String,
         pub notice_version: String,
+        /// `tcf`, `gpp`, `usp` or `gpc` when derived from a signal.
+        pub signal_kind: Option<String>,
+        /// The signal as received (a TC string holds no personal data).
+        pub raw_signal: Option<String>,
+        pub cmp_id: Option<i32>,
+        pub cmp_version: Option<i32>,
+        pub derived_from: String,
+        pub conflict: Option<String>,
         pub collected_at: i64,
         pub recorded_at: i64,
+        pub expires_at: Option<i64>,
         /// Whether this entry became the current state when appended.
         pub effective: bool,
     }
@@ -42,6 +52,8 @@ pub mod current {
         pub seq: i64,
         /// When the choice behind `seq` was collected.
         pub collected_at: i64,
+        /// When the choice behind `seq` stops counting.
+        pub expires_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,5 +1,8 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, big_pk_auto, boolean, string};
+use sea_orm_migration::schema::{
+    big_integer, big_integer_null, big_pk_auto, boolean, integer_null, string, string_null,
+    text_null,
+};
 
 /// The consent service's schema, one migration per change.
 pub struct Migrator;
@@ -11,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateLedger),
             Box::new(CurrentByCollectionTime),
             Box::new(EffectiveEntries),
+            Box::new(ProvableEntries),
         ]
     }
 }
@@ -28,6 +32,14 @@ enum ConsentEntries {
     CollectedAt,
     RecordedAt,
     Effective,
+    LegalBasis,
+    SignalKind,
+    RawSignal,
+    CmpId,
+    CmpVersion,
+    DerivedFrom,
+    Conflict,
+    ExpiresAt,
 }
 
 #[derive(DeriveIden)]
@@ -38,6 +50,7 @@ enum ConsentCurrent {
     State,
     Seq,
     CollectedAt,
+    ExpiresAt,
 }
 
 struct CreateLedger;
@@ -142,6 +155,57 @@ impl MigrationTrait for EffectiveEntries {
                 Table::alter()
                     .table(ConsentEntries::Table)
                     .add_column(boolean(ConsentEntries::Effective).default(true))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// What an entry needs to prove itself: the legal basis, the signal it came
+/// from (verbatim), the CMP, what decided it, what it overrode, and when it
+/// stops counting. Earlier entries were explicit choices under consent.
+struct ProvableEntries;
+
+impl MigrationName for ProvableEntries {
+    fn name(&self) -> &str {
+        "m20261130_000004_provable_entries"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ProvableEntries {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One column per statement: SQLite alters one column at a time.
+        let entries = [
+            string(ConsentEntries::LegalBasis)
+                .default("consent")
+                .to_owned(),
+            string_null(ConsentEntries::SignalKind),
+            text_null(ConsentEntries::RawSignal),
+            integer_null(ConsentEntries::CmpId),
+            integer_null(ConsentEntries::CmpVersion),
+            string(ConsentEntries::DerivedFrom)
+                .default("explicit choice")
+                .to_owned(),
+            text_null(ConsentEntries::Conflict),
+            big_integer_null(ConsentEntries::ExpiresAt),
+        ];
+        for mut column in entries {
+            let column: &mut ColumnDef = &mut column;
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(ConsentEntries::Table)
+                        .add_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ConsentCurrent::Table)
+                    .add_column(big_integer_null(ConsentCurrent::ExpiresAt))
                     .to_owned(),
             )
             .await

@@ -13,8 +13,8 @@ use std::str::FromStr;
 use chrono::Utc;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
+    NotSet, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -56,6 +56,18 @@ pub enum Source {
     Gpc,
     Import,
     PrivacyRequest,
+    /// Written by the service when profiles merged, so consent never widens.
+    Merge,
+}
+
+/// Why processing is lawful for a choice (GDPR Art. 6(1)), or, under US
+/// opt-out laws, that the person was told and could opt out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegalBasis {
+    Consent,
+    OptOut,
+    LegitimateInterest,
+    Contract,
 }
 
 macro_rules! string_enum {
@@ -85,6 +97,7 @@ macro_rules! string_enum {
 }
 
 string_enum!(Choice { Granted => "granted", Denied => "denied" });
+string_enum!(State { Unset => "unset", Granted => "granted", Denied => "denied" });
 string_enum!(Source {
     Cmp => "cmp",
     Form => "form",
@@ -92,43 +105,97 @@ string_enum!(Source {
     Gpc => "gpc",
     Import => "import",
     PrivacyRequest => "privacy_request",
+    Merge => "merge",
+});
+string_enum!(LegalBasis {
+    Consent => "consent",
+    OptOut => "opt_out",
+    LegitimateInterest => "legitimate_interest",
+    Contract => "contract",
 });
 
-/// One ledger entry.
+/// The signal an entry was derived from, kept verbatim as evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalEvidence {
+    /// `tcf`, `gpp`, `usp` or `gpc`.
+    pub kind: String,
+    pub raw: String,
+}
+
+/// One ledger entry: everything needed to prove the choice later
+/// (GDPR Art. 7(1)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub cursor: u64,
     pub profile_id: String,
     pub purpose: String,
-    pub choice: Choice,
+    pub state: State,
+    pub legal_basis: LegalBasis,
     pub source: Source,
     pub region: String,
     pub notice_version: String,
+    pub signal: Option<SignalEvidence>,
+    /// The consent management platform (CMP id, CMP version).
+    pub cmp: Option<(u16, u16)>,
+    /// Which fields or choice decided the state.
+    pub derived_from: String,
+    /// Choices for the purpose that this one overrode (e.g. a grant
+    /// overridden by GPC).
+    pub conflict: Option<String>,
     pub collected_at_micros: i64,
     pub recorded_at_micros: i64,
+    /// After this the state counts as unset.
+    pub expires_at_micros: Option<i64>,
     /// Whether this entry became the person's current state for the purpose
     /// when it was appended; a late import of an older choice does not.
     pub effective: bool,
+}
+
+/// One purpose's choice within a [`Record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedChoice {
+    pub purpose: String,
+    pub state: State,
+    pub legal_basis: LegalBasis,
+    pub signal: Option<SignalEvidence>,
+    pub derived_from: String,
+    pub conflict: Option<String>,
+    /// How long after collection the choice lasts, when the policy limits it.
+    pub lifetime_micros: Option<i64>,
+    /// Re-ask rules that refuse this choice while a denial is this recent.
+    pub holds: Vec<ReaskHold>,
+}
+
+/// A re-ask rule as it applies to one choice: refuse it while the current
+/// state is a denial collected less than `wait_micros` ago.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaskHold {
+    pub rule: String,
+    pub wait_micros: i64,
 }
 
 /// A request to record choices for one person, validated.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub profile_id: String,
-    pub choices: Vec<(String, Choice)>,
+    pub choices: Vec<RecordedChoice>,
     pub source: Source,
     pub region: String,
     pub notice_version: String,
+    pub cmp: Option<(u16, u16)>,
     /// When the person chose; `None` means now.
     pub collected_at_micros: Option<i64>,
 }
 
 /// A purpose's current state and the entry behind it (0 when unset).
+/// An expired choice answers `Unset` with the expired entry's cursor and
+/// expiry, so a reader that remembers states by cursor replaces it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PurposeState {
     pub purpose: String,
     pub state: State,
     pub cursor: u64,
+    pub expires_at_micros: Option<i64>,
 }
 
 /// Key of the PostgreSQL advisory lock that serialises appends.
@@ -152,10 +219,12 @@ impl Ledger {
         }
     }
 
-    /// Appends one entry per choice, atomically, and wakes watchers.
+    /// Appends one entry per choice, atomically, and wakes watchers. A
+    /// choice held back by a re-ask rule refuses the whole record.
     pub async fn record(&self, record: Record) -> Result<Vec<Entry>, ConsentError> {
         let _writer = self.writer.lock().await;
         let now = Utc::now().timestamp_micros();
+        let collected_at = record.collected_at_micros.unwrap_or(now);
         let txn = self.db.begin().await?;
         if txn.get_database_backend() == DbBackend::Postgres {
             // Replicas append one at a time too: the lock is taken before the
@@ -165,60 +234,38 @@ impl Ledger {
                 .await?;
         }
         let mut written = Vec::with_capacity(record.choices.len());
-        for (purpose, choice) in &record.choices {
-            let collected_at = record.collected_at_micros.unwrap_or(now);
-            let newer_known =
-                current::Entity::find_by_id((record.profile_id.clone(), purpose.clone()))
+        for choice in &record.choices {
+            let known =
+                current::Entity::find_by_id((record.profile_id.clone(), choice.purpose.clone()))
                     .one(&txn)
-                    .await?
-                    .is_some_and(|known| known.collected_at > collected_at);
-            let row = entry::ActiveModel {
-                seq: sea_orm::NotSet,
-                profile_id: sea_orm::Set(record.profile_id.clone()),
-                purpose: sea_orm::Set(purpose.clone()),
-                state: sea_orm::Set(choice.as_str().to_string()),
-                source: sea_orm::Set(record.source.as_str().to_string()),
-                region: sea_orm::Set(record.region.clone()),
-                notice_version: sea_orm::Set(record.notice_version.clone()),
-                collected_at: sea_orm::Set(collected_at),
-                recorded_at: sea_orm::Set(now),
-                effective: sea_orm::Set(!newer_known),
-            };
-            let seq = entry::Entity::insert(row).exec(&txn).await?.last_insert_id;
-            // An older choice arriving late (an import) is kept as evidence
-            // but does not replace the newer one.
-            if !newer_known {
-                current::Entity::insert(current::ActiveModel {
-                    profile_id: sea_orm::Set(record.profile_id.clone()),
-                    purpose: sea_orm::Set(purpose.clone()),
-                    state: sea_orm::Set(choice.as_str().to_string()),
-                    seq: sea_orm::Set(seq),
-                    collected_at: sea_orm::Set(collected_at),
-                })
-                .on_conflict(
-                    OnConflict::columns([current::Column::ProfileId, current::Column::Purpose])
-                        .update_columns([
-                            current::Column::State,
-                            current::Column::Seq,
-                            current::Column::CollectedAt,
-                        ])
-                        .to_owned(),
-                )
-                .exec(&txn)
-                .await?;
+                    .await?;
+            if let Some(known) = &known {
+                refuse_if_held(known, choice, now)?;
             }
-            written.push(Entry {
-                cursor: cursor_of(seq)?,
+            let newer_known = known.is_some_and(|known| known.collected_at > collected_at);
+            let expires_at = choice
+                .lifetime_micros
+                .map(|life| collected_at.saturating_add(life));
+            let mut entry = Entry {
+                cursor: 0,
                 profile_id: record.profile_id.clone(),
-                purpose: purpose.clone(),
-                choice: *choice,
+                purpose: choice.purpose.clone(),
+                state: choice.state,
+                legal_basis: choice.legal_basis,
                 source: record.source,
                 region: record.region.clone(),
                 notice_version: record.notice_version.clone(),
+                signal: choice.signal.clone(),
+                cmp: record.cmp,
+                derived_from: choice.derived_from.clone(),
+                conflict: choice.conflict.clone(),
                 collected_at_micros: collected_at,
                 recorded_at_micros: now,
+                expires_at_micros: expires_at,
                 effective: !newer_known,
-            });
+            };
+            entry.cursor = append(&txn, &entry).await?;
+            written.push(entry);
         }
         txn.commit().await?;
         if let Some(last) = written.last() {
@@ -235,6 +282,7 @@ impl Ledger {
         profile_ids: &[String],
         purposes: &[String],
     ) -> Result<Vec<(String, Vec<PurposeState>)>, ConsentError> {
+        let now = Utc::now().timestamp_micros();
         let mut query = current::Entity::find()
             .filter(current::Column::ProfileId.is_in(profile_ids.iter().cloned()));
         if !purposes.is_empty() {
@@ -242,14 +290,16 @@ impl Ledger {
         }
         let mut by_person: HashMap<String, Vec<PurposeState>> = HashMap::new();
         for row in query.all(&self.db).await? {
-            let choice: Choice = row.state.parse()?;
+            let recorded: State = row.state.parse()?;
+            let expired = row.expires_at.is_some_and(|at| at <= now);
             by_person
                 .entry(row.profile_id)
                 .or_default()
                 .push(PurposeState {
                     purpose: row.purpose,
-                    state: choice.into(),
+                    state: if expired { State::Unset } else { recorded },
                     cursor: cursor_of(row.seq)?,
+                    expires_at_micros: row.expires_at,
                 });
         }
         Ok(profile_ids
@@ -262,6 +312,7 @@ impl Ledger {
                             purpose: purpose.clone(),
                             state: State::Unset,
                             cursor: 0,
+                            expires_at_micros: None,
                         });
                     }
                 }
@@ -269,6 +320,27 @@ impl Ledger {
                 (id.clone(), known)
             })
             .collect())
+    }
+
+    /// One person's ledger (the proof of their choices), oldest first:
+    /// up to `limit` entries after `cursor`.
+    pub async fn history(
+        &self,
+        profile_id: &str,
+        cursor: u64,
+        limit: u64,
+    ) -> Result<Vec<Entry>, ConsentError> {
+        let after = i64::try_from(cursor).unwrap_or(i64::MAX);
+        entry::Entity::find()
+            .filter(entry::Column::ProfileId.eq(profile_id))
+            .filter(entry::Column::Seq.gt(after))
+            .order_by_asc(entry::Column::Seq)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(entry_from_row)
+            .collect()
     }
 
     /// Up to `limit` entries after `cursor`, in ledger order.
@@ -307,17 +379,108 @@ fn cursor_of(seq: i64) -> Result<u64, ConsentError> {
     u64::try_from(seq).map_err(|_| ConsentError::Corrupt(format!("negative ledger sequence {seq}")))
 }
 
+/// Writes `entry` and, when it is effective, makes it the current state.
+/// Returns its cursor.
+async fn append(txn: &DatabaseTransaction, entry: &Entry) -> Result<u64, ConsentError> {
+    let row = entry::ActiveModel {
+        seq: NotSet,
+        profile_id: Set(entry.profile_id.clone()),
+        purpose: Set(entry.purpose.clone()),
+        state: Set(entry.state.as_str().to_string()),
+        legal_basis: Set(entry.legal_basis.as_str().to_string()),
+        source: Set(entry.source.as_str().to_string()),
+        region: Set(entry.region.clone()),
+        notice_version: Set(entry.notice_version.clone()),
+        signal_kind: Set(entry.signal.as_ref().map(|s| s.kind.clone())),
+        raw_signal: Set(entry.signal.as_ref().map(|s| s.raw.clone())),
+        cmp_id: Set(entry.cmp.map(|(id, _)| i32::from(id))),
+        cmp_version: Set(entry.cmp.map(|(_, version)| i32::from(version))),
+        derived_from: Set(entry.derived_from.clone()),
+        conflict: Set(entry.conflict.clone()),
+        collected_at: Set(entry.collected_at_micros),
+        recorded_at: Set(entry.recorded_at_micros),
+        expires_at: Set(entry.expires_at_micros),
+        effective: Set(entry.effective),
+    };
+    let seq = entry::Entity::insert(row).exec(txn).await?.last_insert_id;
+    // An older choice arriving late (an import) is kept as evidence but does
+    // not replace the newer one.
+    if entry.effective {
+        current::Entity::insert(current::ActiveModel {
+            profile_id: Set(entry.profile_id.clone()),
+            purpose: Set(entry.purpose.clone()),
+            state: Set(entry.state.as_str().to_string()),
+            seq: Set(seq),
+            collected_at: Set(entry.collected_at_micros),
+            expires_at: Set(entry.expires_at_micros),
+        })
+        .on_conflict(
+            OnConflict::columns([current::Column::ProfileId, current::Column::Purpose])
+                .update_columns([
+                    current::Column::State,
+                    current::Column::Seq,
+                    current::Column::CollectedAt,
+                    current::Column::ExpiresAt,
+                ])
+                .to_owned(),
+        )
+        .exec(txn)
+        .await?;
+    }
+    cursor_of(seq)
+}
+
+/// Refuses a grant that a re-ask rule holds back: the person said no, and
+/// not long enough ago.
+fn refuse_if_held(
+    known: &current::Model,
+    choice: &RecordedChoice,
+    now: i64,
+) -> Result<(), ConsentError> {
+    if choice.state != State::Granted || known.state != State::Denied.as_str() {
+        return Ok(());
+    }
+    for hold in &choice.holds {
+        let until = known.collected_at.saturating_add(hold.wait_micros);
+        if now < until {
+            return Err(ConsentError::ReaskTooSoon {
+                purpose: choice.purpose.clone(),
+                rule: hold.rule.clone(),
+                until_micros: until,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn entry_from_row(row: entry::Model) -> Result<Entry, ConsentError> {
+    let cmp = match (row.cmp_id, row.cmp_version) {
+        (Some(id), Some(version)) => Some((
+            u16::try_from(id).map_err(|_| ConsentError::Corrupt(format!("cmp id {id}")))?,
+            u16::try_from(version)
+                .map_err(|_| ConsentError::Corrupt(format!("cmp version {version}")))?,
+        )),
+        _ => None,
+    };
     Ok(Entry {
         cursor: cursor_of(row.seq)?,
-        choice: row.state.parse()?,
+        state: row.state.parse()?,
+        legal_basis: row.legal_basis.parse()?,
         source: row.source.parse()?,
+        signal: row
+            .signal_kind
+            .zip(row.raw_signal)
+            .map(|(kind, raw)| SignalEvidence { kind, raw }),
+        cmp,
         profile_id: row.profile_id,
         purpose: row.purpose,
         region: row.region,
         notice_version: row.notice_version,
+        derived_from: row.derived_from,
+        conflict: row.conflict,
         collected_at_micros: row.collected_at,
         recorded_at_micros: row.recorded_at,
+        expires_at_micros: row.expires_at,
         effective: row.effective,
     })
 }

@@ -10,13 +10,27 @@ async fn ledger(db: &TestDatabase) -> Ledger {
     )
 }
 
+fn choice(purpose: &str, state: impl Into<State>) -> RecordedChoice {
+    RecordedChoice {
+        purpose: purpose.into(),
+        state: state.into(),
+        legal_basis: LegalBasis::Consent,
+        signal: None,
+        derived_from: "explicit choice".into(),
+        conflict: None,
+        lifetime_micros: None,
+        holds: Vec::new(),
+    }
+}
+
 fn record(profile: &str, choices: &[(&str, Choice)]) -> Record {
     Record {
         profile_id: profile.into(),
-        choices: choices.iter().map(|(p, c)| (p.to_string(), *c)).collect(),
+        choices: choices.iter().map(|(p, c)| choice(p, *c)).collect(),
         source: Source::Cmp,
         region: "FR".into(),
         notice_version: "2026-01".into(),
+        cmp: None,
         collected_at_micros: Some(1_700_000_000_000_000),
     }
 }
@@ -104,7 +118,7 @@ madtech_common::backend_tests!(
             .await
             .expect("resume");
         assert_eq!(after.len(), 1);
-        assert_eq!(after[0].choice, Choice::Denied);
+        assert_eq!(after[0].state, State::Denied);
         assert!(after[0].cursor > first_cursor);
         assert_eq!(ledger.head().await.expect("head"), after[0].cursor);
     }
@@ -161,5 +175,128 @@ madtech_common::backend_tests!(
             .await
             .expect("current");
         assert_eq!(current[0].1[0].state, State::Granted);
+    }
+);
+
+madtech_common::backend_tests!(
+    an_expired_choice_reads_as_unset_with_its_cursor,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        let day = 86_400_000_000;
+        let now = Utc::now().timestamp_micros();
+        let mut old = record("p", &[("ad_targeting", Choice::Granted)]);
+        old.collected_at_micros = Some(now - 400 * day);
+        old.choices[0].lifetime_micros = Some(395 * day);
+        let mut fresh = record("q", &[("ad_targeting", Choice::Granted)]);
+        fresh.collected_at_micros = Some(now - day);
+        fresh.choices[0].lifetime_micros = Some(395 * day);
+        let old_cursor = ledger.record(old).await.expect("old")[0].cursor;
+        ledger.record(fresh).await.expect("fresh");
+
+        let answer = ledger
+            .current(&["p".into(), "q".into()], &["ad_targeting".into()])
+            .await
+            .expect("current");
+        let p = &answer[0].1[0];
+        assert_eq!(p.state, State::Unset, "395 days have passed");
+        assert_eq!(p.cursor, old_cursor, "the expired entry is named");
+        assert_eq!(p.expires_at_micros, Some(now - 5 * day));
+        assert_eq!(answer[1].1[0].state, State::Granted);
+    }
+);
+
+madtech_common::backend_tests!(
+    a_reask_hold_refuses_a_grant_after_a_recent_denial_and_writes_nothing,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        let day = 86_400_000_000;
+        let now = Utc::now().timestamp_micros();
+        let mut denial = record("p", &[("data_sale", Choice::Denied)]);
+        denial.collected_at_micros = Some(now - 30 * day);
+        ledger.record(denial).await.expect("opt-out");
+        let head = ledger.head().await.expect("head");
+
+        let mut ask_again = record(
+            "p",
+            &[
+                ("analytics", Choice::Granted),
+                ("data_sale", Choice::Granted),
+            ],
+        );
+        ask_again.collected_at_micros = None;
+        ask_again.choices[1].holds = vec![ReaskHold {
+            rule: "ccpa_twelve_months".into(),
+            wait_micros: 365 * day,
+        }];
+        let err = ledger
+            .record(ask_again.clone())
+            .await
+            .expect_err("too soon");
+        match err {
+            ConsentError::ReaskTooSoon {
+                purpose,
+                rule,
+                until_micros,
+            } => {
+                assert_eq!(purpose, "data_sale");
+                assert_eq!(rule, "ccpa_twelve_months");
+                assert_eq!(until_micros, now - 30 * day + 365 * day);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(ledger.head().await.expect("head"), head, "nothing written");
+
+        // Without the hold (the person asked themselves) it goes through.
+        ask_again.choices[1].holds.clear();
+        ledger.record(ask_again).await.expect("person-initiated");
+        let current = ledger.current(&["p".into()], &[]).await.expect("current");
+        assert!(current[0].1.iter().all(|s| s.state == State::Granted));
+    }
+);
+
+madtech_common::backend_tests!(
+    history_proves_each_choice_with_its_evidence,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        let mut from_signal = record("p", &[("ad_targeting", Choice::Denied)]);
+        from_signal.cmp = Some((300, 7));
+        from_signal.choices[0].signal = Some(SignalEvidence {
+            kind: "usp".into(),
+            raw: "1YYN".into(),
+        });
+        from_signal.choices[0].legal_basis = LegalBasis::OptOut;
+        from_signal.choices[0].derived_from = "usp opt_out_sale=Y".into();
+        from_signal.choices[0].conflict = Some("granted (explicit choice) overridden".into());
+        ledger.record(from_signal).await.expect("signal");
+        ledger
+            .record(record("other", &[("analytics", Choice::Granted)]))
+            .await
+            .expect("someone else");
+        ledger
+            .record(record("p", &[("analytics", Choice::Granted)]))
+            .await
+            .expect("explicit");
+
+        let history = ledger.history("p", 0, 10).await.expect("history");
+        assert_eq!(history.len(), 2, "only this person's entries");
+        let first = &history[0];
+        assert_eq!(first.state, State::Denied);
+        assert_eq!(first.legal_basis, LegalBasis::OptOut);
+        assert_eq!(first.cmp, Some((300, 7)));
+        assert_eq!(
+            first.signal,
+            Some(SignalEvidence {
+                kind: "usp".into(),
+                raw: "1YYN".into()
+            })
+        );
+        assert_eq!(first.derived_from, "usp opt_out_sale=Y");
+        assert!(first.conflict.is_some());
+        assert_eq!(history[1].signal, None);
+        let rest = ledger
+            .history("p", first.cursor, 10)
+            .await
+            .expect("next page");
+        assert_eq!(rest, history[1..].to_vec());
     }
 );
