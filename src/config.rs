@@ -110,6 +110,7 @@ impl MadtechConfig {
         self.gateway.upstreams.segments = url(self.segments.listen, &self.segments.tls);
         self.gateway.upstreams.activation = url(self.activation.listen, &self.activation.tls);
         self.segments.profiles_url = url(self.profiles.listen, &self.profiles.tls);
+        self.consent.profiles_url = url(self.profiles.listen, &self.profiles.tls);
         self.activation.gateway_url = url(self.gateway.listen, &self.gateway.tls);
         self
     }

@@ -157,7 +157,7 @@ impl ConsentView {
     /// Follows the change stream until `shutdown`, from the ledger head at
     /// start, resuming from the last cursor after any disconnect.
     pub async fn follow(self: Arc<Self>, shutdown: madtech_common::CancellationToken) {
-        let mut backoff = Backoff::default();
+        let backoff = madtech_common::changelog::Backoff::default();
         let mut position = None;
         loop {
             let run = async {
@@ -424,24 +424,6 @@ fn restrictiveness(state: consent_pb::ConsentState) -> u8 {
     }
 }
 
-/// Exponential backoff between reconnects: 100 ms doubling to 5 s.
-#[derive(Default)]
-struct Backoff {
-    attempts: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let delay = Duration::from_millis(100) * 2u32.saturating_pow(self.attempts.min(6));
-        self.attempts = self.attempts.saturating_add(1);
-        delay.min(Duration::from_secs(5))
-    }
-
-    fn reset(&mut self) {
-        self.attempts = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,7 +510,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_bounded() {
-        let mut backoff = Backoff::default();
+        let backoff = madtech_common::changelog::Backoff::default();
         let delays: Vec<Duration> = (0..10).map(|_| backoff.next()).collect();
         assert_eq!(delays[0], Duration::from_millis(100));
         assert!(delays.windows(2).all(|w| w[0] <= w[1]));

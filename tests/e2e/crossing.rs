@@ -496,13 +496,69 @@ async fn a_merge_never_widens_consent() {
         .expect("merge")
         .into_inner();
     assert_eq!(merged.merged_profile_ids, vec![newer_id.clone()]);
-    assert_eq!(
-        merged.profile.expect("profile").profile_id,
-        older.profile.expect("profile").profile_id
-    );
+    let survivor = older.profile.expect("profile").profile_id;
+    assert_eq!(merged.profile.expect("profile").profile_id, survivor);
 
     let segment = suite.region_segment("california", &["US-CA"]).await;
     let crossed = suite.export(&segment.segment_id).await.len();
     assert_eq!(crossed, 0, "the merged-away opt-out still counts");
+
+    // Consent learns of the merge from the profiles change stream and
+    // writes the survivor's new state, with the reason, into the ledger.
+    let merge_entry = wait_for_merge_entry(&mut consent, &survivor).await;
+    assert_eq!(merge_entry.state(), consent_pb::ConsentState::Denied);
+    assert_eq!(merge_entry.purpose, "ad_targeting");
+    assert!(
+        merge_entry.derived_from.contains(&newer_id),
+        "{}",
+        merge_entry.derived_from
+    );
+
+    // Until they choose again: the person opts back in themselves (the
+    // business may not ask for a year), and now they cross.
+    consent
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: survivor.clone(),
+            choices: vec![consent_pb::PurposeChoice {
+                purpose: "ad_targeting".into(),
+                state: consent_pb::ConsentState::Granted.into(),
+            }],
+            source: consent_pb::ConsentSource::Form.into(),
+            region: "US-CA".into(),
+            person_initiated: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the person chooses again");
+    let crossed = suite.export(&segment.segment_id).await.len();
+    assert_eq!(
+        crossed, 1,
+        "the new choice stands for every id of the person"
+    );
     suite.stop().await;
+}
+
+async fn wait_for_merge_entry(
+    consent: &mut madtech_proto::consent::v1::consent_service_client::ConsentServiceClient<Authed>,
+    profile_id: &str,
+) -> consent_pb::ConsentEntry {
+    for _ in 0..200 {
+        let history = consent
+            .consent_history(consent_pb::ConsentHistoryRequest {
+                profile_id: profile_id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        if let Some(entry) = history
+            .entries
+            .into_iter()
+            .find(|e| e.source() == consent_pb::ConsentSource::Merge)
+        {
+            return entry;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no merge entry for {profile_id} within 10 s");
 }

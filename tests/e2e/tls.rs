@@ -17,6 +17,7 @@ struct Pki {
     server: (PathBuf, PathBuf),
     gateway: (PathBuf, PathBuf),
     segments: (PathBuf, PathBuf),
+    consent: (PathBuf, PathBuf),
 }
 
 fn pki(dir: &Path) -> Pki {
@@ -44,6 +45,7 @@ fn pki(dir: &Path) -> Pki {
         server: issue("server", &["localhost", "127.0.0.1"]),
         gateway: issue("gateway", &["gateway"]),
         segments: issue("segments", &["segments"]),
+        consent: issue("consent", &["consent"]),
         ca: write("ca.pem", ca.pem()),
     }
 }
@@ -71,6 +73,7 @@ async fn the_suite_runs_on_mutual_tls_and_services_refuse_strangers() {
         config.gateway.tls = server(false);
         config.gateway.upstream_tls = client(Some(&pki.gateway));
         config.segments.profiles_tls = client(Some(&pki.segments));
+        config.consent.profiles_tls = client(Some(&pki.consent));
         config.activation.gateway_tls = client(None);
     })
     .await;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use madtech_common::config::{ConfigError, Validate};
 use madtech_common::db::DatabaseConfig;
-use madtech_common::tls::ServerTls;
+use madtech_common::tls::{ClientTls, ServerTls};
 use serde::{Deserialize, Serialize};
 
 /// Everything the consent service needs to run.
@@ -30,6 +30,11 @@ pub struct ConsentConfig {
     /// default: such strings are refused with INVALID_ARGUMENT. Turn it on
     /// only to import consent collected before TCF 2.2 (November 2023).
     pub accept_pre_tcf22_strings: bool,
+    /// The profiles service, whose change stream tells consent about merges
+    /// (e.g. `http://127.0.0.1:50052`).
+    pub profiles_url: String,
+    /// TLS towards the profiles service (for `https://` URLs).
+    pub profiles_tls: ClientTls,
 }
 
 impl Default for ConsentConfig {
@@ -41,6 +46,8 @@ impl Default for ConsentConfig {
             watch_poll_interval: Duration::from_secs(1),
             policy_dir: PathBuf::from("policies"),
             accept_pre_tcf22_strings: false,
+            profiles_url: "http://127.0.0.1:50052".into(),
+            profiles_tls: ClientTls::default(),
         }
     }
 }
@@ -49,6 +56,13 @@ impl Validate for ConsentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.database.validate("consent")?;
         self.tls.validate("consent")?;
+        self.profiles_tls.validate("consent.profiles_tls")?;
+        if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(
+                "consent.profiles_url must be an http:// or https:// URL".into(),
+            ));
+        }
         if self.policy_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "consent.policy_dir must name the policy directory".into(),

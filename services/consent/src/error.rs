@@ -15,6 +15,8 @@ pub enum ConsentError {
     Policy(#[from] crate::rules::RulesError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("profiles service: {0}")]
+    Profiles(tonic::Status),
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
@@ -28,6 +30,7 @@ impl From<ConsentError> for Status {
             ConsentError::ReaskTooSoon { .. } => Status::failed_precondition(err.to_string()),
             ConsentError::Policy(_) => internal("consent policy", &err),
             ConsentError::Corrupt(_) => internal("consent data is corrupt", &err),
+            ConsentError::Profiles(_) => internal("consent following profiles", &err),
             ConsentError::Tls(_) => internal("consent transport", &err),
             ConsentError::Database(ref db) => internal("consent database", db),
         }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod derive;
 pub mod error;
+mod follow;
 pub mod ledger;
 pub mod rules;
 pub mod service;
@@ -14,16 +15,29 @@ pub use config::ConsentConfig;
 pub use error::ConsentError;
 pub use service::ConsentApi;
 
+use std::sync::Arc;
+
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
+use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 
 /// Connects to the database, migrates it and returns the service ready to
 /// serve.
 pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentError> {
     let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
     let rules = rules::ConsentRules::load(&config.policy_dir).await?;
-    let api = ConsentApi::new(ledger::Ledger::new(db), rules, config.clone());
+    let ledger = Arc::new(ledger::Ledger::new(db));
+    let profiles = ProfileServiceClient::new(
+        config
+            .profiles_tls
+            .endpoint(&config.profiles_url)?
+            .connect_lazy(),
+    );
+    let api = ConsentApi::new(Arc::clone(&ledger), rules, config.clone());
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
-        .add_service(api.into_server()))
+        .add_service(api.into_server())
+        .with_task(Box::new(move |shutdown| {
+            Box::pin(follow::follow(ledger, profiles, shutdown))
+        })))
 }

@@ -42,9 +42,9 @@ pub struct ConsentApi {
 }
 
 impl ConsentApi {
-    pub fn new(ledger: Ledger, rules: ConsentRules, config: ConsentConfig) -> Self {
+    pub fn new(ledger: Arc<Ledger>, rules: ConsentRules, config: ConsentConfig) -> Self {
         ConsentApi {
-            ledger: Arc::new(ledger),
+            ledger,
             rules: Arc::new(rules),
             config,
         }

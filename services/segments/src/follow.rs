@@ -6,10 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use madtech_common::CancellationToken;
+use madtech_common::changelog::{Backoff, keep_following};
 use madtech_proto::profiles::v1 as profiles_pb;
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use tonic::transport::Channel;
@@ -21,8 +21,6 @@ use crate::store::projection::Projection;
 
 /// Changes applied per transaction at most.
 const PAGE: usize = 512;
-const MIN_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Follows the stream until `shutdown`.
 pub async fn follow(
@@ -31,29 +29,19 @@ pub async fn follow(
     client: ProfileServiceClient<Channel>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        let mut client = client.clone();
-        let outcome = tokio::select! {
-            () = shutdown.cancelled() => return,
-            outcome = follow_once(&projection, &evaluator, &mut client, &mut backoff) => outcome,
-        };
-        if let Err(err) = outcome {
-            tracing::warn!(error = %err, retry_in = ?backoff, "following profile changes failed");
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+    keep_following("profile changes", shutdown, |backoff| {
+        let (projection, evaluator, mut client) =
+            (Arc::clone(&projection), evaluator.clone(), client.clone());
+        async move { follow_once(&projection, &evaluator, &mut client, &backoff).await }
+    })
+    .await;
 }
 
 async fn follow_once(
     projection: &Projection,
     evaluator: &Evaluator,
     client: &mut ProfileServiceClient<Channel>,
-    backoff: &mut Duration,
+    backoff: &Backoff,
 ) -> Result<(), SegmentError> {
     let cursor = projection.cursor().await?;
     let stream = client
@@ -78,7 +66,7 @@ async fn follow_once(
         }
         if last.is_some() {
             projection.apply(&changes).await?;
-            *backoff = MIN_BACKOFF;
+            backoff.reset();
             let touched: BTreeSet<&str> = changes.iter().flat_map(|(_, c)| c.touched()).collect();
             let touched: Vec<String> = touched.into_iter().map(String::from).collect();
             // The projection is already ahead: a failure here is logged and

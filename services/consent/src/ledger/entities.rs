@@ -61,3 +61,41 @@ pub mod current {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod merge {
+    use sea_orm::entity::prelude::*;
+
+    /// A profile id merged into another: choices recorded for either are
+    /// the survivor's, and copied to every id merged into it.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "consent_merges")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub absorbed_id: String,
+        pub survivor_id: String,
+        pub merged_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod follow {
+    use sea_orm::entity::prelude::*;
+
+    /// How far a stream this service follows has been applied.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "consent_follow")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub stream: String,
+        pub cursor: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

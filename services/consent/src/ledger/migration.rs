@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(CurrentByCollectionTime),
             Box::new(EffectiveEntries),
             Box::new(ProvableEntries),
+            Box::new(MergesAndFollowing),
         ]
     }
 }
@@ -206,6 +207,68 @@ impl MigrationTrait for ProvableEntries {
                 Table::alter()
                     .table(ConsentCurrent::Table)
                     .add_column(big_integer_null(ConsentCurrent::ExpiresAt))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum ConsentMerges {
+    Table,
+    AbsorbedId,
+    SurvivorId,
+    MergedAt,
+}
+
+#[derive(DeriveIden)]
+enum ConsentFollow {
+    Table,
+    Stream,
+    Cursor,
+}
+
+/// Profile merges as the consent service learned them from the profiles
+/// change stream, and how far that stream has been applied.
+struct MergesAndFollowing;
+
+impl MigrationName for MergesAndFollowing {
+    fn name(&self) -> &str {
+        "m20261130_000005_merges_and_following"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MergesAndFollowing {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(ConsentMerges::Table)
+                    .if_not_exists()
+                    .col(string(ConsentMerges::AbsorbedId).primary_key())
+                    .col(string(ConsentMerges::SurvivorId))
+                    .col(big_integer(ConsentMerges::MergedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("consent_merges_by_survivor")
+                    .table(ConsentMerges::Table)
+                    .col(ConsentMerges::SurvivorId)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ConsentFollow::Table)
+                    .if_not_exists()
+                    .col(string(ConsentFollow::Stream).primary_key())
+                    .col(big_integer(ConsentFollow::Cursor))
                     .to_owned(),
             )
             .await

@@ -4,6 +4,7 @@
 //! written in the same transaction as the entry it points at.
 
 mod entities;
+mod merges;
 mod migration;
 
 use std::collections::HashMap;
@@ -221,34 +222,27 @@ impl Ledger {
 
     /// Appends one entry per choice, atomically, and wakes watchers. A
     /// choice held back by a re-ask rule refuses the whole record.
+    ///
+    /// Choices are the person's: recorded for a merged-away id they go to
+    /// the surviving profile, and every id merged into it gets a copy, so
+    /// the most restrictive reading over all their ids is the new choice.
     pub async fn record(&self, record: Record) -> Result<Vec<Entry>, ConsentError> {
         let _writer = self.writer.lock().await;
         let now = Utc::now().timestamp_micros();
         let collected_at = record.collected_at_micros.unwrap_or(now);
         let txn = self.db.begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            // Replicas append one at a time too: the lock is taken before the
-            // sequence hands out a cursor and held until commit, so cursors
-            // become visible in order and no watcher skips one.
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
-                .await?;
-        }
-        let mut written = Vec::with_capacity(record.choices.len());
+        lock_appends(&txn).await?;
+        let subject = merges::survivor_of(&txn, &record.profile_id).await?;
+        let copies = merges::absorbed_by(&txn, &subject).await?;
+        let mut written = Vec::with_capacity(record.choices.len() * (1 + copies.len()));
         for choice in &record.choices {
-            let known =
-                current::Entity::find_by_id((record.profile_id.clone(), choice.purpose.clone()))
-                    .one(&txn)
-                    .await?;
+            let known = current_row(&txn, &subject, &choice.purpose).await?;
             if let Some(known) = &known {
                 refuse_if_held(known, choice, now)?;
             }
-            let newer_known = known.is_some_and(|known| known.collected_at > collected_at);
-            let expires_at = choice
-                .lifetime_micros
-                .map(|life| collected_at.saturating_add(life));
-            let mut entry = Entry {
+            let entry = Entry {
                 cursor: 0,
-                profile_id: record.profile_id.clone(),
+                profile_id: subject.clone(),
                 purpose: choice.purpose.clone(),
                 state: choice.state,
                 legal_basis: choice.legal_basis,
@@ -261,17 +255,39 @@ impl Ledger {
                 conflict: choice.conflict.clone(),
                 collected_at_micros: collected_at,
                 recorded_at_micros: now,
-                expires_at_micros: expires_at,
-                effective: !newer_known,
+                expires_at_micros: choice
+                    .lifetime_micros
+                    .map(|life| collected_at.saturating_add(life)),
+                effective: known.is_none_or(|known| known.collected_at <= collected_at),
             };
+            for copy_for in &copies {
+                let known = current_row(&txn, copy_for, &choice.purpose).await?;
+                let mut copy = Entry {
+                    profile_id: copy_for.clone(),
+                    derived_from: format!(
+                        "{} (the choice of {subject}, which {copy_for} was merged into)",
+                        entry.derived_from
+                    ),
+                    effective: known.is_none_or(|known| known.collected_at <= collected_at),
+                    ..entry.clone()
+                };
+                copy.cursor = append(&txn, &copy).await?;
+                written.push(copy);
+            }
+            let mut entry = entry;
             entry.cursor = append(&txn, &entry).await?;
             written.push(entry);
         }
         txn.commit().await?;
-        if let Some(last) = written.last() {
-            self.latest.send_replace(last.cursor);
-        }
+        self.appended(&written);
         Ok(written)
+    }
+
+    /// Wakes watchers for entries just committed.
+    fn appended(&self, written: &[Entry]) {
+        if let Some(last) = written.iter().map(|e| e.cursor).max() {
+            self.latest.send_replace(last);
+        }
     }
 
     /// The current state of each person's purposes. With `purposes` empty,
@@ -377,6 +393,29 @@ impl Ledger {
 
 fn cursor_of(seq: i64) -> Result<u64, ConsentError> {
     u64::try_from(seq).map_err(|_| ConsentError::Corrupt(format!("negative ledger sequence {seq}")))
+}
+
+/// Takes the append lock on PostgreSQL: replicas append one at a time too.
+/// The lock is taken before the sequence hands out a cursor and held until
+/// commit, so cursors become visible in order and no watcher skips one.
+async fn lock_appends(txn: &DatabaseTransaction) -> Result<(), ConsentError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
+            .await?;
+    }
+    Ok(())
+}
+
+async fn current_row(
+    txn: &DatabaseTransaction,
+    profile_id: &str,
+    purpose: &str,
+) -> Result<Option<current::Model>, ConsentError> {
+    Ok(
+        current::Entity::find_by_id((profile_id.to_string(), purpose.to_string()))
+            .one(txn)
+            .await?,
+    )
 }
 
 /// Writes `entry` and, when it is effective, makes it the current state.

@@ -300,3 +300,138 @@ madtech_common::backend_tests!(
         assert_eq!(rest, history[1..].to_vec());
     }
 );
+
+async fn states(ledger: &Ledger, person: &str) -> Vec<(String, State)> {
+    let current = ledger
+        .current(&[person.into()], &[])
+        .await
+        .expect("current");
+    current[0]
+        .1
+        .iter()
+        .map(|s| (s.purpose.clone(), s.state))
+        .collect()
+}
+
+madtech_common::backend_tests!(
+    a_merge_takes_the_most_restrictive_state_once_until_the_person_chooses_again,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        ledger
+            .record(record(
+                "keep",
+                &[
+                    ("ad_targeting", Choice::Granted),
+                    ("analytics", Choice::Granted),
+                ],
+            ))
+            .await
+            .expect("survivor");
+        ledger
+            .record(record(
+                "gone",
+                &[
+                    ("ad_targeting", Choice::Denied),
+                    ("email_marketing", Choice::Granted),
+                ],
+            ))
+            .await
+            .expect("absorbed");
+
+        let written = ledger
+            .apply_merge(41, "keep", &["gone".into()])
+            .await
+            .expect("merge");
+        assert_eq!(written.len(), 2, "{written:?}");
+        assert!(written.iter().all(|e| e.source == Source::Merge));
+        assert!(
+            written[0].derived_from.contains("gone denied"),
+            "{}",
+            written[0].derived_from
+        );
+        assert_eq!(
+            states(&ledger, "keep").await,
+            vec![
+                ("ad_targeting".into(), State::Denied),
+                ("analytics".into(), State::Unset),
+            ],
+            "denied beats granted; unset (gone never agreed) beats granted; \
+             gone's email grant does not come with the merge"
+        );
+        assert_eq!(ledger.profile_cursor().await.expect("cursor"), 41);
+
+        let head = ledger.head().await.expect("head");
+        let again = ledger
+            .apply_merge(41, "keep", &["gone".into()])
+            .await
+            .expect("replayed");
+        assert!(again.is_empty(), "a merge is applied once");
+        assert_eq!(ledger.head().await.expect("head"), head);
+
+        // The person chooses again, through either id: the survivor records
+        // it and the merged-away id gets a copy.
+        let mut again = record("gone", &[("ad_targeting", Choice::Granted)]);
+        again.collected_at_micros = None;
+        let chosen = ledger.record(again).await.expect("chooses again");
+        let mut subjects: Vec<&str> = chosen.iter().map(|e| e.profile_id.as_str()).collect();
+        subjects.sort_unstable();
+        assert_eq!(subjects, vec!["gone", "keep"]);
+        for person in ["keep", "gone"] {
+            let now = states(&ledger, person).await;
+            assert!(
+                now.contains(&("ad_targeting".into(), State::Granted)),
+                "{person}: {now:?}"
+            );
+        }
+    }
+);
+
+madtech_common::backend_tests!(
+    merges_chain_and_bring_no_grant_the_survivor_did_not_give,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        ledger
+            .record(record("c", &[("personalization", Choice::Granted)]))
+            .await
+            .expect("c");
+        ledger
+            .apply_merge(5, "b", &["c".into()])
+            .await
+            .expect("c into b");
+        assert_eq!(
+            states(&ledger, "b").await,
+            Vec::<(String, State)>::new(),
+            "b had no choice: c's grant is not b's"
+        );
+        ledger
+            .record(record("b", &[("personalization", Choice::Granted)]))
+            .await
+            .expect("b chooses");
+        ledger
+            .apply_merge(9, "a", &["b".into()])
+            .await
+            .expect("b into a");
+        assert_eq!(
+            states(&ledger, "a").await,
+            Vec::<(String, State)>::new(),
+            "a never agreed, and b's grant does not become a's"
+        );
+        // c followed b into a: a choice for a reaches both.
+        let chosen = ledger
+            .record(record("a", &[("personalization", Choice::Denied)]))
+            .await
+            .expect("a chooses");
+        let mut subjects: Vec<&str> = chosen.iter().map(|e| e.profile_id.as_str()).collect();
+        subjects.sort_unstable();
+        assert_eq!(subjects, vec!["a", "b", "c"]);
+        ledger
+            .advance_profile_cursor(7)
+            .await
+            .expect("older cursor");
+        assert_eq!(
+            ledger.profile_cursor().await.expect("cursor"),
+            9,
+            "never back"
+        );
+    }
+);
