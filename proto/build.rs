@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "madtech/profiles/v1/profiles.proto",
     "madtech/consent/v1/consent.proto",
+    "madtech/consent/v1/privacy.proto",
     "madtech/segments/v1/segments.proto",
     "madtech/activation/v1/activation.proto",
     "madtech/gateway/v1/gateway.proto",

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 /// File names `madtech up` keeps in its data directory.
 pub const PSEUDONYM_KEY: &str = "pseudonym.key";
 pub const ACTIVATION_TOKEN: &str = "activation.token";
+pub const CONSENT_TOKEN: &str = "consent.token";
 pub const DESTINATIONS_DIR: &str = "destinations";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +93,7 @@ impl MadtechConfig {
         );
         set_path(&mut self.gateway.pseudonym_key_file, PSEUDONYM_KEY);
         set_path(&mut self.activation.gateway_token_file, ACTIVATION_TOKEN);
+        set_path(&mut self.consent.gateway_token_file, CONSENT_TOKEN);
         if self.activation.file_root == ActivationConfig::default().file_root {
             self.activation.file_root = dir.join(DESTINATIONS_DIR);
         }
@@ -112,6 +114,7 @@ impl MadtechConfig {
         self.segments.profiles_url = url(self.profiles.listen, &self.profiles.tls);
         self.consent.profiles_url = url(self.profiles.listen, &self.profiles.tls);
         self.activation.gateway_url = url(self.gateway.listen, &self.gateway.tls);
+        self.consent.gateway_url = url(self.gateway.listen, &self.gateway.tls);
         self
     }
 

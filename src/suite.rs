@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::config::MadtechConfig;
 
-/// How long the activation service's development token lives; `madtech up`
-/// mints a new one at every start.
+/// How long the development tokens of the services that call the gateway
+/// (activation, consent) live; `madtech up` mints new ones at every start.
 pub const ACTIVATION_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One listener per component, bound before anything starts so that every
@@ -67,7 +67,7 @@ impl Listeners {
 
 /// Creates what the suite needs in its data directory on first start
 /// (development signing keys, the pseudonymisation key) and mints the
-/// activation service's token.
+/// activation and consent services' tokens.
 pub fn prepare_data_dir(config: &MadtechConfig) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -85,6 +85,10 @@ pub fn prepare_data_dir(config: &MadtechConfig) -> anyhow::Result<()> {
     )?;
     write_private_file(&config.activation.gateway_token_file, token.as_bytes())
         .with_context(|| format!("writing {}", config.activation.gateway_token_file.display()))?;
+    // Consent carries out data-subject requests across the suite.
+    let token = signer.mint("consent", &["compliance".to_string()], ACTIVATION_TOKEN_TTL)?;
+    write_private_file(&config.consent.gateway_token_file, token.as_bytes())
+        .with_context(|| format!("writing {}", config.consent.gateway_token_file.display()))?;
     Ok(())
 }
 

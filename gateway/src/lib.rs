@@ -114,6 +114,10 @@ impl Gateway {
                 consent_channel.clone(),
             ),
             (
+                consent::v1::privacy_request_service_server::SERVICE_NAME,
+                consent_channel.clone(),
+            ),
+            (
                 segments::v1::segment_service_server::SERVICE_NAME,
                 segments_channel.clone(),
             ),

@@ -108,7 +108,7 @@ async fn record(
 }
 
 /// Runs a sync to the end and returns its final state.
-async fn sync(
+pub(crate) async fn sync(
     activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
     activation_id: &str,
 ) -> activation_pb::SyncRun {
@@ -137,7 +137,7 @@ async fn sync(
     run
 }
 
-fn lines(path: &str) -> Vec<Value> {
+pub(crate) fn lines(path: &str) -> Vec<Value> {
     std::fs::read_to_string(path)
         .expect("output file")
         .lines()

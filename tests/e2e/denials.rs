@@ -185,6 +185,7 @@ async fn reflection_lists_every_service_without_a_token() {
             "grpc.health.v1.Health",
             "madtech.activation.v1.ActivationService",
             "madtech.consent.v1.ConsentService",
+            "madtech.consent.v1.PrivacyRequestService",
             "madtech.gateway.v1.AuditService",
             "madtech.gateway.v1.ConsentReleaseService",
             "madtech.gateway.v1.PolicyService",

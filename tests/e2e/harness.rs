@@ -7,6 +7,7 @@ use madtech::suite::InProcess;
 use madtech_common::testing::{Backend, TestDatabase};
 use madtech_proto::activation::v1::activation_service_client::ActivationServiceClient;
 use madtech_proto::consent::v1::consent_service_client::ConsentServiceClient;
+use madtech_proto::consent::v1::privacy_request_service_client::PrivacyRequestServiceClient;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 use madtech_proto::segments::v1 as segments_pb;
 use madtech_proto::segments::v1::segment_service_client::SegmentServiceClient;
@@ -105,6 +106,10 @@ impl Suite {
 
     pub fn consent(&self, bearer: Bearer) -> ConsentServiceClient<Authed> {
         ConsentServiceClient::with_interceptor(self.gateway_channel(), bearer)
+    }
+
+    pub fn privacy(&self, bearer: Bearer) -> PrivacyRequestServiceClient<Authed> {
+        PrivacyRequestServiceClient::with_interceptor(self.gateway_channel(), bearer)
     }
 
     pub fn segments(&self, bearer: Bearer) -> SegmentServiceClient<Authed> {

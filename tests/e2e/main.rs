@@ -10,6 +10,7 @@ mod denials;
 mod harness;
 mod keys;
 mod manifests;
+mod privacy;
 mod profiles;
 mod segments;
 mod tls;

@@ -21,6 +21,36 @@ use crate::sync::Syncer;
 
 /// Progress messages buffered per RunSync stream before updates are dropped.
 const PROGRESS_BUFFER: usize = 16;
+/// Identifier hashes per data-subject lookup.
+const MAX_HASHES: usize = 100;
+
+/// 1 to 100 lower-case hex SHA-256 hashes.
+fn identifier_hashes(hashes: &[String]) -> Result<Vec<String>, FieldError> {
+    if hashes.is_empty() || hashes.len() > MAX_HASHES {
+        return Err(FieldError::new(
+            "identifier_sha256s",
+            format!("1 to {MAX_HASHES} hashes"),
+        ));
+    }
+    hashes
+        .iter()
+        .enumerate()
+        .map(|(i, hash)| {
+            let hex = hash.len() == 64
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if hex {
+                Ok(hash.clone())
+            } else {
+                Err(FieldError::new(
+                    format!("identifier_sha256s[{i}]"),
+                    "must be a lower-case hex SHA-256",
+                ))
+            }
+        })
+        .collect()
+}
 
 #[derive(Clone)]
 pub struct ActivationApi {
@@ -164,6 +194,36 @@ impl ActivationService for ActivationApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn find_deliveries(
+        &self,
+        request: Request<pb::FindDeliveriesRequest>,
+    ) -> Result<Response<pb::FindDeliveriesResponse>, Status> {
+        let hashes = identifier_hashes(&request.get_ref().identifier_sha256s)?;
+        let mut deliveries = Vec::new();
+        for (activation_id, pseudonymous_id, synced_at, confirmed) in
+            self.store.holders_of(&hashes).await?
+        {
+            let activation = self.store.activation(&activation_id).await?;
+            deliveries.push(pb::Delivery {
+                activation_id,
+                destination_id: activation.destination_id,
+                pseudonymous_id,
+                synced_at: Some(from_micros(synced_at)),
+                confirmed,
+            });
+        }
+        Ok(Response::new(pb::FindDeliveriesResponse { deliveries }))
+    }
+
+    async fn forget_people(
+        &self,
+        request: Request<pb::ForgetPeopleRequest>,
+    ) -> Result<Response<pb::ForgetPeopleResponse>, Status> {
+        let hashes = identifier_hashes(&request.get_ref().identifier_sha256s)?;
+        let (removed, outputs) = self.syncer.forget(&hashes).await?;
+        Ok(Response::new(pb::ForgetPeopleResponse { removed, outputs }))
     }
 }
 

@@ -162,15 +162,8 @@ impl Syncer {
                         .map(|id| Change::Remove { id: id.clone() }),
                 )
                 .collect();
-            let Target::File { directory } = &destination.target;
-            let directory: PathBuf = self.config.file_root.join(directory);
             let name = format!("{}-{}.jsonl", run.activation_id, run.id);
-            let written = tokio::task::spawn_blocking(move || {
-                destination::write_jsonl(&directory, &name, &changes)
-            })
-            .await
-            .map_err(|err| ActivationError::Corrupt(format!("file writer stopped: {err}")))??;
-            run.output = written.display().to_string();
+            run.output = self.send(destination, name, changes).await?;
         }
         // The destination has the changes; only now is the state recorded.
         self.store
@@ -179,6 +172,59 @@ impl Syncer {
         run.added = diff.adds.len() as u64;
         run.removed = diff.removes.len() as u64;
         Ok(())
+    }
+
+    /// Delivers `changes` to the destination; returns where they went.
+    async fn send(
+        &self,
+        destination: &Destination,
+        name: String,
+        changes: Vec<Change>,
+    ) -> Result<String, ActivationError> {
+        let Target::File { directory } = &destination.target;
+        let directory: PathBuf = self.config.file_root.join(directory);
+        let written = tokio::task::spawn_blocking(move || {
+            destination::write_jsonl(&directory, &name, &changes)
+        })
+        .await
+        .map_err(|err| ActivationError::Corrupt(format!("file writer stopped: {err}")))??;
+        Ok(written.display().to_string())
+    }
+
+    /// Removes everyone held whose identifiers include one of these hashes
+    /// from every destination that holds them, then forgets them: the
+    /// removals are delivered before the state is dropped, so a crash in
+    /// between repeats the removal rather than losing it. Returns the
+    /// removals delivered and where they went.
+    pub async fn forget(
+        &self,
+        identifier_sha256s: &[String],
+    ) -> Result<(u64, Vec<String>), ActivationError> {
+        let holders = self.store.holders_of(identifier_sha256s).await?;
+        let mut by_activation: std::collections::BTreeMap<String, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for (activation_id, pseudonymous_id, _, _) in holders {
+            by_activation
+                .entry(activation_id)
+                .or_default()
+                .push(pseudonymous_id);
+        }
+        let mut removed = 0;
+        let mut outputs = Vec::new();
+        for (activation_id, ids) in by_activation {
+            let _slot = self.claim(&activation_id)?;
+            let activation = self.store.activation(&activation_id).await?;
+            let destination = self.store.destination(&activation.destination_id).await?;
+            let changes = ids
+                .iter()
+                .map(|id| Change::Remove { id: id.clone() })
+                .collect();
+            let name = format!("{activation_id}-erasure-{}.jsonl", uuid::Uuid::now_v7());
+            outputs.push(self.send(&destination, name, changes).await?);
+            self.store.acknowledge(&activation_id, &[], &ids).await?;
+            removed += ids.len() as u64;
+        }
+        Ok((removed, outputs))
     }
 
     async fn fetch(
@@ -242,13 +288,9 @@ impl Syncer {
     }
 
     async fn bearer(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, ActivationError> {
-        let path = &self.config.gateway_token_file;
-        let token = tokio::fs::read_to_string(path)
+        madtech_common::bearer::from_file(&self.config.gateway_token_file)
             .await
-            .map_err(|err| ActivationError::Token(format!("{}: {err}", path.display())))?;
-        format!("Bearer {}", token.trim()).parse().map_err(|_| {
-            ActivationError::Token(format!("{}: not a valid header value", path.display()))
-        })
+            .map_err(ActivationError::Token)
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Domain logic never lives here; it stays in its service crate.
 
+pub mod bearer;
 pub mod changelog;
 pub mod config;
 pub mod db;

@@ -35,6 +35,18 @@ pub struct ConsentConfig {
     pub profiles_url: String,
     /// TLS towards the profiles service (for `https://` URLs).
     pub profiles_tls: ClientTls,
+    /// The gateway, through which data-subject requests reach every
+    /// service, e.g. `http://127.0.0.1:50051`.
+    pub gateway_url: String,
+    /// TLS towards the gateway (for `https://` URLs).
+    pub gateway_tls: ClientTls,
+    /// A file holding this service's bearer token for the gateway (role
+    /// `compliance`). Read before every step, so a rotated token is used.
+    pub gateway_token_file: PathBuf,
+    /// How often open data-subject requests are looked at (a submitted
+    /// request starts at once). Written like `2s`.
+    #[serde(with = "humantime_serde")]
+    pub privacy_retry_interval: Duration,
 }
 
 impl Default for ConsentConfig {
@@ -48,6 +60,10 @@ impl Default for ConsentConfig {
             accept_pre_tcf22_strings: false,
             profiles_url: "http://127.0.0.1:50052".into(),
             profiles_tls: ClientTls::default(),
+            gateway_url: "http://127.0.0.1:50051".into(),
+            gateway_tls: ClientTls::default(),
+            gateway_token_file: PathBuf::new(),
+            privacy_retry_interval: Duration::from_secs(2),
         }
     }
 }
@@ -57,10 +73,25 @@ impl Validate for ConsentConfig {
         self.database.validate("consent")?;
         self.tls.validate("consent")?;
         self.profiles_tls.validate("consent.profiles_tls")?;
-        if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://"))
-        {
+        self.gateway_tls.validate("consent.gateway_tls")?;
+        for (key, url) in [
+            ("profiles_url", &self.profiles_url),
+            ("gateway_url", &self.gateway_url),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "consent.{key} must be an http:// or https:// URL"
+                )));
+            }
+        }
+        if self.gateway_token_file.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
-                "consent.profiles_url must be an http:// or https:// URL".into(),
+                "consent.gateway_token_file is required (a token with the compliance role)".into(),
+            ));
+        }
+        if self.privacy_retry_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "consent.privacy_retry_interval must be positive".into(),
             ));
         }
         if self.policy_dir.as_os_str().is_empty() {

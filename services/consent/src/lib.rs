@@ -1,13 +1,16 @@
 //! The consent service: what each person agreed to, per purpose, kept as an
 //! append-only [`ledger`] whose entries are never changed in place. The
 //! current state per purpose is derived from it, and every entry is streamed
-//! to watchers (the gateway's cache, activation) in ledger order.
+//! to watchers (the gateway's cache, activation) in ledger order. It also
+//! owns data-subject requests ([`privacy`]), carried out across the suite
+//! through the gateway.
 
 pub mod config;
 pub mod derive;
 pub mod error;
 mod follow;
 pub mod ledger;
+pub mod privacy;
 pub mod rules;
 pub mod service;
 
@@ -25,19 +28,34 @@ use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 /// serve.
 pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentError> {
     let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
-    let rules = rules::ConsentRules::load(&config.policy_dir).await?;
-    let ledger = Arc::new(ledger::Ledger::new(db));
+    let rules = Arc::new(rules::ConsentRules::load(&config.policy_dir).await?);
+    let ledger = Arc::new(ledger::Ledger::new(db.clone()));
     let profiles = ProfileServiceClient::new(
         config
             .profiles_tls
             .endpoint(&config.profiles_url)?
             .connect_lazy(),
     );
-    let api = ConsentApi::new(Arc::clone(&ledger), rules, config.clone());
+    let requests = Arc::new(privacy::store::RequestStore::new(db));
+    let worker = Arc::new(privacy::worker::Worker::new(
+        Arc::clone(&requests),
+        Arc::clone(&ledger),
+        Arc::clone(&rules),
+        config
+            .gateway_tls
+            .endpoint(&config.gateway_url)?
+            .connect_lazy(),
+        config.gateway_token_file.clone(),
+        config.privacy_retry_interval,
+    ));
+    let api = ConsentApi::new(Arc::clone(&ledger), Arc::clone(&rules), config.clone());
+    let privacy_api = privacy::service::PrivacyApi::new(requests, Arc::clone(&worker), rules);
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
         .add_service(api.into_server())
+        .add_service(privacy_api.into_server())
         .with_task(Box::new(move |shutdown| {
             Box::pin(follow::follow(ledger, profiles, shutdown))
-        })))
+        }))
+        .with_task(Box::new(move |shutdown| Box::pin(worker.run(shutdown)))))
 }

@@ -104,6 +104,15 @@ pub struct Reask {
     pub unless_person_initiated: bool,
 }
 
+/// How data-subject requests are answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivacyRules {
+    pub default_within: Duration,
+    pub opt_out_purposes: Vec<String>,
+    /// (regimes, within), in file order.
+    pub deadlines: Vec<(BTreeSet<String>, Duration)>,
+}
+
 /// The whole policy, loaded and checked.
 #[derive(Debug, Clone)]
 pub struct ConsentRules {
@@ -111,6 +120,7 @@ pub struct ConsentRules {
     gpc_binding: BTreeSet<String>,
     expiry: Vec<Expiry>,
     reask: Vec<Reask>,
+    privacy: PrivacyRules,
     /// Region or group → the groups it belongs to (the `g2` rows).
     region_groups: HashMap<String, Vec<String>>,
 }
@@ -124,6 +134,25 @@ struct PolicyFile {
     expiry: Vec<ExpiryFile>,
     #[serde(default)]
     reask: Vec<ReaskFile>,
+    privacy_requests: PrivacyFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivacyFile {
+    #[serde(with = "humantime_serde")]
+    default_within: Duration,
+    opt_out_purposes: Vec<String>,
+    #[serde(default)]
+    deadline: Vec<DeadlineFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadlineFile {
+    regimes: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    within: Duration,
 }
 
 #[derive(Deserialize)]
@@ -285,11 +314,47 @@ impl ConsentRules {
                 unless_person_initiated: rule.unless_person_initiated,
             });
         }
+        let privacy_file = file.privacy_requests;
+        if let Some(unknown) = privacy_file
+            .opt_out_purposes
+            .iter()
+            .find(|p| !purposes.contains_key(*p))
+        {
+            return Err(invalid(
+                POLICY_FILE,
+                format!("privacy_requests.opt_out_purposes: {unknown:?} is not in the catalogue"),
+            ));
+        }
+        let mut deadlines = Vec::new();
+        for rule in privacy_file.deadline {
+            if rule.within.is_zero() {
+                return Err(invalid(
+                    POLICY_FILE,
+                    "privacy_requests.deadline: within must be positive",
+                ));
+            }
+            deadlines.push((
+                check_regimes("privacy_requests.deadline", rule.regimes)?,
+                rule.within,
+            ));
+        }
+        if privacy_file.default_within.is_zero() {
+            return Err(invalid(
+                POLICY_FILE,
+                "privacy_requests.default_within must be positive",
+            ));
+        }
+        let privacy = PrivacyRules {
+            default_within: privacy_file.default_within,
+            opt_out_purposes: privacy_file.opt_out_purposes,
+            deadlines,
+        };
         Ok(ConsentRules {
             purposes,
             gpc_binding,
             expiry,
             reask,
+            privacy,
             region_groups,
         })
     }
@@ -334,6 +399,27 @@ impl ConsentRules {
             .filter(|rule| rule.state == choice && !rule.regimes.is_disjoint(regimes))
             .map(|rule| rule.after)
             .min()
+    }
+
+    pub fn privacy(&self) -> &PrivacyRules {
+        &self.privacy
+    }
+
+    /// How long a data-subject request from this region may take, and the
+    /// regime that sets it ("" for the default): the shortest matching rule.
+    pub fn request_deadline(&self, region: &str) -> (String, Duration) {
+        let regimes = self.regimes_of(region);
+        self.privacy
+            .deadlines
+            .iter()
+            .filter_map(|(rule_regimes, within)| {
+                rule_regimes
+                    .intersection(&regimes)
+                    .next()
+                    .map(|regime| (regime.clone(), *within))
+            })
+            .min_by_key(|(_, within)| *within)
+            .unwrap_or_else(|| (String::new(), self.privacy.default_within))
     }
 
     /// The re-ask rules that hold back a grant of `purpose` in these regimes.
@@ -404,6 +490,12 @@ pub(crate) mod tests {
         opted_out_by = ["gpc"]
         [gpc]
         binding_regimes = ["CCPA"]
+        [privacy_requests]
+        default_within = "28days"
+        opt_out_purposes = ["ad_targeting"]
+        [[privacy_requests.deadline]]
+        regimes = ["CCPA"]
+        within = "45days"
     "#;
 
     #[tokio::test]
@@ -448,6 +540,17 @@ pub(crate) mod tests {
             [1, 3, 4],
             "sorted, without repeats"
         );
+    }
+
+    #[test]
+    fn request_deadlines_follow_the_regime_with_a_default() {
+        let rules = ConsentRules::from_parts(MINIMAL, rows()).expect("valid");
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            rules.request_deadline("US-CA"),
+            ("CCPA".to_string(), 45 * day)
+        );
+        assert_eq!(rules.request_deadline("FR"), (String::new(), 28 * day));
     }
 
     #[test]
@@ -515,6 +618,10 @@ pub(crate) mod tests {
             ),
         ];
         for (text, expected) in cases {
+            let text = format!(
+                "{text}\n[privacy_requests]\ndefault_within = \"1day\"\nopt_out_purposes = []"
+            );
+            let text = text.as_str();
             let err = ConsentRules::from_parts(text, rows())
                 .expect_err(text)
                 .to_string();

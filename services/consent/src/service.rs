@@ -42,10 +42,10 @@ pub struct ConsentApi {
 }
 
 impl ConsentApi {
-    pub fn new(ledger: Arc<Ledger>, rules: ConsentRules, config: ConsentConfig) -> Self {
+    pub fn new(ledger: Arc<Ledger>, rules: Arc<ConsentRules>, config: ConsentConfig) -> Self {
         ConsentApi {
             ledger,
-            rules: Arc::new(rules),
+            rules,
             config,
         }
     }

@@ -27,6 +27,8 @@ use crate::store::{Segment, SegmentStore};
 
 /// Longest segment name accepted.
 const MAX_NAME_LEN: usize = 200;
+/// Profile ids or identifiers per person lookup.
+const MAX_PERSON_IDS: usize = 100;
 
 #[derive(Clone)]
 pub struct SegmentApi {
@@ -293,6 +295,72 @@ impl SegmentService for SegmentApi {
     }
 
     type ExportAudienceStream = ExportStream;
+
+    async fn get_person_records(
+        &self,
+        request: Request<pb::GetPersonRecordsRequest>,
+    ) -> Result<Response<pb::GetPersonRecordsResponse>, Status> {
+        let request = request.into_inner();
+        if request.profile_ids.is_empty() && request.identifiers.is_empty() {
+            return Err(FieldError::new(
+                "profile_ids",
+                "at least one profile id or identifier is required",
+            )
+            .into());
+        }
+        if request.profile_ids.len() > MAX_PERSON_IDS {
+            return Err(FieldError::new(
+                "profile_ids",
+                format!("at most {MAX_PERSON_IDS} profile ids"),
+            )
+            .into());
+        }
+        if request.identifiers.len() > MAX_PERSON_IDS {
+            return Err(FieldError::new(
+                "identifiers",
+                format!("at most {MAX_PERSON_IDS} identifiers"),
+            )
+            .into());
+        }
+        let profile_ids = request
+            .profile_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                validate::text(&format!("profile_ids[{i}]"), id, MAX_NAME_LEN).map(str::to_string)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let identifiers = request
+            .identifiers
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let kind =
+                    validate::text(&format!("identifiers[{i}].kind"), &id.kind, MAX_NAME_LEN)?;
+                let value =
+                    validate::text(&format!("identifiers[{i}].value"), &id.value, MAX_NAME_LEN)?;
+                Ok((kind.to_string(), value.to_string()))
+            })
+            .collect::<Result<Vec<_>, FieldError>>()?;
+        let memberships = self.evaluator.memberships().of_people(&profile_ids).await?;
+        let projection_rows = self
+            .projection
+            .rows_about(&profile_ids, &identifiers)
+            .await?;
+        Ok(Response::new(pb::GetPersonRecordsResponse {
+            memberships: memberships
+                .into_iter()
+                .map(
+                    |(segment_id, profile_id, entered_at)| pb::PersonMembership {
+                        segment_id,
+                        profile_id,
+                        entered_at: Some(from_micros(entered_at)),
+                    },
+                )
+                .collect(),
+            projection_rows,
+        }))
+    }
 
     async fn export_audience(
         &self,

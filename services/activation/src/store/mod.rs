@@ -219,6 +219,32 @@ impl ActivationStore {
             .collect()
     }
 
+    /// Every member held anywhere whose identifiers include one of these
+    /// hashes: `(activation id, pseudonymous id, synced at, confirmed)`.
+    /// A scan of the stored identifiers; data-subject requests are rare.
+    pub async fn holders_of(
+        &self,
+        identifier_sha256s: &[String],
+    ) -> Result<Vec<(String, String, i64, bool)>, ActivationError> {
+        let mut found = std::collections::BTreeMap::new();
+        for hash in identifier_sha256s {
+            let rows = sync_state::Entity::find()
+                .filter(sync_state::Column::Identifiers.contains(format!("\"{hash}\"")))
+                .all(&self.db)
+                .await?;
+            for row in rows {
+                found.insert(
+                    (row.activation_id, row.pseudonymous_id),
+                    (row.synced_at, row.confirmed),
+                );
+            }
+        }
+        Ok(found
+            .into_iter()
+            .map(|((activation, id), (at, confirmed))| (activation, id, at, confirmed))
+            .collect())
+    }
+
     /// Records adds as pending before they are delivered, so a crash while
     /// delivering cannot leave a member at the destination that no later sync
     /// knows to remove.

@@ -1,6 +1,6 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_integer_null, big_pk_auto, boolean, integer_null, string, string_null,
+    big_integer, big_integer_null, big_pk_auto, boolean, integer_null, string, string_null, text,
     text_null,
 };
 
@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(EffectiveEntries),
             Box::new(ProvableEntries),
             Box::new(MergesAndFollowing),
+            Box::new(CreatePrivacyRequests),
         ]
     }
 }
@@ -269,6 +270,99 @@ impl MigrationTrait for MergesAndFollowing {
                     .if_not_exists()
                     .col(string(ConsentFollow::Stream).primary_key())
                     .col(big_integer(ConsentFollow::Cursor))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum PrivacyRequests {
+    Table,
+    RequestId,
+    Kind,
+    Status,
+    SubjectKind,
+    SubjectValue,
+    SubjectDigest,
+    Region,
+    Regime,
+    SubmittedAt,
+    DeadlineAt,
+    CompletedAt,
+    NextAttemptAt,
+    Steps,
+    Found,
+    Export,
+    Remaining,
+}
+
+#[derive(DeriveIden)]
+enum Suppressions {
+    Table,
+    IdentifierDigest,
+    Kind,
+    RequestId,
+    CreatedAt,
+}
+
+/// Data-subject requests with their steps, and the hashed identifiers of
+/// erased people.
+struct CreatePrivacyRequests;
+
+impl MigrationName for CreatePrivacyRequests {
+    fn name(&self) -> &str {
+        "m20261130_000006_privacy_requests"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreatePrivacyRequests {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(PrivacyRequests::Table)
+                    .if_not_exists()
+                    .col(string(PrivacyRequests::RequestId).primary_key())
+                    .col(string(PrivacyRequests::Kind))
+                    .col(string(PrivacyRequests::Status))
+                    .col(string(PrivacyRequests::SubjectKind))
+                    .col(string_null(PrivacyRequests::SubjectValue))
+                    .col(string(PrivacyRequests::SubjectDigest))
+                    .col(string(PrivacyRequests::Region))
+                    .col(string(PrivacyRequests::Regime))
+                    .col(big_integer(PrivacyRequests::SubmittedAt))
+                    .col(big_integer(PrivacyRequests::DeadlineAt))
+                    .col(big_integer_null(PrivacyRequests::CompletedAt))
+                    .col(big_integer(PrivacyRequests::NextAttemptAt))
+                    .col(text(PrivacyRequests::Steps))
+                    .col(text_null(PrivacyRequests::Found))
+                    .col(text(PrivacyRequests::Export))
+                    .col(text(PrivacyRequests::Remaining))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("privacy_requests_due")
+                    .table(PrivacyRequests::Table)
+                    .col(PrivacyRequests::Status)
+                    .col(PrivacyRequests::NextAttemptAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Suppressions::Table)
+                    .if_not_exists()
+                    .col(string(Suppressions::IdentifierDigest).primary_key())
+                    .col(string(Suppressions::Kind))
+                    .col(string(Suppressions::RequestId))
+                    .col(big_integer(Suppressions::CreatedAt))
                     .to_owned(),
             )
             .await

@@ -14,8 +14,9 @@ use std::str::FromStr;
 use chrono::Utc;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
-    NotSet, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
+    EntityTrait, NotSet, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -357,6 +358,64 @@ impl Ledger {
             .into_iter()
             .map(entry_from_row)
             .collect()
+    }
+
+    /// Erasure (GDPR Art. 17): deletes every entry, current state and merge
+    /// record of these profile ids, the only deletion the ledger allows.
+    /// Returns the entries deleted.
+    pub async fn erase(&self, profile_ids: &[String]) -> Result<u64, ConsentError> {
+        if profile_ids.is_empty() {
+            return Ok(0);
+        }
+        let _writer = self.writer.lock().await;
+        let txn = self.db.begin().await?;
+        lock_appends(&txn).await?;
+        let ids = || profile_ids.iter().cloned();
+        let deleted = entry::Entity::delete_many()
+            .filter(entry::Column::ProfileId.is_in(ids()))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        current::Entity::delete_many()
+            .filter(current::Column::ProfileId.is_in(ids()))
+            .exec(&txn)
+            .await?;
+        entities::merge::Entity::delete_many()
+            .filter(
+                Condition::any()
+                    .add(entities::merge::Column::AbsorbedId.is_in(ids()))
+                    .add(entities::merge::Column::SurvivorId.is_in(ids())),
+            )
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(deleted)
+    }
+
+    /// How many entries, current states and merge records name these
+    /// profile ids (an erasure's completeness check).
+    pub async fn rows_about(&self, profile_ids: &[String]) -> Result<u64, ConsentError> {
+        if profile_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = || profile_ids.iter().cloned();
+        let entries = entry::Entity::find()
+            .filter(entry::Column::ProfileId.is_in(ids()))
+            .count(&self.db)
+            .await?;
+        let current = current::Entity::find()
+            .filter(current::Column::ProfileId.is_in(ids()))
+            .count(&self.db)
+            .await?;
+        let merges = entities::merge::Entity::find()
+            .filter(
+                Condition::any()
+                    .add(entities::merge::Column::AbsorbedId.is_in(ids()))
+                    .add(entities::merge::Column::SurvivorId.is_in(ids())),
+            )
+            .count(&self.db)
+            .await?;
+        Ok(entries + current + merges)
     }
 
     /// Up to `limit` entries after `cursor`, in ledger order.

@@ -180,6 +180,35 @@ impl Memberships {
         number(&self.db, &sql).await
     }
 
+    /// The segments these people are members of now, with when they
+    /// entered: `(segment id, profile id, entered at)`.
+    pub async fn of_people(
+        &self,
+        profile_ids: &[String],
+    ) -> Result<Vec<(String, String, i64)>, SegmentError> {
+        if profile_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::new(
+            "SELECT segment_id, profile_id, entered_at FROM memberships WHERE profile_id IN ",
+        );
+        sql.bind_list(profile_ids)
+            .push(" ORDER BY segment_id, profile_id");
+        let rows = self
+            .db
+            .query_all_raw(sql.statement(self.db.get_database_backend()))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("", "segment_id")?,
+                    row.try_get("", "profile_id")?,
+                    row.try_get("", "entered_at")?,
+                ))
+            })
+            .collect()
+    }
+
     /// The newest membership change cursor (0 before the first).
     pub async fn head(&self) -> Result<u64, SegmentError> {
         number(

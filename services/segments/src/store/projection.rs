@@ -145,16 +145,6 @@ async fn forget(
     if ids.is_empty() {
         return Ok(());
     }
-    let list = |sql: &mut Sql| {
-        sql.push("(");
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(id.clone());
-        }
-        sql.push(")");
-    };
     let mut tables = vec![
         "person_traits",
         "person_identifiers",
@@ -165,14 +155,13 @@ async fn forget(
         let mut sql = Sql::new(
             "DELETE FROM event_properties WHERE event_id IN (SELECT id FROM person_events WHERE profile_id IN ",
         );
-        list(&mut sql);
-        sql.push(")");
+        sql.bind_list(ids).push(")");
         execute(txn, &sql).await?;
         tables.insert(0, "person_events");
     }
     for table in tables {
         let mut sql = Sql::new(&format!("DELETE FROM {table} WHERE profile_id IN "));
-        list(&mut sql);
+        sql.bind_list(ids);
         execute(txn, &sql).await?;
     }
     Ok(())
@@ -181,6 +170,39 @@ async fn forget(
 impl Projection {
     pub fn new(db: DatabaseConnection, writes: WriteLock) -> Self {
         Projection { db, writes }
+    }
+
+    /// How many rows of the projection still hold any of these profile ids
+    /// or identifiers (a data-subject request's completeness check).
+    pub async fn rows_about(
+        &self,
+        profile_ids: &[String],
+        identifiers: &[(String, String)],
+    ) -> Result<u64, SegmentError> {
+        let mut total = 0;
+        if !profile_ids.is_empty() {
+            for table in [
+                "people",
+                "person_identifiers",
+                "person_traits",
+                "person_merged",
+                "person_events",
+            ] {
+                let mut sql = Sql::new(&format!(
+                    "SELECT count(*) AS n FROM {table} WHERE profile_id IN "
+                ));
+                sql.bind_list(profile_ids);
+                total += number(&self.db, &sql).await?;
+            }
+        }
+        for (kind, value) in identifiers {
+            let mut sql = Sql::new("SELECT count(*) AS n FROM person_identifiers WHERE kind = ");
+            sql.bind(kind.clone())
+                .push(" AND value = ")
+                .bind(value.clone());
+            total += number(&self.db, &sql).await?;
+        }
+        Ok(total)
     }
 
     /// The cursor of the last change applied (0 before the first).

@@ -39,6 +39,18 @@ impl Sql {
         self
     }
 
+    /// Appends `(?, ?, …)` binding each value; `values` must not be empty.
+    pub fn bind_list<V: Into<Value> + Clone>(&mut self, values: &[V]) -> &mut Self {
+        self.push("(");
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(value.clone());
+        }
+        self.push(")")
+    }
+
     /// The statement for `backend` (PostgreSQL numbers its placeholders).
     pub fn statement(&self, backend: DbBackend) -> Statement {
         let text = if backend == DbBackend::Postgres {

@@ -1,0 +1,335 @@
+//! Data-subject requests end to end, through the gateway: an access request
+//! gathers everything held about a person (profile, consent ledger, segment
+//! memberships, what was sent where); an erasure removes the person from
+//! every service and every destination and then proves, by scanning each
+//! service, that nothing is left; an opt-out of sale and sharing stops the
+//! next sync from sending the person.
+
+use std::time::Duration;
+
+use madtech_common::testing::Backend;
+use madtech_proto::activation::v1 as activation_pb;
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use serde_json::Value;
+
+use crate::crossing::{lines, sync};
+use crate::harness::{Authed, Suite};
+
+type PrivacyClient =
+    madtech_proto::consent::v1::privacy_request_service_client::PrivacyRequestServiceClient<Authed>;
+
+fn email(value: &str) -> profiles_pb::Identifier {
+    profiles_pb::Identifier {
+        kind: "email".into(),
+        value: value.into(),
+    }
+}
+
+fn submit(
+    id: &str,
+    kind: consent_pb::PrivacyRequestKind,
+    subject: &str,
+) -> consent_pb::SubmitRequestRequest {
+    consent_pb::SubmitRequestRequest {
+        request_id: id.into(),
+        kind: kind.into(),
+        subject: Some(consent_pb::PrivacySubject {
+            kind: "email".into(),
+            value: subject.into(),
+        }),
+        region: "US-CA".into(),
+    }
+}
+
+/// Polls until the request completes; fails with its steps when it does not.
+async fn completed(privacy: &mut PrivacyClient, id: &str) -> consent_pb::PrivacyRequest {
+    let mut last = None;
+    for _ in 0..300 {
+        let request = privacy
+            .get_request(consent_pb::GetRequestRequest {
+                request_id: id.into(),
+            })
+            .await
+            .expect("get request")
+            .into_inner()
+            .request
+            .expect("request");
+        if request.status() == consent_pb::PrivacyRequestStatus::Completed {
+            return request;
+        }
+        last = Some(request);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "request {id} did not complete: {:#?}",
+        last.map(|r| r.steps)
+    );
+}
+
+#[tokio::test]
+async fn sqlite_access_erasure_and_opt_out_requests_reach_every_service() {
+    access_erasure_and_opt_out(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_access_erasure_and_opt_out_requests_reach_every_service() {
+    access_erasure_and_opt_out(Backend::Postgres).await;
+}
+
+async fn access_erasure_and_opt_out(backend: Backend) {
+    let suite = Suite::start(backend).await;
+    let admin = suite.bearer(&["admin"]);
+    let mut profiles = suite.profiles(admin.clone());
+    let mut consent = suite.consent(admin.clone());
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let mut privacy = suite.privacy(suite.bearer(&["compliance"]));
+
+    // Two Californians, sent to a file destination.
+    let mut ids = Vec::new();
+    for address in ["ann@example.com", "bob@example.com"] {
+        let answer = profiles
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers: vec![email(address)],
+                region: "US-CA".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("upsert")
+            .into_inner();
+        ids.push(answer.profile.expect("profile").profile_id);
+    }
+    consent
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: ids[0].clone(),
+            choices: vec![consent_pb::PurposeChoice {
+                purpose: "analytics".into(),
+                state: consent_pb::ConsentState::Granted.into(),
+            }],
+            source: consent_pb::ConsentSource::Form.into(),
+            region: "US-CA".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("consent");
+    let segment = suite.region_segment("california", &["US-CA"]).await;
+    let mut computing = suite
+        .segments(admin.clone())
+        .compute_segment(segments_pb::ComputeSegmentRequest {
+            segment_id: segment.segment_id.clone(),
+        })
+        .await
+        .expect("compute")
+        .into_inner();
+    while computing.message().await.expect("progress").is_some() {}
+    let destination = activation
+        .create_destination(activation_pb::CreateDestinationRequest {
+            name: "drop".into(),
+            target: Some(activation_pb::create_destination_request::Target::File(
+                activation_pb::FileDestination {
+                    directory: "drop".into(),
+                    format: activation_pb::FileFormat::Jsonl.into(),
+                },
+            )),
+        })
+        .await
+        .expect("destination")
+        .into_inner()
+        .destination
+        .expect("destination");
+    let activated = activation
+        .create_activation(activation_pb::CreateActivationRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination.destination_id.clone(),
+            purpose: "ad_targeting".into(),
+        })
+        .await
+        .expect("activation")
+        .into_inner()
+        .activation
+        .expect("activation");
+    let first = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(first.added, 2);
+
+    // Access: everything about Ann, from every service.
+    let submitted = privacy
+        .submit_request(submit(
+            "dsar-1",
+            consent_pb::PrivacyRequestKind::Access,
+            "Ann@Example.com ",
+        ))
+        .await
+        .expect("submit access")
+        .into_inner();
+    assert!(submitted.created);
+    let request = submitted.request.expect("request");
+    assert_eq!(request.regime, "CCPA");
+    let days = |r: &consent_pb::PrivacyRequest| {
+        (r.deadline.as_ref().expect("deadline").seconds
+            - r.submitted_at.as_ref().expect("submitted").seconds)
+            / 86_400
+    };
+    assert_eq!(days(&request), 45, "CCPA's deadline, from the policy");
+    let access = completed(&mut privacy, "dsar-1").await;
+    let export: Value = serde_json::from_slice(&access.export_json).expect("export is JSON");
+    assert_eq!(
+        export["profile"]["identifiers"][0]["value"],
+        "ann@example.com"
+    );
+    assert_eq!(export["consent_ledger"][0]["purpose"], "analytics");
+    assert_eq!(
+        export["segment_memberships"][0]["segment_id"],
+        Value::String(segment.segment_id.clone())
+    );
+    let sent = export["sent_to_destinations"]
+        .as_array()
+        .expect("deliveries");
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0]["destination_id"],
+        Value::String(destination.destination_id.clone())
+    );
+    let ann_pseudonym = sent[0]["pseudonymous_id"]
+        .as_str()
+        .expect("pseudonym")
+        .to_string();
+
+    // Submitting again is idempotent; the same id for something else is not.
+    let again = privacy
+        .submit_request(submit(
+            "dsar-1",
+            consent_pb::PrivacyRequestKind::Access,
+            "Ann@Example.com",
+        ))
+        .await
+        .expect("resubmit")
+        .into_inner();
+    assert!(!again.created);
+    let clash = privacy
+        .submit_request(submit(
+            "dsar-1",
+            consent_pb::PrivacyRequestKind::Erasure,
+            "ann@example.com",
+        ))
+        .await
+        .expect_err("another request under the same id");
+    assert_eq!(clash.code(), tonic::Code::AlreadyExists);
+
+    // Erasure: gone everywhere, removed from the destination, and proven.
+    privacy
+        .submit_request(submit(
+            "dsar-2",
+            consent_pb::PrivacyRequestKind::Erasure,
+            "ann@example.com",
+        ))
+        .await
+        .expect("submit erasure");
+    let erasure = completed(&mut privacy, "dsar-2").await;
+    assert!(
+        erasure
+            .steps
+            .iter()
+            .all(|s| s.status() == consent_pb::PrivacyStepStatus::Done)
+    );
+    let mut checked: Vec<&String> = erasure.remaining.keys().collect();
+    checked.sort();
+    assert_eq!(checked, ["activation", "consent", "profiles", "segments"]);
+    assert!(
+        erasure.remaining.values().all(|hits| *hits == 0),
+        "{:?}",
+        erasure.remaining
+    );
+    assert_eq!(
+        erasure.subject_digest.len(),
+        64,
+        "only the hashed subject is kept"
+    );
+    let gone = profiles
+        .get_profile(profiles_pb::GetProfileRequest {
+            lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(email(
+                "ann@example.com",
+            ))),
+        })
+        .await
+        .expect_err("erased");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let removal = std::fs::read_dir(suite.config.activation.file_root.join("drop"))
+        .expect("destination directory")
+        .map(|entry| entry.expect("entry").path())
+        .find(|path| path.to_string_lossy().contains("-erasure-"))
+        .expect("a removal file");
+    assert_eq!(
+        lines(&removal.to_string_lossy()),
+        vec![serde_json::json!({"op": "remove", "id": ann_pseudonym})]
+    );
+    let history = consent
+        .consent_history(consent_pb::ConsentHistoryRequest {
+            profile_id: ids[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert!(history.entries.is_empty(), "the ledger forgot Ann");
+    let next = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!((next.added, next.removed), (0, 0), "Ann is not sent again");
+
+    // Opt-out of sale and sharing: Bob leaves the destination at the next sync.
+    privacy
+        .submit_request(submit(
+            "dsar-3",
+            consent_pb::PrivacyRequestKind::OptOutOfSaleSharing,
+            "bob@example.com",
+        ))
+        .await
+        .expect("submit opt-out");
+    completed(&mut privacy, "dsar-3").await;
+    let bob = consent
+        .get_consent(consent_pb::GetConsentRequest {
+            profile_id: ids[1].clone(),
+        })
+        .await
+        .expect("consent")
+        .into_inner();
+    let denied: Vec<&str> = bob
+        .purposes
+        .iter()
+        .filter(|p| p.state() == consent_pb::ConsentState::Denied)
+        .map(|p| p.purpose.as_str())
+        .collect();
+    assert_eq!(denied, ["ad_targeting", "data_sale"]);
+    let after = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(after.removed, 1, "Bob opted out");
+
+    // Bad requests change nothing and say why; only compliance sees requests.
+    let bad = privacy
+        .submit_request(consent_pb::SubmitRequestRequest {
+            request_id: "dsar-4".into(),
+            kind: 0,
+            subject: Some(consent_pb::PrivacySubject {
+                kind: "email".into(),
+                value: "x@example.com".into(),
+            }),
+            region: "FR".into(),
+        })
+        .await
+        .expect_err("no kind");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("kind"), "{}", bad.message());
+    let listed = privacy
+        .list_requests(consent_pb::ListRequestsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.requests.len(), 3);
+    let mut marketer = suite.privacy(suite.bearer(&["marketer"]));
+    let refused = marketer
+        .get_request(consent_pb::GetRequestRequest {
+            request_id: "dsar-1".into(),
+        })
+        .await
+        .expect_err("not a marketer's business");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    suite.stop().await;
+}
