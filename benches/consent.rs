@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use madtech::suite::InProcess;
 use madtech_common::db::{DatabaseConfig, connect_and_migrate};
-use madtech_common::testing::{Backend, TestDatabase};
 use madtech_consent::ledger::Migrator;
 use madtech_proto::consent::v1 as pb;
 use pb::consent_service_client::ConsentServiceClient;
@@ -47,24 +46,9 @@ async fn run() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let backends =
-        std::env::var("MADTECH_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,pg-socket".into());
     println!("# MadTech consent benchmarks ({ROUNDS} rounds each, medians)\n");
     decodes();
-    for backend in backends.split(',') {
-        let (db, database) = match backend {
-            "sqlite" => {
-                let db = TestDatabase::new(Backend::Sqlite);
-                let config = db.sibling("consent");
-                (db, config)
-            }
-            "pg-socket" => {
-                let db = TestDatabase::new(Backend::Postgres);
-                let config = db.sibling("consent");
-                (db, config)
-            }
-            other => anyhow::bail!("unknown backend {other}"),
-        };
+    for (backend, db, database) in common::backends("sqlite,pg-socket", "consent")? {
         println!("## {backend}\n");
         measure(database, subjects).await?;
         drop(db);

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use madtech::generate::{self, Plan};
 use madtech::suite::InProcess;
 use madtech_common::db::DatabaseConfig;
-use madtech_common::testing::{Backend, TestDatabase};
 use madtech_proto::profiles::v1 as pb;
 use pb::profile_service_client::ProfileServiceClient;
 use rand::{Rng, SeedableRng};
@@ -43,26 +42,10 @@ async fn run() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let backends = std::env::var("MADTECH_BENCH_BACKENDS")
-        .unwrap_or_else(|_| "sqlite,pg-socket,pg-tcp".into());
     println!("# MadTech profiles benchmarks ({ROUNDS} rounds each, medians)\n");
-    for backend in backends.split(',') {
-        let (db, database) = match backend {
-            "sqlite" => {
-                let db = TestDatabase::new(Backend::Sqlite);
-                let config = db.sibling("profiles");
-                (db, config)
-            }
-            "pg-socket" | "pg-tcp" => {
-                let db = TestDatabase::new(Backend::Postgres);
-                let mut config = db.sibling("profiles");
-                config.prefer_unix_socket = backend == "pg-socket";
-                (db, config)
-            }
-            other => anyhow::bail!("unknown backend {other}"),
-        };
+    for (backend, db, database) in common::backends("sqlite,pg-socket,pg-tcp", "profiles")? {
         println!("## {backend}\n");
-        measure(backend, database, lookups).await?;
+        measure(&backend, database, lookups).await?;
         drop(db);
         println!();
     }

@@ -55,6 +55,44 @@ pub fn tmpfs_dir() -> anyhow::Result<tempfile::TempDir> {
     })
 }
 
+/// The backends `MADTECH_BENCH_BACKENDS` names (or `default`), each with a
+/// fresh database for `component`: `sqlite` (a file on disk, synced per
+/// commit), `pg-socket` and `pg-tcp` (PostgreSQL over its Unix socket or
+/// over TCP). Keep the `TestDatabase` alive while the backend is measured.
+pub fn backends(
+    default: &str,
+    component: &str,
+) -> anyhow::Result<
+    Vec<(
+        String,
+        madtech_common::testing::TestDatabase,
+        madtech_common::db::DatabaseConfig,
+    )>,
+> {
+    use madtech_common::testing::{Backend, TestDatabase};
+    let names = std::env::var("MADTECH_BENCH_BACKENDS").unwrap_or_else(|_| default.into());
+    names
+        .split(',')
+        .map(|name| {
+            let (db, config) = match name {
+                "sqlite" => {
+                    let db = TestDatabase::new(Backend::Sqlite);
+                    let config = db.sibling(component);
+                    (db, config)
+                }
+                "pg-socket" | "pg-tcp" => {
+                    let db = TestDatabase::new(Backend::Postgres);
+                    let mut config = db.sibling(component);
+                    config.prefer_unix_socket = name == "pg-socket";
+                    (db, config)
+                }
+                other => anyhow::bail!("unknown backend {other}"),
+            };
+            Ok((name.to_string(), db, config))
+        })
+        .collect()
+}
+
 /// Adds a bearer token to every call.
 #[derive(Clone)]
 pub struct Bearer(pub MetadataValue<Ascii>);

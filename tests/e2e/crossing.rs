@@ -202,32 +202,9 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     }
 
     let segment = suite.region_segment("everyone", &["FR", "US-CA"]).await;
-    let destination = activation
-        .create_destination(activation_pb::CreateDestinationRequest {
-            name: "clean room drop".into(),
-            target: Some(activation_pb::create_destination_request::Target::File(
-                activation_pb::FileDestination {
-                    directory: "clean-room".into(),
-                    format: activation_pb::FileFormat::Jsonl.into(),
-                },
-            )),
-        })
-        .await
-        .expect("create destination")
-        .into_inner()
-        .destination
-        .expect("destination");
-    let activated = activation
-        .create_activation(activation_pb::CreateActivationRequest {
-            segment_id: segment.segment_id.clone(),
-            destination_id: destination.destination_id.clone(),
-            purpose: "ad_targeting".into(),
-        })
-        .await
-        .expect("create activation")
-        .into_inner()
-        .activation
-        .expect("activation");
+    let (_, activated) = suite
+        .file_activation(&segment.segment_id, "clean-room")
+        .await;
 
     // First sync: FR with consent, and US-CA without an opt-out.
     let first = sync(&mut activation, &activated.activation_id).await;

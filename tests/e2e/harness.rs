@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use madtech::MadtechConfig;
 use madtech::suite::InProcess;
 use madtech_common::testing::{Backend, TestDatabase};
+use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::activation::v1::activation_service_client::ActivationServiceClient;
 use madtech_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use madtech_proto::consent::v1::privacy_request_service_client::PrivacyRequestServiceClient;
@@ -137,6 +138,43 @@ impl Suite {
             .into_inner()
             .segment
             .expect("segment")
+    }
+
+    /// Creates, as a marketer, a JSONL file destination in `directory` and
+    /// an activation of `segment_id` to it for `ad_targeting`.
+    pub async fn file_activation(
+        &self,
+        segment_id: &str,
+        directory: &str,
+    ) -> (activation_pb::Destination, activation_pb::Activation) {
+        let mut activation = self.activation(self.bearer(&["marketer"]));
+        let destination = activation
+            .create_destination(activation_pb::CreateDestinationRequest {
+                name: format!("{directory} drop"),
+                target: Some(activation_pb::create_destination_request::Target::File(
+                    activation_pb::FileDestination {
+                        directory: directory.into(),
+                        format: activation_pb::FileFormat::Jsonl.into(),
+                    },
+                )),
+            })
+            .await
+            .expect("create destination")
+            .into_inner()
+            .destination
+            .expect("destination");
+        let activated = activation
+            .create_activation(activation_pb::CreateActivationRequest {
+                segment_id: segment_id.into(),
+                destination_id: destination.destination_id.clone(),
+                purpose: "ad_targeting".into(),
+            })
+            .await
+            .expect("create activation")
+            .into_inner()
+            .activation
+            .expect("activation");
+        (destination, activated)
     }
 
     /// Exports `segment_id` for `ad_targeting` to a file destination as the

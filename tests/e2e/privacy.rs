@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use madtech_common::testing::Backend;
-use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
@@ -123,32 +122,7 @@ async fn access_erasure_and_opt_out(backend: Backend) {
         .expect("compute")
         .into_inner();
     while computing.message().await.expect("progress").is_some() {}
-    let destination = activation
-        .create_destination(activation_pb::CreateDestinationRequest {
-            name: "drop".into(),
-            target: Some(activation_pb::create_destination_request::Target::File(
-                activation_pb::FileDestination {
-                    directory: "drop".into(),
-                    format: activation_pb::FileFormat::Jsonl.into(),
-                },
-            )),
-        })
-        .await
-        .expect("destination")
-        .into_inner()
-        .destination
-        .expect("destination");
-    let activated = activation
-        .create_activation(activation_pb::CreateActivationRequest {
-            segment_id: segment.segment_id.clone(),
-            destination_id: destination.destination_id.clone(),
-            purpose: "ad_targeting".into(),
-        })
-        .await
-        .expect("activation")
-        .into_inner()
-        .activation
-        .expect("activation");
+    let (destination, activated) = suite.file_activation(&segment.segment_id, "drop").await;
     let first = sync(&mut activation, &activated.activation_id).await;
     assert_eq!(first.added, 2);
 

@@ -32,24 +32,17 @@ fn identifier_hashes(hashes: &[String]) -> Result<Vec<String>, FieldError> {
             format!("1 to {MAX_HASHES} hashes"),
         ));
     }
-    hashes
-        .iter()
-        .enumerate()
-        .map(|(i, hash)| {
-            let hex = hash.len() == 64
-                && hash
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if hex {
-                Ok(hash.clone())
-            } else {
-                Err(FieldError::new(
-                    format!("identifier_sha256s[{i}]"),
-                    "must be a lower-case hex SHA-256",
-                ))
-            }
-        })
-        .collect()
+    validate::each("identifier_sha256s", hashes, |field, hash| {
+        let hex = hash.len() == 64
+            && hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if hex {
+            Ok(hash.clone())
+        } else {
+            Err(FieldError::new(field, "must be a lower-case hex SHA-256"))
+        }
+    })
 }
 
 #[derive(Clone)]

@@ -19,6 +19,20 @@ pub fn text<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str, 
     bounded(field, value, max_len)
 }
 
+/// Checks every item of a repeated field with `check`, which is given the
+/// item's own field name (`field[i]`), so an error names the item at fault.
+pub fn each<T, U>(
+    field: &str,
+    values: &[T],
+    mut check: impl FnMut(&str, &T) -> Result<U, FieldError>,
+) -> Result<Vec<U>, FieldError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| check(&format!("{field}[{i}]"), value))
+        .collect()
+}
+
 /// An optional free-text field: like [`text`], but empty is fine.
 pub fn optional_text<'a>(
     field: &str,

@@ -341,20 +341,12 @@ impl ConsentService for ConsentApi {
             )
             .into());
         }
-        let profile_ids = request
-            .profile_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                validate::text(&format!("profile_ids[{i}]"), id, MAX_ID_LEN).map(str::to_string)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let purposes = request
-            .purposes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| validate::policy_name(&format!("purposes[{i}]"), p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let profile_ids = validate::each("profile_ids", &request.profile_ids, |field, id| {
+            validate::text(field, id, MAX_ID_LEN).map(str::to_string)
+        })?;
+        let purposes = validate::each("purposes", &request.purposes, |field, purpose| {
+            validate::policy_name(field, purpose)
+        })?;
         let answer = self.ledger.current(&profile_ids, &purposes).await?;
         Ok(Response::new(pb::BatchGetConsentResponse {
             subjects: answer

@@ -322,26 +322,14 @@ impl SegmentService for SegmentApi {
             )
             .into());
         }
-        let profile_ids = request
-            .profile_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                validate::text(&format!("profile_ids[{i}]"), id, MAX_NAME_LEN).map(str::to_string)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let identifiers = request
-            .identifiers
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let kind =
-                    validate::text(&format!("identifiers[{i}].kind"), &id.kind, MAX_NAME_LEN)?;
-                let value =
-                    validate::text(&format!("identifiers[{i}].value"), &id.value, MAX_NAME_LEN)?;
-                Ok((kind.to_string(), value.to_string()))
-            })
-            .collect::<Result<Vec<_>, FieldError>>()?;
+        let profile_ids = validate::each("profile_ids", &request.profile_ids, |field, id| {
+            validate::text(field, id, MAX_NAME_LEN).map(str::to_string)
+        })?;
+        let identifiers = validate::each("identifiers", &request.identifiers, |field, id| {
+            let kind = validate::text(&format!("{field}.kind"), &id.kind, MAX_NAME_LEN)?;
+            let value = validate::text(&format!("{field}.value"), &id.value, MAX_NAME_LEN)?;
+            Ok((kind.to_string(), value.to_string()))
+        })?;
         let memberships = self.evaluator.memberships().of_people(&profile_ids).await?;
         let projection_rows = self
             .projection

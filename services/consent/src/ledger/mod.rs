@@ -381,11 +381,7 @@ impl Ledger {
             .exec(&txn)
             .await?;
         entities::merge::Entity::delete_many()
-            .filter(
-                Condition::any()
-                    .add(entities::merge::Column::AbsorbedId.is_in(ids()))
-                    .add(entities::merge::Column::SurvivorId.is_in(ids())),
-            )
+            .filter(merges_naming(profile_ids))
             .exec(&txn)
             .await?;
         txn.commit().await?;
@@ -408,11 +404,7 @@ impl Ledger {
             .count(&self.db)
             .await?;
         let merges = entities::merge::Entity::find()
-            .filter(
-                Condition::any()
-                    .add(entities::merge::Column::AbsorbedId.is_in(ids()))
-                    .add(entities::merge::Column::SurvivorId.is_in(ids())),
-            )
+            .filter(merges_naming(profile_ids))
             .count(&self.db)
             .await?;
         Ok(entries + current + merges)
@@ -452,6 +444,14 @@ impl Ledger {
 
 fn cursor_of(seq: i64) -> Result<u64, ConsentError> {
     u64::try_from(seq).map_err(|_| ConsentError::Corrupt(format!("negative ledger sequence {seq}")))
+}
+
+/// Merge records in which any of these profile ids took part.
+fn merges_naming(profile_ids: &[String]) -> Condition {
+    let ids = || profile_ids.iter().cloned();
+    Condition::any()
+        .add(entities::merge::Column::AbsorbedId.is_in(ids()))
+        .add(entities::merge::Column::SurvivorId.is_in(ids()))
 }
 
 /// Takes the append lock on PostgreSQL: replicas append one at a time too.
