@@ -138,8 +138,13 @@ impl Gateway {
             (
                 gateway_pb::v1::consent_release_service_server::SERVICE_NAME,
                 BoxedGrpcService::new(
-                    release::ConsentReleaseApi::new(pseudonymiser.clone(), consent_channel.clone())
-                        .into_server(),
+                    release::ConsentReleaseApi::new(
+                        pseudonymiser.clone(),
+                        consent_channel.clone(),
+                        Arc::clone(&audit),
+                        policies.clone(),
+                    )
+                    .into_server(),
                 ),
             ),
         ]);

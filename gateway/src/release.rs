@@ -2,12 +2,18 @@
 //! person's consent, re-keyed from the profile id to the pseudonymous id each
 //! named destination received in the crossing. Activation follows it to
 //! remove people from ad platforms the moment their consent ends.
+//!
+//! Like `ExportAudience`, it is a crossing: each page of changes is written
+//! to the audit trail (per destination: how many releases, a digest of them,
+//! the policy version) before any of it is released, and nothing is
+//! released when the audit cannot be written.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use consent_pb::consent_service_client::ConsentServiceClient;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use madtech_common::error::FieldError;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as consent_pb;
@@ -16,27 +22,66 @@ use pb::consent_release_service_server::{ConsentReleaseService, ConsentReleaseSe
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use sha2::{Digest, Sha256};
+
+use crate::audit::{AuditLog, Crossing as AuditedCrossing};
 use crate::crossing::Pseudonymiser;
+use crate::policy::Policies;
+use crate::token::Caller;
 
 const MAX_DESTINATIONS: usize = 100;
 const MAX_ID_LEN: usize = 128;
+/// Ledger entries released (and audited) together at most.
+const RELEASE_PAGE: usize = 500;
+/// The method, as audit records name it.
+const WATCH_CONSENT_RELEASES: &str =
+    "/madtech.gateway.v1.ConsentReleaseService/WatchConsentReleases";
 
 #[derive(Clone)]
 pub struct ConsentReleaseApi {
     pseudonymiser: Pseudonymiser,
     consent: ConsentServiceClient<Channel>,
+    audit: Arc<AuditLog>,
+    policies: Policies,
 }
 
 impl ConsentReleaseApi {
-    pub fn new(pseudonymiser: Pseudonymiser, consent: Channel) -> Self {
+    pub fn new(
+        pseudonymiser: Pseudonymiser,
+        consent: Channel,
+        audit: Arc<AuditLog>,
+        policies: Policies,
+    ) -> Self {
         ConsentReleaseApi {
             pseudonymiser,
             consent: ConsentServiceClient::new(consent),
+            audit,
+            policies,
         }
     }
 
     pub fn into_server(self) -> ConsentReleaseServiceServer<Self> {
         ConsentReleaseServiceServer::new(self)
+    }
+
+    /// Writes the page's audit records; fails closed.
+    async fn audit_page(
+        &self,
+        caller: &str,
+        page: &[pb::WatchConsentReleasesResponse],
+    ) -> Result<(), Status> {
+        let policy_version = self
+            .policies
+            .current()
+            .map(|set| set.version.clone())
+            .unwrap_or_default();
+        for record in audit_records(caller, &policy_version, page) {
+            self.audit.append(record).await.map_err(|err| {
+                tracing::error!(error = %err, "audit write failed; consent releases stop");
+                Status::unavailable("the audit trail is unavailable")
+            })?;
+        }
+        Ok(())
     }
 
     /// What one ledger entry releases to the destinations.
@@ -46,10 +91,14 @@ impl ConsentReleaseApi {
         entry: &consent_pb::ConsentEntry,
     ) -> pb::WatchConsentReleasesResponse {
         let state = consent_pb::ConsentState::try_from(entry.state).unwrap_or_default();
+        // UNSET is released too: a merge can narrow a grant to it, and
+        // under opt-in law it ends the person's presence at a destination.
         let releases = if entry.effective
             && matches!(
                 state,
-                consent_pb::ConsentState::Granted | consent_pb::ConsentState::Denied
+                consent_pb::ConsentState::Granted
+                    | consent_pb::ConsentState::Denied
+                    | consent_pb::ConsentState::Unset
             ) {
             destinations
                 .iter()
@@ -68,6 +117,41 @@ impl ConsentReleaseApi {
             releases,
         }
     }
+}
+
+/// One audit record per destination for a page of releases: how many, and a
+/// digest of exactly what (pseudonymous id, purpose, state, in order).
+fn audit_records(
+    caller: &str,
+    policy_version: &str,
+    page: &[pb::WatchConsentReleasesResponse],
+) -> Vec<AuditedCrossing> {
+    let mut by_destination: BTreeMap<&str, (u64, Sha256)> = BTreeMap::new();
+    for release in page.iter().flat_map(|response| &response.releases) {
+        let (count, digest) = by_destination
+            .entry(release.destination_id.as_str())
+            .or_insert_with(|| (0, Sha256::new()));
+        *count += 1;
+        digest.update(release.pseudonymous_id.as_bytes());
+        digest.update(b"\x1f");
+        digest.update(release.purpose.as_bytes());
+        digest.update(b"\x1f");
+        digest.update(release.state.to_string().as_bytes());
+        digest.update(b"\n");
+    }
+    by_destination
+        .into_iter()
+        .map(|(destination, (count, digest))| AuditedCrossing {
+            caller: caller.to_string(),
+            method: WATCH_CONSENT_RELEASES.to_string(),
+            destination_id: destination.to_string(),
+            policy_version: policy_version.to_string(),
+            outcome: "released".to_string(),
+            allowed: count,
+            released_digest: hex::encode(digest.finalize()),
+            ..AuditedCrossing::default()
+        })
+        .collect()
 }
 
 fn destinations(request: &pb::WatchConsentReleasesRequest) -> Result<Vec<String>, FieldError> {
@@ -104,9 +188,14 @@ impl ConsentReleaseService for ConsentReleaseApi {
         &self,
         request: Request<pb::WatchConsentReleasesRequest>,
     ) -> Result<Response<Releases>, Status> {
+        let caller = request
+            .extensions()
+            .get::<Caller>()
+            .map(|caller| caller.subject.clone())
+            .unwrap_or_default();
         let request = request.into_inner();
         let destinations = destinations(&request)?;
-        let mut changes = self
+        let changes = self
             .consent
             .clone()
             .watch_consent_changes(consent_pb::WatchConsentChangesRequest {
@@ -120,12 +209,19 @@ impl ConsentReleaseService for ConsentReleaseApi {
             .into_inner();
         let api = self.clone();
         let stream = async_stream::try_stream! {
-            while let Some(change) = changes.message().await? {
-                if let Some(entry) = change.entry {
-                    let released = api.release(&destinations, &entry);
+            let mut pages = changes.ready_chunks(RELEASE_PAGE);
+            while let Some(page) = pages.next().await {
+                let mut released = Vec::with_capacity(page.len());
+                for change in page {
+                    if let Some(entry) = change?.entry {
+                        released.push(api.release(&destinations, &entry));
+                    }
+                }
+                api.audit_page(&caller, &released).await?;
+                for response in released {
                     metrics::counter!("madtech_gateway_consent_releases_total")
-                        .increment(released.releases.len() as u64);
-                    yield released;
+                        .increment(response.releases.len() as u64);
+                    yield response;
                 }
             }
         };
@@ -137,9 +233,20 @@ impl ConsentReleaseService for ConsentReleaseApi {
 mod tests {
     use super::*;
 
-    fn api() -> ConsentReleaseApi {
+    async fn api() -> ConsentReleaseApi {
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        ConsentReleaseApi::new(Pseudonymiser::new(&[3; 32]).expect("key"), channel)
+        let db = sea_orm::Database::connect("sqlite::memory:")
+            .await
+            .expect("in-memory audit database");
+        let policies = crate::policy::PolicySet::load(&crate::compliance::shipped_policies())
+            .await
+            .expect("shipped policies");
+        ConsentReleaseApi::new(
+            Pseudonymiser::new(&[3; 32]).expect("key"),
+            channel,
+            Arc::new(AuditLog::new(db)),
+            Policies::new(policies),
+        )
     }
 
     fn entry(state: consent_pb::ConsentState, effective: bool) -> consent_pb::ConsentEntry {
@@ -155,7 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_is_released_per_destination_under_its_pseudonym_only() {
-        let api = api();
+        let api = api().await;
         let destinations = vec!["d1".to_string(), "d2".to_string()];
         let out = api.release(
             &destinations,
@@ -181,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_that_changed_nothing_only_advance_the_cursor() {
-        let api = api();
+        let api = api().await;
         let destinations = vec!["d1".to_string()];
         let late = api.release(
             &destinations,
@@ -193,6 +300,45 @@ mod tests {
             &entry(consent_pb::ConsentState::Unspecified, true),
         );
         assert!(odd.releases.is_empty());
+    }
+
+    #[test]
+    fn a_page_is_audited_per_destination_with_a_digest_and_no_profile_id() {
+        let release = |destination: &str, id: &str| pb::ConsentRelease {
+            destination_id: destination.into(),
+            pseudonymous_id: id.into(),
+            purpose: "ad_targeting".into(),
+            state: consent_pb::ConsentState::Denied.into(),
+        };
+        let page = vec![
+            pb::WatchConsentReleasesResponse {
+                cursor: 1,
+                releases: vec![release("d1", "x"), release("d2", "y")],
+            },
+            pb::WatchConsentReleasesResponse {
+                cursor: 2,
+                releases: vec![release("d1", "z")],
+            },
+            pb::WatchConsentReleasesResponse {
+                cursor: 3,
+                releases: vec![],
+            },
+        ];
+        let records = audit_records("activation", "v7", &page);
+        assert_eq!(records.len(), 2, "one per destination");
+        assert_eq!(
+            (records[0].destination_id.as_str(), records[0].allowed),
+            ("d1", 2)
+        );
+        assert_eq!(
+            (records[1].destination_id.as_str(), records[1].allowed),
+            ("d2", 1)
+        );
+        assert_eq!(records[0].method, WATCH_CONSENT_RELEASES);
+        assert_eq!(records[0].policy_version, "v7");
+        assert_eq!(records[0].released_digest.len(), 64);
+        assert_ne!(records[0].released_digest, records[1].released_digest);
+        assert!(audit_records("activation", "v7", &page[2..]).is_empty());
     }
 
     #[test]
