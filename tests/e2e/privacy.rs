@@ -276,6 +276,51 @@ async fn access_erasure_and_opt_out(backend: Backend) {
     let after = sync(&mut activation, &activated.activation_id).await;
     assert_eq!(after.removed, 1, "Bob opted out");
 
+    // The erased person stays out of imports until they come back with new
+    // consent, which the consent service takes by identifier.
+    let refused = profiles
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![email("ann@example.com")],
+            region: "US-CA".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("suppressed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(!refused.message().contains("ann@"), "{}", refused.message());
+    let by_identifier = |state: consent_pb::ConsentState| consent_pb::RecordConsentRequest {
+        identifier: Some(email("Ann@Example.com")),
+        choices: vec![consent_pb::PurposeChoice {
+            purpose: "analytics".into(),
+            state: state.into(),
+        }],
+        source: consent_pb::ConsentSource::Form.into(),
+        region: "US-CA".into(),
+        ..Default::default()
+    };
+    let denial_only = consent
+        .record_consent(by_identifier(consent_pb::ConsentState::Denied))
+        .await
+        .expect_err("nobody to record a denial for");
+    assert_eq!(denial_only.code(), tonic::Code::FailedPrecondition);
+    let back = consent
+        .record_consent(by_identifier(consent_pb::ConsentState::Granted))
+        .await
+        .expect("she comes back with new consent")
+        .into_inner();
+    let new_ann = back.entries[0].profile_id.clone();
+    assert_ne!(new_ann, ids[0], "a new person, nothing of the old one");
+    let again = profiles
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![email("ann@example.com")],
+            region: "US-CA".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("imports reach her again")
+        .into_inner();
+    assert_eq!(again.profile.expect("profile").profile_id, new_ann);
+
     // Bad requests change nothing and say why; only compliance sees requests.
     let bad = privacy
         .submit_request(consent_pb::SubmitRequestRequest {

@@ -192,6 +192,7 @@ async fn events_ingested_idempotently_watched_exported_and_erased(backend: Backe
     let refused = ingest
         .erase_profile(pb::EraseProfileRequest {
             lookup: Some(pb::erase_profile_request::Lookup::ProfileId(ann_id.clone())),
+            suppress: false,
         })
         .await
         .expect_err("sources never erase");
@@ -199,6 +200,7 @@ async fn events_ingested_idempotently_watched_exported_and_erased(backend: Backe
     let erased = compliance
         .erase_profile(pb::EraseProfileRequest {
             lookup: Some(pb::erase_profile_request::Lookup::ProfileId(ann_id.clone())),
+            suppress: false,
         })
         .await
         .expect("erase")
@@ -217,6 +219,7 @@ async fn events_ingested_idempotently_watched_exported_and_erased(backend: Backe
     let again = compliance
         .erase_profile(pb::EraseProfileRequest {
             lookup: Some(pb::erase_profile_request::Lookup::ProfileId(ann_id.clone())),
+            suppress: false,
         })
         .await
         .expect_err("already erased");

@@ -245,6 +245,7 @@ async fn segments_over_events_follow_the_profiles_stream(backend: Backend) {
             lookup: Some(profiles_pb::erase_profile_request::Lookup::ProfileId(
                 big.profile_id,
             )),
+            suppress: false,
         })
         .await
         .expect("erase");

@@ -9,6 +9,7 @@ pub mod bearer;
 pub mod changelog;
 pub mod config;
 pub mod db;
+pub mod digest;
 pub mod error;
 pub mod server;
 pub mod telemetry;

@@ -88,7 +88,10 @@ pub enum TcfValidity {
 /// What a RecordConsent request collected, validated.
 #[derive(Debug, Clone)]
 pub struct Collection {
+    /// Empty while the person is known only by `identifier`.
     pub profile_id: String,
+    /// The person by `(kind, value)`, to be resolved by profiles.
+    pub identifier: Option<(String, String)>,
     /// Explicit choices; every purpose is in the catalogue, at most once.
     pub choices: Vec<(String, Choice)>,
     /// The basis of the explicit choices.

@@ -48,7 +48,12 @@ pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentEr
         config.gateway_token_file.clone(),
         config.privacy_retry_interval,
     ));
-    let api = ConsentApi::new(Arc::clone(&ledger), Arc::clone(&rules), config.clone());
+    let api = ConsentApi::new(
+        Arc::clone(&ledger),
+        Arc::clone(&rules),
+        profiles.clone(),
+        config.clone(),
+    );
     let privacy_api = privacy::service::PrivacyApi::new(requests, Arc::clone(&worker), rules);
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)

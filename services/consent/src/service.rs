@@ -10,8 +10,11 @@ use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as pb;
+use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::time::{from_micros, to_micros};
 use pb::consent_service_server::{ConsentService, ConsentServiceServer};
+use profiles_pb::profile_service_client::ProfileServiceClient;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::ConsentConfig;
@@ -38,20 +41,81 @@ const CLOCK_SKEW_MICROS: i64 = 5 * 60 * 1_000_000;
 pub struct ConsentApi {
     ledger: Arc<Ledger>,
     rules: Arc<ConsentRules>,
+    /// For requests that name the person by an identifier.
+    profiles: ProfileServiceClient<Channel>,
     config: ConsentConfig,
 }
 
 impl ConsentApi {
-    pub fn new(ledger: Arc<Ledger>, rules: Arc<ConsentRules>, config: ConsentConfig) -> Self {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        rules: Arc<ConsentRules>,
+        profiles: ProfileServiceClient<Channel>,
+        config: ConsentConfig,
+    ) -> Self {
         ConsentApi {
             ledger,
             rules,
+            profiles,
             config,
         }
     }
 
     pub fn into_server(self) -> ConsentServiceServer<Self> {
         ConsentServiceServer::new(self)
+    }
+
+    /// The profile behind an identifier. Nobody has it: with a grant the
+    /// person came back with new consent, so an erasure's suppression is
+    /// lifted and a profile created; without one there is nothing to record
+    /// it for.
+    async fn person_of(
+        &self,
+        (kind, value): (String, String),
+        grants: bool,
+        region: &str,
+    ) -> Result<String, Status> {
+        let identifier = profiles_pb::Identifier { kind, value };
+        let mut profiles = self.profiles.clone();
+        let found = profiles
+            .get_profile(profiles_pb::GetProfileRequest {
+                lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(
+                    identifier.clone(),
+                )),
+            })
+            .await;
+        match found {
+            Ok(answer) => answer
+                .into_inner()
+                .profile
+                .map(|p| p.profile_id)
+                .ok_or_else(|| Status::internal("profiles answered without a profile")),
+            Err(status) if status.code() == tonic::Code::NotFound && grants => {
+                profiles
+                    .lift_suppression(profiles_pb::LiftSuppressionRequest {
+                        identifier: Some(identifier.clone()),
+                    })
+                    .await?;
+                let created = profiles
+                    .upsert_profile(profiles_pb::UpsertProfileRequest {
+                        identifiers: vec![identifier],
+                        region: region.to_string(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                created
+                    .profile
+                    .map(|p| p.profile_id)
+                    .ok_or_else(|| Status::internal("profiles answered without a profile"))
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(Status::failed_precondition(
+                    "identifier: no profile has it, and a request without a grant creates none",
+                ))
+            }
+            Err(status) => Err(status),
+        }
     }
 
     fn tcf_validity(&self) -> TcfValidity {
@@ -67,7 +131,25 @@ fn collection_from(
     rules: &ConsentRules,
     request: pb::RecordConsentRequest,
 ) -> Result<Collection, FieldError> {
-    let profile_id = validate::text("profile_id", &request.profile_id, MAX_ID_LEN)?.to_string();
+    let (profile_id, identifier) = match (&request.identifier, request.profile_id.is_empty()) {
+        (None, _) => (
+            validate::text("profile_id", &request.profile_id, MAX_ID_LEN)?.to_string(),
+            None,
+        ),
+        (Some(id), true) => (
+            String::new(),
+            Some((
+                validate::text("identifier.kind", &id.kind, MAX_ID_LEN)?.to_string(),
+                validate::text("identifier.value", &id.value, MAX_ID_LEN * 4)?.to_string(),
+            )),
+        ),
+        (Some(_), false) => {
+            return Err(FieldError::new(
+                "identifier",
+                "give profile_id or identifier, not both",
+            ));
+        }
+    };
     if request.choices.is_empty() && request.signals.is_empty() {
         return Err(FieldError::new(
             "choices",
@@ -178,6 +260,7 @@ fn collection_from(
     };
     Ok(Collection {
         profile_id,
+        identifier,
         choices,
         legal_basis,
         signals,
@@ -275,7 +358,17 @@ impl ConsentService for ConsentApi {
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
         let collection = collection_from(&self.rules, request.into_inner())?;
-        let plan = derive::plan(&self.rules, collection, self.tcf_validity())?;
+        let identifier = collection.identifier.clone();
+        let region = collection.region.clone();
+        let mut plan = derive::plan(&self.rules, collection, self.tcf_validity())?;
+        if let Some(identifier) = identifier {
+            let grants = plan
+                .record
+                .choices
+                .iter()
+                .any(|c| c.state == State::Granted);
+            plan.record.profile_id = self.person_of(identifier, grants, &region).await?;
+        }
         let entries = self.ledger.record(plan.record).await?;
         Ok(Response::new(pb::RecordConsentResponse {
             entries: entries.iter().map(entry_to_pb).collect(),
@@ -465,6 +558,21 @@ mod tests {
         let mut r = request();
         r.choices.push(r.choices[0].clone());
         assert_eq!(field_of(r).await, "choices[1].purpose");
+
+        let mut r = request();
+        r.identifier = Some(profiles_pb::Identifier {
+            kind: "email".into(),
+            value: "ann@example.com".into(),
+        });
+        assert_eq!(field_of(r).await, "identifier", "one subject, not two");
+
+        let mut r = request();
+        r.profile_id.clear();
+        r.identifier = Some(profiles_pb::Identifier {
+            kind: "email".into(),
+            value: " ".into(),
+        });
+        assert_eq!(field_of(r).await, "identifier.value");
 
         let mut r = request();
         r.source = 0;

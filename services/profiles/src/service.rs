@@ -267,9 +267,11 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::EraseProfileRequest>,
     ) -> Result<Response<pb::EraseProfileResponse>, Status> {
-        let lookup = convert::lookup(&self.normaliser, request.into_inner().lookup)?;
-        let erased = self.store.erase(&lookup).await?;
+        let request = request.into_inner();
+        let lookup = convert::lookup(&self.normaliser, request.lookup)?;
+        let erased = self.store.erase(&lookup, request.suppress).await?;
         tracing::info!(
+            suppressed = request.suppress,
             profiles = erased.profile_ids.len(),
             identifiers = erased.identifiers,
             events = erased.events,
@@ -280,5 +282,20 @@ impl ProfileService for ProfileApi {
             identifiers: erased.identifiers,
             events: erased.events,
         }))
+    }
+
+    async fn lift_suppression(
+        &self,
+        request: Request<pb::LiftSuppressionRequest>,
+    ) -> Result<Response<pb::LiftSuppressionResponse>, Status> {
+        let id = request
+            .into_inner()
+            .identifier
+            .ok_or_else(|| FieldError::required("identifier"))?;
+        let id = self
+            .normaliser
+            .normalise("identifier", &id.kind, &id.value)?;
+        let lifted = self.store.lift_suppression(&id).await?;
+        Ok(Response::new(pb::LiftSuppressionResponse { lifted }))
     }
 }

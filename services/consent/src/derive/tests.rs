@@ -23,6 +23,7 @@ fn tc_string(purposes: &[u8]) -> String {
 fn collection(region: &str, choices: &[(&str, Choice)], signals: Vec<SignalInput>) -> Collection {
     Collection {
         profile_id: "p".into(),
+        identifier: None,
         choices: choices.iter().map(|(p, c)| (p.to_string(), *c)).collect(),
         legal_basis: LegalBasis::Consent,
         signals,

@@ -351,6 +351,8 @@ impl Worker {
                     lookup: Some(profiles_pb::erase_profile_request::Lookup::ProfileId(
                         person.clone(),
                     )),
+                    // Until they come back with new consent.
+                    suppress: true,
                 },
                 bearer,
             ))

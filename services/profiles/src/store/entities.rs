@@ -141,3 +141,23 @@ pub mod change {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod suppressed {
+    use sea_orm::entity::prelude::*;
+
+    /// An erased person's identifier, as `madtech_common::digest::identifier`
+    /// of its normalised value.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "suppressed_identifiers")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub digest: String,
+        pub kind: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

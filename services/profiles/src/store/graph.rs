@@ -135,6 +135,7 @@ pub(super) async fn resolve(
     }
 
     if !plan.attach.is_empty() {
+        super::suppression::refuse_suppressed(txn, plan.attach.iter()).await?;
         let rows = plan.attach.iter().map(|id| {
             identifier::ActiveModel::from(identifier::Model {
                 key: id.key(),

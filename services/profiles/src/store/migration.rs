@@ -7,7 +7,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateProfiles), Box::new(CreateEventsAndChanges)]
+        vec![
+            Box::new(CreateProfiles),
+            Box::new(CreateEventsAndChanges),
+            Box::new(CreateSuppressions),
+        ]
     }
 }
 
@@ -247,6 +251,41 @@ impl MigrationTrait for CreateEventsAndChanges {
             &[ProfileChanges::ProfileId],
         )
         .await
+    }
+}
+
+#[derive(DeriveIden, Clone, Copy)]
+enum SuppressedIdentifiers {
+    Table,
+    Digest,
+    Kind,
+    CreatedAt,
+}
+
+/// Identifiers of people erased at their request, hashed, that may not
+/// come back until the person gives new consent.
+struct CreateSuppressions;
+
+impl MigrationName for CreateSuppressions {
+    fn name(&self) -> &str {
+        "m20261130_000003_create_suppressions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateSuppressions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SuppressedIdentifiers::Table)
+                    .if_not_exists()
+                    .col(string(SuppressedIdentifiers::Digest).primary_key())
+                    .col(string(SuppressedIdentifiers::Kind))
+                    .col(big_integer(SuppressedIdentifiers::CreatedAt))
+                    .to_owned(),
+            )
+            .await
     }
 }
 

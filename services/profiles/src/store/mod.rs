@@ -12,6 +12,7 @@ mod events;
 mod graph;
 mod migration;
 mod privacy;
+mod suppression;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -276,15 +277,27 @@ impl ProfileStore {
     }
 
     /// Hard-deletes a person; see [`privacy`].
-    pub async fn erase(&self, lookup: &Lookup) -> Result<Erased, ProfileError> {
-        write_retrying!(self, |txn| Self::try_erase(txn, lookup))
+    /// With `suppress`, the person's identifiers are kept as digests and
+    /// refused from then on, until the suppression is lifted.
+    pub async fn erase(&self, lookup: &Lookup, suppress: bool) -> Result<Erased, ProfileError> {
+        write_retrying!(self, |txn| Self::try_erase(txn, lookup, suppress))
     }
 
     /// Resolves the person inside the write, so a merge committed just before
     /// cannot leave part of them behind.
-    async fn try_erase(txn: &DatabaseTransaction, lookup: &Lookup) -> Result<Erased, ProfileError> {
+    async fn try_erase(
+        txn: &DatabaseTransaction,
+        lookup: &Lookup,
+        suppress: bool,
+    ) -> Result<Erased, ProfileError> {
         let id = resolve_lookup(txn, lookup).await?;
-        privacy::erase(txn, &id).await
+        privacy::erase(txn, &id, suppress).await
+    }
+
+    /// Lets an erased person's identifier be used again (they came back
+    /// with new consent); whether it was suppressed.
+    pub async fn lift_suppression(&self, identifier: &Identifier) -> Result<bool, ProfileError> {
+        suppression::lift(&self.db, identifier).await
     }
 
     /// Everything held about a person, as JSON.

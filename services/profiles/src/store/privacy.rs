@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::changes::{self, ChangeRecord};
 use super::entities::{change, conflict, event, identifier, merge, profile};
-use super::{decode_event, load_live};
+use super::{decode_event, load_live, suppression};
 use crate::error::ProfileError;
 
 /// What an erasure deleted.
@@ -42,8 +42,21 @@ async fn person_ids<C: ConnectionTrait>(
 pub(super) async fn erase(
     txn: &DatabaseTransaction,
     live_id: &str,
+    suppress: bool,
 ) -> Result<Erased, ProfileError> {
     let ids = person_ids(txn, live_id).await?;
+    if suppress {
+        let held = identifier::Entity::find()
+            .filter(identifier::Column::ProfileId.is_in(ids.clone()))
+            .all(txn)
+            .await?;
+        suppression::add(
+            txn,
+            held.iter()
+                .map(|row| (row.kind.as_str(), row.value.as_str())),
+        )
+        .await?;
+    }
     let identifiers = identifier::Entity::delete_many()
         .filter(identifier::Column::ProfileId.is_in(ids.clone()))
         .exec(txn)

@@ -592,11 +592,14 @@ madtech_common::backend_tests!(
         let before = all_changes(&store, 0).await.last().expect("changes").cursor;
 
         let erased = store
-            .erase(&Lookup::Identifier(
-                ids(&[("cookie_id", "gone-cookie")])
-                    .pop_first()
-                    .expect("one"),
-            ))
+            .erase(
+                &Lookup::Identifier(
+                    ids(&[("cookie_id", "gone-cookie")])
+                        .pop_first()
+                        .expect("one"),
+                ),
+                false,
+            )
             .await
             .expect("erase");
         let mut expected = vec![gone.profile.id.clone(), alias.profile.id.clone()];
@@ -792,5 +795,71 @@ madtech_common::backend_tests!(
         assert_eq!(export["events"].as_array().expect("events").len(), 7 * 50);
         let changes = all_changes(&store, 0).await;
         assert_eq!(events_in(&changes).len(), 7 * 50, "published once each");
+    }
+);
+
+madtech_common::backend_tests!(
+    a_suppressed_identifier_cannot_bring_an_erased_person_back_until_lifted,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let ann = store
+            .upsert(upsert(
+                &[("email", "ann@example.com"), ("customer_id", "C-1")],
+                &[],
+                "FR",
+            ))
+            .await
+            .expect("ann");
+        store
+            .erase(&Lookup::ProfileId(ann.profile.id.clone()), true)
+            .await
+            .expect("erase with suppression");
+
+        for pairs in [
+            vec![("email", " Ann@Example.com ")],
+            vec![("customer_id", "C-1"), ("email", "new@example.com")],
+        ] {
+            let refused = store
+                .upsert(upsert(&pairs, &[], "FR"))
+                .await
+                .expect_err("suppressed");
+            match refused {
+                ProfileError::Precondition(reason) => {
+                    assert!(reason.contains("erased at their request"), "{reason}");
+                    assert!(
+                        !reason.contains("ann@example.com"),
+                        "no value in the reason"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let refused = store
+            .ingest(&[event("e1", "view", by(&[("email", "ann@example.com")]))])
+            .await
+            .expect_err("events cannot bring her back either");
+        assert!(matches!(refused, ProfileError::Precondition(_)));
+        store
+            .upsert(upsert(&[("email", "new@example.com")], &[], "FR"))
+            .await
+            .expect("someone else is fine");
+
+        let email = ids(&[("email", "ann@example.com")])
+            .pop_first()
+            .expect("one");
+        assert!(store.lift_suppression(&email).await.expect("lift"));
+        assert!(
+            !store.lift_suppression(&email).await.expect("again"),
+            "once"
+        );
+        store
+            .upsert(upsert(&[("email", "ann@example.com")], &[], "FR"))
+            .await
+            .expect("back with new consent");
+        let still = store
+            .upsert(upsert(&[("customer_id", "C-1")], &[], "FR"))
+            .await
+            .expect_err("only the lifted identifier is free");
+        assert!(matches!(still, ProfileError::Precondition(_)));
     }
 );
