@@ -385,6 +385,7 @@ impl Crossing {
             recorded: false,
         };
         let consent = Arc::clone(&self.consent);
+        let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
         let stream = async_stream::stream! {
             let mut upstream = upstream;
             let outcome: Result<(), Status> = loop {
@@ -393,10 +394,16 @@ impl Crossing {
                     Ok(None) => break Ok(()),
                     Err(status) => break Err(status),
                 };
-                let states = match consent.states(&chunk.members, &request.purpose, freshness, deadline).await {
+                let mut states = match consent.states(&chunk.members, &request.purpose, freshness, deadline).await {
                     Ok(states) => states,
                     Err(status) => break Err(status),
                 };
+                if let Some(vendor_purpose) = &vendor_purpose {
+                    match consent.states(&chunk.members, vendor_purpose, freshness, deadline).await {
+                        Ok(vendor_states) => refuse_vendor_denials(&mut states, &vendor_states),
+                        Err(status) => break Err(status),
+                    }
+                }
                 let mut members = Vec::with_capacity(chunk.members.len());
                 let mut failed = None;
                 for (member, state) in chunk.members.into_iter().zip(states) {
@@ -425,6 +432,19 @@ impl Crossing {
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A TC string that refused the destination's vendor denies the purpose for
+/// that destination; no vendor choice on record leaves the purpose's state.
+fn refuse_vendor_denials(
+    states: &mut [consent_pb::ConsentState],
+    vendor_states: &[consent_pb::ConsentState],
+) {
+    for (state, vendor) in states.iter_mut().zip(vendor_states) {
+        if *vendor == consent_pb::ConsentState::Denied {
+            *state = consent_pb::ConsentState::Denied;
+        }
     }
 }
 
@@ -565,6 +585,14 @@ fn observe(crossing: &audit::Crossing) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_refused_vendor_denies_and_no_vendor_choice_changes_nothing() {
+        use consent_pb::ConsentState::{Denied, Granted, Unset};
+        let mut states = vec![Granted, Granted, Unset, Granted];
+        refuse_vendor_denials(&mut states, &[Denied, Granted, Denied, Unset]);
+        assert_eq!(states, vec![Denied, Granted, Denied, Granted]);
+    }
     use super::*;
     use madtech_proto::profiles::v1::Identifier;
 

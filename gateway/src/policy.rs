@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 pub const RBAC: (&str, &str) = ("rbac_model.conf", "rbac_policy.csv");
 pub const CONSENT: (&str, &str) = ("consent_model.conf", "consent_policy.csv");
 pub const IDENTIFIERS: (&str, &str) = ("identifiers_model.conf", "identifiers_policy.csv");
+/// The consent service's policy; the gateway reads its TCF vendor rules.
+pub const CONSENT_RULES: &str = "consent.toml";
 
 /// The region a consent decision is asked under when the policy does not
 /// know the person's region (ISO 3166's code for "unknown").
@@ -37,6 +39,9 @@ pub enum PolicyError {
 struct PolicyTexts {
     /// (model, policy) of consent, identifiers and RBAC, in file-name order.
     pairs: [(String, String); 3],
+    /// The consent service's policy, for the TCF vendor rules; absent in a
+    /// directory without it.
+    consent_rules: Option<String>,
     /// Hex SHA-256 over every file's name and content, in name order.
     version: String,
     files: Vec<String>,
@@ -71,8 +76,26 @@ impl PolicyTexts {
             read_pair(IDENTIFIERS)?,
             read_pair(RBAC)?,
         ];
+        let consent_rules = match std::fs::read_to_string(dir.join(CONSENT_RULES)) {
+            Ok(text) => {
+                hasher.update(CONSENT_RULES.as_bytes());
+                hasher.update([0]);
+                hasher.update(text.as_bytes());
+                hasher.update([0]);
+                files.push(CONSENT_RULES.to_string());
+                Some(text)
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(PolicyError::Read {
+                    file: CONSENT_RULES.to_string(),
+                    source,
+                });
+            }
+        };
         Ok(PolicyTexts {
             pairs,
+            consent_rules,
             version: hex::encode(hasher.finalize()),
             files,
         })
@@ -174,6 +197,7 @@ pub struct PolicySet {
     identifiers: Enforcer,
     /// Regions the consent policy maps to a regime.
     known_regions: HashSet<String>,
+    tcf: TcfVendorRules,
     /// RBAC answers so far: role → method → allowed.
     method_decisions: RwLock<HashMap<String, HashMap<String, bool>>>,
     /// Hex SHA-256 over every file's name and content, in name order.
@@ -190,13 +214,73 @@ impl std::fmt::Debug for PolicySet {
     }
 }
 
+/// Which purposes need the destination's own TCF vendor consent, and the
+/// vendor id of each destination kind that is a TCF vendor (from
+/// `consent.toml`; the rest of that file is the consent service's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct TcfVendorRules {
+    purposes: HashSet<String>,
+    vendors: HashMap<String, u16>,
+}
+
+impl TcfVendorRules {
+    fn parse(text: &str) -> Result<Self, PolicyError> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            #[serde(default)]
+            purposes: HashMap<String, Purpose>,
+            #[serde(default)]
+            tcf_vendors: HashMap<String, u16>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Purpose {
+            #[serde(default)]
+            tcf_vendor_consent: bool,
+        }
+        use figment::providers::{Format, Toml};
+        let file: File = figment::Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|err| PolicyError::Invalid {
+                file: CONSENT_RULES.to_string(),
+                reason: err.to_string(),
+            })?;
+        Ok(TcfVendorRules {
+            purposes: file
+                .purposes
+                .into_iter()
+                .filter(|(_, p)| p.tcf_vendor_consent)
+                .map(|(name, _)| name)
+                .collect(),
+            vendors: file.tcf_vendors,
+        })
+    }
+}
+
 impl PolicySet {
+    /// The ledger purpose holding the destination's TCF vendor consent, when
+    /// `purpose` needs it and the destination kind is a TCF vendor. A person
+    /// whose TC string refused that vendor does not cross to it for the
+    /// purpose, whatever their purpose-level consent.
+    pub fn tcf_vendor_purpose(&self, destination_kind: &str, purpose: &str) -> Option<String> {
+        if !self.tcf.purposes.contains(purpose) {
+            return None;
+        }
+        self.tcf
+            .vendors
+            .get(destination_kind)
+            .map(|vendor| madtech_proto::consent::tcf_vendor_purpose(*vendor))
+    }
+
     /// Loads and validates every pair in `dir`.
     pub async fn load(dir: &Path) -> Result<Self, PolicyError> {
         Self::build(PolicyTexts::read(dir)?).await
     }
 
     async fn build(texts: PolicyTexts) -> Result<Self, PolicyError> {
+        let tcf = match &texts.consent_rules {
+            Some(text) => TcfVendorRules::parse(text)?,
+            None => TcfVendorRules::default(),
+        };
         let [consent_texts, identifiers_texts, rbac_texts] = texts.pairs;
         let rbac = enforcer(RBAC, rbac_texts).await?;
         let consent = enforcer(CONSENT, consent_texts).await?;
@@ -211,6 +295,7 @@ impl PolicySet {
             consent,
             identifiers,
             known_regions,
+            tcf,
             method_decisions: RwLock::new(HashMap::new()),
             version: texts.version,
             files: texts.files,
@@ -486,11 +571,44 @@ mod tests {
     fn copy_to_temp() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("dir");
         for (model, policy) in [RBAC, CONSENT, IDENTIFIERS] {
-            for name in [model, policy] {
+            for name in [model, policy, CONSENT_RULES] {
                 std::fs::copy(shipped().join(name), dir.path().join(name)).expect("copy");
             }
         }
         dir
+    }
+
+    #[tokio::test]
+    async fn tcf_vendor_destinations_need_their_vendor_consent_for_targeting_only() {
+        let p = policies().await;
+        assert_eq!(
+            p.tcf_vendor_purpose("google_ads", "ad_targeting")
+                .as_deref(),
+            Some("tcf_vendor_755")
+        );
+        assert_eq!(
+            p.tcf_vendor_purpose("file", "ad_targeting"),
+            None,
+            "not a TCF vendor"
+        );
+        assert_eq!(
+            p.tcf_vendor_purpose("google_ads", "ad_measurement"),
+            None,
+            "the purpose does not ask for vendor consent"
+        );
+        assert!(
+            p.files.iter().any(|f| f == CONSENT_RULES),
+            "part of the version"
+        );
+
+        // Without consent.toml there are no vendor rules, and a broken one
+        // refuses the set.
+        let dir = copy_to_temp();
+        std::fs::remove_file(dir.path().join(CONSENT_RULES)).expect("remove");
+        let bare = PolicySet::load(dir.path()).await.expect("loads");
+        assert_eq!(bare.tcf_vendor_purpose("google_ads", "ad_targeting"), None);
+        std::fs::write(dir.path().join(CONSENT_RULES), "tcf_vendors = 3").expect("write");
+        assert!(PolicySet::load(dir.path()).await.is_err());
     }
 
     #[tokio::test]
@@ -585,7 +703,7 @@ mod tests {
         std::fs::write(&path, text).expect("write");
         let after = PolicySet::load(dir.path()).await.expect("load");
         assert_ne!(after.version, before);
-        assert_eq!(after.files.len(), 6);
+        assert_eq!(after.files.len(), 7);
     }
 
     #[tokio::test]

@@ -17,6 +17,13 @@ pub mod consent {
     pub mod v1 {
         tonic::include_proto!("madtech.consent.v1");
     }
+
+    /// The ledger purpose under which a TC string's consent for one IAB TCF
+    /// vendor (by Global Vendor List id) is recorded, so the gateway can ask
+    /// for it like any purpose.
+    pub fn tcf_vendor_purpose(vendor_id: u16) -> String {
+        format!("tcf_vendor_{vendor_id}")
+    }
 }
 
 /// `madtech.segments.v1`

@@ -477,3 +477,81 @@ async fn signals_are_recorded_with_their_evidence_and_gpc_wins_where_binding() {
     assert_eq!(of("data_sale"), Some(consent_pb::ConsentState::Granted));
     suite.stop().await;
 }
+
+// The signals crate's test encoder, to write TC strings from models.
+#[path = "../../signals/tests/common/mod.rs"]
+#[allow(dead_code, clippy::all)]
+mod tc_encoder;
+
+#[tokio::test]
+async fn a_tc_string_that_refuses_a_platform_s_vendor_keeps_people_from_that_platform() {
+    use consent_pb::consent_signal::Signal;
+    use madtech_proto::profiles::v1 as profiles_pb;
+    let suite = Suite::start(Backend::Sqlite).await;
+    let admin = suite.bearer(&["admin"]);
+    let person = suite
+        .profiles(admin.clone())
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![profiles_pb::Identifier {
+                kind: "email".into(),
+                value: "tcf@example.com".into(),
+            }],
+            region: "FR".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("upsert")
+        .into_inner()
+        .profile
+        .expect("profile")
+        .profile_id;
+    // Targeting purposes 1, 3 and 4, and vendor 21 (The Trade Desk) but not
+    // 755 (Google).
+    let mut model = tc_encoder::TcModel::minimal();
+    model.purpose_consents = [1, 3, 4].into_iter().collect();
+    model.purpose_legitimate_interests = Default::default();
+    model.vendor_consents.ids = [21].into_iter().collect();
+    suite
+        .consent(suite.bearer(&["ingest"]))
+        .record_consent(consent_pb::RecordConsentRequest {
+            profile_id: person,
+            signals: vec![signal(Signal::TcString(model.encode()))],
+            source: consent_pb::ConsentSource::Cmp.into(),
+            region: "FR".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("record the TC string");
+
+    let segment = suite.region_segment("france", &["FR"]).await;
+    let crossed = |kind: &'static str| {
+        let segment_id = segment.segment_id.clone();
+        let mut segments = suite.segments(suite.bearer(&["activation"]));
+        async move {
+            let mut stream = segments
+                .export_audience(segments_pb::ExportAudienceRequest {
+                    segment_id,
+                    destination_id: format!("{kind}-1"),
+                    destination_kind: kind.into(),
+                    purpose: "ad_targeting".into(),
+                    snapshot_cursor: 0,
+                })
+                .await
+                .expect("export")
+                .into_inner();
+            let mut members = 0;
+            while let Some(chunk) = stream.message().await.expect("chunk") {
+                members += chunk.members.len();
+            }
+            members
+        }
+    };
+    assert_eq!(crossed("the_trade_desk").await, 1, "its vendor has consent");
+    assert_eq!(crossed("google_ads").await, 0, "its vendor was refused");
+    assert_eq!(
+        crossed("file").await,
+        1,
+        "not a TCF vendor: the purposes decide"
+    );
+    suite.stop().await;
+}

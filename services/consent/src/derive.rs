@@ -342,6 +342,22 @@ fn tcf_choices(
             signal_candidate(choice, LegalBasis::Consent, from),
         ));
     }
+    // Vendor consent, per vendor the policy lists, as purposes of its own.
+    for vendor in rules.tcf_vendors() {
+        let (choice, verb) = if tc.has_vendor_consent(vendor) {
+            (Choice::Granted, "consented")
+        } else {
+            (Choice::Denied, "not consented")
+        };
+        found.push((
+            madtech_proto::consent::tcf_vendor_purpose(vendor),
+            signal_candidate(
+                choice,
+                LegalBasis::Consent,
+                format!("{prefix} vendor {vendor} {verb}"),
+            ),
+        ));
+    }
 }
 
 fn list(ids: &[u8]) -> String {

@@ -81,6 +81,8 @@ pub struct Purpose {
     /// TCF purposes that must all be consented to; empty when TCF says
     /// nothing about this purpose.
     pub tcf_purposes: Vec<u8>,
+    /// Also needs the destination's TCF vendor consent.
+    pub tcf_vendor_consent: bool,
     pub opted_out_by: BTreeSet<OptOutField>,
 }
 
@@ -121,6 +123,8 @@ pub struct ConsentRules {
     expiry: Vec<Expiry>,
     reask: Vec<Reask>,
     privacy: PrivacyRules,
+    /// TCF vendor ids whose consent a TC string records, by destination kind.
+    tcf_vendors: BTreeMap<String, u16>,
     /// Region or group → the groups it belongs to (the `g2` rows).
     region_groups: HashMap<String, Vec<String>>,
 }
@@ -135,6 +139,8 @@ struct PolicyFile {
     #[serde(default)]
     reask: Vec<ReaskFile>,
     privacy_requests: PrivacyFile,
+    #[serde(default)]
+    tcf_vendors: BTreeMap<String, u16>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +167,8 @@ struct PurposeFile {
     description: String,
     #[serde(default)]
     tcf_purposes: Vec<u8>,
+    #[serde(default)]
+    tcf_vendor_consent: bool,
     #[serde(default)]
     opted_out_by: Vec<String>,
 }
@@ -263,6 +271,7 @@ impl ConsentRules {
                     name,
                     description: purpose.description,
                     tcf_purposes,
+                    tcf_vendor_consent: purpose.tcf_vendor_consent,
                     opted_out_by,
                 },
             );
@@ -349,12 +358,24 @@ impl ConsentRules {
             opt_out_purposes: privacy_file.opt_out_purposes,
             deadlines,
         };
+        for (kind, vendor) in &file.tcf_vendors {
+            madtech_common::validate::policy_name("destination kind", kind).map_err(|err| {
+                invalid(POLICY_FILE, format!("tcf_vendors.{kind}: {}", err.reason))
+            })?;
+            if *vendor == 0 {
+                return Err(invalid(
+                    POLICY_FILE,
+                    format!("tcf_vendors.{kind}: 0 is not a vendor id"),
+                ));
+            }
+        }
         Ok(ConsentRules {
             purposes,
             gpc_binding,
             expiry,
             reask,
             privacy,
+            tcf_vendors: file.tcf_vendors,
             region_groups,
         })
     }
@@ -399,6 +420,18 @@ impl ConsentRules {
             .filter(|rule| rule.state == choice && !rule.regimes.is_disjoint(regimes))
             .map(|rule| rule.after)
             .min()
+    }
+
+    /// The TCF vendor ids whose consent TC strings record: only when some
+    /// purpose needs vendor consent.
+    pub fn tcf_vendors(&self) -> impl Iterator<Item = u16> + '_ {
+        let needed = self.purposes.values().any(|p| p.tcf_vendor_consent);
+        let vendors: BTreeSet<u16> = if needed {
+            self.tcf_vendors.values().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        vendors.into_iter()
     }
 
     pub fn privacy(&self) -> &PrivacyRules {

@@ -12,7 +12,13 @@ mod encoder;
 
 /// A TCF 2.2 string consenting to exactly `purposes`.
 fn tc_string(purposes: &[u8]) -> String {
+    tc_string_with_vendors(purposes, &[])
+}
+
+/// A TCF 2.2 string consenting to `purposes` and to `vendors`.
+fn tc_string_with_vendors(purposes: &[u8], vendors: &[u16]) -> String {
     let mut model = encoder::TcModel::minimal();
+    model.vendor_consents.ids = vendors.iter().copied().collect();
     model.purpose_consents = purposes.iter().copied().collect();
     model.purpose_legitimate_interests = BTreeSet::new();
     model.cmp_id = 300;
@@ -282,4 +288,17 @@ async fn the_policy_sets_expiry_and_reask_holds() {
     assert_eq!(holds[0].wait_micros, 365 * day);
     let plan = planned(ask(true)).await;
     assert!(state_of(&plan, "data_sale").holds.is_empty());
+}
+
+#[tokio::test]
+async fn a_tc_string_records_each_listed_vendor_s_consent_as_its_own_purpose() {
+    let raw = tc_string_with_vendors(&[1, 3, 4], &[755, 21]);
+    let plan = planned(collection("FR", &[], vec![SignalInput::Tcf(raw)])).await;
+    let google = state_of(&plan, "tcf_vendor_755");
+    assert_eq!(google.state, State::Granted);
+    assert_eq!(google.derived_from, "tcf vendor 755 consented");
+    assert_eq!(state_of(&plan, "tcf_vendor_21").state, State::Granted);
+    let linkedin = state_of(&plan, "tcf_vendor_804");
+    assert_eq!(linkedin.state, State::Denied, "not in the string");
+    assert_eq!(linkedin.derived_from, "tcf vendor 804 not consented");
 }
