@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use activation_pb::activation_service_client::ActivationServiceClient;
 use chrono::Utc;
+use gateway_pb::audit_service_client::AuditServiceClient;
 use madtech_common::CancellationToken;
 use madtech_proto::activation::v1 as activation_pb;
+use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use profiles_pb::profile_service_client::ProfileServiceClient;
@@ -28,6 +30,8 @@ use crate::rules::ConsentRules;
 
 /// Requests taken per round.
 const BATCH: u64 = 50;
+/// Audit records read per page for an access export.
+const AUDIT_PAGE: u32 = 1_000;
 /// Ledger entries read per page for an access export.
 const HISTORY_PAGE: u64 = 1_000;
 /// The longest wait between attempts of a failing step.
@@ -176,9 +180,10 @@ impl Worker {
                     .insert("segment_memberships".into(), Value::Array(memberships));
             }
             (Kind::Access, StepName::Activation) => {
-                let deliveries = self
-                    .deliveries(&found, &bearer)
-                    .await?
+                let delivered = self.deliveries(&found, &bearer).await?;
+                let destinations: std::collections::BTreeSet<String> =
+                    delivered.iter().map(|d| d.destination_id.clone()).collect();
+                let deliveries = delivered
                     .iter()
                     .map(|d| {
                         json!({
@@ -193,6 +198,10 @@ impl Worker {
                 request
                     .export
                     .insert("sent_to_destinations".into(), Value::Array(deliveries));
+                let crossings = self.crossings_to(&destinations, &bearer).await?;
+                request
+                    .export
+                    .insert("crossings".into(), Value::Array(crossings));
             }
             (Kind::Erasure, StepName::Profiles) => self.erase_profile(&found, &bearer).await?,
             (Kind::Erasure, StepName::Activation) => {
@@ -434,6 +443,57 @@ impl Worker {
             .map_err(|status| failed("activation", &status))?
             .into_inner()
             .deliveries)
+    }
+
+    /// The gateway's audit records of crossings to these destinations: when
+    /// data went there, for which segment and purpose, under which policy.
+    async fn crossings_to(
+        &self,
+        destinations: &std::collections::BTreeSet<String>,
+        bearer: &MetadataValue<Ascii>,
+    ) -> Result<Vec<Value>, StepError> {
+        if destinations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = AuditServiceClient::new(self.gateway.clone());
+        let mut found = Vec::new();
+        let mut after_seq = 0;
+        loop {
+            let records = client
+                .list_audit_records(authed(
+                    gateway_pb::ListAuditRecordsRequest {
+                        after_seq,
+                        page_size: AUDIT_PAGE,
+                    },
+                    bearer,
+                ))
+                .await
+                .map_err(|status| failed("gateway audit", &status))?
+                .into_inner()
+                .records;
+            let Some(last) = records.last() else {
+                return Ok(found);
+            };
+            after_seq = last.seq;
+            found.extend(
+                records
+                    .iter()
+                    .filter(|r| destinations.contains(&r.destination_id))
+                    .map(|r| {
+                        json!({
+                            "at": r.recorded_at.as_ref().map(timestamp_json),
+                            "method": r.method,
+                            "segment_id": r.segment_id,
+                            "destination_id": r.destination_id,
+                            "destination_kind": r.destination_kind,
+                            "purpose": r.purpose,
+                            "policy_version": r.policy_version,
+                            "outcome": r.outcome,
+                            "audit_seq": r.seq,
+                        })
+                    }),
+            );
+        }
     }
 
     /// The completeness check: what each service still holds about the
