@@ -13,7 +13,7 @@ use pb::profile_service_server::{ProfileService, ProfileServiceServer};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, change_to_pb, conflict_to_pb, profile_to_pb};
-use crate::identity::Normaliser;
+use crate::identity::{Identifier, Normaliser};
 use crate::store::{Ingested, ProfileStore, Upserted};
 
 const DEFAULT_PAGE_SIZE: u32 = 500;
@@ -30,6 +30,15 @@ pub struct ProfileApi {
 }
 
 impl ProfileApi {
+    /// The request's `identifier`, present and normalised.
+    fn required_identifier(
+        &self,
+        identifier: Option<pb::Identifier>,
+    ) -> Result<Identifier, FieldError> {
+        let id = identifier.ok_or_else(|| FieldError::required("identifier"))?;
+        self.normaliser.normalise("identifier", &id.kind, &id.value)
+    }
+
     pub fn new(store: ProfileStore, normaliser: Normaliser, watch_poll_interval: Duration) -> Self {
         ProfileApi {
             store: Arc::new(store),
@@ -127,13 +136,7 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::RemoveIdentifierRequest>,
     ) -> Result<Response<pb::RemoveIdentifierResponse>, Status> {
-        let id = request
-            .into_inner()
-            .identifier
-            .ok_or_else(|| FieldError::required("identifier"))?;
-        let id = self
-            .normaliser
-            .normalise("identifier", &id.kind, &id.value)?;
+        let id = self.required_identifier(request.into_inner().identifier)?;
         let profile = self.store.remove_identifier(&id).await?;
         Ok(Response::new(pb::RemoveIdentifierResponse {
             profile: Some(profile_to_pb(&profile)),
@@ -288,13 +291,7 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::LiftSuppressionRequest>,
     ) -> Result<Response<pb::LiftSuppressionResponse>, Status> {
-        let id = request
-            .into_inner()
-            .identifier
-            .ok_or_else(|| FieldError::required("identifier"))?;
-        let id = self
-            .normaliser
-            .normalise("identifier", &id.kind, &id.value)?;
+        let id = self.required_identifier(request.into_inner().identifier)?;
         let lifted = self.store.lift_suppression(&id).await?;
         Ok(Response::new(pb::LiftSuppressionResponse { lifted }))
     }
