@@ -123,6 +123,7 @@ async fn filter_throughput() -> anyhow::Result<()> {
                 "ad_targeting",
                 &member.region,
                 consent,
+                "adult",
             )?);
         }
         uncached.push(100_000.0 / start.elapsed().as_secs_f64());

@@ -189,12 +189,15 @@ enum QuestionArgs {
     /// May ROLE call METHOD (a full gRPC path)?
     Rbac { role: String, method: String },
     /// May a person in REGION with CONSENT (granted, denied or unset) for
-    /// PURPOSE reach a destination of kind DESTINATION?
+    /// PURPOSE, in AGE band (e.g. under_16, adult; unknown when not given),
+    /// reach a destination of kind DESTINATION?
     Consent {
         destination: String,
         purpose: String,
         region: String,
         consent: String,
+        #[arg(default_value = "unknown")]
+        age: String,
     },
     /// May an identifier of KIND reach a destination of kind DESTINATION in
     /// FORM (e.g. sha256)?
@@ -777,11 +780,13 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
                     purpose,
                     region,
                     consent,
+                    age,
                 } => Question::Consent {
                     destination,
                     purpose,
                     region: region.trim().to_ascii_uppercase(),
                     consent,
+                    age,
                 },
                 QuestionArgs::Identifier {
                     destination,

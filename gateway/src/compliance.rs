@@ -23,6 +23,8 @@ pub enum Question {
         purpose: String,
         region: String,
         consent: String,
+        /// An age band of `consent.toml` [age_bands], `adult` or `unknown`.
+        age: String,
     },
     Identifier {
         destination: String,
@@ -69,9 +71,10 @@ impl PolicySet {
                 purpose,
                 region,
                 consent,
+                age,
             } => {
                 let (allowed, matched) =
-                    self.explain_crossing(destination, purpose, region, consent)?;
+                    self.explain_crossing(destination, purpose, region, consent, age)?;
                 let asked = self.regime_region(region).to_string();
                 (allowed, matched, Some(asked))
             }
@@ -135,6 +138,7 @@ struct ConsentRow {
     purpose: String,
     region: String,
     consent: String,
+    age: String,
     expect: Expect,
     description: String,
 }
@@ -200,6 +204,7 @@ pub fn load_cases(dir: &Path) -> Result<Vec<Case>, CaseError> {
                 purpose: row.purpose,
                 region: row.region,
                 consent: row.consent,
+                age: row.age,
             },
             expect: row.expect,
             description: row.description,
@@ -269,7 +274,13 @@ pub fn run_cases(set: &PolicySet, cases: &[Case]) -> Result<Report, PolicyError>
             Question::Rbac { role, .. } => {
                 names.insert(role.clone());
             }
-            Question::Consent { destination, .. } | Question::Identifier { destination, .. } => {
+            Question::Consent {
+                destination, age, ..
+            } => {
+                names.insert(destination.clone());
+                names.insert(age.clone());
+            }
+            Question::Identifier { destination, .. } => {
                 names.insert(destination.clone());
             }
         }
@@ -417,6 +428,10 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
             CONSENT.1
         ));
     }
+    // Age bands and the groups they reach (a band is its own group).
+    let ages = grouping(CONSENT.1, "g3");
+    let mut age_groups = reachable(&ages);
+    age_groups.extend(set.age_bands().names().map(str::to_string));
     for row in rows
         .get(CONSENT.1)
         .into_iter()
@@ -449,6 +464,24 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
                 "{}: no region reaches regime {regime:?}: {}",
                 CONSENT.1,
                 row.join(", ")
+            ));
+        }
+        if let Some(age) = row.get(5)
+            && age != "*"
+            && !age_groups.contains(age)
+        {
+            problems.push(format!(
+                "{}: no age band reaches {age:?}: {}",
+                CONSENT.1,
+                row.join(", ")
+            ));
+        }
+    }
+    for (band, _) in &ages {
+        if !set.age_bands().names().any(|known| known == band) {
+            problems.push(format!(
+                "{}: age band {band:?} is not one of consent.toml's [age_bands], adult or unknown",
+                CONSENT.1
             ));
         }
     }
@@ -562,6 +595,7 @@ mod tests {
             purpose: "ad_targeting".into(),
             region: "US-CA".into(),
             consent: "unset".into(),
+            age: "adult".into(),
         };
         let explanation = set.explain(&question).expect("explain");
         assert!(explanation.allowed);
@@ -569,10 +603,17 @@ mod tests {
         assert_eq!(
             explanation.matched,
             vec![
-                vec!["all_destinations", "ad_targeting", "CCPA", "unset", "allow"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
+                vec![
+                    "all_destinations",
+                    "ad_targeting",
+                    "CCPA",
+                    "unset",
+                    "may_opt_out",
+                    "allow"
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
             ]
         );
         let unknown = Question::Consent {
@@ -580,6 +621,7 @@ mod tests {
             purpose: "ad_targeting".into(),
             region: "Atlantis".into(),
             consent: "unset".into(),
+            age: "adult".into(),
         };
         let explanation = set.explain(&unknown).expect("explain");
         assert!(!explanation.allowed);
@@ -617,12 +659,17 @@ mod tests {
         append(
             dir.path(),
             CONSENT.1,
-            "p, all_destinations, ad_targeting, LGPD, granted, allow\n",
+            "p, all_destinations, ad_targeting, LGPD, granted, *, allow\n",
         );
         append(
             dir.path(),
             CONSENT.1,
-            "p, all_destinations, ad_targting, GDPR, granted, allow\n",
+            "p, all_destinations, ad_targting, GDPR, granted, *, allow\n",
+        );
+        append(
+            dir.path(),
+            CONSENT.1,
+            "p, all_destinations, ad_measurement, GDPR, granted, toddler, allow\n",
         );
         append(
             dir.path(),
@@ -632,7 +679,7 @@ mod tests {
         append(
             dir.path(),
             CASE_FILES[1],
-            "file,ad_targeting,FR,unset,allow,wrong on purpose\n",
+            "file,ad_targeting,FR,unset,adult,allow,wrong on purpose\n",
         );
         let set = PolicySet::load(dir.path()).await.expect("still loads");
         let report = run_cases(&set, &load_cases(dir.path()).expect("cases")).expect("run");
@@ -652,6 +699,12 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.contains("unknown purpose \"ad_targting\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("no age band reaches \"toddler\"")),
             "{problems:?}"
         );
         assert!(

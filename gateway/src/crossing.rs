@@ -155,16 +155,20 @@ pub struct Tally {
 }
 
 /// The per-export decision maker. Decisions depend only on (region, consent
-/// state) for a fixed destination and purpose, and identifier decisions only
-/// on the kind, so each distinct input is evaluated once per export.
+/// state, age band) for a fixed destination and purpose, and identifier
+/// decisions only on the kind, so each distinct input is evaluated once per
+/// export. Age bands are worked out for the day the export started, before
+/// any decision: the time-dependent input never lives inside a cached one.
 pub struct Filter {
     policy: Arc<PolicySet>,
     pseudonymiser: Pseudonymiser,
     destination_id: String,
     destination_kind: String,
     purpose: String,
-    /// Decisions by region, then by consent state (see `state_index`).
-    decisions: HashMap<String, [Option<bool>; 4]>,
+    today: chrono::NaiveDate,
+    /// Decisions by region, then by age band and consent state (see
+    /// `decision_index`).
+    decisions: HashMap<String, Vec<Option<bool>>>,
     kinds: HashMap<String, bool>,
     /// Running SHA-256 over everything released, for the audit record.
     released: Sha256,
@@ -185,6 +189,7 @@ impl Filter {
             destination_id: destination_id.to_string(),
             destination_kind: destination_kind.to_string(),
             purpose: purpose.to_string(),
+            today: chrono::Utc::now().date_naive(),
             decisions: HashMap::new(),
             kinds: HashMap::new(),
             released: Sha256::new(),
@@ -199,12 +204,14 @@ impl Filter {
         consent: consent_pb::ConsentState,
     ) -> Result<Option<segments_pb::AudienceMember>, PolicyError> {
         let state = consent_state_name(consent);
-        let index = state_index(consent);
+        let bands = self.policy.age_bands();
+        let (band_index, band) = bands.band(&member.birth_date, self.today);
+        let index = band_index * 4 + state_index(consent);
         // Looked up by `&str`: nothing is allocated per member on a hit.
         let cached = self
             .decisions
             .get(member.region.as_str())
-            .and_then(|by_state| by_state[index]);
+            .and_then(|decided| decided[index]);
         let allowed = match cached {
             Some(allowed) => allowed,
             None => {
@@ -213,8 +220,12 @@ impl Filter {
                     &self.purpose,
                     &member.region,
                     state,
+                    band,
                 )?;
-                self.decisions.entry(member.region.clone()).or_default()[index] = Some(allowed);
+                let slots = bands.count() * 4;
+                self.decisions
+                    .entry(member.region.clone())
+                    .or_insert_with(|| vec![None; slots])[index] = Some(allowed);
                 allowed
             }
         };
@@ -244,6 +255,8 @@ impl Filter {
             profile_id: String::new(),
             identifiers: Vec::new(),
             merged_profile_ids: Vec::new(),
+            // Decided on, never released.
+            birth_date: String::new(),
             region: member.region,
             pseudonymous_id: self
                 .pseudonymiser

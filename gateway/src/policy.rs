@@ -198,6 +198,7 @@ pub struct PolicySet {
     /// Regions the consent policy maps to a regime.
     known_regions: HashSet<String>,
     tcf: TcfVendorRules,
+    age_bands: AgeBands,
     /// RBAC answers so far: role → method → allowed.
     method_decisions: RwLock<HashMap<String, HashMap<String, bool>>>,
     /// Hex SHA-256 over every file's name and content, in name order.
@@ -215,36 +216,101 @@ impl std::fmt::Debug for PolicySet {
 }
 
 /// Which purposes need the destination's own TCF vendor consent, and the
-/// vendor id of each destination kind that is a TCF vendor (from
-/// `consent.toml`; the rest of that file is the consent service's).
+/// vendor id of each destination kind that is a TCF vendor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct TcfVendorRules {
     purposes: HashSet<String>,
     vendors: HashMap<String, u16>,
 }
 
-impl TcfVendorRules {
-    fn parse(text: &str) -> Result<Self, PolicyError> {
-        #[derive(serde::Deserialize)]
-        struct File {
-            #[serde(default)]
-            purposes: HashMap<String, Purpose>,
-            #[serde(default)]
-            tcf_vendors: HashMap<String, u16>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Purpose {
-            #[serde(default)]
-            tcf_vendor_consent: bool,
-        }
-        use figment::providers::{Format, Toml};
-        let file: File = figment::Figment::from(Toml::string(text))
-            .extract()
-            .map_err(|err| PolicyError::Invalid {
-                file: CONSENT_RULES.to_string(),
-                reason: err.to_string(),
-            })?;
-        Ok(TcfVendorRules {
+/// A person's age band on a day, from their birth date: the first band
+/// they are younger than (`below`, in whole years), else `adult`; `unknown`
+/// without a readable birth date.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgeBands {
+    /// (name, below), rising.
+    bands: Vec<(String, u32)>,
+}
+
+pub const ADULT: &str = "adult";
+pub const UNKNOWN_AGE: &str = "unknown";
+
+impl AgeBands {
+    /// The band's index (bands in order, then adult, then unknown) and name.
+    pub fn band(&self, birth_date: &str, today: chrono::NaiveDate) -> (usize, &str) {
+        let unknown = (self.bands.len() + 1, UNKNOWN_AGE);
+        let Ok(born) = chrono::NaiveDate::parse_from_str(birth_date, "%Y-%m-%d") else {
+            return unknown;
+        };
+        let Some(age) = today.years_since(born) else {
+            return unknown;
+        };
+        self.bands
+            .iter()
+            .position(|(_, below)| age < *below)
+            .map_or((self.bands.len(), ADULT), |i| (i, self.bands[i].0.as_str()))
+    }
+
+    /// Every band name [`Self::band`] can answer.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.bands
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .chain([ADULT, UNKNOWN_AGE])
+    }
+
+    /// How many distinct answers [`Self::band`] can give.
+    pub fn count(&self) -> usize {
+        self.bands.len() + 2
+    }
+}
+
+/// The parts of `consent.toml` the gateway applies: TCF vendor rules and
+/// age bands (the rest of that file is the consent service's, which checks
+/// all of it).
+fn parse_consent_rules(text: &str) -> Result<(TcfVendorRules, AgeBands), PolicyError> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        purposes: HashMap<String, Purpose>,
+        #[serde(default)]
+        tcf_vendors: HashMap<String, u16>,
+        #[serde(default)]
+        age_bands: Option<Bands>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Purpose {
+        #[serde(default)]
+        tcf_vendor_consent: bool,
+    }
+    #[derive(serde::Deserialize)]
+    struct Bands {
+        bands: Vec<Band>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Band {
+        name: String,
+        below: u32,
+    }
+    use figment::providers::{Format, Toml};
+    let invalid = |reason: String| PolicyError::Invalid {
+        file: CONSENT_RULES.to_string(),
+        reason,
+    };
+    let file: File = figment::Figment::from(Toml::string(text))
+        .extract()
+        .map_err(|err| invalid(err.to_string()))?;
+    let bands: Vec<(String, u32)> = file
+        .age_bands
+        .map(|b| b.bands.into_iter().map(|b| (b.name, b.below)).collect())
+        .unwrap_or_default();
+    if bands.windows(2).any(|w| w[0].1 >= w[1].1) {
+        return Err(invalid(
+            "age_bands: below must rise from band to band".into(),
+        ));
+    }
+    Ok((
+        TcfVendorRules {
             purposes: file
                 .purposes
                 .into_iter()
@@ -252,8 +318,9 @@ impl TcfVendorRules {
                 .map(|(name, _)| name)
                 .collect(),
             vendors: file.tcf_vendors,
-        })
-    }
+        },
+        AgeBands { bands },
+    ))
 }
 
 impl PolicySet {
@@ -271,15 +338,20 @@ impl PolicySet {
             .map(|vendor| madtech_proto::consent::tcf_vendor_purpose(*vendor))
     }
 
+    /// The age bands the consent policy decides on.
+    pub fn age_bands(&self) -> &AgeBands {
+        &self.age_bands
+    }
+
     /// Loads and validates every pair in `dir`.
     pub async fn load(dir: &Path) -> Result<Self, PolicyError> {
         Self::build(PolicyTexts::read(dir)?).await
     }
 
     async fn build(texts: PolicyTexts) -> Result<Self, PolicyError> {
-        let tcf = match &texts.consent_rules {
-            Some(text) => TcfVendorRules::parse(text)?,
-            None => TcfVendorRules::default(),
+        let (tcf, age_bands) = match &texts.consent_rules {
+            Some(text) => parse_consent_rules(text)?,
+            None => (TcfVendorRules::default(), AgeBands::default()),
         };
         let [consent_texts, identifiers_texts, rbac_texts] = texts.pairs;
         let rbac = enforcer(RBAC, rbac_texts).await?;
@@ -296,6 +368,7 @@ impl PolicySet {
             identifiers,
             known_regions,
             tcf,
+            age_bands,
             method_decisions: RwLock::new(HashMap::new()),
             version: texts.version,
             files: texts.files,
@@ -337,6 +410,7 @@ impl PolicySet {
         purpose: &str,
         region: &str,
         consent: &str,
+        age_band: &str,
     ) -> Result<bool, PolicyError> {
         evaluate(
             &self.consent,
@@ -345,6 +419,7 @@ impl PolicySet {
                 purpose,
                 self.regime_region(region),
                 consent,
+                age_band,
             ),
         )
     }
@@ -376,6 +451,7 @@ impl PolicySet {
         purpose: &str,
         region: &str,
         consent: &str,
+        age_band: &str,
     ) -> Result<(bool, Vec<Vec<String>>), PolicyError> {
         explain(
             &self.consent,
@@ -384,6 +460,7 @@ impl PolicySet {
                 purpose,
                 self.regime_region(region),
                 consent,
+                age_band,
             ),
         )
     }
@@ -556,6 +633,7 @@ fn report_in_force(previous: Option<&str>, version: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use std::path::PathBuf;
 
     fn shipped() -> PathBuf {
@@ -576,6 +654,34 @@ mod tests {
             }
         }
         dir
+    }
+
+    #[tokio::test]
+    async fn age_bands_turn_on_the_birthday() {
+        let p = policies().await;
+        let bands = p.age_bands();
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 30).expect("date");
+        assert_eq!(bands.band("2010-11-30", today).1, "16_17", "16 today");
+        assert_eq!(bands.band("2010-12-01", today).1, "under_16", "16 tomorrow");
+        assert_eq!(bands.band("2008-11-30", today).1, "adult", "18 today");
+        assert_eq!(bands.band("2008-12-01", today).1, "16_17");
+        assert_eq!(bands.band("", today).1, "unknown");
+        assert_eq!(bands.band("30/11/2010", today).1, "unknown");
+        assert_eq!(bands.band("2030-01-01", today).1, "unknown", "not born yet");
+        let indexes: BTreeSet<usize> = ["2020-01-01", "2009-06-01", "1980-01-01", ""]
+            .into_iter()
+            .map(|born| bands.band(born, today).0)
+            .collect();
+        assert_eq!(indexes.len(), bands.count(), "one slot per answer");
+        assert_eq!(
+            bands.names().collect::<Vec<_>>(),
+            ["under_16", "16_17", "adult", "unknown"]
+        );
+        assert!(
+            !p.allows_crossing("file", "ad_targeting", "FR", "granted", "16_17")
+                .expect("eval"),
+            "no profiling ads to minors in the EU"
+        );
     }
 
     #[tokio::test]
@@ -662,17 +768,17 @@ mod tests {
         ];
         for (region, consent, expected) in cases {
             let got = p
-                .allows_crossing("file", "ad_targeting", region, consent)
+                .allows_crossing("file", "ad_targeting", region, consent, "adult")
                 .expect("eval");
             assert_eq!(got, expected, "{region} {consent}");
         }
         assert!(
-            !p.allows_crossing("file", "email_marketing", "US-CA", "unset")
+            !p.allows_crossing("file", "email_marketing", "US-CA", "unset", "adult")
                 .expect("eval"),
             "purposes without rules are denied"
         );
         assert!(
-            !p.allows_crossing("unknown_kind", "ad_targeting", "US-CA", "unset")
+            !p.allows_crossing("unknown_kind", "ad_targeting", "US-CA", "unset", "adult")
                 .expect("eval"),
             "destinations without a class are denied"
         );

@@ -539,3 +539,98 @@ async fn wait_for_merge_entry(
     }
     panic!("no merge entry for {profile_id} within 10 s");
 }
+
+#[tokio::test]
+async fn minors_cross_only_as_the_policy_allows_their_age() {
+    use chrono::Months;
+    let suite = Suite::start(Backend::Sqlite).await;
+    let admin = suite.bearer(&["admin"]);
+    let mut profiles = suite.profiles(admin.clone());
+    let mut consent = suite.consent(admin.clone());
+    let today = chrono::Utc::now().date_naive();
+    let born_years_ago = |years: u32| {
+        today
+            .checked_sub_months(Months::new(12 * years))
+            .expect("a date")
+            .to_string()
+    };
+    // (email, region, age in years, consent for ad_targeting, crosses)
+    let people = [
+        ("ca15@example.com", "US-CA", Some(15), None, false),
+        (
+            "ca15-opted-in@example.com",
+            "US-CA",
+            Some(15),
+            Some(consent_pb::ConsentState::Granted),
+            true,
+        ),
+        ("ca16@example.com", "US-CA", Some(16), None, true),
+        ("ca-unknown@example.com", "US-CA", None, None, true),
+        (
+            "fr17@example.com",
+            "FR",
+            Some(17),
+            Some(consent_pb::ConsentState::Granted),
+            false,
+        ),
+        (
+            "fr40@example.com",
+            "FR",
+            Some(40),
+            Some(consent_pb::ConsentState::Granted),
+            true,
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (email, region, age, choice, crosses) in people {
+        let traits = age
+            .map(|years| {
+                (
+                    "birthdate".to_string(),
+                    profiles_pb::TraitValue {
+                        value: Some(profiles_pb::trait_value::Value::StringValue(
+                            born_years_ago(years),
+                        )),
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        let id = profiles
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers: vec![profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: email.into(),
+                }],
+                traits,
+                region: region.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("upsert")
+            .into_inner()
+            .profile
+            .expect("profile")
+            .profile_id;
+        if let Some(state) = choice {
+            record(&mut consent, &id, state, region).await;
+        }
+        if crosses {
+            expected.push(sha256_hex(email));
+        }
+    }
+    let segment = suite.region_segment("everyone", &["FR", "US-CA"]).await;
+    let mut crossed: Vec<String> = suite
+        .export(&segment.segment_id)
+        .await
+        .iter()
+        .map(|m| m.hashed_identifiers[0].sha256.clone())
+        .collect();
+    crossed.sort();
+    expected.sort();
+    assert_eq!(
+        crossed, expected,
+        "under-16s in California only with an opt-in, no minor in France, unknown age as adult"
+    );
+    suite.stop().await;
+}

@@ -141,6 +141,22 @@ struct PolicyFile {
     privacy_requests: PrivacyFile,
     #[serde(default)]
     tcf_vendors: BTreeMap<String, u16>,
+    /// The gateway's; checked here so `madtech policy lint` reports mistakes.
+    #[serde(default)]
+    age_bands: Option<AgeBandsFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgeBandsFile {
+    bands: Vec<AgeBandFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgeBandFile {
+    name: String,
+    below: u32,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +374,35 @@ impl ConsentRules {
             opt_out_purposes: privacy_file.opt_out_purposes,
             deadlines,
         };
+        let mut floor = 0;
+        for band in file.age_bands.iter().flat_map(|bands| &bands.bands) {
+            let what = format!("age_bands: band {:?}", band.name);
+            // Bands such as `16_17` may start with a digit.
+            let snake = (1..=64).contains(&band.name.len())
+                && band
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !snake {
+                return Err(invalid(
+                    POLICY_FILE,
+                    format!("{what}: not a snake_case name"),
+                ));
+            }
+            if matches!(band.name.as_str(), "adult" | "unknown") {
+                return Err(invalid(
+                    POLICY_FILE,
+                    format!("{what}: adult and unknown are implied"),
+                ));
+            }
+            if band.below <= floor || band.below > 130 {
+                return Err(invalid(
+                    POLICY_FILE,
+                    format!("{what}: below must rise from band to band, at most 130"),
+                ));
+            }
+            floor = band.below;
+        }
         for (kind, vendor) in &file.tcf_vendors {
             madtech_common::validate::policy_name("destination kind", kind).map_err(|err| {
                 invalid(POLICY_FILE, format!("tcf_vendors.{kind}: {}", err.reason))

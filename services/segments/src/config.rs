@@ -32,6 +32,10 @@ pub struct SegmentsConfig {
     /// are recomputed, so people leave them as their events age out.
     #[serde(with = "humantime_serde")]
     pub reevaluate_interval: std::time::Duration,
+    /// The trait holding a person's birth date (`YYYY-MM-DD` text or a
+    /// timestamp), exported to the gateway for the consent policy's age
+    /// bands.
+    pub birth_date_trait: String,
 }
 
 impl Default for SegmentsConfig {
@@ -46,6 +50,7 @@ impl Default for SegmentsConfig {
             projection_freshness_timeout: std::time::Duration::from_secs(5),
             watch_poll_interval: std::time::Duration::from_secs(1),
             reevaluate_interval: std::time::Duration::from_secs(3600),
+            birth_date_trait: "birthdate".into(),
         }
     }
 }
@@ -59,6 +64,11 @@ impl Validate for SegmentsConfig {
         {
             return Err(ConfigError::Invalid(
                 "segments.profiles_url must be an http:// or https:// URL".into(),
+            ));
+        }
+        if self.birth_date_trait.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "segments.birth_date_trait must name a trait".into(),
             ));
         }
         if !(1..=10_000).contains(&self.export_chunk_size) {

@@ -35,10 +35,10 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
         .connect_lazy();
     let profiles = ProfileServiceClient::new(channel);
     let writes = store::WriteLock::default();
-    let projection = Arc::new(store::projection::Projection::new(
-        db.clone(),
-        Arc::clone(&writes),
-    ));
+    let projection = Arc::new(
+        store::projection::Projection::new(db.clone(), Arc::clone(&writes))
+            .with_birth_date_trait(&config.birth_date_trait),
+    );
     let memberships = Arc::new(store::membership::Memberships::new(db.clone(), writes));
     let store = Arc::new(store::SegmentStore::new(db));
     let evaluator =

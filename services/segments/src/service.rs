@@ -83,6 +83,7 @@ fn member_to_pb(member: Member) -> pb::AudienceMember {
         pseudonymous_id: String::new(),
         hashed_identifiers: Vec::new(),
         merged_profile_ids: member.merged_ids,
+        birth_date: member.birth_date.unwrap_or_default(),
     }
 }
 

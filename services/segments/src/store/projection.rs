@@ -83,6 +83,9 @@ pub struct Member {
     pub region: String,
     pub identifiers: Vec<(String, String)>,
     pub merged_ids: Vec<String>,
+    /// `YYYY-MM-DD` from the birth-date trait, when the person has one that
+    /// reads as a date.
+    pub birth_date: Option<String>,
 }
 
 /// Key of the PostgreSQL advisory lock under which a page is applied, so
@@ -92,6 +95,21 @@ const APPLY_LOCK: i64 = 0x6d61_6474_6563_6805;
 pub struct Projection {
     db: DatabaseConnection,
     writes: WriteLock,
+    /// The trait holding a person's birth date, exported for the gateway's
+    /// age bands.
+    birth_date_trait: String,
+}
+
+/// A date from a trait's text: `YYYY-MM-DD`, or an RFC 3339 time.
+fn date_of_text(text: &str) -> Option<chrono::NaiveDate> {
+    let text = text.trim();
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|at| at.date_naive())
+        })
 }
 
 /// `(kind, string, number, int)` columns of a stored value.
@@ -169,7 +187,17 @@ async fn forget(
 
 impl Projection {
     pub fn new(db: DatabaseConnection, writes: WriteLock) -> Self {
-        Projection { db, writes }
+        Projection {
+            db,
+            writes,
+            birth_date_trait: "birthdate".into(),
+        }
+    }
+
+    /// Reads birth dates from the trait `name` (default `birthdate`).
+    pub fn with_birth_date_trait(mut self, name: &str) -> Self {
+        self.birth_date_trait = name.to_string();
+        self
     }
 
     /// How many rows of the projection still hold any of these profile ids
@@ -351,6 +379,7 @@ impl Projection {
                 region: row.try_get("", "region")?,
                 identifiers: Vec::new(),
                 merged_ids: Vec::new(),
+                birth_date: None,
             });
         }
         if members.is_empty() {
@@ -385,9 +414,38 @@ impl Projection {
                 .or_default()
                 .push(row.try_get("", "merged_id")?);
         }
+        let mut sql = Sql::new(
+            "SELECT profile_id, kind, string_value, int_value FROM person_traits WHERE name = ",
+        );
+        sql.bind(self.birth_date_trait.clone())
+            .push(" AND profile_id IN ")
+            .bind_list(&ids);
+        let mut birth_dates: BTreeMap<String, String> = BTreeMap::new();
+        for row in self
+            .db
+            .query_all_raw(sql.statement(self.db.get_database_backend()))
+            .await?
+        {
+            let kind: String = row.try_get("", "kind")?;
+            let date = match kind.as_str() {
+                "string" => row
+                    .try_get::<Option<String>>("", "string_value")?
+                    .as_deref()
+                    .and_then(date_of_text),
+                "timestamp" => row
+                    .try_get::<Option<i64>>("", "int_value")?
+                    .and_then(chrono::DateTime::from_timestamp_micros)
+                    .map(|at| at.date_naive()),
+                _ => None,
+            };
+            if let Some(date) = date {
+                birth_dates.insert(row.try_get("", "profile_id")?, date.to_string());
+            }
+        }
         for member in &mut members {
             member.identifiers = identifiers.remove(&member.profile_id).unwrap_or_default();
             member.merged_ids = merged.remove(&member.profile_id).unwrap_or_default();
+            member.birth_date = birth_dates.remove(&member.profile_id);
         }
         Ok(members)
     }
@@ -399,14 +457,7 @@ impl Projection {
         tail: &str,
     ) -> Result<Vec<sea_orm::QueryResult>, SegmentError> {
         let mut sql = Sql::new(head);
-        sql.push("(");
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(id.clone());
-        }
-        sql.push(")").push(tail);
+        sql.bind_list(ids).push(tail);
         Ok(self
             .db
             .query_all_raw(sql.statement(self.db.get_database_backend()))
