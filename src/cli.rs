@@ -218,7 +218,7 @@ struct UpArgs {
     /// Where SQLite files, keys and file destinations live.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// The casbin policy directory.
+    /// The policy directory (casbin files, identity.toml, consent.toml).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
     #[arg(long)]
@@ -386,7 +386,14 @@ async fn up(
         set(&mut overrides, &["data_dir"], json!(dir));
     }
     if let Some(dir) = &args.policy_dir {
+        // One policy directory for every component that reads one.
         set(&mut overrides, &["gateway", "policy_dir"], json!(dir));
+        set(&mut overrides, &["consent", "policy_dir"], json!(dir));
+        set(
+            &mut overrides,
+            &["profiles", "identity_rules"],
+            json!(dir.join("identity.toml")),
+        );
     }
     let config = load_config(file, overrides)?.with_suite_defaults();
     start_telemetry(&config)?;
