@@ -397,3 +397,87 @@ async fn next_membership_change(
         .change
         .expect("set")
 }
+
+#[tokio::test]
+async fn people_leave_windowed_segments_on_schedule_as_their_events_age_out() {
+    use madtech_proto::profiles::v1 as profiles_pb;
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.segments.reevaluate_interval = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // A purchase that falls out of "last 30d" three seconds from now.
+    let ages_out = chrono::Utc::now() - chrono::Duration::days(30) + chrono::Duration::seconds(3);
+    let mut event = purchase("aging", "leaving@example.com", 80.0);
+    event.timestamp = Some(madtech_proto::time::from_micros(
+        ages_out.timestamp_micros(),
+    ));
+    let mut fresh = purchase("fresh", "staying@example.com", 80.0);
+    fresh.timestamp = None;
+    suite
+        .profiles(suite.bearer(&["ingest"]))
+        .ingest_events(profiles_pb::IngestEventsRequest {
+            events: vec![event, fresh],
+        })
+        .await
+        .expect("ingest");
+
+    let mut marketer = suite.segments(suite.bearer(&["marketer"]));
+    let segment = marketer
+        .create_segment(pb::CreateSegmentRequest {
+            name: "recent buyers".into(),
+            rule: None,
+            rule_text: r#"count(event "purchase", last 30d) >= 1"#.into(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .segment
+        .expect("segment");
+    let mut computing = marketer
+        .compute_segment(pb::ComputeSegmentRequest {
+            segment_id: segment.segment_id.clone(),
+        })
+        .await
+        .expect("compute")
+        .into_inner();
+    let mut members = 0;
+    while let Some(progress) = computing.message().await.expect("progress") {
+        members = progress.members;
+    }
+    assert_eq!(members, 2, "both bought in the last 30 days");
+
+    // Nothing changes upstream: only time passes, and the schedule notices.
+    let mut changes = marketer
+        .watch_membership_changes(pb::WatchMembershipChangesRequest {
+            segment_id: segment.segment_id.clone(),
+            after_cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut exits = Vec::new();
+    while exits.is_empty() {
+        let change = next_membership_change(&mut changes).await;
+        if !change.entered {
+            exits.push(change.profile_id);
+        }
+    }
+    let leaving = suite
+        .profiles(suite.bearer(&["admin"]))
+        .get_profile(profiles_pb::GetProfileRequest {
+            lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(
+                profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: "leaving@example.com".into(),
+                },
+            )),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .profile
+        .expect("profile")
+        .profile_id;
+    assert_eq!(exits, vec![leaving], "only the aged-out buyer leaves");
+    suite.stop().await;
+}
