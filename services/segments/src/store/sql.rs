@@ -73,6 +73,16 @@ impl Sql {
     }
 }
 
+/// Whether `count(..) cmp count` only asks if there is any event: `Some(true)`
+/// for at least one, `Some(false)` for none, `None` for a real count.
+fn presence(cmp: Cmp, count: u32) -> Option<bool> {
+    match (cmp, count) {
+        (Cmp::Ge, 1) | (Cmp::Gt, 0) | (Cmp::Ne, 0) => Some(true),
+        (Cmp::Lt, 1) | (Cmp::Le, 0) | (Cmp::Eq, 0) => Some(false),
+        _ => None,
+    }
+}
+
 /// Runs a statement that returns no rows.
 pub async fn execute<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<(), SegmentError> {
     db.execute_raw(sql.statement(db.get_database_backend()))
@@ -171,12 +181,25 @@ impl Compiler<'_> {
             }
             Rule::Event { filter, measure } => match *measure {
                 EventMeasure::Count { days, cmp, count } => {
-                    sql.push("(SELECT count(*) FROM person_events e WHERE ");
-                    self.event_match(sql, filter, Some(window_start(self.now_micros, days)));
-                    sql.push(") ")
-                        .push(operator(cmp))
-                        .push(" ")
-                        .bind(i64::from(count));
+                    let since = Some(window_start(self.now_micros, days));
+                    // "At least one" and "none" are presence tests: EXISTS
+                    // stops at the first event instead of counting them all.
+                    match presence(cmp, count) {
+                        Some(present) => {
+                            sql.push(if present { "EXISTS" } else { "NOT EXISTS" })
+                                .push(" (SELECT 1 FROM person_events e WHERE ");
+                            self.event_match(sql, filter, since);
+                            sql.push(")");
+                        }
+                        None => {
+                            sql.push("(SELECT count(*) FROM person_events e WHERE ");
+                            self.event_match(sql, filter, since);
+                            sql.push(") ")
+                                .push(operator(cmp))
+                                .push(" ")
+                                .bind(i64::from(count));
+                        }
+                    }
                 }
                 EventMeasure::LastAfter { days } => {
                     sql.push("EXISTS (SELECT 1 FROM person_events e WHERE ");
