@@ -225,6 +225,29 @@ impl RequestStore {
             .collect()
     }
 
+    /// Claims a due request for `lease_micros`, so that of several consent
+    /// replicas only one works on it at a time; false when another replica
+    /// claimed it first (or it is not due).
+    pub async fn claim(
+        &self,
+        request: &PrivacyRequest,
+        now: i64,
+        lease_micros: i64,
+    ) -> Result<bool, ConsentError> {
+        let claimed = request::Entity::update_many()
+            .col_expr(
+                request::Column::NextAttemptAt,
+                sea_orm::sea_query::Expr::value(now.saturating_add(lease_micros)),
+            )
+            .filter(request::Column::RequestId.eq(request.id.clone()))
+            .filter(request::Column::Status.eq(status_str(Status::Open)))
+            .filter(request::Column::NextAttemptAt.eq(request.next_attempt_micros))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        Ok(claimed == 1)
+    }
+
     /// Records the erased person's identifiers, hashed like a request's
     /// subject.
     pub async fn suppress(
@@ -332,6 +355,23 @@ mod tests {
             assert_eq!(completed.len(), 1);
             assert_eq!(completed[0].subject_value, None, "the raw subject is gone");
             assert!(store.get("nope").await.expect("get").is_none());
+        }
+    );
+
+    madtech_common::backend_tests!(
+        only_one_replica_claims_a_due_request,
+        |db: TestDatabase| async move {
+            let store = store(&db).await;
+            let (stored, _) = store.insert(&request("r1", 10)).await.expect("insert");
+            // Two replicas read the same due request; one wins the claim.
+            assert!(store.claim(&stored, 20, 1_000).await.expect("claim"));
+            assert!(!store.claim(&stored, 20, 1_000).await.expect("claim"));
+            assert!(store.due(500, 10).await.expect("due").is_empty(), "leased");
+            assert_eq!(
+                store.due(1_020, 10).await.expect("due").len(),
+                1,
+                "lease over"
+            );
         }
     );
 

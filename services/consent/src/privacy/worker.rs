@@ -30,6 +30,9 @@ use crate::rules::ConsentRules;
 
 /// Requests taken per round.
 const BATCH: u64 = 50;
+/// How long a claimed request is left to the replica that claimed it
+/// before another may take it over (the claimer crashed).
+const LEASE_MICROS: i64 = 5 * 60 * 1_000_000;
 /// Audit records read per page for an access export.
 const AUDIT_PAGE: u32 = 1_000;
 /// Ledger entries read per page for an access export.
@@ -93,7 +96,14 @@ impl Worker {
     pub async fn round(&self) -> Result<(), crate::ConsentError> {
         let now = Utc::now().timestamp_micros();
         for request in self.store.due(now, BATCH).await? {
-            self.advance(request).await?;
+            // Another replica may be working on it.
+            if self.store.claim(&request, now, LEASE_MICROS).await? {
+                // Saved with every step: the lease holds until a step fails
+                // (then the backoff decides) or the request completes.
+                let mut request = request;
+                request.next_attempt_micros = now.saturating_add(LEASE_MICROS);
+                self.advance(request).await?;
+            }
         }
         Ok(())
     }
