@@ -123,17 +123,6 @@ fn columns(value: &Stored) -> (&'static str, Option<String>, Option<f64>, Option
     }
 }
 
-fn bind_value(sql: &mut Sql, value: &Stored) {
-    let (kind, s, n, i) = columns(value);
-    sql.bind(kind.to_string())
-        .push(", ")
-        .bind(s)
-        .push(", ")
-        .bind(n)
-        .push(", ")
-        .bind(i);
-}
-
 /// A stored value read back from the typed value columns of `row`.
 fn stored_from_row(row: &sea_orm::QueryResult) -> Result<Stored, SegmentError> {
     Ok(stored_from_columns(
@@ -261,11 +250,34 @@ impl Projection {
             &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
         )
         .await?;
+        // Consecutive upserts and consecutive event batches are written
+        // together, a few hundred rows per statement; merges and erasures
+        // in between keep their place in the order.
+        let mut run = Run::default();
         for (cursor, change) in changes {
-            if *cursor > applied {
-                apply_one(&txn, change).await?;
+            if *cursor <= applied {
+                continue;
+            }
+            match change {
+                Change::Upserted(person) => {
+                    if !run.events.is_empty() {
+                        run.flush(&txn).await?;
+                    }
+                    run.people.push(person);
+                }
+                Change::Events(events) => {
+                    if !run.people.is_empty() {
+                        run.flush(&txn).await?;
+                    }
+                    run.events.extend(events);
+                }
+                other => {
+                    run.flush(&txn).await?;
+                    apply_one(&txn, other).await?;
+                }
             }
         }
+        run.flush(&txn).await?;
         let cursor = i64::try_from((*last).max(applied)).unwrap_or(i64::MAX);
         let mut upsert = Sql::new("INSERT INTO projection_state (id, cursor) VALUES (1, ");
         upsert
@@ -528,48 +540,181 @@ impl Projection {
     }
 }
 
+/// Changes waiting to be written together.
+#[derive(Default)]
+struct Run<'a> {
+    people: Vec<&'a Snapshot>,
+    events: Vec<&'a NewEvent>,
+}
+
+impl Run<'_> {
+    async fn flush(&mut self, txn: &DatabaseTransaction) -> Result<(), SegmentError> {
+        if !self.people.is_empty() {
+            write_people(txn, &self.people).await?;
+            self.people.clear();
+        }
+        if !self.events.is_empty() {
+            write_events(txn, &self.events).await?;
+            self.events.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Bound values per statement: below every backend's limit.
+const MAX_BINDS: usize = 900;
+
+/// `INSERT INTO {head} VALUES (…), (…)…{tail}` for `rows`, as many
+/// statements as the bind limit asks for.
+async fn insert_rows(
+    txn: &DatabaseTransaction,
+    head: &str,
+    tail: &str,
+    rows: Vec<Vec<sea_orm::Value>>,
+) -> Result<(), SegmentError> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    for chunk in rows.chunks((MAX_BINDS / width.max(1)).max(1)) {
+        let mut sql = Sql::new(&format!("INSERT INTO {head} VALUES "));
+        for (i, row) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for (j, value) in row.iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(value.clone());
+            }
+            sql.push(")");
+        }
+        sql.push(tail);
+        execute(txn, &sql).await?;
+    }
+    Ok(())
+}
+
+fn value_row(value: &Stored) -> [sea_orm::Value; 4] {
+    let (kind, s, n, i) = columns(value);
+    [kind.to_string().into(), s.into(), n.into(), i.into()]
+}
+
+/// People's current state replaces what was projected of them (their
+/// events stay).
+async fn write_people(txn: &DatabaseTransaction, people: &[&Snapshot]) -> Result<(), SegmentError> {
+    // The last snapshot of a person in the run is their state.
+    let mut latest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
+    for person in people {
+        latest.insert(person.profile_id.as_str(), person);
+    }
+    let ids: Vec<String> = latest.keys().map(|id| id.to_string()).collect();
+    for chunk in ids.chunks(MAX_BINDS) {
+        forget(txn, chunk, true).await?;
+    }
+    let people: Vec<&Snapshot> = latest.into_values().collect();
+    insert_rows(
+        txn,
+        "people (profile_id, region)",
+        "",
+        people
+            .iter()
+            .map(|p| vec![p.profile_id.clone().into(), p.region.clone().into()])
+            .collect(),
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "person_identifiers (profile_id, kind, value)",
+        " ON CONFLICT DO NOTHING",
+        people
+            .iter()
+            .flat_map(|p| {
+                p.identifiers.iter().map(|(kind, value)| {
+                    vec![
+                        p.profile_id.clone().into(),
+                        kind.clone().into(),
+                        value.clone().into(),
+                    ]
+                })
+            })
+            .collect(),
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "person_merged (profile_id, merged_id)",
+        " ON CONFLICT DO NOTHING",
+        people
+            .iter()
+            .flat_map(|p| {
+                p.merged_ids
+                    .iter()
+                    .map(|merged| vec![p.profile_id.clone().into(), merged.clone().into()])
+            })
+            .collect(),
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "person_traits (profile_id, name, kind, string_value, number_value, int_value)",
+        "",
+        people
+            .iter()
+            .flat_map(|p| {
+                p.traits.iter().map(|(name, value)| {
+                    let mut row = vec![p.profile_id.clone().into(), name.clone().into()];
+                    row.extend(value_row(value));
+                    row
+                })
+            })
+            .collect(),
+    )
+    .await
+}
+
+/// Events with their properties. Ids are handed out here, after the
+/// largest one stored, so properties need no id back from each insert; the
+/// apply lock makes this the only writer.
+async fn write_events(txn: &DatabaseTransaction, events: &[&NewEvent]) -> Result<(), SegmentError> {
+    let first = number(txn, &Sql::new("SELECT max(id) AS n FROM person_events")).await? + 1;
+    let first = i64::try_from(first).unwrap_or(i64::MAX);
+    let ids = (first..).take(events.len());
+    let mut event_rows = Vec::with_capacity(events.len());
+    let mut property_rows = Vec::new();
+    for (id, event) in ids.zip(events) {
+        event_rows.push(vec![
+            id.into(),
+            event.profile_id.clone().into(),
+            event.name.clone().into(),
+            event.occurred_at_micros.into(),
+        ]);
+        for (name, value) in &event.properties {
+            let mut row = vec![id.into(), name.clone().into()];
+            row.extend(value_row(value));
+            property_rows.push(row);
+        }
+    }
+    insert_rows(
+        txn,
+        "person_events (id, profile_id, name, occurred_at)",
+        "",
+        event_rows,
+    )
+    .await?;
+    insert_rows(
+        txn,
+        "event_properties (event_id, name, kind, string_value, number_value, int_value)",
+        "",
+        property_rows,
+    )
+    .await
+}
+
 async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), SegmentError> {
     match change {
-        Change::Upserted(person) => {
-            forget(txn, std::slice::from_ref(&person.profile_id), true).await?;
-            let mut sql = Sql::new("INSERT INTO people (profile_id, region) VALUES (");
-            sql.bind(person.profile_id.clone())
-                .push(", ")
-                .bind(person.region.clone())
-                .push(")");
-            execute(txn, &sql).await?;
-            for (kind, value) in &person.identifiers {
-                let mut sql =
-                    Sql::new("INSERT INTO person_identifiers (profile_id, kind, value) VALUES (");
-                sql.bind(person.profile_id.clone())
-                    .push(", ")
-                    .bind(kind.clone())
-                    .push(", ")
-                    .bind(value.clone())
-                    .push(") ON CONFLICT DO NOTHING");
-                execute(txn, &sql).await?;
-            }
-            for merged in &person.merged_ids {
-                let mut sql =
-                    Sql::new("INSERT INTO person_merged (profile_id, merged_id) VALUES (");
-                sql.bind(person.profile_id.clone())
-                    .push(", ")
-                    .bind(merged.clone())
-                    .push(") ON CONFLICT DO NOTHING");
-                execute(txn, &sql).await?;
-            }
-            for (name, value) in &person.traits {
-                let mut sql = Sql::new(
-                    "INSERT INTO person_traits (profile_id, name, kind, string_value, number_value, int_value) VALUES (",
-                );
-                sql.bind(person.profile_id.clone())
-                    .push(", ")
-                    .bind(name.clone())
-                    .push(", ");
-                bind_value(&mut sql, value);
-                sql.push(")");
-                execute(txn, &sql).await?;
-            }
+        Change::Upserted(person) => write_people(txn, &[person]).await?,
+        Change::Events(events) => {
+            let events: Vec<&NewEvent> = events.iter().collect();
+            write_events(txn, &events).await?;
         }
         Change::Merged { survivor, merged } => {
             for id in merged {
@@ -588,34 +733,6 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
         Change::Erased { profile_ids } => {
             forget(txn, profile_ids, false).await?;
             membership::leave_everything(txn, profile_ids, now()).await?;
-        }
-        Change::Events(events) => {
-            for event in events {
-                let mut sql =
-                    Sql::new("INSERT INTO person_events (profile_id, name, occurred_at) VALUES (");
-                sql.bind(event.profile_id.clone())
-                    .push(", ")
-                    .bind(event.name.clone())
-                    .push(", ")
-                    .bind(event.occurred_at_micros)
-                    .push(") RETURNING id");
-                let row = txn
-                    .query_one_raw(sql.statement(txn.get_database_backend()))
-                    .await?
-                    .ok_or_else(|| {
-                        SegmentError::Corrupt("an event insert returned no id".into())
-                    })?;
-                let id: i64 = row.try_get("", "id")?;
-                for (name, value) in &event.properties {
-                    let mut sql = Sql::new(
-                        "INSERT INTO event_properties (event_id, name, kind, string_value, number_value, int_value) VALUES (",
-                    );
-                    sql.bind(id).push(", ").bind(name.clone()).push(", ");
-                    bind_value(&mut sql, value);
-                    sql.push(")");
-                    execute(txn, &sql).await?;
-                }
-            }
         }
     }
     Ok(())

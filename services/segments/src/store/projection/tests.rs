@@ -481,3 +481,55 @@ madtech_common::backend_tests!(
         );
     }
 );
+
+madtech_common::backend_tests!(
+    a_page_is_written_in_runs_and_the_last_snapshot_of_a_person_wins,
+    |db: TestDatabase| async move {
+        let projection = projection(&db).await;
+        let snapshot = |id: &str, region: &str, tier: f64| {
+            Change::Upserted(Snapshot {
+                profile_id: id.into(),
+                region: region.into(),
+                identifiers: vec![("email".into(), format!("{id}@x.io"))],
+                merged_ids: Vec::new(),
+                traits: BTreeMap::from([("tier".to_string(), Stored::Value(Value::Number(tier)))]),
+            })
+        };
+        let bought = |id: &str, amount: f64| NewEvent {
+            profile_id: id.into(),
+            name: "purchase".into(),
+            occurred_at_micros: NOW,
+            properties: BTreeMap::from([(
+                "amount".to_string(),
+                Stored::Value(Value::Number(amount)),
+            )]),
+        };
+        let page = vec![
+            (10, snapshot("a", "FR", 1.0)),
+            (11, snapshot("b", "FR", 1.0)),
+            (12, snapshot("a", "DE", 2.0)),
+            (13, Change::Events(vec![bought("a", 5.0), bought("a", 7.0)])),
+            (14, Change::Events(vec![bought("b", 9.0)])),
+            (15, snapshot("a", "DE", 3.0)),
+        ];
+        projection.apply(&page).await.expect("apply");
+        let a = projection.person("a").await.expect("read").expect("a");
+        assert_eq!(a.region, "DE");
+        assert_eq!(a.traits["tier"], Stored::Value(Value::Number(3.0)));
+        assert_eq!(a.events.len(), 2, "a later snapshot keeps the events");
+        let mut amounts: Vec<String> = a
+            .events
+            .iter()
+            .map(|e| format!("{:?}", e.properties["amount"]))
+            .collect();
+        amounts.sort();
+        assert_eq!(amounts.len(), 2);
+        assert_ne!(
+            amounts[0], amounts[1],
+            "each event keeps its own properties"
+        );
+        let b = projection.person("b").await.expect("read").expect("b");
+        assert_eq!(b.events.len(), 1);
+        assert_eq!(projection.people().await.expect("count"), 2);
+    }
+);
