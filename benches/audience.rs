@@ -18,7 +18,7 @@ use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
-use common::{bearer, channel, median, peak_rss_mib, tmpfs_dir};
+use common::{bearer, channel, export_rate, median, peak_rss_mib, tmpfs_dir};
 
 const ROUNDS: usize = 3;
 /// People per BatchUpsertProfiles call.
@@ -85,17 +85,17 @@ async fn run() -> anyhow::Result<()> {
 
     // The first export also waits for the projection to apply every upsert.
     let started = Instant::now();
-    export(direct.clone(), request.clone(), audience).await?;
+    export_rate(direct.clone(), request.clone(), audience).await?;
     println!(
         "projection caught up and first direct export done in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     let before = peak_rss_mib();
-    let cold = export(gateway.clone(), request.clone(), audience).await?;
+    let cold = export_rate(gateway.clone(), request.clone(), audience).await?;
     let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        d_rate.push(export(direct.clone(), request.clone(), audience).await?);
-        g_rate.push(export(gateway.clone(), request.clone(), audience).await?);
+        d_rate.push(export_rate(direct.clone(), request.clone(), audience).await?);
+        g_rate.push(export_rate(gateway.clone(), request.clone(), audience).await?);
     }
     let after = peak_rss_mib();
     let (d_rate, g_rate) = (median(d_rate), median(g_rate));
@@ -143,28 +143,4 @@ async fn load(suite: &InProcess, audience: u64) -> anyhow::Result<()> {
         done?;
     }
     Ok(())
-}
-
-async fn export<S>(
-    mut client: SegmentServiceClient<S>,
-    request: segments_pb::ExportAudienceRequest,
-    audience: u64,
-) -> anyhow::Result<f64>
-where
-    S: tonic::client::GrpcService<tonic::body::Body>,
-    S::Error: Into<tonic::codegen::StdError>,
-    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let start = Instant::now();
-    let mut stream = client.export_audience(request).await?.into_inner();
-    let mut members = 0u64;
-    while let Some(chunk) = stream.message().await? {
-        members += chunk.members.len() as u64;
-    }
-    anyhow::ensure!(
-        members == audience,
-        "expected {audience} members, got {members}"
-    );
-    Ok(members as f64 / start.elapsed().as_secs_f64())
 }

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bearer, channel, median, peak_rss_mib, percentile};
+use common::{bearer, channel, export_rate, median, peak_rss_mib, percentile};
 use madtech::suite::InProcess;
 use madtech_gateway::crossing::{Filter, Pseudonymiser, sha256_hex};
 use madtech_gateway::policy::PolicySet;
@@ -301,11 +301,11 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
     // The first crossing meets an empty consent view: every member is a
     // miss, asked for in batches. Later ones read the view the change
     // stream keeps current.
-    let cold = export(gateway.clone(), request.clone()).await?;
+    let cold = export_rate(gateway.clone(), request.clone(), AUDIENCE as u64).await?;
     let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        d_rate.push(export(direct.clone(), request.clone()).await?);
-        g_rate.push(export(gateway.clone(), request.clone()).await?);
+        d_rate.push(export_rate(direct.clone(), request.clone(), AUDIENCE as u64).await?);
+        g_rate.push(export_rate(gateway.clone(), request.clone(), AUDIENCE as u64).await?);
     }
     let (d_rate, g_rate) = (median(d_rate), median(g_rate));
     println!("## Crossing end to end: ExportAudience of {AUDIENCE} members (all may cross)\n");
@@ -320,26 +320,4 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
         cold / d_rate
     );
     Ok(())
-}
-
-async fn export<S>(
-    mut client: SegmentServiceClient<S>,
-    request: segments_pb::ExportAudienceRequest,
-) -> anyhow::Result<f64>
-where
-    S: tonic::client::GrpcService<tonic::body::Body>,
-    S::Error: Into<tonic::codegen::StdError>,
-    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let start = Instant::now();
-    let mut stream = client.export_audience(request).await?.into_inner();
-    let mut members = 0;
-    while let Some(chunk) = stream.message().await? {
-        members += chunk.members.len();
-    }
-    if members != AUDIENCE {
-        anyhow::bail!("expected {AUDIENCE} members, got {members}");
-    }
-    Ok(members as f64 / start.elapsed().as_secs_f64())
 }

@@ -116,3 +116,29 @@ pub fn bearer(suite: &InProcess, role: &str) -> anyhow::Result<Bearer> {
 pub fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
 }
+
+/// Reads an `ExportAudience` to the end; fails unless exactly `expected`
+/// members arrive. Returns members per second.
+pub async fn export_rate<S>(
+    mut client: madtech_proto::segments::v1::segment_service_client::SegmentServiceClient<S>,
+    request: madtech_proto::segments::v1::ExportAudienceRequest,
+    expected: u64,
+) -> anyhow::Result<f64>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let start = std::time::Instant::now();
+    let mut stream = client.export_audience(request).await?.into_inner();
+    let mut members = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        members += chunk.members.len() as u64;
+    }
+    anyhow::ensure!(
+        members == expected,
+        "expected {expected} members, got {members}"
+    );
+    Ok(members as f64 / start.elapsed().as_secs_f64())
+}

@@ -270,19 +270,7 @@ async fn activation_follows_consent_releases_under_pseudonyms() {
     assert!(!format!("{released:?}").contains("p-1"));
 
     // Released only after it was audited, per destination.
-    let records =
-        madtech_proto::gateway::v1::audit_service_client::AuditServiceClient::with_interceptor(
-            suite.gateway_channel(),
-            suite.bearer(&["compliance"]),
-        )
-        .list_audit_records(gateway_pb::ListAuditRecordsRequest {
-            after_seq: 0,
-            page_size: 0,
-        })
-        .await
-        .expect("compliance reads the audit trail")
-        .into_inner()
-        .records;
+    let records = suite.audit_records().await;
     let mut audited: Vec<(&str, &str, u64)> = records
         .iter()
         .map(|r| (r.method.as_str(), r.destination_id.as_str(), r.allowed))

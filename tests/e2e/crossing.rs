@@ -296,15 +296,7 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         suite.gateway_channel(),
         suite.bearer(&["compliance"]),
     );
-    let records = audit
-        .list_audit_records(gateway_pb::ListAuditRecordsRequest {
-            after_seq: 0,
-            page_size: 0,
-        })
-        .await
-        .expect("compliance reads the audit trail")
-        .into_inner()
-        .records;
+    let records = suite.audit_records().await;
     assert_eq!(records.len(), 3, "one record per sync");
     let first_record = &records[0];
     assert_eq!(first_record.caller, "activation");

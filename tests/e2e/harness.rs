@@ -177,6 +177,22 @@ impl Suite {
         (destination, activated)
     }
 
+    /// The gateway's whole audit trail, read as compliance.
+    pub async fn audit_records(&self) -> Vec<madtech_proto::gateway::v1::AuditRecord> {
+        madtech_proto::gateway::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            self.gateway_channel(),
+            self.bearer(&["compliance"]),
+        )
+        .list_audit_records(madtech_proto::gateway::v1::ListAuditRecordsRequest {
+            after_seq: 0,
+            page_size: 0,
+        })
+        .await
+        .expect("compliance reads the audit trail")
+        .into_inner()
+        .records
+    }
+
     /// Exports `segment_id` for `ad_targeting` to a file destination as the
     /// activation service does, and returns every member that crossed.
     pub async fn export(&self, segment_id: &str) -> Vec<segments_pb::AudienceMember> {
