@@ -11,7 +11,7 @@ use sea_orm::{
 use tokio::sync::watch;
 
 use super::WriteLock;
-use super::sql::{Sql, execute, number};
+use super::sql::{MAX_BINDS, Sql, execute, insert_rows, number};
 use crate::error::SegmentError;
 
 /// Key of the PostgreSQL advisory lock that keeps membership change cursors
@@ -120,53 +120,71 @@ impl Memberships {
         let _writing = self.writes.lock().await;
         let txn = self.db.begin().await?;
         lock(&txn).await?;
-        let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
-        sql.bind(segment_id.to_string())
-            .push(" AND profile_id IN (");
-        for (i, (id, _)) in evaluated.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(id.clone());
-        }
-        sql.push(")");
-        let current: BTreeSet<String> = txn
-            .query_all_raw(sql.statement(txn.get_database_backend()))
-            .await?
-            .into_iter()
-            .map(|row| row.try_get("", "profile_id"))
-            .collect::<Result<_, _>>()?;
-        let (mut entered, mut exited) = (0, 0);
-        for (id, matches) in evaluated {
-            match (*matches, current.contains(id)) {
-                (true, false) => {
-                    let mut insert = Sql::new(
-                        "INSERT INTO memberships (segment_id, profile_id, entered_at) VALUES (",
-                    );
-                    insert
-                        .bind(segment_id.to_string())
-                        .push(", ")
-                        .bind(id.clone())
-                        .push(", ")
-                        .bind(at)
-                        .push(")");
-                    execute(&txn, &insert).await?;
-                    log(&txn, segment_id, id, true, at).await?;
-                    entered += 1;
-                }
-                (false, true) => {
-                    let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
-                    delete
-                        .bind(segment_id.to_string())
-                        .push(" AND profile_id = ")
-                        .bind(id.clone());
-                    execute(&txn, &delete).await?;
-                    log(&txn, segment_id, id, false, at).await?;
-                    exited += 1;
-                }
-                _ => {}
+        let ids: Vec<String> = evaluated.iter().map(|(id, _)| id.clone()).collect();
+        let mut current = BTreeSet::new();
+        for chunk in ids.chunks(MAX_BINDS) {
+            let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
+            sql.bind(segment_id.to_string())
+                .push(" AND profile_id IN ")
+                .bind_list(chunk);
+            for row in txn
+                .query_all_raw(sql.statement(txn.get_database_backend()))
+                .await?
+            {
+                current.insert(row.try_get::<String>("", "profile_id")?);
             }
         }
+        let entering: Vec<&String> = evaluated
+            .iter()
+            .filter(|(id, matches)| *matches && !current.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        let leaving: Vec<&String> = evaluated
+            .iter()
+            .filter(|(id, matches)| !*matches && current.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        // A page's changes in a few statements, not a few per person: the
+        // log in the order evaluated, entries before exits.
+        let segment = || sea_orm::Value::from(segment_id.to_string());
+        insert_rows(
+            &txn,
+            "memberships (segment_id, profile_id, entered_at)",
+            "",
+            entering
+                .iter()
+                .map(|id| vec![segment(), (*id).clone().into(), at.into()])
+                .collect(),
+        )
+        .await?;
+        for chunk in leaving.chunks(MAX_BINDS) {
+            let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
+            delete
+                .bind(segment_id.to_string())
+                .push(" AND profile_id IN ")
+                .bind_list(&chunk.iter().map(|id| (*id).clone()).collect::<Vec<_>>());
+            execute(&txn, &delete).await?;
+        }
+        insert_rows(
+            &txn,
+            "membership_changes (segment_id, profile_id, entered, at)",
+            "",
+            entering
+                .iter()
+                .map(|id| (id, true))
+                .chain(leaving.iter().map(|id| (id, false)))
+                .map(|(id, entered)| {
+                    vec![
+                        segment(),
+                        (*id).clone().into(),
+                        i64::from(entered).into(),
+                        at.into(),
+                    ]
+                })
+                .collect(),
+        )
+        .await?;
+        let (entered, exited) = (entering.len() as u64, leaving.len() as u64);
         txn.commit().await?;
         if entered + exited > 0 {
             self.appended.send_replace(self.head().await?);

@@ -12,7 +12,7 @@ use sea_orm::{
 
 use super::WriteLock;
 use super::membership;
-use super::sql::{Compiler, Sql, execute, number};
+use super::sql::{Compiler, MAX_BINDS, Sql, execute, insert_rows, number};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -559,38 +559,6 @@ impl Run<'_> {
         }
         Ok(())
     }
-}
-
-/// Bound values per statement: below every backend's limit.
-const MAX_BINDS: usize = 900;
-
-/// `INSERT INTO {head} VALUES (…), (…)…{tail}` for `rows`, as many
-/// statements as the bind limit asks for.
-async fn insert_rows(
-    txn: &DatabaseTransaction,
-    head: &str,
-    tail: &str,
-    rows: Vec<Vec<sea_orm::Value>>,
-) -> Result<(), SegmentError> {
-    let Some(width) = rows.first().map(Vec::len) else {
-        return Ok(());
-    };
-    for chunk in rows.chunks((MAX_BINDS / width.max(1)).max(1)) {
-        let mut sql = Sql::new(&format!("INSERT INTO {head} VALUES "));
-        for (i, row) in chunk.iter().enumerate() {
-            sql.push(if i == 0 { "(" } else { ", (" });
-            for (j, value) in row.iter().enumerate() {
-                if j > 0 {
-                    sql.push(", ");
-                }
-                sql.bind(value.clone());
-            }
-            sql.push(")");
-        }
-        sql.push(tail);
-        execute(txn, &sql).await?;
-    }
-    Ok(())
 }
 
 fn value_row(value: &Stored) -> [sea_orm::Value; 4] {

@@ -73,6 +73,38 @@ impl Sql {
     }
 }
 
+/// Bound values per statement: below every backend's limit.
+pub const MAX_BINDS: usize = 900;
+
+/// `INSERT INTO {head} VALUES (…), (…)…{tail}` for `rows`, as many
+/// statements as the bind limit asks for.
+pub async fn insert_rows<C: ConnectionTrait>(
+    txn: &C,
+    head: &str,
+    tail: &str,
+    rows: Vec<Vec<sea_orm::Value>>,
+) -> Result<(), SegmentError> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    for chunk in rows.chunks((MAX_BINDS / width.max(1)).max(1)) {
+        let mut sql = Sql::new(&format!("INSERT INTO {head} VALUES "));
+        for (i, row) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for (j, value) in row.iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(value.clone());
+            }
+            sql.push(")");
+        }
+        sql.push(tail);
+        execute(txn, &sql).await?;
+    }
+    Ok(())
+}
+
 /// Whether `count(..) cmp count` only asks if there is any event: `Some(true)`
 /// for at least one, `Some(false)` for none, `None` for a real count.
 fn presence(cmp: Cmp, count: u32) -> Option<bool> {
