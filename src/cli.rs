@@ -828,7 +828,7 @@ async fn policy(command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Lint { dir } => {
             let set = PolicySet::load(&dir).await?;
-            let mut problems = compliance::lint(&dir, &set)?;
+            let mut problems = compliance::lint(&set)?;
             // The consent service's own policy is checked as it loads it.
             if let Err(err) = madtech_consent::rules::ConsentRules::load(&dir).await {
                 problems.push(err.to_string());

@@ -363,9 +363,12 @@ pub fn diff(
 
 /// Mistakes casbin accepts without a word: names no request can carry and
 /// rules no request can reach.
-pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
+pub fn lint(set: &PolicySet) -> Result<Vec<String>, CaseError> {
     let mut problems = Vec::new();
-    let purposes = purpose_catalogue(dir)?;
+    let purposes = set.purposes().cloned().ok_or_else(|| CaseError::Invalid {
+        file: PURPOSES.to_string(),
+        reason: "missing: the purpose catalogue lives there".into(),
+    })?;
     let rows = set.rows();
     let grouping = |file: &str, ptype: &str| -> Vec<(String, String)> {
         rows.get(file)
@@ -539,24 +542,7 @@ pub fn lint(dir: &Path, set: &PolicySet) -> Result<Vec<String>, CaseError> {
 
 /// The consent service's policy, which holds the purpose catalogue,
 /// relative to the policy directory.
-pub const PURPOSES: &str = "consent.toml";
-
-/// The purpose names of the catalogue. The rest of the file is the consent
-/// service's to check (`madtech policy lint` loads it whole).
-fn purpose_catalogue(dir: &Path) -> Result<BTreeSet<String>, CaseError> {
-    #[derive(Deserialize)]
-    struct Catalogue {
-        purposes: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
-    }
-    use figment::providers::{Format, Toml};
-    let catalogue: Catalogue = figment::Figment::from(Toml::file_exact(dir.join(PURPOSES)))
-        .extract()
-        .map_err(|err| CaseError::Invalid {
-            file: PURPOSES.to_string(),
-            reason: err.to_string(),
-        })?;
-    Ok(catalogue.purposes.into_keys().collect())
-}
+pub const PURPOSES: &str = crate::policy::CONSENT_RULES;
 
 /// The shipped policy directory, for tests.
 pub fn shipped_policies() -> PathBuf {
@@ -582,7 +568,7 @@ mod tests {
     async fn the_shipped_policies_are_lint_free() {
         let dir = shipped_policies();
         let set = PolicySet::load(&dir).await.expect("policies");
-        assert_eq!(lint(&dir, &set).expect("lint"), Vec::<String>::new());
+        assert_eq!(lint(&set).expect("lint"), Vec::<String>::new());
     }
 
     #[tokio::test]
@@ -690,7 +676,7 @@ mod tests {
             "{:?}",
             report.uncovered
         );
-        let problems = lint(dir.path(), &set).expect("lint");
+        let problems = lint(&set).expect("lint");
         assert!(
             problems.iter().any(|p| p.contains("regime \"LGPD\"")),
             "{problems:?}"

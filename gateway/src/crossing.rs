@@ -166,8 +166,7 @@ pub struct Filter {
     destination_kind: String,
     purpose: String,
     today: chrono::NaiveDate,
-    /// Decisions by region, then by age band and consent state (see
-    /// `decision_index`).
+    /// Decisions by region, then at `band index * 4 + state_index`.
     decisions: HashMap<String, Vec<Option<bool>>>,
     kinds: HashMap<String, bool>,
     /// Running SHA-256 over everything released, for the audit record.
@@ -598,6 +597,8 @@ fn observe(crossing: &audit::Crossing) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use madtech_proto::profiles::v1::Identifier;
 
     #[test]
     fn a_refused_vendor_denies_and_no_vendor_choice_changes_nothing() {
@@ -606,8 +607,6 @@ mod tests {
         refuse_vendor_denials(&mut states, &[Denied, Granted, Denied, Unset]);
         assert_eq!(states, vec![Denied, Granted, Denied, Granted]);
     }
-    use super::*;
-    use madtech_proto::profiles::v1::Identifier;
 
     async fn filter() -> Filter {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");

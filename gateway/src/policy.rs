@@ -3,7 +3,7 @@
 //! every decision from one immutable set, so no request ever sees half of a
 //! change. A set that does not load is never used: the gateway fails closed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -51,48 +51,40 @@ impl PolicyTexts {
     fn read(dir: &Path) -> Result<Self, PolicyError> {
         let mut files = Vec::new();
         let mut hasher = Sha256::new();
-        let mut read_pair = |pair: (&str, &str)| -> Result<(String, String), PolicyError> {
-            let mut texts = Vec::with_capacity(2);
-            for name in [pair.0, pair.1] {
-                let text = std::fs::read_to_string(dir.join(name)).map_err(|source| {
-                    PolicyError::Read {
+        // Every file read goes into the version, in the order read.
+        let mut read = |name: &str, required: bool| -> Result<Option<String>, PolicyError> {
+            let text = match std::fs::read_to_string(dir.join(name)) {
+                Ok(text) => text,
+                Err(err) if !required && err.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(None);
+                }
+                Err(source) => {
+                    return Err(PolicyError::Read {
                         file: name.to_string(),
                         source,
-                    }
-                })?;
-                hasher.update(name.as_bytes());
-                hasher.update([0]);
-                hasher.update(text.as_bytes());
-                hasher.update([0]);
-                files.push(name.to_string());
-                texts.push(text);
-            }
-            let policy = texts.pop().unwrap_or_default();
-            let model = texts.pop().unwrap_or_default();
-            Ok((model, policy))
+                    });
+                }
+            };
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+            hasher.update([0]);
+            files.push(name.to_string());
+            Ok(Some(text))
         };
+        let mut read_pair =
+            |(model, policy): (&str, &str)| -> Result<(String, String), PolicyError> {
+                Ok((
+                    read(model, true)?.unwrap_or_default(),
+                    read(policy, true)?.unwrap_or_default(),
+                ))
+            };
         let pairs = [
             read_pair(CONSENT)?,
             read_pair(IDENTIFIERS)?,
             read_pair(RBAC)?,
         ];
-        let consent_rules = match std::fs::read_to_string(dir.join(CONSENT_RULES)) {
-            Ok(text) => {
-                hasher.update(CONSENT_RULES.as_bytes());
-                hasher.update([0]);
-                hasher.update(text.as_bytes());
-                hasher.update([0]);
-                files.push(CONSENT_RULES.to_string());
-                Some(text)
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(PolicyError::Read {
-                    file: CONSENT_RULES.to_string(),
-                    source,
-                });
-            }
-        };
+        let consent_rules = read(CONSENT_RULES, false)?;
         Ok(PolicyTexts {
             pairs,
             consent_rules,
@@ -197,7 +189,9 @@ pub struct PolicySet {
     identifiers: Enforcer,
     /// Regions the consent policy maps to a regime.
     known_regions: HashSet<String>,
-    tcf: TcfVendorRules,
+    /// From `consent.toml`; `None` when the directory has none.
+    consent_rules: Option<ConsentRules>,
+    /// Empty bands (everyone `adult` or `unknown`) without `consent.toml`.
     age_bands: AgeBands,
     /// RBAC answers so far: role → method → allowed.
     method_decisions: RwLock<HashMap<String, HashMap<String, bool>>>,
@@ -215,12 +209,16 @@ impl std::fmt::Debug for PolicySet {
     }
 }
 
-/// Which purposes need the destination's own TCF vendor consent, and the
-/// vendor id of each destination kind that is a TCF vendor.
+/// The parts of `consent.toml` the gateway applies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct TcfVendorRules {
-    purposes: HashSet<String>,
+struct ConsentRules {
+    /// Every purpose of the catalogue.
+    purposes: BTreeSet<String>,
+    /// Purposes that need the destination's own TCF vendor consent.
+    vendor_purposes: HashSet<String>,
+    /// The TCF vendor id of each destination kind that is a TCF vendor.
     vendors: HashMap<String, u16>,
+    age_bands: AgeBands,
 }
 
 /// A person's age band on a day, from their birth date: the first band
@@ -265,10 +263,9 @@ impl AgeBands {
     }
 }
 
-/// The parts of `consent.toml` the gateway applies: TCF vendor rules and
-/// age bands (the rest of that file is the consent service's, which checks
-/// all of it).
-fn parse_consent_rules(text: &str) -> Result<(TcfVendorRules, AgeBands), PolicyError> {
+/// The purpose catalogue, TCF vendor rules and age bands of `consent.toml`
+/// (the rest of that file is the consent service's, which checks all of it).
+fn parse_consent_rules(text: &str) -> Result<ConsentRules, PolicyError> {
     #[derive(serde::Deserialize)]
     struct File {
         #[serde(default)]
@@ -309,18 +306,17 @@ fn parse_consent_rules(text: &str) -> Result<(TcfVendorRules, AgeBands), PolicyE
             "age_bands: below must rise from band to band".into(),
         ));
     }
-    Ok((
-        TcfVendorRules {
-            purposes: file
-                .purposes
-                .into_iter()
-                .filter(|(_, p)| p.tcf_vendor_consent)
-                .map(|(name, _)| name)
-                .collect(),
-            vendors: file.tcf_vendors,
-        },
-        AgeBands { bands },
-    ))
+    Ok(ConsentRules {
+        vendor_purposes: file
+            .purposes
+            .iter()
+            .filter(|(_, p)| p.tcf_vendor_consent)
+            .map(|(name, _)| name.clone())
+            .collect(),
+        purposes: file.purposes.into_keys().collect(),
+        vendors: file.tcf_vendors,
+        age_bands: AgeBands { bands },
+    })
 }
 
 impl PolicySet {
@@ -329,13 +325,19 @@ impl PolicySet {
     /// whose TC string refused that vendor does not cross to it for the
     /// purpose, whatever their purpose-level consent.
     pub fn tcf_vendor_purpose(&self, destination_kind: &str, purpose: &str) -> Option<String> {
-        if !self.tcf.purposes.contains(purpose) {
+        let rules = self.consent_rules.as_ref()?;
+        if !rules.vendor_purposes.contains(purpose) {
             return None;
         }
-        self.tcf
+        rules
             .vendors
             .get(destination_kind)
             .map(|vendor| madtech_proto::consent::tcf_vendor_purpose(*vendor))
+    }
+
+    /// The purpose catalogue, when the directory has `consent.toml`.
+    pub fn purposes(&self) -> Option<&BTreeSet<String>> {
+        self.consent_rules.as_ref().map(|rules| &rules.purposes)
     }
 
     /// The age bands the consent policy decides on.
@@ -349,10 +351,15 @@ impl PolicySet {
     }
 
     async fn build(texts: PolicyTexts) -> Result<Self, PolicyError> {
-        let (tcf, age_bands) = match &texts.consent_rules {
-            Some(text) => parse_consent_rules(text)?,
-            None => (TcfVendorRules::default(), AgeBands::default()),
-        };
+        let consent_rules = texts
+            .consent_rules
+            .as_deref()
+            .map(parse_consent_rules)
+            .transpose()?;
+        let age_bands = consent_rules
+            .as_ref()
+            .map(|rules| rules.age_bands.clone())
+            .unwrap_or_default();
         let [consent_texts, identifiers_texts, rbac_texts] = texts.pairs;
         let rbac = enforcer(RBAC, rbac_texts).await?;
         let consent = enforcer(CONSENT, consent_texts).await?;
@@ -367,7 +374,7 @@ impl PolicySet {
             consent,
             identifiers,
             known_regions,
-            tcf,
+            consent_rules,
             age_bands,
             method_decisions: RwLock::new(HashMap::new()),
             version: texts.version,
@@ -633,7 +640,6 @@ fn report_in_force(previous: Option<&str>, version: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
     use std::path::PathBuf;
 
     fn shipped() -> PathBuf {
@@ -649,10 +655,15 @@ mod tests {
     fn copy_to_temp() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("dir");
         for (model, policy) in [RBAC, CONSENT, IDENTIFIERS] {
-            for name in [model, policy, CONSENT_RULES] {
+            for name in [model, policy] {
                 std::fs::copy(shipped().join(name), dir.path().join(name)).expect("copy");
             }
         }
+        std::fs::copy(
+            shipped().join(CONSENT_RULES),
+            dir.path().join(CONSENT_RULES),
+        )
+        .expect("copy");
         dir
     }
 
