@@ -63,6 +63,13 @@ pub mod time {
         }
     }
 
+    /// A duration in microseconds, saturating at `i64::MAX` (the policies
+    /// write lifetimes and waits as durations; times are stored as
+    /// microseconds).
+    pub fn duration_micros(duration: std::time::Duration) -> i64 {
+        i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+    }
+
     /// Unix microseconds from a timestamp, or `None` when its nanos are out of
     /// range or the value overflows.
     pub fn to_micros(ts: &Timestamp) -> Option<i64> {

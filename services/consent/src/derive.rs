@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use madtech_common::error::FieldError;
+use madtech_proto::time::duration_micros;
 use madtech_signals::{
     GppString, TcString, Tcf22Problem, UsPrivacy, UsSection, UspFlag, decode_gpp, decode_tcf,
     decode_usp,
@@ -135,13 +136,13 @@ pub fn plan(
         .map(|derived| {
             let lifetime_micros = rules
                 .lifetime(&regimes, derived.choice)
-                .map(|life| i64::try_from(life.as_micros()).unwrap_or(i64::MAX));
+                .map(duration_micros);
             let holds = rules
                 .reask_rules(&regimes, &derived.purpose)
                 .filter(|rule| !(collection.person_initiated && rule.unless_person_initiated))
                 .map(|rule| ReaskHold {
                     rule: rule.name.clone(),
-                    wait_micros: i64::try_from(rule.wait.as_micros()).unwrap_or(i64::MAX),
+                    wait_micros: duration_micros(rule.wait),
                 })
                 .collect();
             RecordedChoice {

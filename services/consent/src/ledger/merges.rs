@@ -5,7 +5,7 @@
 //! stream is followed from a stored cursor, and each merge is applied with
 //! that cursor in one transaction, so a merge is applied exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, OnConflict};
@@ -14,6 +14,7 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, Set, T
 use super::entities::{current, entry, follow, merge};
 use super::{
     Entry, Ledger, LegalBasis, Source, State, append, cursor_of, entry_from_row, lock_appends,
+    state_at,
 };
 use crate::error::ConsentError;
 
@@ -132,12 +133,7 @@ impl Ledger {
         // purpose → person → (state now, the entry behind it)
         let mut states: BTreeMap<String, BTreeMap<String, (State, i64)>> = BTreeMap::new();
         for row in rows {
-            let recorded: State = row.state.parse()?;
-            let state = if row.expires_at.is_some_and(|at| at <= now) {
-                State::Unset
-            } else {
-                recorded
-            };
+            let state = state_at(&row, now)?;
             states
                 .entry(row.purpose)
                 .or_default()
@@ -161,7 +157,7 @@ impl Ledger {
                 Some((_, seq)) => Some(entry_by_seq(&txn, *seq).await?),
                 None => None,
             };
-            let others: BTreeSet<String> = people
+            let others: Vec<String> = people
                 .iter()
                 .filter(|p| p.as_str() != survivor)
                 .map(|p| format!("{p} {}", state_of(p)))
@@ -187,7 +183,7 @@ impl Ledger {
                 cmp: None,
                 derived_from: format!(
                     "merge: the most restrictive of {survivor} {survivor_state} and {}",
-                    others.into_iter().collect::<Vec<_>>().join(", ")
+                    others.join(", ")
                 ),
                 conflict: Some(format!(
                     "{survivor_state} ({survivor}) overridden by the merge"

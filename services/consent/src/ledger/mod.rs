@@ -307,14 +307,13 @@ impl Ledger {
         }
         let mut by_person: HashMap<String, Vec<PurposeState>> = HashMap::new();
         for row in query.all(&self.db).await? {
-            let recorded: State = row.state.parse()?;
-            let expired = row.expires_at.is_some_and(|at| at <= now);
+            let state = state_at(&row, now)?;
             by_person
                 .entry(row.profile_id)
                 .or_default()
                 .push(PurposeState {
                     purpose: row.purpose,
-                    state: if expired { State::Unset } else { recorded },
+                    state,
                     cursor: cursor_of(row.seq)?,
                     expires_at_micros: row.expires_at,
                 });
@@ -463,6 +462,15 @@ async fn lock_appends(txn: &DatabaseTransaction) -> Result<(), ConsentError> {
             .await?;
     }
     Ok(())
+}
+
+/// A current row's state at `now`: an expired choice counts as unset.
+fn state_at(row: &current::Model, now: i64) -> Result<State, ConsentError> {
+    if row.expires_at.is_some_and(|at| at <= now) {
+        Ok(State::Unset)
+    } else {
+        row.state.parse()
+    }
 }
 
 async fn current_row(

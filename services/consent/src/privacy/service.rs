@@ -7,6 +7,7 @@ use chrono::Utc;
 use madtech_common::error::FieldError;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as pb;
+use madtech_proto::time::duration_micros;
 use madtech_proto::time::from_micros;
 use pb::privacy_request_service_server::{PrivacyRequestService, PrivacyRequestServiceServer};
 use tonic::{Request, Response, Status};
@@ -128,7 +129,7 @@ impl PrivacyRequestService for PrivacyApi {
         let region = validate::region("region", &request.region)?;
         let now = Utc::now().timestamp_micros();
         let (regime, within) = self.rules.request_deadline(&region);
-        let deadline = now + i64::try_from(within.as_micros()).unwrap_or(i64::MAX);
+        let deadline = now.saturating_add(duration_micros(within));
         let new = PrivacyRequest::new(
             id,
             kind,

@@ -15,6 +15,7 @@ use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
+use madtech_proto::time::duration_micros;
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use serde_json::{Value, json};
@@ -132,8 +133,7 @@ impl Worker {
                     tracing::info!(request = %request.id, step = name.as_str(), reason = %reason, "privacy request step not done yet");
                     let wait = backoff(step.attempts);
                     step.last_error = reason;
-                    request.next_attempt_micros =
-                        now + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX);
+                    request.next_attempt_micros = now.saturating_add(duration_micros(wait));
                     self.store.save(&request).await?;
                     return Ok(());
                 }
