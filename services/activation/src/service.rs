@@ -195,13 +195,23 @@ impl ActivationService for ActivationApi {
     ) -> Result<Response<pb::FindDeliveriesResponse>, Status> {
         let hashes = identifier_hashes(&request.get_ref().identifier_sha256s)?;
         let mut deliveries = Vec::new();
+        // Each activation's destination looked up once, however many people
+        // it holds.
+        let mut destinations = std::collections::BTreeMap::new();
         for (activation_id, pseudonymous_id, synced_at, confirmed) in
             self.store.holders_of(&hashes).await?
         {
-            let activation = self.store.activation(&activation_id).await?;
+            let destination_id = match destinations.get(&activation_id) {
+                Some(id) => String::clone(id),
+                None => {
+                    let id = self.store.activation(&activation_id).await?.destination_id;
+                    destinations.insert(activation_id.clone(), id.clone());
+                    id
+                }
+            };
             deliveries.push(pb::Delivery {
                 activation_id,
-                destination_id: activation.destination_id,
+                destination_id,
                 pseudonymous_id,
                 synced_at: Some(from_micros(synced_at)),
                 confirmed,
