@@ -41,6 +41,7 @@ async fn run() -> anyhow::Result<()> {
     })
     .await?;
     unary_pass_through(&suite).await?;
+    admission_layers(&suite).await?;
     crossing_end_to_end(&suite).await?;
     println!(
         "\npeak RSS of the whole in-process suite: {:.0} MiB",
@@ -250,6 +251,93 @@ async fn unary_pass_through(suite: &InProcess) -> anyhow::Result<()> {
         g_rate / d_rate,
         g_p50 - d_p50,
         g_p99 - d_p99
+    );
+    Ok(())
+}
+
+/// Calls through the admission layers, in process with no sockets.
+const ADMISSION_CALLS: usize = 200_000;
+
+/// The price of authorization: the gateway's admission layers (JWT, rate
+/// limit, RBAC) in front of a service that answers at once, with and without
+/// the RBAC layer, and with a role the policy refuses. The gateway itself has
+/// no switch to turn authorization off, deliberately; this measures the layer
+/// alone so its share of a call can be read against the per-call cost above
+/// and under h2load.
+async fn admission_layers(suite: &InProcess) -> anyhow::Result<()> {
+    use madtech_gateway::policy::Policies;
+    use madtech_gateway::ratelimit::RateLimits;
+    use madtech_gateway::token::Verifier;
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    let auth = &suite.config.gateway.auth;
+    let verifier = Arc::new(Verifier::from_public_key_file(
+        &suite
+            .config
+            .data_dir
+            .join(madtech_gateway::token::DEV_PUBLIC_KEY),
+        &auth.issuer,
+        &auth.audience,
+        auth.leeway,
+    )?);
+    let policies = Policies::new(PolicySet::load(std::path::Path::new("policies")).await?);
+    let limits = Arc::new(RateLimits::new(&Default::default()));
+    let answer = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+    });
+    let with_authz = ServiceBuilder::new()
+        .layer(madtech_gateway::authn::layer(Arc::clone(&verifier)))
+        .layer(madtech_gateway::ratelimit::layer(Arc::clone(&limits)))
+        .layer(madtech_gateway::authz::layer(policies))
+        .service(answer);
+    let without_authz = ServiceBuilder::new()
+        .layer(madtech_gateway::authn::layer(verifier))
+        .layer(madtech_gateway::ratelimit::layer(limits))
+        .service(answer);
+    let admin = format!("Bearer {}", suite.token(&["admin"])?);
+    let activation = format!("Bearer {}", suite.token(&["activation"])?);
+
+    async fn calls_per_second<S>(mut service: S, token: &str) -> anyhow::Result<f64>
+    where
+        S: Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            >,
+    {
+        let start = Instant::now();
+        for _ in 0..ADMISSION_CALLS {
+            let request = http::Request::builder()
+                .uri("/madtech.profiles.v1.ProfileService/GetProfile")
+                .header(http::header::AUTHORIZATION, token)
+                .body(tonic::body::Body::empty())?;
+            let response = service.ready().await?.call(request).await?;
+            std::hint::black_box(response);
+        }
+        Ok(ADMISSION_CALLS as f64 / start.elapsed().as_secs_f64())
+    }
+
+    let (mut on, mut off, mut denied) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        on.push(calls_per_second(with_authz.clone(), &admin).await?);
+        off.push(calls_per_second(without_authz.clone(), &admin).await?);
+        denied.push(calls_per_second(with_authz.clone(), &activation).await?);
+    }
+    let (on, off, denied) = (median(on), median(off), median(denied));
+    println!("## Admission layers in process: authorization on vs off ({ADMISSION_CALLS} calls)\n");
+    println!("| stack | calls/s | µs per call |");
+    println!("|---|---|---|");
+    for (name, rate) in [
+        ("JWT + rate limit (authorization off)", off),
+        ("JWT + rate limit + RBAC, allowed", on),
+        ("JWT + rate limit + RBAC, denied", denied),
+    ] {
+        println!("| {name} | {rate:.0} | {:.2} |", 1e6 / rate);
+    }
+    println!(
+        "\nRBAC adds {:.2} µs per call; denied / allowed throughput {:.2}\n",
+        1e6 / on - 1e6 / off,
+        denied / on
     );
     Ok(())
 }

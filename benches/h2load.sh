@@ -173,6 +173,13 @@ print(sys.argv[2], pick(0.50), pick(0.99), sys.argv[3])
 EOF
 }
 
+# User + system CPU of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU µs per call between two tick readings (the warm-up second included in
+# the calls, as in the CPU time).
+cpu_us_per_call() {
+  python3 -c "import os; print(int(($2 - $1) * 1e6 / os.sysconf('SC_CLK_TCK') / max(1.0, $3)))"
+}
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # The median of column N over the rounds' rows of load() output.
 column_median() { echo -n "$1" | awk -v n="$2" '{print $n}' | median; }
@@ -210,23 +217,30 @@ measure() {
   # One call at a time: what a hop adds with nothing queued anywhere. (nginx
   # is left out: with one stream, a request it leaves hanging stops the run;
   # the same stalls are the "failed" requests under load.)
-  declare -A single
+  # The CPU each process spends per call shows where the added time goes.
+  declare -A single suite_cpu gateway_cpu
   for round in $(seq 1 "$ROUNDS"); do
     for path in direct gateway; do
-      single[$path]+="$(CLIENTS=1 STREAMS=1 load "$path")"$'\n'
+      local s0 g0 row calls
+      s0=$(cpu_ticks "$suite_pid"); g0=$(cpu_ticks "$gateway_pid")
+      row=$(CLIENTS=1 STREAMS=1 load "$path")
+      calls=$(echo "$row" | awk -v d="$DURATION" '{print $1 * (d + 1)}')
+      single[$path]+="$row"$'\n'
+      suite_cpu[$path]+="$(cpu_us_per_call "$s0" "$(cpu_ticks "$suite_pid")" "$calls")"$'\n'
+      gateway_cpu[$path]+="$(cpu_us_per_call "$g0" "$(cpu_ticks "$gateway_pid")" "$calls")"$'\n'
     done
   done
   echo
   echo "## One call at a time (1 connection, 1 stream)"
-  echo "| path | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs |"
-  echo "|---|---|---|---|---|---|"
+  echo "| path | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/call, services | CPU µs/call, gateway |"
+  echo "|---|---|---|---|---|---|---|---|"
   s50=$(column_median "${single[direct]}" 2)
   s99=$(column_median "${single[direct]}" 3)
   for path in direct gateway; do
     rps=$(column_median "${single[$path]}" 1)
     p50=$(column_median "${single[$path]}" 2)
     p99=$(column_median "${single[$path]}" 3)
-    echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") |"
+    echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") | $(echo -n "${suite_cpu[$path]}" | median) | $(echo -n "${gateway_cpu[$path]}" | median) |"
   done
 
   # Half of the direct path's maximum, offered to every path: the latency a
