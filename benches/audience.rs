@@ -18,7 +18,7 @@ use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
-use common::{bearer, channel, export_rate, median, peak_rss_mib, tmpfs_dir};
+use common::{bearer, channel, export_rate, median, peak_rss_mib, rss_growth_during, tmpfs_dir};
 
 const ROUNDS: usize = 3;
 /// People per BatchUpsertProfiles call.
@@ -48,19 +48,27 @@ async fn run() -> anyhow::Result<()> {
     .await?;
     println!("# MadTech audience benchmark: ExportAudience of {audience} members\n");
 
+    // A tenth as many Nevadans: a smaller audience in the same database, to
+    // show an export's memory does not grow with the audience.
+    let small = (audience / 10).max(1);
     let started = Instant::now();
-    load(&suite, audience).await?;
+    load(&suite, 0..audience, "US-CA").await?;
+    load(&suite, audience..audience + small, "US-NV").await?;
     println!(
-        "loaded {audience} people (BatchUpsertProfiles of {BATCH}, {CONCURRENCY} in flight) in {:.0} s",
+        "loaded {} people (BatchUpsertProfiles of {BATCH}, {CONCURRENCY} in flight) in {:.0} s",
+        audience + small,
         started.elapsed().as_secs_f64()
     );
 
-    let admin = bearer(&suite, "admin")?;
-    let segment_id =
-        SegmentServiceClient::new(InterceptedService::new(suite.gateway_channel()?, admin))
+    let mut segments = SegmentServiceClient::new(InterceptedService::new(
+        suite.gateway_channel()?,
+        bearer(&suite, "admin")?,
+    ));
+    let mut export_of = async |name: &str, region: &str| -> anyhow::Result<_> {
+        let segment_id = segments
             .create_segment(segments_pb::CreateSegmentRequest {
-                rule_text: r#"region in ["US-CA"]"#.into(),
-                name: "californians".into(),
+                rule_text: format!(r#"region in ["{region}"]"#),
+                name: name.into(),
                 rule: None,
             })
             .await?
@@ -68,13 +76,16 @@ async fn run() -> anyhow::Result<()> {
             .segment
             .map(|s| s.segment_id)
             .unwrap_or_default();
-    let request = segments_pb::ExportAudienceRequest {
-        segment_id,
-        destination_id: "bench".into(),
-        destination_kind: "file".into(),
-        purpose: "ad_targeting".into(),
-        snapshot_cursor: 0,
+        Ok(segments_pb::ExportAudienceRequest {
+            segment_id,
+            destination_id: "bench".into(),
+            destination_kind: "file".into(),
+            purpose: "ad_targeting".into(),
+            snapshot_cursor: 0,
+        })
     };
+    let request = export_of("californians", "US-CA").await?;
+    let small_request = export_of("nevadans", "US-NV").await?;
     let direct = SegmentServiceClient::new(channel(suite.config.segments.listen)?)
         .max_decoding_message_size(64 << 20);
     let gateway = SegmentServiceClient::new(InterceptedService::new(
@@ -90,6 +101,26 @@ async fn run() -> anyhow::Result<()> {
         "projection caught up and first direct export done in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+
+    // Memory of a direct export alone, before any crossing fills the
+    // gateway's consent view: how far the resident set rises during it.
+    let (mut small_growth, mut large_growth) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (rate, grew) =
+            rss_growth_during(export_rate(direct.clone(), small_request.clone(), small)).await;
+        rate?;
+        small_growth.push(grew);
+        let (rate, grew) =
+            rss_growth_during(export_rate(direct.clone(), request.clone(), audience)).await;
+        rate?;
+        large_growth.push(grew);
+    }
+    println!(
+        "resident set growth during one direct export (median of {ROUNDS}): {:.1} MiB for {small} members, {:.1} MiB for {audience}",
+        median(small_growth),
+        median(large_growth)
+    );
+
     let before = peak_rss_mib();
     let cold = export_rate(gateway.clone(), request.clone(), audience).await?;
     let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
@@ -116,20 +147,25 @@ async fn run() -> anyhow::Result<()> {
     suite.stop().await
 }
 
-async fn load(suite: &InProcess, audience: u64) -> anyhow::Result<()> {
+async fn load(
+    suite: &InProcess,
+    people: std::ops::Range<u64>,
+    region: &'static str,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
     let client = ProfileServiceClient::new(channel(suite.config.profiles.listen)?)
         .max_decoding_message_size(64 << 20);
-    let batches = (0..audience.div_ceil(BATCH)).map(|b| {
+    let end = people.end;
+    let batches = people.step_by(BATCH as usize).map(|first| {
         let mut client = client.clone();
         async move {
-            let upserts = (b * BATCH..((b + 1) * BATCH).min(audience))
+            let upserts = (first..(first + BATCH).min(end))
                 .map(|i| profiles_pb::UpsertProfileRequest {
                     identifiers: vec![profiles_pb::Identifier {
                         kind: "email".into(),
                         value: format!("member{i}@example.com"),
                     }],
-                    region: "US-CA".into(),
+                    region: region.into(),
                     ..Default::default()
                 })
                 .collect();

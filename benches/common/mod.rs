@@ -32,16 +32,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+    status_kib("VmHWM:") / 1024.0
 }
 
 /// SQLite files on tmpfs when there is one, so fsync latency does not swamp
@@ -115,6 +106,47 @@ pub fn bearer(suite: &InProcess, role: &str) -> anyhow::Result<Bearer> {
 
 pub fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy())
+}
+
+/// The process's resident set now, in MiB.
+pub fn rss_mib() -> f64 {
+    status_kib("VmRSS:") / 1024.0
+}
+
+fn status_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Runs `work` while sampling the resident set every 5 ms; returns its
+/// output and how far the resident set rose above where it started (MiB).
+/// Unlike the peak (VmHWM), this isolates one piece of work in a process
+/// that did bigger things before it.
+pub async fn rss_growth_during<T>(work: impl std::future::Future<Output = T>) -> (T, f64) {
+    let start = rss_mib();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = std::sync::Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut highest = start;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                highest = highest.max(rss_mib());
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            highest.max(rss_mib())
+        })
+    };
+    let output = work.await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let highest = sampler.await.unwrap_or(start);
+    (output, highest - start)
 }
 
 /// Reads an `ExportAudience` to the end; fails unless exactly `expected`

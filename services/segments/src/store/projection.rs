@@ -112,6 +112,76 @@ fn date_of_text(text: &str) -> Option<chrono::NaiveDate> {
         })
 }
 
+/// How each backend spells the JSON functions an export page is built with.
+#[derive(Clone, Copy)]
+struct JsonFunctions {
+    /// Aggregates rows into a JSON array.
+    group: &'static str,
+    /// Builds a JSON array from its arguments.
+    array: &'static str,
+    /// Embeds a subquery's JSON as JSON (SQLite forgets that a subquery's
+    /// value is JSON and would embed it as a string).
+    embed: &'static str,
+}
+
+impl JsonFunctions {
+    fn of(backend: DbBackend) -> Self {
+        match backend {
+            DbBackend::Postgres => JsonFunctions {
+                group: "json_agg",
+                array: "json_build_array",
+                embed: "",
+            },
+            _ => JsonFunctions {
+                group: "json_group_array",
+                array: "json_array",
+                embed: "json",
+            },
+        }
+    }
+
+    /// PostgreSQL's JSON reaches the client as text only when cast.
+    fn text_cast(self) -> &'static str {
+        if self.embed.is_empty() { "::text" } else { "" }
+    }
+}
+
+/// One member as an export page's JSON carries it: id, region,
+/// `[[kind, value]…]`, `[merged id…]`, `[kind, string, int]` of the birth
+/// date trait. Empty aggregates are `null` on PostgreSQL.
+#[derive(serde::Deserialize)]
+struct PageEntry(
+    String,
+    String,
+    Option<Vec<(String, String)>>,
+    Option<Vec<String>>,
+    Option<(String, Option<String>, Option<i64>)>,
+);
+
+impl PageEntry {
+    fn into_member(self) -> Member {
+        let PageEntry(profile_id, region, identifiers, merged_ids, birth_date) = self;
+        let mut identifiers = identifiers.unwrap_or_default();
+        identifiers.sort_unstable();
+        let mut merged_ids = merged_ids.unwrap_or_default();
+        merged_ids.sort_unstable();
+        let birth_date = birth_date.and_then(|(kind, text, micros)| match kind.as_str() {
+            "string" => text.as_deref().and_then(date_of_text),
+            "timestamp" => micros
+                .and_then(chrono::DateTime::from_timestamp_micros)
+                .map(|at| at.date_naive()),
+            _ => None,
+        });
+        Member {
+            profile_id,
+            region,
+            identifiers,
+            merged_ids,
+            birth_date: birth_date.map(|date| date.to_string()),
+        }
+    }
+}
+
 /// `(kind, string, number, int)` columns of a stored value.
 fn columns(value: &Stored) -> (&'static str, Option<String>, Option<f64>, Option<i64>) {
     match value {
@@ -356,14 +426,22 @@ impl Projection {
     }
 
     /// Members with ids after `after`, in id order, at most `limit`.
+    ///
+    /// The database assembles the whole page (each member with identifiers,
+    /// merged ids and birth-date trait) into one JSON document: one row per
+    /// page instead of one per member and identifier, because moving rows
+    /// out of the database one by one, not finding them, is what an export
+    /// of a large audience spends its time on.
     pub async fn members(
         &self,
         selection: Selection<'_, '_>,
         after: &str,
         limit: u64,
     ) -> Result<Vec<Member>, SegmentError> {
+        let backend = self.db.get_database_backend();
+        let json = JsonFunctions::of(backend);
         let mut sql = Sql::new(
-            "SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
+            "WITH page AS (SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
         );
         sql.bind(after.to_string()).push(" AND ");
         match selection {
@@ -380,85 +458,33 @@ impl Projection {
                     .push("))");
             }
         }
+        let JsonFunctions {
+            group,
+            array,
+            embed,
+        } = json;
         sql.push(" ORDER BY people.profile_id LIMIT ")
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let backend = self.db.get_database_backend();
-        let rows = self.db.query_all_raw(sql.statement(backend)).await?;
-        let mut members = Vec::with_capacity(rows.len());
-        for row in rows {
-            members.push(Member {
-                profile_id: row.try_get("", "profile_id")?,
-                region: row.try_get("", "region")?,
-                identifiers: Vec::new(),
-                merged_ids: Vec::new(),
-                birth_date: None,
-            });
-        }
-        if members.is_empty() {
-            return Ok(members);
-        }
-        let ids: Vec<String> = members.iter().map(|m| m.profile_id.clone()).collect();
-        let mut identifiers: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-        for row in self
-            .rows_for(
-                "SELECT profile_id, kind, value FROM person_identifiers WHERE profile_id IN ",
-                &ids,
-                " ORDER BY profile_id, kind, value",
-            )
-            .await?
-        {
-            identifiers
-                .entry(row.try_get("", "profile_id")?)
-                .or_default()
-                .push((row.try_get("", "kind")?, row.try_get("", "value")?));
-        }
-        let mut merged: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for row in self
-            .rows_for(
-                "SELECT profile_id, merged_id FROM person_merged WHERE profile_id IN ",
-                &ids,
-                " ORDER BY profile_id, merged_id",
-            )
-            .await?
-        {
-            merged
-                .entry(row.try_get("", "profile_id")?)
-                .or_default()
-                .push(row.try_get("", "merged_id")?);
-        }
-        let mut sql = Sql::new(
-            "SELECT profile_id, kind, string_value, int_value FROM person_traits WHERE name = ",
-        );
-        sql.bind(self.birth_date_trait.clone())
-            .push(" AND profile_id IN ")
-            .bind_list(&ids);
-        let mut birth_dates: BTreeMap<String, String> = BTreeMap::new();
-        for row in self
-            .db
-            .query_all_raw(sql.statement(self.db.get_database_backend()))
-            .await?
-        {
-            let kind: String = row.try_get("", "kind")?;
-            let date = match kind.as_str() {
-                "string" => row
-                    .try_get::<Option<String>>("", "string_value")?
-                    .as_deref()
-                    .and_then(date_of_text),
-                "timestamp" => row
-                    .try_get::<Option<i64>>("", "int_value")?
-                    .and_then(chrono::DateTime::from_timestamp_micros)
-                    .map(|at| at.date_naive()),
-                _ => None,
-            };
-            if let Some(date) = date {
-                birth_dates.insert(row.try_get("", "profile_id")?, date.to_string());
-            }
-        }
-        for member in &mut members {
-            member.identifiers = identifiers.remove(&member.profile_id).unwrap_or_default();
-            member.merged_ids = merged.remove(&member.profile_id).unwrap_or_default();
-            member.birth_date = birth_dates.remove(&member.profile_id);
-        }
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .push(&format!(
+                ") SELECT {group}({array}(page.profile_id, page.region, \
+                 {embed}((SELECT {group}({array}(pi.kind, pi.value)) FROM person_identifiers pi WHERE pi.profile_id = page.profile_id)), \
+                 {embed}((SELECT {group}(pm.merged_id) FROM person_merged pm WHERE pm.profile_id = page.profile_id)), \
+                 {embed}((SELECT {array}(pt.kind, pt.string_value, pt.int_value) FROM person_traits pt WHERE pt.profile_id = page.profile_id AND pt.name = "
+            ))
+            .bind(self.birth_date_trait.clone())
+            .push(&format!(")))){text} AS page FROM page", text = json.text_cast()));
+        let Some(row) = self.db.query_one_raw(sql.statement(backend)).await? else {
+            return Ok(Vec::new());
+        };
+        // No member at all aggregates to NULL.
+        let Some(page) = row.try_get::<Option<String>>("", "page")? else {
+            return Ok(Vec::new());
+        };
+        let page: Vec<PageEntry> = serde_json::from_str(&page)
+            .map_err(|err| SegmentError::Corrupt(format!("export page: {err}")))?;
+        let mut members: Vec<Member> = page.into_iter().map(PageEntry::into_member).collect();
+        // Aggregates do not promise an order; the page's is the id order.
+        members.sort_unstable_by(|a, b| a.profile_id.cmp(&b.profile_id));
         Ok(members)
     }
 
