@@ -41,8 +41,7 @@ pub struct Suite {
     running: InProcess,
     /// Held so the test databases (SQLite directory, PostgreSQL schemas) and
     /// the data directory outlive the suite.
-    _db: TestDatabase,
-    _data: tempfile::TempDir,
+    kept: Kept,
 }
 
 impl Suite {
@@ -52,8 +51,17 @@ impl Suite {
 
     /// Starts the suite after `adjust` has changed its configuration.
     pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut MadtechConfig)) -> Suite {
-        let data = tempfile::tempdir().expect("data dir");
-        let db = TestDatabase::new(backend);
+        let kept = Kept {
+            db: TestDatabase::new(backend),
+            data: tempfile::tempdir().expect("data dir"),
+        };
+        Suite::start_on(kept, adjust).await
+    }
+
+    /// Starts the suite again on what an earlier one kept (databases and
+    /// data directory), as a restart would find them.
+    pub async fn start_on(kept: Kept, adjust: impl FnOnce(&mut MadtechConfig)) -> Suite {
+        let Kept { db, data } = kept;
         let running = InProcess::start(|config| {
             config.data_dir = data.path().to_path_buf();
             let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
@@ -72,8 +80,7 @@ impl Suite {
         Suite {
             config: running.config.clone(),
             running,
-            _db: db,
-            _data: data,
+            kept: Kept { db, data },
         }
     }
 
@@ -219,4 +226,17 @@ impl Suite {
     pub async fn stop(self) {
         self.running.stop().await.expect("suite ran cleanly");
     }
+
+    /// Stops the suite and keeps its databases and data directory for
+    /// [`Suite::start_on`].
+    pub async fn stop_keeping_data(self) -> Kept {
+        self.running.stop().await.expect("suite ran cleanly");
+        self.kept
+    }
+}
+
+/// What a stopped suite leaves behind for the next one.
+pub struct Kept {
+    pub db: TestDatabase,
+    data: tempfile::TempDir,
 }

@@ -262,6 +262,99 @@ async fn postgres_segments_over_events_follow_the_profiles_stream() {
     segments_over_events_follow_the_profiles_stream(Backend::Postgres).await;
 }
 
+/// How many people `rule_text` matches, once the projection settles on
+/// `expected` (previews do not wait for the projection to catch up).
+async fn settled_count(suite: &Suite, rule_text: &str, expected: u64) -> u64 {
+    let mut count = 0;
+    for _ in 0..100 {
+        count = suite
+            .segments(suite.bearer(&["marketer"]))
+            .preview_segment(pb::PreviewSegmentRequest {
+                rule: None,
+                rule_text: rule_text.into(),
+                sample_size: 1,
+            })
+            .await
+            .expect("preview")
+            .into_inner()
+            .count;
+        if count == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    count
+}
+
+/// The segments service is down while profiles changes; restarted on its
+/// own database, it resumes from its stored cursor: what changed meanwhile
+/// arrives, and nothing it had applied is applied again.
+async fn the_projection_resumes_after_a_restart_with_nothing_missed(backend: Backend) {
+    use madtech_proto::profiles::v1 as profiles_pb;
+    let bought = |times: u32| format!(r#"count(event "purchase", last 30d) >= {times}"#);
+    let ingest = async |suite: &Suite, events| {
+        suite
+            .profiles(suite.bearer(&["ingest"]))
+            .ingest_events(profiles_pb::IngestEventsRequest { events })
+            .await
+            .expect("ingest");
+    };
+
+    let suite = Suite::start(backend).await;
+    ingest(
+        &suite,
+        vec![
+            purchase("e1", "loyal@example.com", 20.0),
+            purchase("e2", "loyal@example.com", 30.0),
+        ],
+    )
+    .await;
+    assert_eq!(settled_count(&suite, &bought(2), 1).await, 1);
+    let kept = suite.stop_keeping_data().await;
+
+    // Profiles changes while this segments database is not followed (the
+    // suite runs its segments service on another one).
+    let elsewhere = kept.db.sibling("segments_elsewhere");
+    let suite = Suite::start_on(kept, |config| config.segments.database = elsewhere).await;
+    ingest(
+        &suite,
+        vec![
+            purchase("e3", "loyal@example.com", 40.0),
+            purchase("e4", "new@example.com", 50.0),
+        ],
+    )
+    .await;
+    let kept = suite.stop_keeping_data().await;
+
+    let suite = Suite::start_on(kept, |_| {}).await;
+    assert_eq!(
+        settled_count(&suite, &bought(1), 2).await,
+        2,
+        "the person who first bought while segments was down arrived"
+    );
+    assert_eq!(
+        settled_count(&suite, &bought(3), 1).await,
+        1,
+        "the purchase made while segments was down counts"
+    );
+    assert_eq!(
+        settled_count(&suite, &bought(4), 0).await,
+        0,
+        "nothing applied before the restart was applied again"
+    );
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn sqlite_the_projection_resumes_after_a_restart_with_nothing_missed() {
+    the_projection_resumes_after_a_restart_with_nothing_missed(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_the_projection_resumes_after_a_restart_with_nothing_missed() {
+    the_projection_resumes_after_a_restart_with_nothing_missed(Backend::Postgres).await;
+}
+
 #[tokio::test]
 async fn computing_a_segment_reports_progress_and_records_who_entered_and_left() {
     use futures::StreamExt;
