@@ -31,10 +31,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let audience: u64 = std::env::var("MADTECH_BENCH_AUDIENCE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let audience = common::env_u64("MADTECH_BENCH_AUDIENCE", 1_000_000);
     let data = tmpfs_dir()?;
     let suite = InProcess::start(|config| {
         config.data_dir = data.path().to_path_buf();

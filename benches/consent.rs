@@ -42,10 +42,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let subjects: u64 = std::env::var("MADTECH_BENCH_SUBJECTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let subjects = common::env_u64("MADTECH_BENCH_SUBJECTS", 1_000_000);
     println!("# MadTech consent benchmarks ({ROUNDS} rounds each, medians)\n");
     decodes();
     for (backend, db, database) in common::backends("sqlite,pg-socket", "consent")? {

@@ -38,10 +38,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let lookups: u64 = std::env::var("MADTECH_BENCH_PROFILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let lookups = common::env_u64("MADTECH_BENCH_PROFILES", 100_000);
     println!("# MadTech profiles benchmarks ({ROUNDS} rounds each, medians)\n");
     for (backend, db, database) in common::backends("sqlite,pg-socket,pg-tcp", "profiles")? {
         println!("## {backend}\n");

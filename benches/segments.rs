@@ -43,14 +43,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let people = env("MADTECH_BENCH_PEOPLE", 100_000);
-    let events = u32::try_from(env("MADTECH_BENCH_EVENTS_PER_PERSON", 10))?;
+    let people = common::env_u64("MADTECH_BENCH_PEOPLE", 100_000);
+    let events = u32::try_from(common::env_u64("MADTECH_BENCH_EVENTS_PER_PERSON", 10))?;
     println!(
         "# MadTech segments benchmarks: {people} people, {} events ({ROUNDS} rounds, medians)\n",
         people * u64::from(events)

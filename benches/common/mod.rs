@@ -31,6 +31,15 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// A number from the environment variable `name`, or `default` when it is
+/// unset or not a number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn peak_rss_mib() -> f64 {
     status_kib("VmHWM:") / 1024.0
 }

@@ -191,8 +191,6 @@ pub struct PolicySet {
     known_regions: HashSet<String>,
     /// From `consent.toml`; `None` when the directory has none.
     consent_rules: Option<ConsentRules>,
-    /// Empty bands (everyone `adult` or `unknown`) without `consent.toml`.
-    age_bands: AgeBands,
     /// RBAC answers so far: role → method → allowed.
     method_decisions: RwLock<HashMap<String, HashMap<String, bool>>>,
     /// Hex SHA-256 over every file's name and content, in name order.
@@ -340,9 +338,13 @@ impl PolicySet {
         self.consent_rules.as_ref().map(|rules| &rules.purposes)
     }
 
-    /// The age bands the consent policy decides on.
+    /// The age bands the consent policy decides on: none (everyone `adult`
+    /// or `unknown`) without `consent.toml`.
     pub fn age_bands(&self) -> &AgeBands {
-        &self.age_bands
+        static NONE: AgeBands = AgeBands { bands: Vec::new() };
+        self.consent_rules
+            .as_ref()
+            .map_or(&NONE, |rules| &rules.age_bands)
     }
 
     /// Loads and validates every pair in `dir`.
@@ -356,10 +358,6 @@ impl PolicySet {
             .as_deref()
             .map(parse_consent_rules)
             .transpose()?;
-        let age_bands = consent_rules
-            .as_ref()
-            .map(|rules| rules.age_bands.clone())
-            .unwrap_or_default();
         let [consent_texts, identifiers_texts, rbac_texts] = texts.pairs;
         let rbac = enforcer(RBAC, rbac_texts).await?;
         let consent = enforcer(CONSENT, consent_texts).await?;
@@ -375,7 +373,6 @@ impl PolicySet {
             identifiers,
             known_regions,
             consent_rules,
-            age_bands,
             method_decisions: RwLock::new(HashMap::new()),
             version: texts.version,
             files: texts.files,

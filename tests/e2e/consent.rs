@@ -474,25 +474,10 @@ mod tc_encoder;
 #[tokio::test]
 async fn a_tc_string_that_refuses_a_platform_s_vendor_keeps_people_from_that_platform() {
     use consent_pb::consent_signal::Signal;
-    use madtech_proto::profiles::v1 as profiles_pb;
     let suite = Suite::start(Backend::Sqlite).await;
-    let admin = suite.bearer(&["admin"]);
     let person = suite
-        .profiles(admin.clone())
-        .upsert_profile(profiles_pb::UpsertProfileRequest {
-            identifiers: vec![profiles_pb::Identifier {
-                kind: "email".into(),
-                value: "tcf@example.com".into(),
-            }],
-            region: "FR".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("upsert")
-        .into_inner()
-        .profile
-        .expect("profile")
-        .profile_id;
+        .person("tcf@example.com", "FR", Default::default())
+        .await;
     // Targeting purposes 1, 3 and 4, and vendor 21 (The Trade Desk) but not
     // 755 (Google).
     let mut model = tc_encoder::TcModel::minimal();

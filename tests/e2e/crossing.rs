@@ -60,30 +60,6 @@ fn normalised(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-async fn upsert(
-    profiles: &mut madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient<
-        Authed,
-    >,
-    person: &Person,
-) -> String {
-    profiles
-        .upsert_profile(profiles_pb::UpsertProfileRequest {
-            identifiers: vec![profiles_pb::Identifier {
-                kind: "email".into(),
-                value: person.email.into(),
-            }],
-            traits: Default::default(),
-            region: person.region.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("upsert through the gateway")
-        .into_inner()
-        .profile
-        .expect("profile")
-        .profile_id
-}
-
 async fn record(
     consent: &mut madtech_proto::consent::v1::consent_service_client::ConsentServiceClient<Authed>,
     profile_id: &str,
@@ -188,13 +164,14 @@ async fn activation_database_text(suite: &Suite) -> String {
 async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     let suite = Suite::start(backend).await;
     let admin = suite.bearer(&["admin"]);
-    let mut profiles = suite.profiles(admin.clone());
     let mut consent = suite.consent(admin.clone());
     let mut activation = suite.activation(suite.bearer(&["marketer"]));
 
     let mut ids = Vec::new();
     for person in &PEOPLE {
-        let id = upsert(&mut profiles, person).await;
+        let id = suite
+            .person(person.email, person.region, Default::default())
+            .await;
         if let Some(state) = person.ad_targeting {
             record(&mut consent, &id, state, person.region).await;
         }
@@ -537,7 +514,6 @@ async fn minors_cross_only_as_the_policy_allows_their_age() {
     use chrono::Months;
     let suite = Suite::start(Backend::Sqlite).await;
     let admin = suite.bearer(&["admin"]);
-    let mut profiles = suite.profiles(admin.clone());
     let mut consent = suite.consent(admin.clone());
     let today = chrono::Utc::now().date_naive();
     let born_years_ago = |years: u32| {
@@ -588,22 +564,7 @@ async fn minors_cross_only_as_the_policy_allows_their_age() {
             })
             .into_iter()
             .collect();
-        let id = profiles
-            .upsert_profile(profiles_pb::UpsertProfileRequest {
-                identifiers: vec![profiles_pb::Identifier {
-                    kind: "email".into(),
-                    value: email.into(),
-                }],
-                traits,
-                region: region.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("upsert")
-            .into_inner()
-            .profile
-            .expect("profile")
-            .profile_id;
+        let id = suite.person(email, region, traits).await;
         if let Some(state) = choice {
             record(&mut consent, &id, state, region).await;
         }

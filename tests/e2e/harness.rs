@@ -9,6 +9,7 @@ use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::activation::v1::activation_service_client::ActivationServiceClient;
 use madtech_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use madtech_proto::consent::v1::privacy_request_service_client::PrivacyRequestServiceClient;
+use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 use madtech_proto::segments::v1 as segments_pb;
 use madtech_proto::segments::v1::segment_service_client::SegmentServiceClient;
@@ -126,6 +127,32 @@ impl Suite {
 
     pub fn activation(&self, bearer: Bearer) -> ActivationServiceClient<Authed> {
         ActivationServiceClient::with_interceptor(self.gateway_channel(), bearer)
+    }
+
+    /// Upserts, as `ingest`, the person known by `email` in `region` with
+    /// `traits`; returns their profile id.
+    pub async fn person(
+        &self,
+        email: &str,
+        region: &str,
+        traits: std::collections::HashMap<String, profiles_pb::TraitValue>,
+    ) -> String {
+        self.profiles(self.bearer(&["ingest"]))
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers: vec![profiles_pb::Identifier {
+                    kind: "email".into(),
+                    value: email.into(),
+                }],
+                traits,
+                region: region.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("upsert through the gateway")
+            .into_inner()
+            .profile
+            .expect("profile")
+            .profile_id
     }
 
     /// Creates, as admin, a segment of everyone in `regions`.

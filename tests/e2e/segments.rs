@@ -174,21 +174,7 @@ async fn segments_over_events_follow_the_profiles_stream(backend: Backend) {
         .profile
         .expect("profile");
     for (email, region) in [("big@example.com", "FR"), ("small@example.com", "FR")] {
-        let id = ingest
-            .upsert_profile(profiles_pb::UpsertProfileRequest {
-                identifiers: vec![profiles_pb::Identifier {
-                    kind: "email".into(),
-                    value: email.into(),
-                }],
-                region: region.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("region")
-            .into_inner()
-            .profile
-            .expect("profile")
-            .profile_id;
+        let id = suite.person(email, region, Default::default()).await;
         suite
             .consent(suite.bearer(&["ingest"]))
             .record_consent(consent_pb::RecordConsentRequest {

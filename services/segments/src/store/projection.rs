@@ -122,6 +122,8 @@ struct JsonFunctions {
     /// Embeds a subquery's JSON as JSON (SQLite forgets that a subquery's
     /// value is JSON and would embed it as a string).
     embed: &'static str,
+    /// Makes the page's JSON reach the client as text.
+    as_text: &'static str,
 }
 
 impl JsonFunctions {
@@ -131,18 +133,15 @@ impl JsonFunctions {
                 group: "json_agg",
                 array: "json_build_array",
                 embed: "",
+                as_text: "::text",
             },
             _ => JsonFunctions {
                 group: "json_group_array",
                 array: "json_array",
                 embed: "json",
+                as_text: "",
             },
         }
-    }
-
-    /// PostgreSQL's JSON reaches the client as text only when cast.
-    fn text_cast(self) -> &'static str {
-        if self.embed.is_empty() { "::text" } else { "" }
     }
 }
 
@@ -439,7 +438,6 @@ impl Projection {
         limit: u64,
     ) -> Result<Vec<Member>, SegmentError> {
         let backend = self.db.get_database_backend();
-        let json = JsonFunctions::of(backend);
         let mut sql = Sql::new(
             "WITH page AS (SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
         );
@@ -462,7 +460,8 @@ impl Projection {
             group,
             array,
             embed,
-        } = json;
+            as_text,
+        } = JsonFunctions::of(backend);
         sql.push(" ORDER BY people.profile_id LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .push(&format!(
@@ -472,7 +471,7 @@ impl Projection {
                  {embed}((SELECT {array}(pt.kind, pt.string_value, pt.int_value) FROM person_traits pt WHERE pt.profile_id = page.profile_id AND pt.name = "
             ))
             .bind(self.birth_date_trait.clone())
-            .push(&format!(")))){text} AS page FROM page", text = json.text_cast()));
+            .push(&format!(")))){as_text} AS page FROM page"));
         let Some(row) = self.db.query_one_raw(sql.statement(backend)).await? else {
             return Ok(Vec::new());
         };
