@@ -6,6 +6,8 @@ use madtech_common::db::DatabaseConfig;
 use madtech_common::tls::{ClientTls, ServerTls};
 use serde::{Deserialize, Serialize};
 
+use crate::destination::RetryPolicy;
+
 /// Everything the activation service needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,6 +26,8 @@ pub struct ActivationConfig {
     pub gateway_token_file: PathBuf,
     /// File destinations write below this directory and nowhere else.
     pub file_root: PathBuf,
+    /// How requests to ad platforms and webhooks are retried.
+    pub retry: RetryPolicy,
 }
 
 impl Default for ActivationConfig {
@@ -36,6 +40,7 @@ impl Default for ActivationConfig {
             gateway_tls: ClientTls::default(),
             gateway_token_file: PathBuf::new(),
             file_root: PathBuf::from("destinations"),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -58,6 +63,16 @@ impl Validate for ActivationConfig {
         if self.file_root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "activation.file_root is required".into(),
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "activation.retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.retry.request_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "activation.retry.request_timeout must be above zero".into(),
             ));
         }
         Ok(())

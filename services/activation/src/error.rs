@@ -1,6 +1,8 @@
 use madtech_common::error::{FieldError, internal};
 use tonic::Status;
 
+use crate::destination::DeliveryError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
     #[error(transparent)]
@@ -15,8 +17,14 @@ pub enum ActivationError {
     Gateway { code: tonic::Code, message: String },
     #[error("cannot read the gateway token: {0}")]
     Token(String),
-    #[error("destination write failed: {0}")]
-    Destination(#[from] std::io::Error),
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    #[error("the destination refused {refused} of {batches} batches; the first: {first}")]
+    BatchesRefused {
+        refused: u64,
+        batches: u64,
+        first: String,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("tls: {0}")]
@@ -49,8 +57,18 @@ impl ActivationError {
                 | tonic::Code::FailedPrecondition => Status::new(*code, err.to_string()),
                 _ => Status::unavailable(err.to_string()),
             },
+            // The destination's own answer: fix the destination (its
+            // audience, its credential) before running again.
+            ActivationError::BatchesRefused { .. }
+            | ActivationError::Delivery(DeliveryError::Refused { .. })
+            | ActivationError::Delivery(DeliveryError::Credential(_)) => {
+                Status::failed_precondition(err.to_string())
+            }
+            ActivationError::Delivery(DeliveryError::Unavailable { .. }) => {
+                Status::unavailable(err.to_string())
+            }
             ActivationError::Token(_)
-            | ActivationError::Destination(_)
+            | ActivationError::Delivery(_)
             | ActivationError::Corrupt(_)
             | ActivationError::Tls(_) => internal("activation", err),
             ActivationError::Database(db) => internal("activation database", db),

@@ -9,6 +9,9 @@
 pub mod config;
 pub mod destination;
 pub mod error;
+pub mod follow;
+#[cfg(feature = "testing")]
+pub mod mock;
 pub mod service;
 pub mod store;
 pub mod sync;
@@ -17,8 +20,11 @@ pub use config::ActivationConfig;
 pub use error::ActivationError;
 pub use service::ActivationApi;
 
+use std::sync::Arc;
+
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
+use tokio::sync::Notify;
 
 /// Connects to the database, migrates it and returns the service ready to
 /// serve. The gateway connection is lazy, so start order does not matter.
@@ -28,8 +34,23 @@ pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, Activa
         .gateway_tls
         .endpoint(&config.gateway_url)?
         .connect_lazy();
-    let api = ActivationApi::new(store::ActivationStore::new(db), gateway, config.clone());
+    let store = Arc::new(store::ActivationStore::new(db));
+    let syncer = Arc::new(sync::Syncer::new(
+        Arc::clone(&store),
+        gateway.clone(),
+        config.clone(),
+    )?);
+    let activations_changed = Arc::new(Notify::new());
+    let follower = follow::ConsentFollower {
+        store: Arc::clone(&store),
+        syncer: Arc::clone(&syncer),
+        gateway,
+        config: config.clone(),
+        activations_changed: Arc::clone(&activations_changed),
+    };
+    let api = ActivationApi::new(store, syncer, activations_changed);
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
-        .add_service(api.into_server()))
+        .add_service(api.into_server())
+        .with_task(Box::new(move |shutdown| Box::pin(follower.run(shutdown)))))
 }

@@ -11,12 +11,13 @@ use madtech_proto::time::from_micros;
 use pb::activation_service_server::{ActivationService, ActivationServiceServer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::config::ActivationConfig;
-use crate::destination::{Target, file_directory};
-use crate::store::{Activation, ActivationStore, Destination, Phase, SyncRun};
+use crate::destination::{
+    FileFormat, SecretRef, Target, WEBHOOK_DEFAULT_BATCH, WEBHOOK_MAX_BATCH, endpoint_url,
+    file_directory,
+};
+use crate::store::{Activation, ActivationStore, BatchRecord, Destination, Phase, SyncRun};
 use crate::sync::Syncer;
 
 /// Progress messages buffered per RunSync stream before updates are dropped.
@@ -45,23 +46,58 @@ fn identifier_hashes(hashes: &[String]) -> Result<Vec<String>, FieldError> {
     })
 }
 
+/// The Graph API version Meta destinations use unless given a base URL.
+const META_GRAPH_API: &str = "https://graph.facebook.com/v21.0";
+/// Runs listed when the caller names no page size, and the most.
+const RUNS_PAGE: u32 = 100;
+const RUNS_PAGE_MAX: u32 = 1_000;
+
 #[derive(Clone)]
 pub struct ActivationApi {
     store: Arc<ActivationStore>,
     syncer: Arc<Syncer>,
+    /// Woken when an activation is created, so the consent follower starts
+    /// following its destination.
+    activations_changed: Arc<tokio::sync::Notify>,
 }
 
 impl ActivationApi {
-    pub fn new(store: ActivationStore, gateway: Channel, config: ActivationConfig) -> Self {
-        let store = Arc::new(store);
+    pub fn new(
+        store: Arc<ActivationStore>,
+        syncer: Arc<Syncer>,
+        activations_changed: Arc<tokio::sync::Notify>,
+    ) -> Self {
         ActivationApi {
-            syncer: Arc::new(Syncer::new(Arc::clone(&store), gateway, config)),
             store,
+            syncer,
+            activations_changed,
         }
     }
 
     pub fn into_server(self) -> ActivationServiceServer<Self> {
         ActivationServiceServer::new(self)
+    }
+}
+
+fn secret_from_pb(field: &str, secret: Option<pb::SecretRef>) -> Result<SecretRef, FieldError> {
+    use pb::secret_ref::Source;
+    match secret.and_then(|secret| secret.source) {
+        Some(Source::Env(name)) => SecretRef::env(&format!("{field}.env"), &name),
+        Some(Source::File(path)) => SecretRef::file(&format!("{field}.file"), &path),
+        None => Err(FieldError::new(
+            field,
+            "name an environment variable or a file holding it",
+        )),
+    }
+}
+
+fn secret_to_pb(secret: &SecretRef) -> pb::SecretRef {
+    use pb::secret_ref::Source;
+    pb::SecretRef {
+        source: Some(match secret {
+            SecretRef::Env(name) => Source::Env(name.clone()),
+            SecretRef::File(path) => Source::File(path.display().to_string()),
+        }),
     }
 }
 
@@ -72,29 +108,90 @@ fn target_from_pb(
     match target {
         None => Err(FieldError::new(
             "target",
-            "name where the destination delivers (file)",
+            "name where the destination delivers (file, meta, webhook)",
         )),
-        Some(T::File(file)) => {
-            match pb::FileFormat::try_from(file.format) {
-                Ok(pb::FileFormat::Jsonl) => {}
-                _ => return Err(FieldError::new("file.format", "must be JSONL")),
+        Some(T::File(file)) => Ok(Target::File {
+            directory: file_directory("file.directory", &file.directory)?,
+            format: match pb::FileFormat::try_from(file.format) {
+                Ok(pb::FileFormat::Jsonl) => FileFormat::Jsonl,
+                Ok(pb::FileFormat::Csv) => FileFormat::Csv,
+                _ => return Err(FieldError::new("file.format", "must be JSONL or CSV")),
+            },
+        }),
+        Some(T::Meta(meta)) => {
+            let audience_id = require("meta.audience_id", &meta.audience_id)?;
+            if !audience_id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(FieldError::new(
+                    "meta.audience_id",
+                    "must be a Custom Audience id (digits)",
+                ));
             }
-            Ok(Target::File {
-                directory: file_directory("file.directory", &file.directory)?,
+            let base_url = if meta.base_url.trim().is_empty() {
+                META_GRAPH_API.to_string()
+            } else {
+                endpoint_url("meta.base_url", &meta.base_url)?
+            };
+            Ok(Target::Meta {
+                audience_id: audience_id.to_string(),
+                access_token: secret_from_pb("meta.access_token", meta.access_token)?,
+                base_url,
+            })
+        }
+        Some(T::Webhook(webhook)) => {
+            let batch_size = match webhook.batch_size as usize {
+                0 => WEBHOOK_DEFAULT_BATCH,
+                n if n <= WEBHOOK_MAX_BATCH => n,
+                _ => {
+                    return Err(FieldError::new(
+                        "webhook.batch_size",
+                        format!("at most {WEBHOOK_MAX_BATCH}"),
+                    ));
+                }
+            };
+            Ok(Target::Webhook {
+                url: endpoint_url("webhook.url", &webhook.url)?,
+                signing_secret: secret_from_pb("webhook.signing_secret", webhook.signing_secret)?,
+                batch_size,
             })
         }
     }
 }
 
 fn destination_to_pb(destination: &Destination) -> pb::Destination {
-    let Target::File { directory } = &destination.target;
+    use pb::destination::Target as T;
+    let target = match &destination.target {
+        Target::File { directory, format } => T::File(pb::FileDestination {
+            directory: directory.display().to_string(),
+            format: match format {
+                FileFormat::Jsonl => pb::FileFormat::Jsonl,
+                FileFormat::Csv => pb::FileFormat::Csv,
+            }
+            .into(),
+        }),
+        Target::Meta {
+            audience_id,
+            access_token,
+            base_url,
+        } => T::Meta(pb::MetaDestination {
+            audience_id: audience_id.clone(),
+            access_token: Some(secret_to_pb(access_token)),
+            base_url: base_url.clone(),
+        }),
+        Target::Webhook {
+            url,
+            signing_secret,
+            batch_size,
+        } => T::Webhook(pb::WebhookDestination {
+            url: url.clone(),
+            signing_secret: Some(secret_to_pb(signing_secret)),
+            batch_size: u32::try_from(*batch_size).unwrap_or(u32::MAX),
+        }),
+    };
     pb::Destination {
         destination_id: destination.id.clone(),
         name: destination.name.clone(),
-        target: Some(pb::destination::Target::File(pb::FileDestination {
-            directory: directory.display().to_string(),
-            format: pb::FileFormat::Jsonl.into(),
-        })),
+        kind: destination.target.kind().to_string(),
+        target: Some(target),
         created_at: Some(from_micros(destination.created_at_micros)),
     }
 }
@@ -128,6 +225,23 @@ fn run_to_pb(run: &SyncRun) -> pb::SyncRun {
         error: run.error.clone(),
         started_at: Some(from_micros(run.started_at_micros)),
         finished_at: run.finished_at_micros.map(from_micros),
+        batches_sent: run.batches_sent,
+        batches_rejected: run.batches_rejected,
+        retries: run.retries,
+        to_send: run.to_send,
+        trigger: run.trigger.as_str().to_string(),
+    }
+}
+
+fn batch_to_pb(batch: BatchRecord) -> pb::SyncBatch {
+    pb::SyncBatch {
+        op: batch.op.as_str().to_string(),
+        seq: batch.seq,
+        members: batch.members,
+        outcome: batch.outcome.to_string(),
+        http_status: batch.http_status.map_or(0, u32::from),
+        digest: batch.digest,
+        error: batch.error,
     }
 }
 
@@ -160,6 +274,7 @@ impl ActivationService for ActivationApi {
             .store
             .create_activation(segment_id, destination_id, purpose)
             .await?;
+        self.activations_changed.notify_one();
         Ok(Response::new(pb::CreateActivationResponse {
             activation: Some(activation_to_pb(&activation)),
         }))
@@ -189,6 +304,41 @@ impl ActivationService for ActivationApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
 
+    async fn get_sync_run(
+        &self,
+        request: Request<pb::GetSyncRunRequest>,
+    ) -> Result<Response<pb::GetSyncRunResponse>, Status> {
+        let run_id = require("run_id", &request.get_ref().run_id)?;
+        let run = self.store.run(run_id).await?;
+        let batches = self.store.batches(run_id).await?;
+        Ok(Response::new(pb::GetSyncRunResponse {
+            run: Some(run_to_pb(&run)),
+            batches: batches.into_iter().map(batch_to_pb).collect(),
+        }))
+    }
+
+    async fn list_sync_runs(
+        &self,
+        request: Request<pb::ListSyncRunsRequest>,
+    ) -> Result<Response<pb::ListSyncRunsResponse>, Status> {
+        let request = request.into_inner();
+        let activation_id = require("activation_id", &request.activation_id)?;
+        let page_size = match request.page_size {
+            0 => RUNS_PAGE,
+            n if n <= RUNS_PAGE_MAX => n,
+            _ => {
+                return Err(
+                    FieldError::new("page_size", format!("at most {RUNS_PAGE_MAX}")).into(),
+                );
+            }
+        };
+        self.store.activation(activation_id).await?;
+        let runs = self.store.runs(activation_id, u64::from(page_size)).await?;
+        Ok(Response::new(pb::ListSyncRunsResponse {
+            runs: runs.iter().map(run_to_pb).collect(),
+        }))
+    }
+
     async fn find_deliveries(
         &self,
         request: Request<pb::FindDeliveriesRequest>,
@@ -198,9 +348,8 @@ impl ActivationService for ActivationApi {
         // Each activation's destination looked up once, however many people
         // it holds.
         let mut destinations = std::collections::BTreeMap::new();
-        for (activation_id, pseudonymous_id, synced_at, confirmed) in
-            self.store.holders_of(&hashes).await?
-        {
+        for holding in self.store.holders_of(&hashes).await? {
+            let activation_id = holding.activation_id;
             let destination_id = match destinations.get(&activation_id) {
                 Some(id) => String::clone(id),
                 None => {
@@ -212,9 +361,9 @@ impl ActivationService for ActivationApi {
             deliveries.push(pb::Delivery {
                 activation_id,
                 destination_id,
-                pseudonymous_id,
-                synced_at: Some(from_micros(synced_at)),
-                confirmed,
+                pseudonymous_id: holding.member.id,
+                synced_at: Some(from_micros(holding.synced_at_micros)),
+                confirmed: holding.confirmed,
             });
         }
         Ok(Response::new(pb::FindDeliveriesResponse { deliveries }))

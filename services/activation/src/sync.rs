@@ -1,23 +1,30 @@
 //! Sync runs: fetch the audience through the gateway, compare it with what the
-//! destination already holds, deliver only the adds and removes, and record
-//! the new state only once the destination has them. A run killed at any
-//! point is safe to run again: nothing is recorded as sent that was not.
+//! destination already holds, deliver only the adds and removes in the
+//! destination's batch sizes, and record each batch in the sync state only
+//! once the destination acknowledged it. A run killed at any point is safe to
+//! run again: nothing is recorded as sent that was not, and adds in flight
+//! are recorded as pending first, so the next run sends or removes them.
+//!
+//! Removals outside a sync (consent withdrawn, erasure) go the same way:
+//! [`Syncer::remove`] delivers them as a run of their own.
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use madtech_proto::segments::v1 as segments_pb;
 use segments_pb::segment_service_client::SegmentServiceClient;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::config::ActivationConfig;
-use crate::destination::{self, Change, HashedIdentifier, Target};
+use crate::destination::{Batch, Delivery, DeliveryError, HashedIdentifier, Member, Op};
 use crate::error::ActivationError;
-use crate::store::{Activation, ActivationStore, Destination, Held, Phase, SyncRun};
+use crate::store::{
+    Activation, ActivationStore, BatchRecord, Destination, Held, Phase, SyncRun, Trigger,
+};
 
 /// The audience as the gateway released it: pseudonymous id → hashes.
 pub type Audience = HashMap<String, Vec<HashedIdentifier>>;
@@ -25,204 +32,329 @@ pub type Audience = HashMap<String, Vec<HashedIdentifier>>;
 /// What a sync must send.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Diff {
-    pub adds: Vec<(String, Vec<HashedIdentifier>)>,
-    pub removes: Vec<String>,
+    pub adds: Vec<Member>,
+    /// With the identifiers the destination was given, which platforms
+    /// match removals on.
+    pub removes: Vec<Member>,
     pub unchanged: u64,
 }
 
 /// Adds are members the destination does not surely hold as they are now
 /// (not held, held with other identifiers, or an add never confirmed);
 /// removes are members it holds or may hold that are no longer released.
-/// Both come out sorted, so a file's content depends only on the change.
+/// Both come out sorted, so what is sent depends only on the change.
 pub fn diff(held: &Held, audience: Audience) -> Diff {
     let mut result = Diff::default();
-    for (id, identifiers) in audience.iter() {
-        match held.get(id) {
-            Some(sent) if sent.confirmed && &sent.identifiers == identifiers => {
+    let removes: Vec<Member> = held
+        .iter()
+        .filter(|(id, _)| !audience.contains_key(*id))
+        .map(|(id, sent)| Member {
+            id: id.clone(),
+            identifiers: sent.identifiers.clone(),
+        })
+        .collect();
+    for (id, identifiers) in audience {
+        match held.get(&id) {
+            Some(sent) if sent.confirmed && sent.identifiers == identifiers => {
                 result.unchanged += 1
             }
-            _ => result.adds.push((id.clone(), identifiers.clone())),
+            _ => result.adds.push(Member { id, identifiers }),
         }
     }
-    result.removes = held
-        .keys()
-        .filter(|id| !audience.contains_key(*id))
-        .cloned()
-        .collect();
+    result.removes = removes;
     result.adds.sort();
     result.removes.sort();
     result
 }
 
-/// Runs syncs, at most one at a time per activation.
+/// SHA-256 over a batch's pseudonymous ids and hashes, for its record: what
+/// was sent can be checked later without keeping it.
+fn digest(members: &[Member]) -> String {
+    let mut hash = Sha256::new();
+    for member in members {
+        hash.update(member.id.as_bytes());
+        for identifier in &member.identifiers {
+            hash.update(b"\x1f");
+            hash.update(identifier.kind.as_bytes());
+            hash.update(b"=");
+            hash.update(identifier.sha256.as_bytes());
+        }
+        hash.update(b"\n");
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Runs syncs and removals, one at a time per activation.
 pub struct Syncer {
     store: Arc<ActivationStore>,
     gateway: Channel,
     config: ActivationConfig,
-    running: Mutex<HashSet<String>>,
+    delivery: Delivery,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Releases an activation's slot when its run ends, however it ends.
-struct RunningGuard<'a> {
-    running: &'a Mutex<HashSet<String>>,
-    activation_id: String,
-}
+/// Reports a run's progress without ever waiting for the reader.
+struct Progress<'a>(Option<&'a mpsc::Sender<SyncRun>>);
 
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut running) = self.running.lock() {
-            running.remove(&self.activation_id);
+impl Progress<'_> {
+    fn report(&self, run: &SyncRun) {
+        if let Some(sender) = self.0 {
+            let _ = sender.try_send(run.clone());
         }
     }
 }
 
 impl Syncer {
-    pub fn new(store: Arc<ActivationStore>, gateway: Channel, config: ActivationConfig) -> Self {
-        Syncer {
+    pub fn new(
+        store: Arc<ActivationStore>,
+        gateway: Channel,
+        config: ActivationConfig,
+    ) -> Result<Self, ActivationError> {
+        let delivery = Delivery::new(config.retry.clone(), config.file_root.clone())?;
+        Ok(Syncer {
             store,
             gateway,
             config,
-            running: Mutex::new(HashSet::new()),
-        }
-    }
-
-    fn claim(&self, activation_id: &str) -> Result<RunningGuard<'_>, ActivationError> {
-        let mut running = self
-            .running
-            .lock()
-            .map_err(|_| ActivationError::Corrupt("sync registry lock poisoned".into()))?;
-        if !running.insert(activation_id.to_string()) {
-            return Err(ActivationError::SyncRunning);
-        }
-        Ok(RunningGuard {
-            running: &self.running,
-            activation_id: activation_id.to_string(),
+            delivery,
+            locks: Mutex::new(HashMap::new()),
         })
     }
 
+    fn lock_of(&self, activation_id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, ActivationError> {
+        let mut locks = self
+            .locks
+            .lock()
+            .map_err(|_| ActivationError::Corrupt("sync lock table poisoned".into()))?;
+        Ok(Arc::clone(
+            locks.entry(activation_id.to_string()).or_default(),
+        ))
+    }
+
     /// Runs one sync, reporting progress on `progress` (lossy while running;
-    /// the final state is always delivered while the receiver lives).
+    /// the final state is always delivered while the receiver lives). A
+    /// second sync of the same activation is refused while one runs.
     pub async fn run(
         &self,
         activation_id: &str,
         progress: mpsc::Sender<SyncRun>,
     ) -> Result<SyncRun, ActivationError> {
-        let _slot = self.claim(activation_id)?;
+        let lock = self.lock_of(activation_id)?;
+        let _running = lock.try_lock().map_err(|_| ActivationError::SyncRunning)?;
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
-        let mut run = SyncRun::start(activation_id);
+        let mut run = SyncRun::start(activation_id, Trigger::Sync);
         self.store.save_run(&run).await?;
-        let _ = progress.try_send(run.clone());
-
+        let reporter = Progress(Some(&progress));
+        reporter.report(&run);
         let outcome = self
-            .deliver(&mut run, &activation, &destination, &progress)
+            .sync(&mut run, &activation, &destination, &reporter)
             .await;
+        let outcome = self.finish(&mut run, outcome).await;
+        let _ = progress.send(run.clone()).await;
+        outcome.map(|()| run)
+    }
+
+    async fn finish(
+        &self,
+        run: &mut SyncRun,
+        outcome: Result<(), ActivationError>,
+    ) -> Result<(), ActivationError> {
         run.finished_at_micros = Some(Utc::now().timestamp_micros());
         match &outcome {
             Ok(()) => run.phase = Phase::Succeeded,
             Err(err) => {
                 run.phase = Phase::Failed;
-                tracing::warn!(activation = %activation_id, run = %run.id, error = %err, "sync failed");
+                tracing::warn!(activation = %run.activation_id, run = %run.id, error = %err, "run failed");
                 // What callers see is what the status mapping lets out, so
                 // internal detail stays in the log.
                 run.error = err.to_status().message().to_string();
             }
         }
-        self.store.save_run(&run).await?;
-        let _ = progress.send(run.clone()).await;
-        outcome.map(|()| run)
+        self.store.save_run(run).await?;
+        outcome
     }
 
-    async fn deliver(
+    async fn sync(
         &self,
         run: &mut SyncRun,
         activation: &Activation,
         destination: &Destination,
-        progress: &mpsc::Sender<SyncRun>,
+        progress: &Progress<'_>,
     ) -> Result<(), ActivationError> {
         let audience = self.fetch(run, activation, destination, progress).await?;
         let held = self.store.held(&run.activation_id).await?;
         let diff = diff(&held, audience);
         run.phase = Phase::Sending;
         run.unchanged = diff.unchanged;
-        let _ = progress.try_send(run.clone());
-
-        if !diff.adds.is_empty() || !diff.removes.is_empty() {
-            self.store.prepare(&run.activation_id, &diff.adds).await?;
-            let changes: Vec<Change> = diff
-                .adds
-                .iter()
-                .map(|(id, identifiers)| Change::Add {
-                    id: id.clone(),
-                    identifiers: identifiers.clone(),
-                })
-                .chain(
-                    diff.removes
-                        .iter()
-                        .map(|id| Change::Remove { id: id.clone() }),
-                )
-                .collect();
-            let name = format!("{}-{}.jsonl", run.activation_id, run.id);
-            run.output = self.send(destination, name, changes).await?;
-        }
-        // The destination has the changes; only now is the state recorded.
-        self.store
-            .acknowledge(&run.activation_id, &diff.adds, &diff.removes)
+        run.to_send = (diff.adds.len() + diff.removes.len()) as u64;
+        self.store.save_run(run).await?;
+        progress.report(run);
+        // Removes first: a destination never holds more than it should.
+        self.deliver(run, destination, Op::Remove, &diff.removes, progress)
             .await?;
-        run.added = diff.adds.len() as u64;
-        run.removed = diff.removes.len() as u64;
+        self.deliver(run, destination, Op::Add, &diff.adds, progress)
+            .await?;
+        if run.batches_rejected > 0 {
+            return Err(ActivationError::BatchesRefused {
+                refused: run.batches_rejected,
+                batches: run.batches_sent + run.batches_rejected,
+                first: std::mem::take(&mut run.error),
+            });
+        }
         Ok(())
     }
 
-    /// Delivers `changes` to the destination; returns where they went.
-    async fn send(
+    /// Delivers `members` as batches of `op`, recording each. A refused
+    /// batch is recorded and its members left as they were (held, or
+    /// pending), so the next run tries them again; a destination that stays
+    /// unavailable ends the run.
+    async fn deliver(
         &self,
+        run: &mut SyncRun,
         destination: &Destination,
-        name: String,
-        changes: Vec<Change>,
-    ) -> Result<String, ActivationError> {
-        let Target::File { directory } = &destination.target;
-        let directory: PathBuf = self.config.file_root.join(directory);
-        let written = tokio::task::spawn_blocking(move || {
-            destination::write_jsonl(&directory, &name, &changes)
-        })
-        .await
-        .map_err(|err| ActivationError::Corrupt(format!("file writer stopped: {err}")))??;
-        Ok(written.display().to_string())
+        op: Op,
+        members: &[Member],
+        progress: &Progress<'_>,
+    ) -> Result<(), ActivationError> {
+        let limit = destination.target.batch_limit().max(1);
+        let batches = members.len().div_ceil(limit);
+        let name = format!("{}-{}", run.activation_id, run.id);
+        for (index, chunk) in members.chunks(limit).enumerate() {
+            let batch = Batch {
+                op,
+                session: &run.id,
+                seq: u32::try_from(index + 1).unwrap_or(u32::MAX),
+                last: index + 1 == batches,
+                total: members.len() as u64,
+                members: chunk,
+            };
+            if op == Op::Add {
+                self.store.prepare(&run.activation_id, chunk).await?;
+            }
+            let outcome = self
+                .delivery
+                .send(&destination.target, &name, batch, &mut run.retries)
+                .await;
+            let mut record = BatchRecord {
+                run_id: run.id.clone(),
+                activation_id: run.activation_id.clone(),
+                op,
+                seq: batch.seq,
+                members: chunk.len() as u64,
+                outcome: "sent",
+                http_status: None,
+                digest: digest(chunk),
+                error: String::new(),
+            };
+            match outcome {
+                Ok(receipt) => {
+                    let (added, removed) = match op {
+                        Op::Add => (chunk, &[][..]),
+                        Op::Remove => (&[][..], chunk),
+                    };
+                    // The destination has the batch; only now is it recorded.
+                    self.store
+                        .acknowledge(&run.activation_id, added, removed)
+                        .await?;
+                    self.store.record_batch(&record).await?;
+                    run.batches_sent += 1;
+                    match op {
+                        Op::Add => run.added += chunk.len() as u64,
+                        Op::Remove => run.removed += chunk.len() as u64,
+                    }
+                    if let Some(output) = receipt.output {
+                        run.output = output;
+                    }
+                }
+                Err(DeliveryError::Refused { status, reason }) => {
+                    record.outcome = "refused";
+                    record.http_status = Some(status);
+                    record.error = reason.clone();
+                    self.store.record_batch(&record).await?;
+                    tracing::warn!(run = %run.id, op = op.as_str(), seq = batch.seq, status, "the destination refused a batch");
+                    run.batches_rejected += 1;
+                    if run.error.is_empty() {
+                        run.error = format!("HTTP {status}: {reason}");
+                    }
+                }
+                Err(err) => {
+                    record.outcome = "failed";
+                    record.error = err.to_string();
+                    self.store.record_batch(&record).await?;
+                    return Err(err.into());
+                }
+            }
+            self.store.save_run(run).await?;
+            progress.report(run);
+        }
+        Ok(())
+    }
+
+    /// Removes `members` from an activation's destination now, as a run of
+    /// its own (waiting for a sync in progress to end first), and forgets
+    /// them once the destination acknowledged.
+    pub async fn remove(
+        &self,
+        activation_id: &str,
+        members: &[Member],
+        trigger: Trigger,
+    ) -> Result<SyncRun, ActivationError> {
+        let lock = self.lock_of(activation_id)?;
+        let _running = lock.lock().await;
+        let activation = self.store.activation(activation_id).await?;
+        let destination = self.store.destination(&activation.destination_id).await?;
+        // Held again under the lock: a sync that just ended may have removed
+        // some already.
+        let ids: Vec<String> = members.iter().map(|member| member.id.clone()).collect();
+        let members = self.store.held_members(activation_id, &ids).await?;
+        let mut run = SyncRun::start(activation_id, trigger);
+        run.phase = Phase::Sending;
+        run.to_send = members.len() as u64;
+        self.store.save_run(&run).await?;
+        let mut outcome = self
+            .deliver(
+                &mut run,
+                &destination,
+                Op::Remove,
+                &members,
+                &Progress(None),
+            )
+            .await;
+        if outcome.is_ok() && run.batches_rejected > 0 {
+            outcome = Err(ActivationError::BatchesRefused {
+                refused: run.batches_rejected,
+                batches: run.batches_sent + run.batches_rejected,
+                first: std::mem::take(&mut run.error),
+            });
+        }
+        self.finish(&mut run, outcome).await.map(|()| run)
     }
 
     /// Removes everyone held whose identifiers include one of these hashes
-    /// from every destination that holds them, then forgets them: the
-    /// removals are delivered before the state is dropped, so a crash in
-    /// between repeats the removal rather than losing it. Returns the
-    /// removals delivered and where they went.
+    /// from every destination that holds them, then forgets them. Returns
+    /// the removals delivered and where they went.
     pub async fn forget(
         &self,
         identifier_sha256s: &[String],
     ) -> Result<(u64, Vec<String>), ActivationError> {
-        let holders = self.store.holders_of(identifier_sha256s).await?;
-        let mut by_activation: std::collections::BTreeMap<String, Vec<String>> =
+        let mut by_activation: std::collections::BTreeMap<String, Vec<Member>> =
             std::collections::BTreeMap::new();
-        for (activation_id, pseudonymous_id, _, _) in holders {
+        for holding in self.store.holders_of(identifier_sha256s).await? {
             by_activation
-                .entry(activation_id)
+                .entry(holding.activation_id)
                 .or_default()
-                .push(pseudonymous_id);
+                .push(holding.member);
         }
         let mut removed = 0;
         let mut outputs = Vec::new();
-        for (activation_id, ids) in by_activation {
-            let _slot = self.claim(&activation_id)?;
-            let activation = self.store.activation(&activation_id).await?;
-            let destination = self.store.destination(&activation.destination_id).await?;
-            let changes = ids
-                .iter()
-                .map(|id| Change::Remove { id: id.clone() })
-                .collect();
-            let name = format!("{activation_id}-erasure-{}.jsonl", uuid::Uuid::now_v7());
-            outputs.push(self.send(&destination, name, changes).await?);
-            self.store.acknowledge(&activation_id, &[], &ids).await?;
-            removed += ids.len() as u64;
+        for (activation_id, members) in by_activation {
+            let run = self
+                .remove(&activation_id, &members, Trigger::Erasure)
+                .await?;
+            removed += run.removed;
+            if !run.output.is_empty() {
+                outputs.push(run.output);
+            }
         }
         Ok((removed, outputs))
     }
@@ -232,7 +364,7 @@ impl Syncer {
         run: &mut SyncRun,
         activation: &Activation,
         destination: &Destination,
-        progress: &mpsc::Sender<SyncRun>,
+        progress: &Progress<'_>,
     ) -> Result<Audience, ActivationError> {
         let bearer = self.bearer().await?;
         let mut client = SegmentServiceClient::with_interceptor(
@@ -282,7 +414,7 @@ impl Syncer {
                 audience.insert(member.pseudonymous_id, identifiers);
             }
             run.members_received = audience.len() as u64;
-            let _ = progress.try_send(run.clone());
+            progress.report(run);
         }
         Ok(audience)
     }
@@ -304,6 +436,13 @@ mod tests {
             kind: "email".into(),
             sha256: sha.into(),
         }]
+    }
+
+    fn member(id: &str, sha: &str) -> Member {
+        Member {
+            id: id.into(),
+            identifiers: ids(sha),
+        }
     }
 
     fn held(members: &[(&str, &str, bool)]) -> Held {
@@ -335,14 +474,14 @@ mod tests {
         assert_eq!(diff.unchanged, 1);
         assert_eq!(
             diff.adds,
-            vec![
-                ("b".to_string(), ids("changed")),
-                ("d".to_string(), ids("4")),
-                ("e".to_string(), ids("5")),
-            ],
+            vec![member("b", "changed"), member("d", "4"), member("e", "5")],
             "an add never confirmed is sent again"
         );
-        assert_eq!(diff.removes, vec!["c".to_string()]);
+        assert_eq!(
+            diff.removes,
+            vec![member("c", "3")],
+            "a removal carries what the destination was given"
+        );
     }
 
     #[test]
@@ -351,7 +490,15 @@ mod tests {
             &held(&[("a", "1", true), ("b", "1", false)]),
             Audience::new(),
         );
-        assert_eq!(diff.removes, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(diff.removes, vec![member("a", "1"), member("b", "1")]);
         assert!(diff.adds.is_empty());
+    }
+
+    #[test]
+    fn batch_digests_depend_on_every_id_and_hash() {
+        let one = digest(&[member("a", "1")]);
+        assert_ne!(one, digest(&[member("a", "2")]));
+        assert_ne!(one, digest(&[member("b", "1")]));
+        assert_eq!(one, digest(&[member("a", "1")]));
     }
 }

@@ -87,6 +87,60 @@ pub mod sync_run {
         pub error: String,
         pub started_at: i64,
         pub finished_at: Option<i64>,
+        /// `sync`, `consent_withdrawal` or `erasure`.
+        pub trigger: String,
+        pub to_send: i64,
+        pub batches_sent: i64,
+        pub batches_rejected: i64,
+        pub retries: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sync_batch {
+    use sea_orm::entity::prelude::*;
+
+    /// One batch a run sent (or tried to): how many members, the outcome,
+    /// and a digest of what was in it, never the hashes themselves.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_batches")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub run_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub op: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub activation_id: String,
+        pub members: i64,
+        /// `sent`, `refused` or `failed`.
+        pub outcome: String,
+        pub http_status: Option<i64>,
+        pub digest: String,
+        pub error: String,
+        pub at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod followed_cursor {
+    use sea_orm::entity::prelude::*;
+
+    /// Where a followed stream was read up to.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "followed_cursors")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub stream: String,
+        pub cursor: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,7 +9,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateActivation), Box::new(PendingAdds)]
+        vec![
+            Box::new(CreateActivation),
+            Box::new(PendingAdds),
+            Box::new(Batches),
+        ]
     }
 }
 
@@ -56,6 +60,33 @@ enum SyncRuns {
     Error,
     StartedAt,
     FinishedAt,
+    Trigger,
+    ToSend,
+    BatchesSent,
+    BatchesRejected,
+    Retries,
+}
+
+#[derive(DeriveIden)]
+enum SyncBatches {
+    Table,
+    RunId,
+    Op,
+    Seq,
+    ActivationId,
+    Members,
+    Outcome,
+    HttpStatus,
+    Digest,
+    Error,
+    At,
+}
+
+#[derive(DeriveIden)]
+enum FollowedCursors {
+    Table,
+    Stream,
+    Cursor,
 }
 
 struct CreateActivation;
@@ -161,6 +192,81 @@ impl MigrationTrait for PendingAdds {
                 Table::alter()
                     .table(SyncState::Table)
                     .add_column(boolean(SyncState::Confirmed).default(true))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Syncs deliver in batches: each batch is recorded, runs count batches,
+/// retries and what they had to send, and the consent follower keeps its
+/// cursor.
+struct Batches;
+
+impl MigrationName for Batches {
+    fn name(&self) -> &str {
+        "m20261130_000003_batches"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Batches {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One column per statement: SQLite alters one at a time.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SyncRuns::Table)
+                    .add_column(string(SyncRuns::Trigger).default("sync"))
+                    .to_owned(),
+            )
+            .await?;
+        for column in [
+            SyncRuns::ToSend,
+            SyncRuns::BatchesSent,
+            SyncRuns::BatchesRejected,
+            SyncRuns::Retries,
+        ] {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(SyncRuns::Table)
+                        .add_column(big_integer(column).default(0))
+                        .to_owned(),
+                )
+                .await?;
+        }
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncBatches::Table)
+                    .if_not_exists()
+                    .col(string(SyncBatches::RunId))
+                    .col(string(SyncBatches::Op))
+                    .col(big_integer(SyncBatches::Seq))
+                    .col(string(SyncBatches::ActivationId))
+                    .col(big_integer(SyncBatches::Members))
+                    .col(string(SyncBatches::Outcome))
+                    .col(big_integer_null(SyncBatches::HttpStatus))
+                    .col(string(SyncBatches::Digest))
+                    .col(text(SyncBatches::Error))
+                    .col(big_integer(SyncBatches::At))
+                    .primary_key(
+                        Index::create()
+                            .col(SyncBatches::RunId)
+                            .col(SyncBatches::Op)
+                            .col(SyncBatches::Seq),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(FollowedCursors::Table)
+                    .if_not_exists()
+                    .col(string(FollowedCursors::Stream).primary_key())
+                    .col(big_integer(FollowedCursors::Cursor))
                     .to_owned(),
             )
             .await

@@ -13,9 +13,9 @@ use sea_orm::{
 
 pub use migration::Migrator;
 
-use crate::destination::{HashedIdentifier, Target};
+use crate::destination::{HashedIdentifier, Member, Op, Target};
 use crate::error::ActivationError;
-use entities::{activation, destination, sync_run, sync_state};
+use entities::{activation, destination, followed_cursor, sync_batch, sync_run, sync_state};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Destination {
@@ -51,6 +51,46 @@ impl Phase {
             Phase::Failed => "failed",
         }
     }
+
+    fn parse(text: &str) -> Result<Self, ActivationError> {
+        Ok(match text {
+            "fetching" => Phase::Fetching,
+            "sending" => Phase::Sending,
+            "succeeded" => Phase::Succeeded,
+            "failed" => Phase::Failed,
+            other => return Err(ActivationError::Corrupt(format!("run phase {other:?}"))),
+        })
+    }
+}
+
+/// Why a run happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A sync of the audience (on demand or scheduled).
+    Sync,
+    /// Removals because consent for the activation's purpose was withdrawn.
+    ConsentWithdrawal,
+    /// Removals for an erasure request.
+    Erasure,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Sync => "sync",
+            Trigger::ConsentWithdrawal => "consent_withdrawal",
+            Trigger::Erasure => "erasure",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, ActivationError> {
+        Ok(match text {
+            "sync" => Trigger::Sync,
+            "consent_withdrawal" => Trigger::ConsentWithdrawal,
+            "erasure" => Trigger::Erasure,
+            other => return Err(ActivationError::Corrupt(format!("run trigger {other:?}"))),
+        })
+    }
 }
 
 /// A sync run's progress and outcome.
@@ -58,6 +98,7 @@ impl Phase {
 pub struct SyncRun {
     pub id: String,
     pub activation_id: String,
+    pub trigger: Trigger,
     pub phase: Phase,
     pub members_received: u64,
     pub added: u64,
@@ -68,13 +109,19 @@ pub struct SyncRun {
     pub error: String,
     pub started_at_micros: i64,
     pub finished_at_micros: Option<i64>,
+    /// Adds and removes to deliver, once known.
+    pub to_send: u64,
+    pub batches_sent: u64,
+    pub batches_rejected: u64,
+    pub retries: u64,
 }
 
 impl SyncRun {
-    pub fn start(activation_id: &str) -> Self {
+    pub fn start(activation_id: &str, trigger: Trigger) -> Self {
         SyncRun {
             id: uuid::Uuid::now_v7().to_string(),
             activation_id: activation_id.to_string(),
+            trigger,
             phase: Phase::Fetching,
             members_received: 0,
             added: 0,
@@ -84,8 +131,59 @@ impl SyncRun {
             error: String::new(),
             started_at_micros: Utc::now().timestamp_micros(),
             finished_at_micros: None,
+            to_send: 0,
+            batches_sent: 0,
+            batches_rejected: 0,
+            retries: 0,
         }
     }
+
+    fn from_row(row: sync_run::Model) -> Result<Self, ActivationError> {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(SyncRun {
+            phase: Phase::parse(&row.phase)?,
+            trigger: Trigger::parse(&row.trigger)?,
+            id: row.id,
+            activation_id: row.activation_id,
+            members_received: count(row.members_received),
+            added: count(row.added),
+            removed: count(row.removed),
+            unchanged: count(row.unchanged),
+            output: row.output,
+            error: row.error,
+            started_at_micros: row.started_at,
+            finished_at_micros: row.finished_at,
+            to_send: count(row.to_send),
+            batches_sent: count(row.batches_sent),
+            batches_rejected: count(row.batches_rejected),
+            retries: count(row.retries),
+        })
+    }
+}
+
+/// What became of one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    pub run_id: String,
+    pub activation_id: String,
+    pub op: Op,
+    pub seq: u32,
+    pub members: u64,
+    /// `sent`, `refused` or `failed`.
+    pub outcome: &'static str,
+    pub http_status: Option<u16>,
+    /// SHA-256 over the batch's pseudonymous ids and hashes, in order.
+    pub digest: String,
+    pub error: String,
+}
+
+/// A member held by an activation, found by one of its identifier hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    pub activation_id: String,
+    pub member: Member,
+    pub synced_at_micros: i64,
+    pub confirmed: bool,
 }
 
 /// One member a destination holds (or may hold) for an activation.
@@ -190,13 +288,7 @@ impl ActivationStore {
             .one(&self.db)
             .await?
             .ok_or(ActivationError::NotFound("activation"))?;
-        Ok(Activation {
-            id: row.id,
-            segment_id: row.segment_id,
-            destination_id: row.destination_id,
-            purpose: row.purpose,
-            created_at_micros: row.created_at,
-        })
+        Ok(activation_from(row))
     }
 
     /// What the destination holds, or may hold, for `activation_id`.
@@ -207,11 +299,8 @@ impl ActivationStore {
             .await?
             .into_iter()
             .map(|row| {
-                let identifiers = serde_json::from_str(&row.identifiers).map_err(|err| {
-                    ActivationError::Corrupt(format!("sync state identifiers: {err}"))
-                })?;
                 let member = HeldMember {
-                    identifiers,
+                    identifiers: identifiers_from(&row.identifiers)?,
                     confirmed: row.confirmed,
                 };
                 Ok((row.pseudonymous_id, member))
@@ -220,12 +309,12 @@ impl ActivationStore {
     }
 
     /// Every member held anywhere whose identifiers include one of these
-    /// hashes: `(activation id, pseudonymous id, synced at, confirmed)`.
-    /// A scan of the stored identifiers; data-subject requests are rare.
+    /// hashes. A scan of the stored identifiers; data-subject requests are
+    /// rare.
     pub async fn holders_of(
         &self,
         identifier_sha256s: &[String],
-    ) -> Result<Vec<(String, String, i64, bool)>, ActivationError> {
+    ) -> Result<Vec<Holding>, ActivationError> {
         let mut found = std::collections::BTreeMap::new();
         for hash in identifier_sha256s {
             let rows = sync_state::Entity::find()
@@ -234,15 +323,194 @@ impl ActivationStore {
                 .await?;
             for row in rows {
                 found.insert(
-                    (row.activation_id, row.pseudonymous_id),
-                    (row.synced_at, row.confirmed),
+                    (row.activation_id.clone(), row.pseudonymous_id.clone()),
+                    row,
                 );
             }
         }
-        Ok(found
+        found
+            .into_values()
+            .map(|row| {
+                Ok(Holding {
+                    member: Member {
+                        identifiers: identifiers_from(&row.identifiers)?,
+                        id: row.pseudonymous_id,
+                    },
+                    activation_id: row.activation_id,
+                    synced_at_micros: row.synced_at,
+                    confirmed: row.confirmed,
+                })
+            })
+            .collect()
+    }
+
+    /// The members of `ids` the activation holds or may hold.
+    pub async fn held_members(
+        &self,
+        activation_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<Member>, ActivationError> {
+        let mut members = Vec::new();
+        for chunk in ids.chunks(500) {
+            let rows = sync_state::Entity::find()
+                .filter(sync_state::Column::ActivationId.eq(activation_id))
+                .filter(sync_state::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .all(&self.db)
+                .await?;
+            for row in rows {
+                members.push(Member {
+                    identifiers: identifiers_from(&row.identifiers)?,
+                    id: row.pseudonymous_id,
+                });
+            }
+        }
+        members.sort();
+        Ok(members)
+    }
+
+    /// Activations delivering to `destination_id` for `purpose`.
+    pub async fn activations_on(
+        &self,
+        destination_id: &str,
+        purpose: &str,
+    ) -> Result<Vec<Activation>, ActivationError> {
+        Ok(activation::Entity::find()
+            .filter(activation::Column::DestinationId.eq(destination_id))
+            .filter(activation::Column::Purpose.eq(purpose))
+            .all(&self.db)
+            .await?
             .into_iter()
-            .map(|((activation, id), (at, confirmed))| (activation, id, at, confirmed))
+            .map(activation_from)
             .collect())
+    }
+
+    /// Destinations some activation delivers to.
+    pub async fn activated_destinations(&self) -> Result<Vec<String>, ActivationError> {
+        let mut ids: Vec<String> = activation::Entity::find()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| row.destination_id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Where `stream` was followed up to (0: from the start).
+    pub async fn cursor(&self, stream: &str) -> Result<u64, ActivationError> {
+        Ok(followed_cursor::Entity::find_by_id(stream.to_string())
+            .one(&self.db)
+            .await?
+            .map_or(0, |row| u64::try_from(row.cursor).unwrap_or(0)))
+    }
+
+    pub async fn save_cursor(&self, stream: &str, cursor: u64) -> Result<(), ActivationError> {
+        followed_cursor::Entity::insert(followed_cursor::ActiveModel {
+            stream: Set(stream.to_string()),
+            cursor: Set(count(cursor)),
+        })
+        .on_conflict(
+            OnConflict::column(followed_cursor::Column::Stream)
+                .update_column(followed_cursor::Column::Cursor)
+                .to_owned(),
+        )
+        .exec(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_batch(&self, batch: &BatchRecord) -> Result<(), ActivationError> {
+        let row = sync_batch::ActiveModel {
+            run_id: Set(batch.run_id.clone()),
+            op: Set(batch.op.as_str().to_string()),
+            seq: Set(i64::from(batch.seq)),
+            activation_id: Set(batch.activation_id.clone()),
+            members: Set(count(batch.members)),
+            outcome: Set(batch.outcome.to_string()),
+            http_status: Set(batch.http_status.map(i64::from)),
+            digest: Set(batch.digest.clone()),
+            error: Set(batch.error.clone()),
+            at: Set(now()),
+        };
+        sync_batch::Entity::insert(row)
+            .on_conflict(
+                OnConflict::columns([
+                    sync_batch::Column::RunId,
+                    sync_batch::Column::Op,
+                    sync_batch::Column::Seq,
+                ])
+                .update_columns([
+                    sync_batch::Column::Outcome,
+                    sync_batch::Column::HttpStatus,
+                    sync_batch::Column::Error,
+                    sync_batch::Column::At,
+                ])
+                .to_owned(),
+            )
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The batches of a run, in the order they were sent.
+    pub async fn batches(&self, run_id: &str) -> Result<Vec<BatchRecord>, ActivationError> {
+        sync_batch::Entity::find()
+            .filter(sync_batch::Column::RunId.eq(run_id))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(BatchRecord {
+                    op: match row.op.as_str() {
+                        "add" => Op::Add,
+                        "remove" => Op::Remove,
+                        other => {
+                            return Err(ActivationError::Corrupt(format!("batch op {other:?}")));
+                        }
+                    },
+                    outcome: match row.outcome.as_str() {
+                        "sent" => "sent",
+                        "refused" => "refused",
+                        _ => "failed",
+                    },
+                    run_id: row.run_id,
+                    activation_id: row.activation_id,
+                    seq: u32::try_from(row.seq).unwrap_or(0),
+                    members: u64::try_from(row.members).unwrap_or(0),
+                    http_status: row.http_status.and_then(|s| u16::try_from(s).ok()),
+                    digest: row.digest,
+                    error: row.error,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn run(&self, run_id: &str) -> Result<SyncRun, ActivationError> {
+        let row = sync_run::Entity::find_by_id(run_id.to_string())
+            .one(&self.db)
+            .await?
+            .ok_or(ActivationError::NotFound("sync run"))?;
+        SyncRun::from_row(row)
+    }
+
+    /// An activation's runs, newest first, at most `limit`.
+    pub async fn runs(
+        &self,
+        activation_id: &str,
+        limit: u64,
+    ) -> Result<Vec<SyncRun>, ActivationError> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        sync_run::Entity::find()
+            .filter(sync_run::Column::ActivationId.eq(activation_id))
+            .order_by_desc(sync_run::Column::StartedAt)
+            .order_by_desc(sync_run::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(SyncRun::from_row)
+            .collect()
     }
 
     /// Records adds as pending before they are delivered, so a crash while
@@ -251,7 +519,7 @@ impl ActivationStore {
     pub async fn prepare(
         &self,
         activation_id: &str,
-        added: &[(String, Vec<HashedIdentifier>)],
+        added: &[Member],
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
         upsert_members(&txn, activation_id, added, false).await?;
@@ -265,14 +533,17 @@ impl ActivationStore {
     pub async fn acknowledge(
         &self,
         activation_id: &str,
-        added: &[(String, Vec<HashedIdentifier>)],
-        removed: &[String],
+        added: &[Member],
+        removed: &[Member],
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
         for chunk in removed.chunks(500) {
             sync_state::Entity::delete_many()
                 .filter(sync_state::Column::ActivationId.eq(activation_id))
-                .filter(sync_state::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .filter(
+                    sync_state::Column::PseudonymousId
+                        .is_in(chunk.iter().map(|member| member.id.clone())),
+                )
                 .exec(&txn)
                 .await?;
         }
@@ -295,6 +566,11 @@ impl ActivationStore {
             error: Set(run.error.clone()),
             started_at: Set(run.started_at_micros),
             finished_at: Set(run.finished_at_micros),
+            trigger: Set(run.trigger.as_str().to_string()),
+            to_send: Set(count(run.to_send)),
+            batches_sent: Set(count(run.batches_sent)),
+            batches_rejected: Set(count(run.batches_rejected)),
+            retries: Set(count(run.retries)),
         };
         sync_run::Entity::insert(row)
             .on_conflict(
@@ -308,6 +584,10 @@ impl ActivationStore {
                         sync_run::Column::Output,
                         sync_run::Column::Error,
                         sync_run::Column::FinishedAt,
+                        sync_run::Column::ToSend,
+                        sync_run::Column::BatchesSent,
+                        sync_run::Column::BatchesRejected,
+                        sync_run::Column::Retries,
                     ])
                     .to_owned(),
             )
@@ -317,23 +597,38 @@ impl ActivationStore {
     }
 }
 
+fn activation_from(row: activation::Model) -> Activation {
+    Activation {
+        id: row.id,
+        segment_id: row.segment_id,
+        destination_id: row.destination_id,
+        purpose: row.purpose,
+        created_at_micros: row.created_at,
+    }
+}
+
+fn identifiers_from(json: &str) -> Result<Vec<HashedIdentifier>, ActivationError> {
+    serde_json::from_str(json)
+        .map_err(|err| ActivationError::Corrupt(format!("sync state identifiers: {err}")))
+}
+
 /// Writes members into the sync state, pending or confirmed.
 async fn upsert_members<C: sea_orm::ConnectionTrait>(
     db: &C,
     activation_id: &str,
-    members: &[(String, Vec<HashedIdentifier>)],
+    members: &[Member],
     confirmed: bool,
 ) -> Result<(), ActivationError> {
     let synced_at = now();
     for chunk in members.chunks(500) {
         let rows = chunk
             .iter()
-            .map(|(id, identifiers)| {
-                let identifiers = serde_json::to_string(identifiers)
+            .map(|member| {
+                let identifiers = serde_json::to_string(&member.identifiers)
                     .map_err(|err| ActivationError::Corrupt(format!("identifiers: {err}")))?;
                 Ok(sync_state::ActiveModel {
                     activation_id: Set(activation_id.to_string()),
-                    pseudonymous_id: Set(id.clone()),
+                    pseudonymous_id: Set(member.id.clone()),
                     identifiers: Set(identifiers),
                     synced_at: Set(synced_at),
                     confirmed: Set(confirmed),
@@ -372,6 +667,13 @@ mod tests {
         }]
     }
 
+    fn member(id: &str, sha: &str) -> Member {
+        Member {
+            id: id.into(),
+            identifiers: hashed(sha),
+        }
+    }
+
     madtech_common::backend_tests!(
         sync_state_follows_acknowledgements,
         |db: TestDatabase| async move {
@@ -385,6 +687,7 @@ mod tests {
                     "files".into(),
                     Target::File {
                         directory: "out".into(),
+                        format: Default::default(),
                     },
                 )
                 .await
@@ -394,7 +697,8 @@ mod tests {
                     .create_destination(
                         "files".into(),
                         Target::File {
-                            directory: "x".into()
+                            directory: "x".into(),
+                            format: Default::default(),
                         }
                     )
                     .await,
@@ -416,15 +720,11 @@ mod tests {
             );
 
             store
-                .acknowledge(
-                    &activation.id,
-                    &[("a".into(), hashed("1")), ("b".into(), hashed("2"))],
-                    &[],
-                )
+                .acknowledge(&activation.id, &[member("a", "1"), member("b", "2")], &[])
                 .await
                 .expect("first");
             store
-                .acknowledge(&activation.id, &[("b".into(), hashed("3"))], &["a".into()])
+                .acknowledge(&activation.id, &[member("b", "3")], &[member("a", "1")])
                 .await
                 .expect("second");
             let held = store.held(&activation.id).await.expect("held");
@@ -432,17 +732,82 @@ mod tests {
             assert_eq!(held["b"].identifiers, hashed("3"));
             assert!(held["b"].confirmed);
             store
-                .prepare(&activation.id, &[("c".into(), hashed("4"))])
+                .prepare(&activation.id, &[member("c", "4")])
                 .await
                 .expect("prepare");
             let held = store.held(&activation.id).await.expect("held");
             assert!(!held["c"].confirmed, "pending until acknowledged");
 
-            let mut run = SyncRun::start(&activation.id);
+            let holders = store
+                .holders_of(&["4".into(), "3".into(), "nobody".into()])
+                .await
+                .expect("holders");
+            let found: Vec<(&str, bool)> = holders
+                .iter()
+                .map(|h| (h.member.id.as_str(), h.confirmed))
+                .collect();
+            assert_eq!(found, vec![("b", true), ("c", false)]);
+            assert_eq!(
+                store
+                    .held_members(&activation.id, &["c".into(), "zz".into()])
+                    .await
+                    .expect("held"),
+                vec![member("c", "4")]
+            );
+            assert_eq!(
+                store
+                    .activations_on(&destination.id, "ad_targeting")
+                    .await
+                    .expect("on"),
+                vec![activation.clone()]
+            );
+            assert!(
+                store
+                    .activations_on(&destination.id, "analytics")
+                    .await
+                    .expect("on")
+                    .is_empty()
+            );
+            assert_eq!(
+                store.activated_destinations().await.expect("destinations"),
+                vec![destination.id.clone()]
+            );
+
+            let mut run = SyncRun::start(&activation.id, Trigger::Sync);
             store.save_run(&run).await.expect("insert run");
             run.phase = Phase::Succeeded;
             run.added = 2;
+            run.batches_sent = 1;
+            run.retries = 3;
             store.save_run(&run).await.expect("update run");
+            assert_eq!(store.run(&run.id).await.expect("run"), run);
+            let record = BatchRecord {
+                run_id: run.id.clone(),
+                activation_id: activation.id.clone(),
+                op: Op::Add,
+                seq: 1,
+                members: 2,
+                outcome: "sent",
+                http_status: Some(200),
+                digest: "d".into(),
+                error: String::new(),
+            };
+            store.record_batch(&record).await.expect("batch");
+            store
+                .record_batch(&record)
+                .await
+                .expect("the same batch again");
+            assert_eq!(store.batches(&run.id).await.expect("batches"), vec![record]);
+            let erasure = SyncRun::start(&activation.id, Trigger::Erasure);
+            store.save_run(&erasure).await.expect("erasure run");
+            let runs = store.runs(&activation.id, 10).await.expect("runs");
+            assert_eq!(runs.len(), 2);
+            assert_eq!(runs[0].trigger, Trigger::Erasure, "newest first");
+
+            assert_eq!(store.cursor("consent").await.expect("cursor"), 0);
+            store.save_cursor("consent", 41).await.expect("save");
+            store.save_cursor("consent", 42).await.expect("save");
+            assert_eq!(store.cursor("consent").await.expect("cursor"), 42);
         }
     );
 }

@@ -1,0 +1,127 @@
+//! Removals the moment consent ends: follows the consent changes the gateway
+//! releases to the adtech zone (`ConsentReleaseService/WatchConsentReleases`,
+//! under each destination's pseudonymous ids) and removes a person from every
+//! activation for that purpose on that destination as soon as their consent
+//! is denied, without waiting for the next sync. The cursor is kept in the
+//! activation database after each page is handled, so a restart resumes
+//! where it stopped and a removal is never skipped (at worst repeated, which
+//! finds nobody held).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use gateway_pb::consent_release_service_client::ConsentReleaseServiceClient;
+use madtech_common::CancellationToken;
+use madtech_common::changelog::{Backoff, keep_following};
+use madtech_proto::consent::v1::ConsentState;
+use madtech_proto::gateway::v1 as gateway_pb;
+use tokio::sync::Notify;
+use tonic::transport::Channel;
+
+use crate::config::ActivationConfig;
+use crate::error::ActivationError;
+use crate::store::{ActivationStore, Trigger};
+use crate::sync::Syncer;
+
+/// The followed stream's name in the cursor table.
+pub const CONSENT_RELEASES: &str = "consent_releases";
+
+pub struct ConsentFollower {
+    pub store: Arc<ActivationStore>,
+    pub syncer: Arc<Syncer>,
+    pub gateway: Channel,
+    pub config: ActivationConfig,
+    /// Woken when an activation is created: its destination is followed too.
+    pub activations_changed: Arc<Notify>,
+}
+
+impl ConsentFollower {
+    /// Follows releases until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let follower = Arc::new(self);
+        keep_following("consent releases", shutdown, |backoff| {
+            let follower = Arc::clone(&follower);
+            async move { follower.follow_once(&backoff).await }
+        })
+        .await;
+    }
+
+    async fn follow_once(&self, backoff: &Backoff) -> Result<(), ActivationError> {
+        let destination_ids = self.store.activated_destinations().await?;
+        if destination_ids.is_empty() {
+            // Nothing delivered anywhere yet: nothing to remove.
+            self.activations_changed.notified().await;
+            return Ok(());
+        }
+        let after_cursor = self.store.cursor(CONSENT_RELEASES).await?;
+        let bearer = madtech_common::bearer::from_file(&self.config.gateway_token_file)
+            .await
+            .map_err(ActivationError::Token)?;
+        let mut client = ConsentReleaseServiceClient::with_interceptor(
+            self.gateway.clone(),
+            move |mut request: tonic::Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                Ok(request)
+            },
+        );
+        let gateway_error = |status: tonic::Status| ActivationError::Gateway {
+            code: status.code(),
+            message: status.message().to_string(),
+        };
+        let mut stream = client
+            .watch_consent_releases(gateway_pb::WatchConsentReleasesRequest {
+                destination_ids,
+                after_cursor,
+            })
+            .await
+            .map_err(gateway_error)?
+            .into_inner();
+        loop {
+            let page = tokio::select! {
+                page = stream.message() => page.map_err(gateway_error)?,
+                // A new activation may name a destination not yet followed:
+                // start again with the new list, from the same cursor.
+                () = self.activations_changed.notified() => return Ok(()),
+            };
+            let Some(page) = page else { return Ok(()) };
+            self.handle(page.releases).await?;
+            self.store
+                .save_cursor(CONSENT_RELEASES, page.cursor)
+                .await?;
+            backoff.reset();
+        }
+    }
+
+    /// Removes everyone whose consent for an activation's purpose was
+    /// denied, per activation in one removal run.
+    async fn handle(
+        &self,
+        releases: Vec<gateway_pb::ConsentRelease>,
+    ) -> Result<(), ActivationError> {
+        let mut denied: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for release in releases {
+            if release.state() == ConsentState::Denied {
+                denied
+                    .entry((release.destination_id, release.purpose))
+                    .or_default()
+                    .push(release.pseudonymous_id);
+            }
+        }
+        for ((destination_id, purpose), ids) in denied {
+            for activation in self.store.activations_on(&destination_id, &purpose).await? {
+                let held = self.store.held_members(&activation.id, &ids).await?;
+                if held.is_empty() {
+                    continue;
+                }
+                let run = self
+                    .syncer
+                    .remove(&activation.id, &held, Trigger::ConsentWithdrawal)
+                    .await?;
+                tracing::info!(activation = %activation.id, run = %run.id, removed = run.removed, "removed after consent was withdrawn");
+            }
+        }
+        Ok(())
+    }
+}
