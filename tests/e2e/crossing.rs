@@ -52,7 +52,7 @@ const PEOPLE: [Person; 5] = [
     },
 ];
 
-fn sha256_hex(value: &str) -> String {
+pub(crate) fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
@@ -60,7 +60,7 @@ fn normalised(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-async fn record(
+pub(crate) async fn record(
     consent: &mut madtech_proto::consent::v1::consent_service_client::ConsentServiceClient<Authed>,
     profile_id: &str,
     state: consent_pb::ConsentState,
@@ -88,6 +88,23 @@ pub(crate) async fn sync(
     activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
     activation_id: &str,
 ) -> activation_pb::SyncRun {
+    let (run, status) = try_sync(activation, activation_id).await;
+    assert_eq!(
+        run.phase(),
+        activation_pb::SyncPhase::Succeeded,
+        "{}",
+        run.error
+    );
+    assert!(status.is_none(), "{status:?}");
+    run
+}
+
+/// Runs a sync to the end: its final state, and the status the stream ended
+/// with when the run failed.
+pub(crate) async fn try_sync(
+    activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
+    activation_id: &str,
+) -> (activation_pb::SyncRun, Option<tonic::Status>) {
     let mut stream = activation
         .run_sync(activation_pb::RunSyncRequest {
             activation_id: activation_id.into(),
@@ -97,20 +114,19 @@ pub(crate) async fn sync(
         .into_inner();
     let mut last = None;
     let mut seen_progress = false;
-    while let Some(message) = stream.message().await.expect("sync progress") {
-        let run = message.run.expect("run");
-        seen_progress |= run.phase() == activation_pb::SyncPhase::Fetching;
-        last = Some(run);
-    }
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(message)) => {
+                let run = message.run.expect("run");
+                seen_progress |= run.phase() == activation_pb::SyncPhase::Fetching;
+                last = Some(run);
+            }
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
     assert!(seen_progress, "a sync reports progress before it ends");
-    let run = last.expect("a final state");
-    assert_eq!(
-        run.phase(),
-        activation_pb::SyncPhase::Succeeded,
-        "{}",
-        run.error
-    );
-    run
+    (last.expect("a final state"), status)
 }
 
 pub(crate) fn lines(path: &str) -> Vec<Value> {
@@ -246,7 +262,8 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     assert_eq!((quiet.added, quiet.removed, quiet.unchanged), (0, 0, 2));
     assert!(quiet.output.is_empty());
 
-    // Withdrawal: the next sync removes that person, by the same pseudonym.
+    // Withdrawal: the person is removed at once, by the same pseudonym,
+    // without waiting for a sync; the next sync has nothing left to do.
     record(
         &mut consent,
         &ids[0],
@@ -254,18 +271,27 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         "FR",
     )
     .await;
+    let removal = suite
+        .finished_run(&activated.activation_id, "consent_withdrawal")
+        .await;
+    assert_eq!(removal.removed, 1);
+    let removed = lines(&removal.output);
+    assert_eq!(
+        removed,
+        vec![serde_json::json!({
+            "op": "remove",
+            "id": pseudonym_of_fr_granted,
+            "identifiers": [{"kind": "email", "sha256": sha256_hex(&normalised(PEOPLE[0].email))}],
+        })]
+    );
+    assert!(
+        Path::new(&removal.output)
+            .starts_with(suite.config.activation.file_root.join("clean-room"))
+    );
     let after = sync(&mut activation, &activated.activation_id).await;
     assert_eq!(
         (after.members_received, after.added, after.removed),
-        (1, 0, 1)
-    );
-    let removed = lines(&after.output);
-    assert_eq!(
-        removed,
-        vec![serde_json::json!({"op": "remove", "id": pseudonym_of_fr_granted})]
-    );
-    assert!(
-        Path::new(&after.output).starts_with(suite.config.activation.file_root.join("clean-room"))
+        (1, 0, 0)
     );
 
     // Every crossing left a durable, chained audit record without PII.
@@ -274,8 +300,18 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         suite.bearer(&["compliance"]),
     );
     let records = suite.audit_records().await;
-    assert_eq!(records.len(), 3, "one record per sync");
-    let first_record = &records[0];
+    let exports: Vec<&gateway_pb::AuditRecord> = records
+        .iter()
+        .filter(|r| r.method.ends_with("/ExportAudience"))
+        .collect();
+    assert_eq!(exports.len(), 3, "one record per sync");
+    assert!(
+        records
+            .iter()
+            .any(|r| r.method.ends_with("/WatchConsentReleases") && r.allowed > 0),
+        "the consent releases activation followed are on record too"
+    );
+    let first_record = exports[0];
     assert_eq!(first_record.caller, "activation");
     assert_eq!(first_record.outcome, "complete");
     assert_eq!(first_record.segment_id, segment.segment_id);
@@ -284,7 +320,9 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     assert_eq!(first_record.denied.get("consent_denied"), Some(&2));
     assert_eq!(first_record.denied.get("consent_unset"), Some(&1));
     assert_eq!(first_record.policy_version.len(), 64);
-    assert_eq!(records[1].previous_hash, first_record.hash);
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].previous_hash, pair[0].hash, "chained");
+    }
     let audit_text = format!("{records:?}");
     for person in &PEOPLE {
         assert!(
@@ -308,7 +346,7 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         .expect("verify")
         .into_inner();
     assert!(verified.intact && verified.anchor_matched);
-    assert_eq!(verified.records_checked, 3);
+    assert_eq!(verified.records_checked, records.len() as u64);
     assert_eq!(
         (verified.last_seq, &verified.last_hash),
         (last.seq, &last.hash)
@@ -354,8 +392,8 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON record per line"))
         .collect();
-    assert_eq!(lines.len(), 3);
-    assert_eq!(lines[2]["hash"], last.hash.as_str());
+    assert_eq!(lines.len(), records.len());
+    assert_eq!(lines[lines.len() - 1]["hash"], last.hash.as_str());
     let seq = last.seq.to_string();
     let verified = cli(&["verify", "--anchor-seq", &seq, "--anchor-hash", &last.hash]).await;
     assert!(

@@ -181,16 +181,29 @@ impl Suite {
         segment_id: &str,
         directory: &str,
     ) -> (activation_pb::Destination, activation_pb::Activation) {
+        let target = activation_pb::create_destination_request::Target::File(
+            activation_pb::FileDestination {
+                directory: directory.into(),
+                format: activation_pb::FileFormat::Jsonl.into(),
+            },
+        );
+        self.activate(segment_id, &format!("{directory} drop"), target)
+            .await
+    }
+
+    /// Creates, as `marketer`, a destination named `name` delivering to
+    /// `target` and an activation of `segment_id` to it for `ad_targeting`.
+    pub async fn activate(
+        &self,
+        segment_id: &str,
+        name: &str,
+        target: activation_pb::create_destination_request::Target,
+    ) -> (activation_pb::Destination, activation_pb::Activation) {
         let mut activation = self.activation(self.bearer(&["marketer"]));
         let destination = activation
             .create_destination(activation_pb::CreateDestinationRequest {
-                name: format!("{directory} drop"),
-                target: Some(activation_pb::create_destination_request::Target::File(
-                    activation_pb::FileDestination {
-                        directory: directory.into(),
-                        format: activation_pb::FileFormat::Jsonl.into(),
-                    },
-                )),
+                name: name.into(),
+                target: Some(target),
             })
             .await
             .expect("create destination")
@@ -209,6 +222,35 @@ impl Suite {
             .activation
             .expect("activation");
         (destination, activated)
+    }
+
+    /// Waits (up to 15 s) for the newest run of an activation with `trigger`
+    /// (`consent_withdrawal`, `erasure`) to finish, and returns it.
+    pub async fn finished_run(&self, activation_id: &str, trigger: &str) -> activation_pb::SyncRun {
+        let mut compliance = self.activation(self.bearer(&["compliance"]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let runs = compliance
+                .list_sync_runs(activation_pb::ListSyncRunsRequest {
+                    activation_id: activation_id.into(),
+                    page_size: 10,
+                })
+                .await
+                .expect("compliance lists runs")
+                .into_inner()
+                .runs;
+            let found = runs
+                .into_iter()
+                .find(|run| run.trigger == trigger && run.finished_at.is_some());
+            if let Some(run) = found {
+                return run;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no finished {trigger} run"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The gateway's whole audit trail, read as compliance.

@@ -2,6 +2,7 @@
 //! ephemeral ports, driven only through the gateway with generated clients,
 //! on SQLite and on PostgreSQL.
 
+mod activation;
 mod cli;
 mod consent;
 mod crash;

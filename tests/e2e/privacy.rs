@@ -13,7 +13,7 @@ use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use serde_json::Value;
 
-use crate::crossing::{lines, sync};
+use crate::crossing::{lines, sha256_hex, sync};
 use crate::harness::{Authed, Suite};
 
 type PrivacyClient =
@@ -248,7 +248,12 @@ async fn access_erasure_and_opt_out(backend: Backend) {
         .expect("a removal file");
     assert_eq!(
         lines(&removal.to_string_lossy()),
-        vec![serde_json::json!({"op": "remove", "id": ann_pseudonym})]
+        vec![serde_json::json!({
+            "op": "remove",
+            "id": ann_pseudonym,
+            "identifiers": [{"kind": "email", "sha256": sha256_hex("ann@example.com")}],
+        })],
+        "a removal names what the destination was given"
     );
     let history = consent
         .consent_history(consent_pb::ConsentHistoryRequest {
@@ -286,8 +291,14 @@ async fn access_erasure_and_opt_out(backend: Backend) {
         .map(|p| p.purpose.as_str())
         .collect();
     assert_eq!(denied, ["ad_targeting", "data_sale"]);
+    // The opt-out denies ad targeting, which removes Bob from the
+    // destination at once, without waiting for a sync.
+    let removal = suite
+        .finished_run(&activated.activation_id, "consent_withdrawal")
+        .await;
+    assert_eq!(removal.removed, 1, "Bob opted out");
     let after = sync(&mut activation, &activated.activation_id).await;
-    assert_eq!(after.removed, 1, "Bob opted out");
+    assert_eq!((after.added, after.removed), (0, 0), "Bob stays out");
 
     // The erased person stays out of imports until they come back with new
     // consent, which the consent service takes by identifier.

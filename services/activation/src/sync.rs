@@ -218,7 +218,12 @@ impl Syncer {
     ) -> Result<(), ActivationError> {
         let limit = destination.target.batch_limit().max(1);
         let batches = members.len().div_ceil(limit);
-        let name = format!("{}-{}", run.activation_id, run.id);
+        // Files say why they were written: `<activation>-<run>` for a sync,
+        // `<activation>-erasure-<run>` for a removal of another kind.
+        let name = match run.trigger {
+            Trigger::Sync => format!("{}-{}", run.activation_id, run.id),
+            other => format!("{}-{}-{}", run.activation_id, other.as_str(), run.id),
+        };
         for (index, chunk) in members.chunks(limit).enumerate() {
             let batch = Batch {
                 op,

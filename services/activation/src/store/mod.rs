@@ -455,8 +455,11 @@ impl ActivationStore {
 
     /// The batches of a run, in the order they were sent.
     pub async fn batches(&self, run_id: &str) -> Result<Vec<BatchRecord>, ActivationError> {
+        use sea_orm::QueryOrder;
         sync_batch::Entity::find()
             .filter(sync_batch::Column::RunId.eq(run_id))
+            .order_by_asc(sync_batch::Column::At)
+            .order_by_asc(sync_batch::Column::Seq)
             .all(&self.db)
             .await?
             .into_iter()

@@ -1,0 +1,431 @@
+//! Activation end to end, through the gateway, against local mock platforms
+//! that check what each platform documents: first and incremental syncs to
+//! Meta Custom Audiences, retries and refusals, multi-batch webhooks, and
+//! removal the moment consent is withdrawn, without a sync.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use activation_pb::create_destination_request::Target;
+use madtech_activation::mock::{Forced, MockPlatform};
+use madtech_common::testing::Backend;
+use madtech_proto::activation::v1 as activation_pb;
+use madtech_proto::consent::v1 as consent_pb;
+
+use crate::crossing::{record, sha256_hex, sync, try_sync};
+use crate::harness::Suite;
+
+const AUDIENCE: &str = "23847000000001";
+const TOKEN: &str = "meta-test-token";
+
+/// A suite whose retries wait milliseconds, not seconds.
+async fn suite(backend: Backend) -> Suite {
+    Suite::start_with(backend, |config| {
+        config.activation.retry.initial_backoff = Duration::from_millis(5);
+        config.activation.retry.max_backoff = Duration::from_millis(50);
+        config.activation.retry.max_attempts = 4;
+    })
+    .await
+}
+
+/// A Meta destination for the mock, its token in a file as a Secret would be.
+fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> Target {
+    std::fs::write(token_file, format!("{TOKEN}\n")).expect("token file");
+    Target::Meta(activation_pb::MetaDestination {
+        audience_id: AUDIENCE.into(),
+        access_token: Some(activation_pb::SecretRef {
+            source: Some(activation_pb::secret_ref::Source::File(
+                token_file.display().to_string(),
+            )),
+        }),
+        base_url: format!("{}/v21.0", mock.base_url()),
+    })
+}
+
+/// Meta's row for a person known by email only: `sha256(email)|`.
+fn meta_row(email: &str) -> String {
+    format!("{}|", sha256_hex(email))
+}
+
+fn rows(emails: &[&str]) -> BTreeSet<String> {
+    emails.iter().map(|email| meta_row(email)).collect()
+}
+
+async fn meta_syncs_send_only_changes_with_retries(backend: Backend) {
+    let suite = suite(backend).await;
+    let mock = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    for email in ["a@example.com", "b@example.com", "c@example.com"] {
+        suite.person(email, "US-CA", Default::default()).await;
+    }
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (destination, activated) = suite
+        .activate(
+            &segment.segment_id,
+            "meta",
+            meta_target(&mock, &secrets.path().join("token")),
+        )
+        .await;
+    assert_eq!(destination.kind, "meta");
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+
+    let first = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!((first.added, first.removed, first.to_send), (3, 0, 3));
+    assert_eq!((first.batches_sent, first.batches_rejected), (1, 0));
+    {
+        let meta = mock.platform();
+        assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+        assert_eq!(
+            meta.audience,
+            rows(&["a@example.com", "b@example.com", "c@example.com"])
+        );
+        let request = &meta.received[0];
+        assert_eq!(
+            (
+                request.op,
+                request.batch_seq,
+                request.last_batch,
+                request.rows
+            ),
+            ("add", 1, true, 3)
+        );
+    }
+
+    // Churn: one person leaves the segment, one joins; the platform throttles
+    // once and fails once on the way.
+    suite
+        .person("a@example.com", "US-NV", Default::default())
+        .await;
+    suite
+        .person("d@example.com", "US-CA", Default::default())
+        .await;
+    mock.force(&[
+        Forced::TooManyRequests {
+            retry_after_secs: 0,
+        },
+        Forced::ServerError,
+    ]);
+    let second = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(
+        (second.added, second.removed, second.unchanged),
+        (1, 1, 2),
+        "only the change is sent"
+    );
+    assert_eq!(second.retries, 2, "a 429 and a 500 are retried");
+    {
+        let meta = mock.platform();
+        assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+        assert_eq!(
+            meta.audience,
+            rows(&["b@example.com", "c@example.com", "d@example.com"])
+        );
+        let ops: Vec<&str> = meta.received.iter().map(|r| r.op).collect();
+        assert_eq!(ops, ["add", "remove", "add"], "removes go first");
+    }
+
+    // Each batch is on record, as a digest, for compliance.
+    let mut compliance = suite.activation(suite.bearer(&["compliance"]));
+    let runs = compliance
+        .list_sync_runs(activation_pb::ListSyncRunsRequest {
+            activation_id: activated.activation_id.clone(),
+            page_size: 0,
+        })
+        .await
+        .expect("list runs")
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].run_id, second.run_id, "newest first");
+    assert_eq!(runs[0].trigger, "sync");
+    let detail = compliance
+        .get_sync_run(activation_pb::GetSyncRunRequest {
+            run_id: second.run_id.clone(),
+        })
+        .await
+        .expect("get run")
+        .into_inner();
+    let batches: Vec<(String, u32, u64, String)> = detail
+        .batches
+        .iter()
+        .map(|b| (b.op.clone(), b.seq, b.members, b.outcome.clone()))
+        .collect();
+    assert_eq!(
+        batches,
+        [
+            ("remove".to_string(), 1, 1, "sent".to_string()),
+            ("add".to_string(), 1, 1, "sent".to_string()),
+        ],
+        "in the order they were sent"
+    );
+    assert!(detail.batches.iter().all(|b| b.digest.len() == 64));
+    let text = format!("{detail:?}");
+    assert!(!text.contains("@example.com") && !text.contains(TOKEN));
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn meta_syncs_send_only_changes_with_retries_sqlite() {
+    meta_syncs_send_only_changes_with_retries(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn meta_syncs_send_only_changes_with_retries_postgres() {
+    meta_syncs_send_only_changes_with_retries(Backend::Postgres).await;
+}
+
+/// A refused batch (4xx) is not retried, is recorded, fails the run with a
+/// reason the caller can act on, and its members are sent by the next sync.
+#[tokio::test]
+async fn refused_batches_are_recorded_and_sent_again_later() {
+    let suite = suite(Backend::Sqlite).await;
+    let mock = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    suite
+        .person("a@example.com", "US-CA", Default::default())
+        .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let token_file = secrets.path().join("token");
+    let (_, activated) = suite
+        .activate(&segment.segment_id, "meta", meta_target(&mock, &token_file))
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+
+    mock.force(&[Forced::BadRequest]);
+    let (refused, status) = try_sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(refused.phase(), activation_pb::SyncPhase::Failed);
+    assert_eq!((refused.batches_rejected, refused.added), (1, 0));
+    assert_eq!(refused.retries, 0, "a 400 is final");
+    let status = status.expect("the run ends with a status");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("HTTP 400"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(mock.platform().requests, 1);
+
+    let again = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(again.added, 1, "the refused add is sent again");
+    assert_eq!(mock.platform().audience, rows(&["a@example.com"]));
+
+    // A credential that cannot be read fails the run, naming where it was
+    // looked for and nothing else.
+    std::fs::remove_file(&token_file).expect("remove token");
+    suite
+        .person("b@example.com", "US-CA", Default::default())
+        .await;
+    let (failed, status) = try_sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(failed.phase(), activation_pb::SyncPhase::Failed);
+    let status = status.expect("status");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("token"), "{}", status.message());
+
+    // A platform that keeps failing makes the run UNAVAILABLE after the
+    // configured attempts.
+    std::fs::write(&token_file, TOKEN).expect("token back");
+    mock.force(&[Forced::ServerError; 4]);
+    let (_, status) = try_sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(status.expect("status").code(), tonic::Code::Unavailable);
+    suite.stop().await;
+}
+
+/// Webhooks get signed JSON in the batch size they asked for, numbered, the
+/// last one flagged.
+#[tokio::test]
+async fn webhooks_receive_signed_batches() {
+    let suite = suite(Backend::Sqlite).await;
+    let mock = MockPlatform::webhook("hook-secret").await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let secret_file = secrets.path().join("hook");
+    std::fs::write(&secret_file, "hook-secret").expect("secret");
+    for i in 0..5 {
+        suite
+            .person(&format!("p{i}@example.com"), "US-CA", Default::default())
+            .await;
+    }
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let target = Target::Webhook(activation_pb::WebhookDestination {
+        url: format!("{}/hook", mock.base_url()),
+        signing_secret: Some(activation_pb::SecretRef {
+            source: Some(activation_pb::secret_ref::Source::File(
+                secret_file.display().to_string(),
+            )),
+        }),
+        batch_size: 2,
+    });
+    let (_, activated) = suite.activate(&segment.segment_id, "hook", target).await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let run = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!((run.added, run.batches_sent), (5, 3));
+    {
+        let hook = mock.platform();
+        assert!(hook.violations.is_empty(), "{:?}", hook.violations);
+        let batches: Vec<(u64, bool, usize)> = hook
+            .received
+            .iter()
+            .map(|r| (r.batch_seq, r.last_batch, r.rows))
+            .collect();
+        assert_eq!(batches, [(1, false, 2), (2, false, 2), (3, true, 1)]);
+        assert_eq!(hook.audience.len(), 5);
+    }
+    suite.stop().await;
+}
+
+/// Destinations are checked when created: every field error names its field.
+#[tokio::test]
+async fn destinations_are_validated() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let env = |name: &str| {
+        Some(activation_pb::SecretRef {
+            source: Some(activation_pb::secret_ref::Source::Env(name.into())),
+        })
+    };
+    let cases = [
+        (
+            Target::Meta(activation_pb::MetaDestination {
+                audience_id: "not-digits".into(),
+                access_token: env("META_TOKEN"),
+                base_url: String::new(),
+            }),
+            "meta.audience_id",
+        ),
+        (
+            Target::Meta(activation_pb::MetaDestination {
+                audience_id: "1".into(),
+                access_token: None,
+                base_url: String::new(),
+            }),
+            "meta.access_token",
+        ),
+        (
+            Target::Meta(activation_pb::MetaDestination {
+                audience_id: "1".into(),
+                access_token: env("lower-case"),
+                base_url: String::new(),
+            }),
+            "meta.access_token.env",
+        ),
+        (
+            Target::Meta(activation_pb::MetaDestination {
+                audience_id: "1".into(),
+                access_token: env("T"),
+                base_url: "http://graph.example.com".into(),
+            }),
+            "meta.base_url",
+        ),
+        (
+            Target::Webhook(activation_pb::WebhookDestination {
+                url: "https://hooks.example/x?token=1".into(),
+                signing_secret: env("HOOK"),
+                batch_size: 0,
+            }),
+            "webhook.url",
+        ),
+        (
+            Target::Webhook(activation_pb::WebhookDestination {
+                url: "https://hooks.example/x".into(),
+                signing_secret: env("HOOK"),
+                batch_size: 10_001,
+            }),
+            "webhook.batch_size",
+        ),
+    ];
+    for (target, field) in cases {
+        let status = activation
+            .create_destination(activation_pb::CreateDestinationRequest {
+                name: "bad".into(),
+                target: Some(target),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    suite.stop().await;
+}
+
+async fn withdrawal_removes_from_meta_without_a_sync(backend: Backend) {
+    let suite = suite(backend).await;
+    let mock = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let mut consent = suite.consent(suite.bearer(&["admin"]));
+    let mut ids = Vec::new();
+    for email in ["x@example.com", "y@example.com"] {
+        let id = suite.person(email, "FR", Default::default()).await;
+        record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
+        ids.push(id);
+    }
+    let segment = suite.region_segment("french", &["FR"]).await;
+    let (_, activated) = suite
+        .activate(
+            &segment.segment_id,
+            "meta",
+            meta_target(&mock, &secrets.path().join("token")),
+        )
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(
+        mock.platform().audience,
+        rows(&["x@example.com", "y@example.com"])
+    );
+
+    let withdrawn = Instant::now();
+    record(
+        &mut consent,
+        &ids[0],
+        consent_pb::ConsentState::Denied,
+        "FR",
+    )
+    .await;
+    let deadline = withdrawn + Duration::from_secs(15);
+    loop {
+        if mock.platform().received.iter().any(|r| r.op == "remove") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no removal reached Meta");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let meta = mock.platform();
+        let removal = meta
+            .received
+            .iter()
+            .find(|r| r.op == "remove")
+            .expect("removal");
+        eprintln!(
+            "withdrawal to removal at the platform: {:?}",
+            removal.at - withdrawn
+        );
+        assert_eq!(meta.audience, rows(&["y@example.com"]));
+        assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+    }
+
+    // The removal is a run of its own, finished once Meta acknowledged it.
+    let removal_run = suite
+        .finished_run(&activated.activation_id, "consent_withdrawal")
+        .await;
+    assert_eq!(removal_run.trigger, "consent_withdrawal");
+    assert_eq!(removal_run.removed, 1);
+    assert_eq!(removal_run.phase(), activation_pb::SyncPhase::Succeeded);
+
+    // The next sync agrees: nothing left to remove or add.
+    let next = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!((next.added, next.removed, next.unchanged), (0, 0, 1));
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn withdrawal_removes_from_meta_without_a_sync_sqlite() {
+    withdrawal_removes_from_meta_without_a_sync(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn withdrawal_removes_from_meta_without_a_sync_postgres() {
+    withdrawal_removes_from_meta_without_a_sync(Backend::Postgres).await;
+}
