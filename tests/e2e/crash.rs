@@ -23,25 +23,18 @@ fn free_port() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
-/// `madtech serve profiles` as its own process, on `database`.
-async fn start(
-    database: &DatabaseConfig,
-    addr: SocketAddr,
-) -> (Child, ProfileServiceClient<Channel>) {
-    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies/identity.toml");
+/// `madtech serve <component>` as its own process, configured by `env`
+/// (`MADTECH_<COMPONENT>__…` overrides) and reachable on `addr`.
+async fn spawn(component: &str, addr: SocketAddr, env: &[(String, String)]) -> (Child, Channel) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_madtech"));
     command
-        .args(["serve", "profiles", "--listen", &addr.to_string()])
+        .args(["serve", component, "--listen", &addr.to_string()])
         .args(["--metrics-addr", "127.0.0.1:0"])
-        .env("MADTECH_PROFILES__DATABASE__URL", &database.url)
-        .env("MADTECH_PROFILES__IDENTITY_RULES", &rules)
         .env("MADTECH_TELEMETRY__LOG_FORMAT", "json")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    if let Some(schema) = &database.schema {
-        command.env("MADTECH_PROFILES__DATABASE__SCHEMA", schema);
-    }
     let child = command.spawn().expect("madtech starts");
     let url = format!("http://{addr}");
     for _ in 0..200 {
@@ -50,11 +43,36 @@ async fn start(
             .connect()
             .await
         {
-            return (child, ProfileServiceClient::new(channel));
+            return (child, channel);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the profiles service did not start on {addr}");
+    panic!("madtech serve {component} did not start on {addr}");
+}
+
+/// The environment that points a component at `database`.
+fn database_env(component: &str, database: &DatabaseConfig) -> Vec<(String, String)> {
+    let prefix = format!("MADTECH_{}__DATABASE__", component.to_uppercase());
+    let mut env = vec![(format!("{prefix}URL"), database.url.clone())];
+    if let Some(schema) = &database.schema {
+        env.push((format!("{prefix}SCHEMA"), schema.clone()));
+    }
+    env
+}
+
+/// `madtech serve profiles` as its own process, on `database`.
+async fn start(
+    database: &DatabaseConfig,
+    addr: SocketAddr,
+) -> (Child, ProfileServiceClient<Channel>) {
+    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies/identity.toml");
+    let mut env = database_env("profiles", database);
+    env.push((
+        "MADTECH_PROFILES__IDENTITY_RULES".into(),
+        rules.display().to_string(),
+    ));
+    let (child, channel) = spawn("profiles", addr, &env).await;
+    (child, ProfileServiceClient::new(channel))
 }
 
 fn customer(i: u64) -> pb::Identifier {
@@ -183,4 +201,173 @@ async fn sqlite_acknowledged_events_survive_sigkill() {
 #[tokio::test]
 async fn postgres_acknowledged_events_survive_sigkill() {
     acknowledged_events_survive_sigkill(Backend::Postgres).await;
+}
+
+/// An activation service killed (SIGKILL) in the middle of a sync, then
+/// started again: the batch in flight is delivered again under the same
+/// idempotency key, the rest by a new run, and every member reaches the
+/// destination under exactly one key: nothing lost, nothing duplicated.
+async fn a_sync_killed_midway_neither_loses_nor_duplicates(backend: Backend) {
+    use activation_pb::activation_service_client::ActivationServiceClient;
+    use madtech_activation::mock::MockPlatform;
+    use madtech_proto::activation::v1 as activation_pb;
+
+    const MEMBERS: usize = 12;
+    let suite = crate::harness::Suite::start(backend).await;
+    for i in 0..MEMBERS {
+        suite
+            .person(
+                &format!("kill{i:02}@example.com"),
+                "US-CA",
+                Default::default(),
+            )
+            .await;
+    }
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let hook = MockPlatform::webhook("kill-secret").await;
+    hook.slow_down(Duration::from_millis(250));
+    let files = tempfile::tempdir().expect("dir");
+    let secret = files.path().join("hook-secret");
+    std::fs::write(&secret, "kill-secret").expect("secret");
+
+    // A second activation service with its own database, reaching audiences
+    // through the suite's gateway with the suite's activation token.
+    let db = TestDatabase::new(backend);
+    let database = db.sibling("activation");
+    let mut env = database_env("activation", &database);
+    let config = &suite.config.activation;
+    env.extend([
+        (
+            "MADTECH_ACTIVATION__GATEWAY_URL".into(),
+            config.gateway_url.clone(),
+        ),
+        (
+            "MADTECH_ACTIVATION__GATEWAY_TOKEN_FILE".into(),
+            config.gateway_token_file.display().to_string(),
+        ),
+        (
+            "MADTECH_ACTIVATION__FILE_ROOT".into(),
+            files.path().display().to_string(),
+        ),
+    ]);
+    let addr = free_port();
+    let (mut child, channel) = spawn("activation", addr, &env).await;
+    let mut activation = ActivationServiceClient::new(channel);
+    let destination = activation
+        .create_destination(activation_pb::CreateDestinationRequest {
+            name: "hook".into(),
+            target: Some(activation_pb::create_destination_request::Target::Webhook(
+                activation_pb::WebhookDestination {
+                    url: format!("{}/hook", hook.base_url()),
+                    signing_secret: Some(activation_pb::SecretRef {
+                        source: Some(activation_pb::secret_ref::Source::File(
+                            secret.display().to_string(),
+                        )),
+                    }),
+                    batch_size: 2,
+                },
+            )),
+        })
+        .await
+        .expect("destination")
+        .into_inner()
+        .destination
+        .expect("destination");
+    let activated = activation
+        .create_activation(activation_pb::CreateActivationRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination.destination_id,
+            purpose: "ad_targeting".into(),
+        })
+        .await
+        .expect("activation")
+        .into_inner()
+        .activation
+        .expect("activation");
+    let sync = activation_pb::RunSyncRequest {
+        activation_id: activated.activation_id.clone(),
+    };
+    let mut first = activation
+        .run_sync(sync.clone())
+        .await
+        .expect("sync")
+        .into_inner();
+    let progress = tokio::spawn(async move { while let Ok(Some(_)) = first.message().await {} });
+
+    // Killed while the third batch waits at the destination: it is in
+    // flight, and whether it arrived is unknown to the service.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while hook.platform().requests < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sync never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("dead");
+    progress.await.expect("progress reader");
+    let delivered_before = hook.platform().batches_by_key.len();
+    assert!(
+        delivered_before < MEMBERS / 2,
+        "the kill landed mid-sync ({delivered_before} batches)"
+    );
+
+    let (_child, channel) = spawn("activation", addr, &env).await;
+    let mut activation = ActivationServiceClient::new(channel);
+    let mut second = activation.run_sync(sync).await.expect("sync").into_inner();
+    let mut last = None;
+    while let Some(message) = second.message().await.expect("progress") {
+        last = message.run;
+    }
+    let second = last.expect("final state");
+    assert_eq!(
+        second.phase(),
+        activation_pb::SyncPhase::Succeeded,
+        "{}",
+        second.error
+    );
+
+    {
+        let platform = hook.platform();
+        assert!(platform.violations.is_empty(), "{:?}", platform.violations);
+        let mut sent: Vec<&String> = platform.batches_by_key.values().flatten().collect();
+        sent.sort();
+        let unique: BTreeSet<&&String> = sent.iter().collect();
+        assert_eq!(
+            unique.len(),
+            sent.len(),
+            "a member was added under two keys"
+        );
+        assert_eq!(sent.len(), MEMBERS, "every member reached the destination");
+        assert_eq!(platform.audience.len(), MEMBERS);
+    }
+    let runs = activation
+        .list_sync_runs(activation_pb::ListSyncRunsRequest {
+            activation_id: activated.activation_id,
+            page_size: 10,
+        })
+        .await
+        .expect("runs")
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].phase(), activation_pb::SyncPhase::Failed);
+    assert!(
+        runs[1].error.starts_with("interrupted"),
+        "{}",
+        runs[1].error
+    );
+    assert_eq!(runs[0].added + runs[1].added, MEMBERS as u64, "{runs:#?}");
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn sqlite_a_sync_killed_midway_neither_loses_nor_duplicates() {
+    a_sync_killed_midway_neither_loses_nor_duplicates(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_a_sync_killed_midway_neither_loses_nor_duplicates() {
+    a_sync_killed_midway_neither_loses_nor_duplicates(Backend::Postgres).await;
 }

@@ -36,8 +36,13 @@ pub struct ConsentFollower {
 }
 
 impl ConsentFollower {
-    /// Follows releases until `shutdown`.
+    /// Finishes runs a stopped process left, then follows releases until
+    /// `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Err(err) = self.syncer.recover_all().await {
+            // The next run of each activation tries again.
+            tracing::warn!(error = %err, "could not finish interrupted runs at start");
+        }
         let follower = Arc::new(self);
         keep_following("consent releases", shutdown, |backoff| {
             let follower = Arc::clone(&follower);
@@ -111,15 +116,13 @@ impl ConsentFollower {
         }
         for ((destination_id, purpose), ids) in denied {
             for activation in self.store.activations_on(&destination_id, &purpose).await? {
-                let held = self.store.held_members(&activation.id, &ids).await?;
-                if held.is_empty() {
-                    continue;
-                }
-                let run = self
+                let removed = self
                     .syncer
-                    .remove(&activation.id, &held, Trigger::ConsentWithdrawal)
+                    .remove(&activation.id, &ids, Trigger::ConsentWithdrawal)
                     .await?;
-                tracing::info!(activation = %activation.id, run = %run.id, removed = run.removed, "removed after consent was withdrawn");
+                if let Some(run) = removed {
+                    tracing::info!(activation = %activation.id, run = %run.id, removed = run.removed, "removed after consent was withdrawn");
+                }
             }
         }
         Ok(())

@@ -5,10 +5,10 @@
 //!
 //! Behind the `testing` feature.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -51,8 +51,15 @@ pub struct Platform {
     pub received: Vec<Received>,
     /// Requests refused for breaking the documented shape, with the reason.
     pub violations: Vec<String>,
-    /// Every request, forced answers included.
+    /// Every request that arrived, counted before its delay: forced answers
+    /// included, and requests whose sender went away while it waited.
     pub requests: usize,
+    /// Webhook batches by idempotency key: the member ids each carried. A
+    /// batch sent again under its key replaces itself, as a receiver that
+    /// deduplicates would see it.
+    pub batches_by_key: BTreeMap<String, Vec<String>>,
+    /// How long each request takes to answer (to let a test act mid-sync).
+    pub delay: Duration,
     forced: VecDeque<Forced>,
 }
 
@@ -74,6 +81,11 @@ impl MockPlatform {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes every request take `delay` before it is handled.
+    pub fn slow_down(&self, delay: Duration) {
+        self.platform().delay = delay;
     }
 
     /// Answers the next requests with `answers`, in order.
@@ -143,7 +155,6 @@ fn lock(state: &Mutex<Platform>) -> MutexGuard<'_, Platform> {
 
 /// The forced answer for this request, if one is queued.
 fn forced(platform: &mut Platform) -> Option<Response> {
-    platform.requests += 1;
     Some(match platform.forced.pop_front()? {
         Forced::TooManyRequests { retry_after_secs } => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -185,6 +196,12 @@ async fn meta_users(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let delay = {
+        let mut platform = lock(&mock.state);
+        platform.requests += 1;
+        platform.delay
+    };
+    tokio::time::sleep(delay).await;
     let mut platform = lock(&mock.state);
     if let Some(answer) = forced(&mut platform) {
         return answer;
@@ -287,6 +304,12 @@ async fn webhook_batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let delay = {
+        let mut platform = lock(&mock.state);
+        platform.requests += 1;
+        platform.delay
+    };
+    tokio::time::sleep(delay).await;
     let mut platform = lock(&mock.state);
     if let Some(answer) = forced(&mut platform) {
         return answer;
@@ -307,17 +330,27 @@ async fn webhook_batch(
         Some("remove") => "remove",
         _ => return violation(&mut platform, format!("op {}", batch["op"])),
     };
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string)
+    else {
+        return violation(&mut platform, "no idempotency key".into());
+    };
     let members = batch["members"].as_array().cloned().unwrap_or_default();
+    let mut ids = Vec::with_capacity(members.len());
     for member in &members {
         let Some(id) = member["id"].as_str() else {
             return violation(&mut platform, "member without id".into());
         };
+        ids.push(id.to_string());
         if op == "add" {
             platform.audience.insert(id.to_string());
         } else {
             platform.audience.remove(id);
         }
     }
+    platform.batches_by_key.insert(key, ids);
     platform.received.push(Received {
         op,
         session_id: 0,

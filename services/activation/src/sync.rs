@@ -1,14 +1,21 @@
-//! Sync runs: fetch the audience through the gateway, compare it with what the
-//! destination already holds, deliver only the adds and removes in the
-//! destination's batch sizes, and record each batch in the sync state only
-//! once the destination acknowledged it. A run killed at any point is safe to
-//! run again: nothing is recorded as sent that was not, and adds in flight
-//! are recorded as pending first, so the next run sends or removes them.
+//! Sync runs: fetch the audience through the gateway into the run's plan,
+//! let the database compare it with what the destination already holds, and
+//! deliver only the adds and removes, in the destination's batch sizes,
+//! recording each batch in the sync state only once the destination
+//! acknowledged it. Memory holds one batch at a time, whatever the audience
+//! size.
+//!
+//! A run killed at any point is safe: adds are recorded as pending before
+//! they are sent, so nothing can be at the destination that no later run
+//! knows to remove; and the next run of the activation first delivers the
+//! interrupted run's batch in flight again as the same batch (same session,
+//! sequence number and idempotency key, to the members still pending), so
+//! the destination can tell it is a repeat, before planning afresh.
 //!
 //! Removals outside a sync (consent withdrawn, erasure) go the same way:
-//! [`Syncer::remove`] delivers them as a run of their own.
+//! [`Syncer::remove`] plans and delivers them as a run of their own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
@@ -23,49 +30,13 @@ use crate::config::ActivationConfig;
 use crate::destination::{Batch, Delivery, DeliveryError, HashedIdentifier, Member, Op};
 use crate::error::ActivationError;
 use crate::store::{
-    Activation, ActivationStore, BatchRecord, Destination, Held, Phase, SyncRun, Trigger,
+    Activation, ActivationStore, BatchRecord, Destination, Phase, PlanCounts, SyncRun, Trigger,
 };
 
-/// The audience as the gateway released it: pseudonymous id → hashes.
-pub type Audience = HashMap<String, Vec<HashedIdentifier>>;
-
-/// What a sync must send.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Diff {
-    pub adds: Vec<Member>,
-    /// With the identifiers the destination was given, which platforms
-    /// match removals on.
-    pub removes: Vec<Member>,
-    pub unchanged: u64,
-}
-
-/// Adds are members the destination does not surely hold as they are now
-/// (not held, held with other identifiers, or an add never confirmed);
-/// removes are members it holds or may hold that are no longer released.
-/// Both come out sorted, so what is sent depends only on the change.
-pub fn diff(held: &Held, audience: Audience) -> Diff {
-    let mut result = Diff::default();
-    let removes: Vec<Member> = held
-        .iter()
-        .filter(|(id, _)| !audience.contains_key(*id))
-        .map(|(id, sent)| Member {
-            id: id.clone(),
-            identifiers: sent.identifiers.clone(),
-        })
-        .collect();
-    for (id, identifiers) in audience {
-        match held.get(&id) {
-            Some(sent) if sent.confirmed && sent.identifiers == identifiers => {
-                result.unchanged += 1
-            }
-            _ => result.adds.push(Member { id, identifiers }),
-        }
-    }
-    result.removes = removes;
-    result.adds.sort();
-    result.removes.sort();
-    result
-}
+/// Members staged per transaction while the audience arrives.
+const STAGE_PAGE: usize = 5_000;
+/// Removals before adds: a destination never holds more than it should.
+const SEND_ORDER: [Op; 2] = [Op::Remove, Op::Add];
 
 /// SHA-256 over a batch's pseudonymous ids and hashes, for its record: what
 /// was sent can be checked later without keeping it.
@@ -90,7 +61,25 @@ pub struct Syncer {
     gateway: Channel,
     config: ActivationConfig,
     delivery: Delivery,
+    /// One holder at a time per activation: a sync, a removal or a recovery.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Activations with a sync asked for or running: a second is refused,
+    /// while removals and recovery are waited for.
+    syncing: Mutex<HashSet<String>>,
+}
+
+/// Releases an activation's sync claim however the sync ends.
+struct SyncClaim<'a> {
+    syncing: &'a Mutex<HashSet<String>>,
+    activation_id: String,
+}
+
+impl Drop for SyncClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut syncing) = self.syncing.lock() {
+            syncing.remove(&self.activation_id);
+        }
+    }
 }
 
 /// Reports a run's progress without ever waiting for the reader.
@@ -117,6 +106,21 @@ impl Syncer {
             config,
             delivery,
             locks: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn claim_sync(&self, activation_id: &str) -> Result<SyncClaim<'_>, ActivationError> {
+        let mut syncing = self
+            .syncing
+            .lock()
+            .map_err(|_| ActivationError::Corrupt("sync claims poisoned".into()))?;
+        if !syncing.insert(activation_id.to_string()) {
+            return Err(ActivationError::SyncRunning);
+        }
+        Ok(SyncClaim {
+            syncing: &self.syncing,
+            activation_id: activation_id.to_string(),
         })
     }
 
@@ -132,16 +136,19 @@ impl Syncer {
 
     /// Runs one sync, reporting progress on `progress` (lossy while running;
     /// the final state is always delivered while the receiver lives). A
-    /// second sync of the same activation is refused while one runs.
+    /// second sync of the same activation is refused while one runs; a
+    /// removal or recovery in progress is waited for.
     pub async fn run(
         &self,
         activation_id: &str,
         progress: mpsc::Sender<SyncRun>,
     ) -> Result<SyncRun, ActivationError> {
+        let _claim = self.claim_sync(activation_id)?;
         let lock = self.lock_of(activation_id)?;
-        let _running = lock.try_lock().map_err(|_| ActivationError::SyncRunning)?;
+        let _running = lock.lock().await;
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
+        self.recover(&destination, activation_id).await?;
         let mut run = SyncRun::start(activation_id, Trigger::Sync);
         self.store.save_run(&run).await?;
         let reporter = Progress(Some(&progress));
@@ -154,11 +161,20 @@ impl Syncer {
         outcome.map(|()| run)
     }
 
+    /// Ends a run: its outcome on record, its plan dropped.
     async fn finish(
         &self,
         run: &mut SyncRun,
         outcome: Result<(), ActivationError>,
     ) -> Result<(), ActivationError> {
+        let outcome = outcome.and_then(|()| match run.batches_rejected {
+            0 => Ok(()),
+            refused => Err(ActivationError::BatchesRefused {
+                refused,
+                batches: run.batches_sent + refused,
+                first: std::mem::take(&mut run.error),
+            }),
+        });
         run.finished_at_micros = Some(Utc::now().timestamp_micros());
         match &outcome {
             Ok(()) => run.phase = Phase::Succeeded,
@@ -171,6 +187,7 @@ impl Syncer {
             }
         }
         self.store.save_run(run).await?;
+        self.store.clear_plans(&run.activation_id).await?;
         outcome
     }
 
@@ -181,158 +198,263 @@ impl Syncer {
         destination: &Destination,
         progress: &Progress<'_>,
     ) -> Result<(), ActivationError> {
-        let audience = self.fetch(run, activation, destination, progress).await?;
-        let held = self.store.held(&run.activation_id).await?;
-        let diff = diff(&held, audience);
+        self.store.clear_plans(&activation.id).await?;
+        self.fetch(run, activation, destination, progress).await?;
+        let limit = destination.target.batch_limit() as u64;
+        let plan = self.store.plan_sync(&run.id, &activation.id, limit).await?;
         run.phase = Phase::Sending;
-        run.unchanged = diff.unchanged;
-        run.to_send = (diff.adds.len() + diff.removes.len()) as u64;
+        run.unchanged = plan.unchanged;
+        run.to_send = plan.adds + plan.removes;
         self.store.save_run(run).await?;
         progress.report(run);
-        // Removes first: a destination never holds more than it should.
-        self.deliver(run, destination, Op::Remove, &diff.removes, progress)
-            .await?;
-        self.deliver(run, destination, Op::Add, &diff.adds, progress)
-            .await?;
-        if run.batches_rejected > 0 {
-            return Err(ActivationError::BatchesRefused {
-                refused: run.batches_rejected,
-                batches: run.batches_sent + run.batches_rejected,
-                first: std::mem::take(&mut run.error),
-            });
-        }
-        Ok(())
+        self.deliver_plan(run, destination, &plan, progress).await
     }
 
-    /// Delivers `members` as batches of `op`, recording each. A refused
-    /// batch is recorded and its members left as they were (held, or
-    /// pending), so the next run tries them again; a destination that stays
-    /// unavailable ends the run.
-    async fn deliver(
+    /// Delivers every batch of a run's plan, removes first.
+    async fn deliver_plan(
         &self,
         run: &mut SyncRun,
         destination: &Destination,
-        op: Op,
-        members: &[Member],
+        plan: &PlanCounts,
         progress: &Progress<'_>,
     ) -> Result<(), ActivationError> {
-        let limit = destination.target.batch_limit().max(1);
-        let batches = members.len().div_ceil(limit);
-        // Files say why they were written: `<activation>-<run>` for a sync,
-        // `<activation>-erasure-<run>` for a removal of another kind.
-        let name = match run.trigger {
-            Trigger::Sync => format!("{}-{}", run.activation_id, run.id),
-            other => format!("{}-{}-{}", run.activation_id, other.as_str(), run.id),
-        };
-        for (index, chunk) in members.chunks(limit).enumerate() {
-            let batch = Batch {
-                op,
-                session: &run.id,
-                seq: u32::try_from(index + 1).unwrap_or(u32::MAX),
-                last: index + 1 == batches,
-                total: members.len() as u64,
-                members: chunk,
-            };
-            if op == Op::Add {
-                self.store.prepare(&run.activation_id, chunk).await?;
+        for op in SEND_ORDER {
+            for seq in 1..=plan.batches(op) {
+                let members = self.store.planned_batch(&run.id, op, seq).await?;
+                let batch = Batch {
+                    op,
+                    session: &run.id.clone(),
+                    seq,
+                    last: seq == plan.batches(op),
+                    total: plan.members(op),
+                    members: &members,
+                };
+                self.deliver_batch(run, destination, batch, progress)
+                    .await?;
             }
-            let outcome = self
-                .delivery
-                .send(&destination.target, &name, batch, &mut run.retries)
-                .await;
-            let mut record = BatchRecord {
-                run_id: run.id.clone(),
-                activation_id: run.activation_id.clone(),
-                op,
-                seq: batch.seq,
-                members: chunk.len() as u64,
-                outcome: "sent",
-                http_status: None,
-                digest: digest(chunk),
-                error: String::new(),
-            };
-            match outcome {
-                Ok(receipt) => {
-                    let (added, removed) = match op {
-                        Op::Add => (chunk, &[][..]),
-                        Op::Remove => (&[][..], chunk),
-                    };
-                    // The destination has the batch; only now is it recorded.
-                    self.store
-                        .acknowledge(&run.activation_id, added, removed)
-                        .await?;
-                    self.store.record_batch(&record).await?;
-                    run.batches_sent += 1;
-                    match op {
-                        Op::Add => run.added += chunk.len() as u64,
-                        Op::Remove => run.removed += chunk.len() as u64,
-                    }
-                    if let Some(output) = receipt.output {
-                        run.output = output;
-                    }
-                }
-                Err(DeliveryError::Refused { status, reason }) => {
-                    record.outcome = "refused";
-                    record.http_status = Some(status);
-                    record.error = reason.clone();
-                    self.store.record_batch(&record).await?;
-                    tracing::warn!(run = %run.id, op = op.as_str(), seq = batch.seq, status, "the destination refused a batch");
-                    run.batches_rejected += 1;
-                    if run.error.is_empty() {
-                        run.error = format!("HTTP {status}: {reason}");
-                    }
-                }
-                Err(err) => {
-                    record.outcome = "failed";
-                    record.error = err.to_string();
-                    self.store.record_batch(&record).await?;
-                    return Err(err.into());
-                }
-            }
-            self.store.save_run(run).await?;
-            progress.report(run);
         }
         Ok(())
     }
 
-    /// Removes `members` from an activation's destination now, as a run of
-    /// its own (waiting for a sync in progress to end first), and forgets
-    /// them once the destination acknowledged.
+    /// Delivers one batch and records what became of it. A refused batch is
+    /// recorded and its members left as they were (held, or pending), so the
+    /// next run tries them again; a destination that stays unavailable ends
+    /// the run.
+    async fn deliver_batch(
+        &self,
+        run: &mut SyncRun,
+        destination: &Destination,
+        batch: Batch<'_>,
+        progress: &Progress<'_>,
+    ) -> Result<(), ActivationError> {
+        let (op, members) = (batch.op, batch.members);
+        if op == Op::Add {
+            self.store.prepare(&run.activation_id, members).await?;
+        }
+        // Files say why they were written: `<activation>-<run>` for a sync,
+        // `<activation>-erasure-<run>` for a removal of another kind.
+        let name = match run.trigger {
+            Trigger::Sync => format!("{}-{}", run.activation_id, batch.session),
+            other => format!("{}-{}-{}", run.activation_id, other.as_str(), batch.session),
+        };
+        let outcome = self
+            .delivery
+            .send(&destination.target, &name, batch, &mut run.retries)
+            .await;
+        let mut record = BatchRecord {
+            run_id: batch.session.to_string(),
+            activation_id: run.activation_id.clone(),
+            op,
+            seq: batch.seq,
+            members: members.len() as u64,
+            outcome: "sent",
+            http_status: None,
+            digest: digest(members),
+            error: String::new(),
+        };
+        match outcome {
+            Ok(receipt) => {
+                let (added, removed) = match op {
+                    Op::Add => (members, &[][..]),
+                    Op::Remove => (&[][..], members),
+                };
+                // The destination has the batch; only now is it recorded,
+                // the state and the batch's record together.
+                self.store
+                    .acknowledge(&run.activation_id, added, removed, Some(&record))
+                    .await?;
+                run.batches_sent += 1;
+                match op {
+                    Op::Add => run.added += members.len() as u64,
+                    Op::Remove => run.removed += members.len() as u64,
+                }
+                if let Some(output) = receipt.output {
+                    run.output = output;
+                }
+            }
+            Err(DeliveryError::Refused { status, reason }) => {
+                record.outcome = "refused";
+                record.http_status = Some(status);
+                record.error = reason.clone();
+                self.store.record_batch(&record).await?;
+                tracing::warn!(run = %run.id, op = op.as_str(), seq = batch.seq, status, "the destination refused a batch");
+                run.batches_rejected += 1;
+                if run.error.is_empty() {
+                    run.error = format!("HTTP {status}: {reason}");
+                }
+            }
+            Err(err) => {
+                record.outcome = "failed";
+                record.error = err.to_string();
+                self.store.record_batch(&record).await?;
+                return Err(err.into());
+            }
+        }
+        self.store.save_run(run).await?;
+        progress.report(run);
+        Ok(())
+    }
+
+    /// Finishes what a stopped process left of an activation's runs. The
+    /// first batch of an interrupted run's plan without an outcome may have
+    /// reached the destination or not: it is delivered again as the same
+    /// batch, to its members whose state is still what that batch would
+    /// change (adds still pending, removes still held), so a withdrawal
+    /// handled meanwhile is not undone. The rest of the plan is dropped:
+    /// the next run plans afresh from the audience as it is then.
+    async fn recover(
+        &self,
+        destination: &Destination,
+        activation_id: &str,
+    ) -> Result<(), ActivationError> {
+        for mut stale in self.store.unfinished_runs(activation_id).await? {
+            if stale.phase == Phase::Sending {
+                let limit = destination.target.batch_limit() as u64;
+                let plan = self.store.plan_counts(&stale.id, limit).await?;
+                let recorded = self.store.recorded_batches(&stale.id).await?;
+                let in_flight = SEND_ORDER
+                    .into_iter()
+                    .flat_map(|op| (1..=plan.batches(op)).map(move |seq| (op, seq)))
+                    .find(|(op, seq)| !recorded.contains(&(op.as_str().to_string(), *seq)));
+                if let Some((op, seq)) = in_flight {
+                    let planned = self.store.planned_batch(&stale.id, op, seq).await?;
+                    let ids: Vec<String> = planned.iter().map(|m| m.id.clone()).collect();
+                    let held = self.store.held(activation_id, &ids).await?;
+                    let members: Vec<Member> = planned
+                        .into_iter()
+                        .filter(|member| match (op, held.get(&member.id)) {
+                            (Op::Add, Some(h)) => {
+                                !h.confirmed && h.identifiers == member.identifiers
+                            }
+                            (Op::Remove, Some(_)) => true,
+                            (_, None) => false,
+                        })
+                        .collect();
+                    if !members.is_empty() {
+                        let session = stale.id.clone();
+                        let batch = Batch {
+                            op,
+                            session: &session,
+                            seq,
+                            last: seq == plan.batches(op),
+                            total: plan.members(op),
+                            members: &members,
+                        };
+                        self.deliver_batch(&mut stale, destination, batch, &Progress(None))
+                            .await?;
+                    }
+                }
+            }
+            // The batch records are what happened; the run's counters may
+            // lag them by the batch the process died after.
+            let batches = self.store.batches(&stale.id).await?;
+            let sent = |op: Op| -> u64 {
+                batches
+                    .iter()
+                    .filter(|b| b.op == op && b.outcome == "sent")
+                    .map(|b| b.members)
+                    .sum()
+            };
+            stale.added = sent(Op::Add);
+            stale.removed = sent(Op::Remove);
+            stale.batches_sent = batches.iter().filter(|b| b.outcome == "sent").count() as u64;
+            stale.batches_rejected = batches.iter().filter(|b| b.outcome != "sent").count() as u64;
+            tracing::warn!(activation = %activation_id, run = %stale.id, "finished a run its process left unfinished");
+            stale.phase = Phase::Failed;
+            stale.error =
+                "interrupted: the batch in flight was delivered again; the next run does the rest"
+                    .into();
+            stale.finished_at_micros = Some(Utc::now().timestamp_micros());
+            self.store.save_run(&stale).await?;
+        }
+        self.store.clear_plans(activation_id).await
+    }
+
+    /// Finishes every run a stopped process left unfinished (at start).
+    pub async fn recover_all(&self) -> Result<(), ActivationError> {
+        for activation_id in self.store.interrupted_activations().await? {
+            let lock = self.lock_of(&activation_id)?;
+            let _running = lock.lock().await;
+            let activation = self.store.activation(&activation_id).await?;
+            let destination = self.store.destination(&activation.destination_id).await?;
+            self.recover(&destination, &activation_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the members of `ids` an activation's destination holds (or
+    /// may hold) now, as a run of its own (waiting for a sync in progress to
+    /// end first), and forgets them once the destination acknowledged.
+    /// `None` when it holds none of them.
     pub async fn remove(
         &self,
         activation_id: &str,
-        members: &[Member],
+        ids: &[String],
         trigger: Trigger,
-    ) -> Result<SyncRun, ActivationError> {
+    ) -> Result<Option<SyncRun>, ActivationError> {
         let lock = self.lock_of(activation_id)?;
         let _running = lock.lock().await;
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
-        // Held again under the lock: a sync that just ended may have removed
-        // some already.
-        let ids: Vec<String> = members.iter().map(|member| member.id.clone()).collect();
-        let members = self.store.held_members(activation_id, &ids).await?;
+        self.recover(&destination, activation_id).await?;
+        // Read under the lock: a sync that just ended may have changed it.
+        let members: Vec<Member> = self
+            .store
+            .held(activation_id, ids)
+            .await?
+            .into_iter()
+            .map(|(id, held)| Member {
+                id,
+                identifiers: held.identifiers,
+            })
+            .collect();
+        if members.is_empty() {
+            return Ok(None);
+        }
         let mut run = SyncRun::start(activation_id, trigger);
         run.phase = Phase::Sending;
-        run.to_send = members.len() as u64;
         self.store.save_run(&run).await?;
-        let mut outcome = self
-            .deliver(
-                &mut run,
-                &destination,
-                Op::Remove,
-                &members,
-                &Progress(None),
-            )
+        let outcome = self
+            .plan_and_deliver_removal(&mut run, &destination, &members)
             .await;
-        if outcome.is_ok() && run.batches_rejected > 0 {
-            outcome = Err(ActivationError::BatchesRefused {
-                refused: run.batches_rejected,
-                batches: run.batches_sent + run.batches_rejected,
-                first: std::mem::take(&mut run.error),
-            });
-        }
-        self.finish(&mut run, outcome).await.map(|()| run)
+        self.finish(&mut run, outcome).await.map(|()| Some(run))
+    }
+
+    async fn plan_and_deliver_removal(
+        &self,
+        run: &mut SyncRun,
+        destination: &Destination,
+        members: &[Member],
+    ) -> Result<(), ActivationError> {
+        self.store
+            .stage(&run.id, &run.activation_id, members, Some(Op::Remove))
+            .await?;
+        let limit = destination.target.batch_limit() as u64;
+        let plan = self.store.plan_removal(&run.id, limit).await?;
+        run.to_send = plan.removes;
+        self.store.save_run(run).await?;
+        self.deliver_plan(run, destination, &plan, &Progress(None))
+            .await
     }
 
     /// Removes everyone held whose identifiers include one of these hashes
@@ -342,23 +464,22 @@ impl Syncer {
         &self,
         identifier_sha256s: &[String],
     ) -> Result<(u64, Vec<String>), ActivationError> {
-        let mut by_activation: std::collections::BTreeMap<String, Vec<Member>> =
+        let mut by_activation: std::collections::BTreeMap<String, Vec<String>> =
             std::collections::BTreeMap::new();
         for holding in self.store.holders_of(identifier_sha256s).await? {
             by_activation
                 .entry(holding.activation_id)
                 .or_default()
-                .push(holding.member);
+                .push(holding.member.id);
         }
         let mut removed = 0;
         let mut outputs = Vec::new();
-        for (activation_id, members) in by_activation {
-            let run = self
-                .remove(&activation_id, &members, Trigger::Erasure)
-                .await?;
-            removed += run.removed;
-            if !run.output.is_empty() {
-                outputs.push(run.output);
+        for (activation_id, ids) in by_activation {
+            if let Some(run) = self.remove(&activation_id, &ids, Trigger::Erasure).await? {
+                removed += run.removed;
+                if !run.output.is_empty() {
+                    outputs.push(run.output);
+                }
             }
         }
         Ok((removed, outputs))
@@ -370,7 +491,7 @@ impl Syncer {
         activation: &Activation,
         destination: &Destination,
         progress: &Progress<'_>,
-    ) -> Result<Audience, ActivationError> {
+    ) -> Result<(), ActivationError> {
         let bearer = self.bearer().await?;
         let mut client = SegmentServiceClient::with_interceptor(
             self.gateway.clone(),
@@ -397,7 +518,7 @@ impl Syncer {
             .await
             .map_err(gateway_error)?
             .into_inner();
-        let mut audience = Audience::new();
+        let mut page: Vec<Member> = Vec::with_capacity(STAGE_PAGE);
         while let Some(chunk) = stream.message().await.map_err(gateway_error)? {
             for member in chunk.members {
                 if member.pseudonymous_id.is_empty() {
@@ -415,13 +536,38 @@ impl Syncer {
                         sha256: h.sha256,
                     })
                     .collect();
+                // Sorted, so the same identifiers always compare equal to
+                // what the sync state holds.
                 identifiers.sort();
-                audience.insert(member.pseudonymous_id, identifiers);
+                page.push(Member {
+                    id: member.pseudonymous_id,
+                    identifiers,
+                });
             }
-            run.members_received = audience.len() as u64;
-            progress.report(run);
+            if page.len() >= STAGE_PAGE {
+                self.stage(run, &mut page).await?;
+                progress.report(run);
+            }
         }
-        Ok(audience)
+        self.stage(run, &mut page).await?;
+        progress.report(run);
+        Ok(())
+    }
+
+    async fn stage(
+        &self,
+        run: &mut SyncRun,
+        page: &mut Vec<Member>,
+    ) -> Result<(), ActivationError> {
+        if page.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .stage(&run.id, &run.activation_id, page, None)
+            .await?;
+        run.members_received += page.len() as u64;
+        page.clear();
+        Ok(())
     }
 
     async fn bearer(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, ActivationError> {
@@ -434,69 +580,15 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::HeldMember;
-
-    fn ids(sha: &str) -> Vec<HashedIdentifier> {
-        vec![HashedIdentifier {
-            kind: "email".into(),
-            sha256: sha.into(),
-        }]
-    }
 
     fn member(id: &str, sha: &str) -> Member {
         Member {
             id: id.into(),
-            identifiers: ids(sha),
+            identifiers: vec![HashedIdentifier {
+                kind: "email".into(),
+                sha256: sha.into(),
+            }],
         }
-    }
-
-    fn held(members: &[(&str, &str, bool)]) -> Held {
-        members
-            .iter()
-            .map(|(id, sha, confirmed)| {
-                let member = HeldMember {
-                    identifiers: ids(sha),
-                    confirmed: *confirmed,
-                };
-                (id.to_string(), member)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn diff_sends_only_what_changed() {
-        let held = held(&[
-            ("a", "1", true),
-            ("b", "2", true),
-            ("c", "3", true),
-            ("e", "5", false),
-        ]);
-        let audience: Audience = [("a", "1"), ("b", "changed"), ("d", "4"), ("e", "5")]
-            .into_iter()
-            .map(|(id, sha)| (id.to_string(), ids(sha)))
-            .collect();
-        let diff = diff(&held, audience);
-        assert_eq!(diff.unchanged, 1);
-        assert_eq!(
-            diff.adds,
-            vec![member("b", "changed"), member("d", "4"), member("e", "5")],
-            "an add never confirmed is sent again"
-        );
-        assert_eq!(
-            diff.removes,
-            vec![member("c", "3")],
-            "a removal carries what the destination was given"
-        );
-    }
-
-    #[test]
-    fn an_empty_audience_removes_everyone_held_or_maybe_held() {
-        let diff = diff(
-            &held(&[("a", "1", true), ("b", "1", false)]),
-            Audience::new(),
-        );
-        assert_eq!(diff.removes, vec![member("a", "1"), member("b", "1")]);
-        assert!(diff.adds.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod db;
 pub mod digest;
 pub mod error;
 pub mod server;
+pub mod sql;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;

@@ -148,3 +148,29 @@ pub mod followed_cursor {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod sync_plan {
+    use sea_orm::entity::prelude::*;
+
+    /// One member of a run's plan: staged as fetched (`op` empty), then
+    /// marked `add` or `remove` with its batch number, or left empty when
+    /// the destination already holds it as it is.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_plan")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub run_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub pseudonymous_id: String,
+        pub activation_id: String,
+        #[sea_orm(column_type = "Text")]
+        pub identifiers: String,
+        pub op: Option<String>,
+        pub seq: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

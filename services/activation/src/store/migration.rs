@@ -1,6 +1,6 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_integer_null, boolean, string, string_uniq, text,
+    big_integer, big_integer_null, boolean, string, string_null, string_uniq, text,
 };
 
 /// The activation service's schema, one migration per change.
@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateActivation),
             Box::new(PendingAdds),
             Box::new(Batches),
+            Box::new(Plans),
         ]
     }
 }
@@ -80,6 +81,17 @@ enum SyncBatches {
     Digest,
     Error,
     At,
+}
+
+#[derive(DeriveIden)]
+enum SyncPlan {
+    Table,
+    RunId,
+    PseudonymousId,
+    ActivationId,
+    Identifiers,
+    Op,
+    Seq,
 }
 
 #[derive(DeriveIden)]
@@ -267,6 +279,65 @@ impl MigrationTrait for Batches {
                     .if_not_exists()
                     .col(string(FollowedCursors::Stream).primary_key())
                     .col(big_integer(FollowedCursors::Cursor))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// A run's plan lives in the database, not in memory: the audience as
+/// fetched, each member marked add, remove or unchanged and given its
+/// batch, so memory stays flat in audience size and an interrupted run's
+/// batch can be sent again as the same batch.
+struct Plans;
+
+impl MigrationName for Plans {
+    fn name(&self) -> &str {
+        "m20261130_000004_plans"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Plans {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncPlan::Table)
+                    .if_not_exists()
+                    .col(string(SyncPlan::RunId))
+                    .col(string(SyncPlan::PseudonymousId))
+                    .col(string(SyncPlan::ActivationId))
+                    .col(text(SyncPlan::Identifiers))
+                    .col(string_null(SyncPlan::Op))
+                    .col(big_integer_null(SyncPlan::Seq))
+                    .primary_key(
+                        Index::create()
+                            .col(SyncPlan::RunId)
+                            .col(SyncPlan::PseudonymousId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("sync_plan_batches")
+                    .table(SyncPlan::Table)
+                    .col(SyncPlan::RunId)
+                    .col(SyncPlan::Op)
+                    .col(SyncPlan::Seq)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("sync_plan_by_activation")
+                    .table(SyncPlan::Table)
+                    .col(SyncPlan::ActivationId)
+                    .if_not_exists()
                     .to_owned(),
             )
             .await

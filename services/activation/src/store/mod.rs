@@ -2,6 +2,7 @@
 
 mod entities;
 mod migration;
+mod plan;
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use sea_orm::{
 };
 
 pub use migration::Migrator;
+pub use plan::PlanCounts;
 
 use crate::destination::{HashedIdentifier, Member, Op, Target};
 use crate::error::ActivationError;
@@ -291,21 +293,56 @@ impl ActivationStore {
         Ok(activation_from(row))
     }
 
-    /// What the destination holds, or may hold, for `activation_id`.
-    pub async fn held(&self, activation_id: &str) -> Result<Held, ActivationError> {
-        sync_state::Entity::find()
-            .filter(sync_state::Column::ActivationId.eq(activation_id))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|row| {
+    /// Which of `ids` the destination holds, or may hold, for
+    /// `activation_id`.
+    pub async fn held(&self, activation_id: &str, ids: &[String]) -> Result<Held, ActivationError> {
+        let mut held = Held::new();
+        for chunk in ids.chunks(500) {
+            let rows = sync_state::Entity::find()
+                .filter(sync_state::Column::ActivationId.eq(activation_id))
+                .filter(sync_state::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .all(&self.db)
+                .await?;
+            for row in rows {
                 let member = HeldMember {
                     identifiers: identifiers_from(&row.identifiers)?,
                     confirmed: row.confirmed,
                 };
-                Ok((row.pseudonymous_id, member))
-            })
+                held.insert(row.pseudonymous_id, member);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Runs of an activation that never finished: the process running them
+    /// stopped (a run in progress holds the activation's lock, so callers
+    /// holding it see only dead runs).
+    pub async fn unfinished_runs(
+        &self,
+        activation_id: &str,
+    ) -> Result<Vec<SyncRun>, ActivationError> {
+        sync_run::Entity::find()
+            .filter(sync_run::Column::ActivationId.eq(activation_id))
+            .filter(sync_run::Column::FinishedAt.is_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(SyncRun::from_row)
             .collect()
+    }
+
+    /// Activations with a run that never finished.
+    pub async fn interrupted_activations(&self) -> Result<Vec<String>, ActivationError> {
+        let mut ids: Vec<String> = sync_run::Entity::find()
+            .filter(sync_run::Column::FinishedAt.is_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| row.activation_id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Every member held anywhere whose identifiers include one of these
@@ -342,30 +379,6 @@ impl ActivationStore {
                 })
             })
             .collect()
-    }
-
-    /// The members of `ids` the activation holds or may hold.
-    pub async fn held_members(
-        &self,
-        activation_id: &str,
-        ids: &[String],
-    ) -> Result<Vec<Member>, ActivationError> {
-        let mut members = Vec::new();
-        for chunk in ids.chunks(500) {
-            let rows = sync_state::Entity::find()
-                .filter(sync_state::Column::ActivationId.eq(activation_id))
-                .filter(sync_state::Column::PseudonymousId.is_in(chunk.iter().cloned()))
-                .all(&self.db)
-                .await?;
-            for row in rows {
-                members.push(Member {
-                    identifiers: identifiers_from(&row.identifiers)?,
-                    id: row.pseudonymous_id,
-                });
-            }
-        }
-        members.sort();
-        Ok(members)
     }
 
     /// Activations delivering to `destination_id` for `purpose`.
@@ -421,36 +434,7 @@ impl ActivationStore {
     }
 
     pub async fn record_batch(&self, batch: &BatchRecord) -> Result<(), ActivationError> {
-        let row = sync_batch::ActiveModel {
-            run_id: Set(batch.run_id.clone()),
-            op: Set(batch.op.as_str().to_string()),
-            seq: Set(i64::from(batch.seq)),
-            activation_id: Set(batch.activation_id.clone()),
-            members: Set(count(batch.members)),
-            outcome: Set(batch.outcome.to_string()),
-            http_status: Set(batch.http_status.map(i64::from)),
-            digest: Set(batch.digest.clone()),
-            error: Set(batch.error.clone()),
-            at: Set(now()),
-        };
-        sync_batch::Entity::insert(row)
-            .on_conflict(
-                OnConflict::columns([
-                    sync_batch::Column::RunId,
-                    sync_batch::Column::Op,
-                    sync_batch::Column::Seq,
-                ])
-                .update_columns([
-                    sync_batch::Column::Outcome,
-                    sync_batch::Column::HttpStatus,
-                    sync_batch::Column::Error,
-                    sync_batch::Column::At,
-                ])
-                .to_owned(),
-            )
-            .exec(&self.db)
-            .await?;
-        Ok(())
+        insert_batch(&self.db, batch).await
     }
 
     /// The batches of a run, in the order they were sent.
@@ -530,16 +514,20 @@ impl ActivationStore {
         Ok(())
     }
 
-    /// Records what the destination acknowledged, in one transaction: adds
-    /// become confirmed, removes are forgotten. Call only after the
-    /// destination has the changes.
+    /// Records what the destination acknowledged, in one transaction with
+    /// the batch's record when there is one: adds become confirmed, removes
+    /// are forgotten. Call only after the destination has the changes.
     pub async fn acknowledge(
         &self,
         activation_id: &str,
         added: &[Member],
         removed: &[Member],
+        batch: Option<&BatchRecord>,
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
+        if let Some(batch) = batch {
+            insert_batch(&txn, batch).await?;
+        }
         for chunk in removed.chunks(500) {
             sync_state::Entity::delete_many()
                 .filter(sync_state::Column::ActivationId.eq(activation_id))
@@ -613,6 +601,45 @@ fn activation_from(row: activation::Model) -> Activation {
 fn identifiers_from(json: &str) -> Result<Vec<HashedIdentifier>, ActivationError> {
     serde_json::from_str(json)
         .map_err(|err| ActivationError::Corrupt(format!("sync state identifiers: {err}")))
+}
+
+/// Records a batch's outcome (again, for a batch sent again).
+async fn insert_batch<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    batch: &BatchRecord,
+) -> Result<(), ActivationError> {
+    let row = sync_batch::ActiveModel {
+        run_id: Set(batch.run_id.clone()),
+        op: Set(batch.op.as_str().to_string()),
+        seq: Set(i64::from(batch.seq)),
+        activation_id: Set(batch.activation_id.clone()),
+        members: Set(count(batch.members)),
+        outcome: Set(batch.outcome.to_string()),
+        http_status: Set(batch.http_status.map(i64::from)),
+        digest: Set(batch.digest.clone()),
+        error: Set(batch.error.clone()),
+        at: Set(now()),
+    };
+    sync_batch::Entity::insert(row)
+        .on_conflict(
+            OnConflict::columns([
+                sync_batch::Column::RunId,
+                sync_batch::Column::Op,
+                sync_batch::Column::Seq,
+            ])
+            .update_columns([
+                sync_batch::Column::Members,
+                sync_batch::Column::Digest,
+                sync_batch::Column::Outcome,
+                sync_batch::Column::HttpStatus,
+                sync_batch::Column::Error,
+                sync_batch::Column::At,
+            ])
+            .to_owned(),
+        )
+        .exec(db)
+        .await?;
+    Ok(())
 }
 
 /// Writes members into the sync state, pending or confirmed.
@@ -723,14 +750,27 @@ mod tests {
             );
 
             store
-                .acknowledge(&activation.id, &[member("a", "1"), member("b", "2")], &[])
+                .acknowledge(
+                    &activation.id,
+                    &[member("a", "1"), member("b", "2")],
+                    &[],
+                    None,
+                )
                 .await
                 .expect("first");
             store
-                .acknowledge(&activation.id, &[member("b", "3")], &[member("a", "1")])
+                .acknowledge(
+                    &activation.id,
+                    &[member("b", "3")],
+                    &[member("a", "1")],
+                    None,
+                )
                 .await
                 .expect("second");
-            let held = store.held(&activation.id).await.expect("held");
+            let held = store
+                .held(&activation.id, &["a".into(), "b".into(), "c".into()])
+                .await
+                .expect("held");
             assert_eq!(held.len(), 1);
             assert_eq!(held["b"].identifiers, hashed("3"));
             assert!(held["b"].confirmed);
@@ -738,7 +778,10 @@ mod tests {
                 .prepare(&activation.id, &[member("c", "4")])
                 .await
                 .expect("prepare");
-            let held = store.held(&activation.id).await.expect("held");
+            let held = store
+                .held(&activation.id, &["a".into(), "b".into(), "c".into()])
+                .await
+                .expect("held");
             assert!(!held["c"].confirmed, "pending until acknowledged");
 
             let holders = store
@@ -752,10 +795,12 @@ mod tests {
             assert_eq!(found, vec![("b", true), ("c", false)]);
             assert_eq!(
                 store
-                    .held_members(&activation.id, &["c".into(), "zz".into()])
+                    .held(&activation.id, &["c".into(), "zz".into()])
                     .await
-                    .expect("held"),
-                vec![member("c", "4")]
+                    .expect("held")
+                    .keys()
+                    .collect::<Vec<_>>(),
+                vec!["c"]
             );
             assert_eq!(
                 store
@@ -811,6 +856,111 @@ mod tests {
             store.save_cursor("consent", 41).await.expect("save");
             store.save_cursor("consent", 42).await.expect("save");
             assert_eq!(store.cursor("consent").await.expect("cursor"), 42);
+        }
+    );
+
+    madtech_common::backend_tests!(
+        plans_send_only_changes_in_numbered_batches,
+        |db: TestDatabase| async move {
+            let store = ActivationStore::new(
+                connect_and_migrate::<Migrator>(&db.config)
+                    .await
+                    .expect("connect"),
+            );
+            let target = Target::File {
+                directory: "out".into(),
+                format: Default::default(),
+            };
+            let destination = store
+                .create_destination("files".into(), target)
+                .await
+                .expect("destination");
+            let activation = store
+                .create_activation("s".into(), destination.id, "ad_targeting".into())
+                .await
+                .expect("activation");
+            let id = activation.id.as_str();
+            // Held: a and b confirmed, c changed since, e pending.
+            store
+                .acknowledge(
+                    id,
+                    &[member("a", "1"), member("b", "2"), member("c", "3")],
+                    &[],
+                    None,
+                )
+                .await
+                .expect("held");
+            store
+                .prepare(id, &[member("e", "5")])
+                .await
+                .expect("pending");
+
+            let run = SyncRun::start(id, Trigger::Sync);
+            let audience = [
+                member("a", "1"),
+                member("c", "changed"),
+                member("d", "4"),
+                member("e", "5"),
+                member("f", "6"),
+                member("g", "7"),
+            ];
+            store
+                .stage(&run.id, id, &audience[..3], None)
+                .await
+                .expect("first page");
+            store
+                .stage(&run.id, id, &audience[3..], None)
+                .await
+                .expect("second page");
+            let plan = store.plan_sync(&run.id, id, 2).await.expect("plan");
+            assert_eq!(
+                (plan.adds, plan.removes, plan.unchanged),
+                (5, 1, 1),
+                "a is unchanged; c changed, e never confirmed, d f g new; b is gone"
+            );
+            assert_eq!((plan.batches(Op::Add), plan.batches(Op::Remove)), (3, 1));
+            let batch = |op, seq| {
+                let store = &store;
+                let run_id = run.id.clone();
+                async move {
+                    store
+                        .planned_batch(&run_id, op, seq)
+                        .await
+                        .expect("batch")
+                        .into_iter()
+                        .map(|m| m.id)
+                        .collect::<Vec<_>>()
+                }
+            };
+            assert_eq!(batch(Op::Add, 1).await, ["c", "d"]);
+            assert_eq!(batch(Op::Add, 2).await, ["e", "f"]);
+            assert_eq!(batch(Op::Add, 3).await, ["g"]);
+            assert_eq!(batch(Op::Remove, 1).await, ["b"]);
+            let removed = store
+                .planned_batch(&run.id, Op::Remove, 1)
+                .await
+                .expect("remove batch");
+            assert_eq!(
+                removed,
+                vec![member("b", "2")],
+                "a removal carries what was sent"
+            );
+            assert_eq!(
+                store.plan_counts(&run.id, 2).await.expect("counts"),
+                plan,
+                "the plan stays as it was numbered"
+            );
+
+            // A removal run: members known up front, numbered at once.
+            let removal = SyncRun::start(id, Trigger::ConsentWithdrawal);
+            store
+                .stage(&removal.id, id, &[member("a", "1")], Some(Op::Remove))
+                .await
+                .expect("stage removal");
+            let plan = store.plan_removal(&removal.id, 10).await.expect("plan");
+            assert_eq!((plan.adds, plan.removes), (0, 1));
+            store.clear_plans(id).await.expect("clear");
+            assert!(batch(Op::Add, 1).await.is_empty());
         }
     );
 }

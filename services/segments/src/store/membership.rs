@@ -58,7 +58,7 @@ async fn log(
         .push(", ")
         .bind(at)
         .push(")");
-    execute(txn, &sql).await
+    execute(txn, &sql).await.map_err(Into::into)
 }
 
 /// Makes `profile_ids` leave every segment they are in (erased or merged
@@ -195,7 +195,7 @@ impl Memberships {
     pub async fn count(&self, segment_id: &str) -> Result<u64, SegmentError> {
         let mut sql = Sql::new("SELECT count(*) AS n FROM memberships WHERE segment_id = ");
         sql.bind(segment_id.to_string());
-        number(&self.db, &sql).await
+        number(&self.db, &sql).await.map_err(Into::into)
     }
 
     /// The segments these people are members of now, with when they
@@ -234,6 +234,7 @@ impl Memberships {
             &Sql::new("SELECT max(seq) AS n FROM membership_changes"),
         )
         .await
+        .map_err(Into::into)
     }
 
     /// Up to `limit` changes of one segment after `cursor`, in order.

@@ -298,6 +298,7 @@ impl Projection {
             &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
         )
         .await
+        .map_err(Into::into)
     }
 
     /// Applies `changes` (each with its cursor) in order and records the last
@@ -359,7 +360,9 @@ impl Projection {
 
     /// Everyone in the projection.
     pub async fn people(&self) -> Result<u64, SegmentError> {
-        number(&self.db, &Sql::new("SELECT count(*) AS n FROM people")).await
+        number(&self.db, &Sql::new("SELECT count(*) AS n FROM people"))
+            .await
+            .map_err(Into::into)
     }
 
     /// Up to `limit` people with ids after `after`, in id order, each with
@@ -421,7 +424,7 @@ impl Projection {
     pub async fn count(&self, rule: &Rule, compiler: &Compiler<'_>) -> Result<u64, SegmentError> {
         let mut sql = Sql::new("SELECT count(*) AS n FROM people WHERE ");
         compiler.condition(&mut sql, rule)?;
-        number(&self.db, &sql).await
+        number(&self.db, &sql).await.map_err(Into::into)
     }
 
     /// Members with ids after `after`, in id order, at most `limit`.
@@ -662,6 +665,7 @@ async fn write_people(txn: &DatabaseTransaction, people: &[&Snapshot]) -> Result
             .collect(),
     )
     .await
+    .map_err(Into::into)
 }
 
 /// Events with their properties. Ids are handed out here, after the
@@ -700,6 +704,7 @@ async fn write_events(txn: &DatabaseTransaction, events: &[&NewEvent]) -> Result
         property_rows,
     )
     .await
+    .map_err(Into::into)
 }
 
 async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), SegmentError> {

@@ -1,0 +1,261 @@
+//! A run's plan, kept in the database so that memory stays flat whatever
+//! the audience size: the audience is staged as it arrives, the database
+//! compares it with the sync state and marks each member `add`, `remove` or
+//! unchanged, and numbers the batches, which the run then reads one at a
+//! time. The numbering is fixed before anything is sent, so a batch sent
+//! again after a crash is the same batch (same session, same sequence
+//! number, same idempotency key).
+
+use std::collections::BTreeSet;
+
+use madtech_common::sql::{Sql, execute};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
+
+use super::entities::{sync_batch, sync_plan};
+use super::{ActivationStore, identifiers_from};
+use crate::destination::{Member, Op};
+use crate::error::ActivationError;
+
+/// What a run has to do, by count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlanCounts {
+    pub adds: u64,
+    pub removes: u64,
+    pub unchanged: u64,
+    /// Members per batch the plan was numbered with.
+    pub batch_limit: u64,
+}
+
+impl PlanCounts {
+    pub fn batches(&self, op: Op) -> u32 {
+        let members = match op {
+            Op::Add => self.adds,
+            Op::Remove => self.removes,
+        };
+        u32::try_from(members.div_ceil(self.batch_limit.max(1))).unwrap_or(u32::MAX)
+    }
+
+    pub fn members(&self, op: Op) -> u64 {
+        match op {
+            Op::Add => self.adds,
+            Op::Remove => self.removes,
+        }
+    }
+}
+
+fn identifiers_json(member: &Member) -> Result<String, ActivationError> {
+    serde_json::to_string(&member.identifiers)
+        .map_err(|err| ActivationError::Corrupt(format!("identifiers: {err}")))
+}
+
+impl ActivationStore {
+    /// Forgets the plans of an activation's earlier runs.
+    pub async fn clear_plans(&self, activation_id: &str) -> Result<(), ActivationError> {
+        sync_plan::Entity::delete_many()
+            .filter(sync_plan::Column::ActivationId.eq(activation_id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Adds fetched members to a run's plan, unmarked. `op` marks them at
+    /// once (removal runs, whose members are known up front).
+    pub async fn stage(
+        &self,
+        run_id: &str,
+        activation_id: &str,
+        members: &[Member],
+        op: Option<Op>,
+    ) -> Result<(), ActivationError> {
+        let txn = self.db.begin().await?;
+        for chunk in members.chunks(1_000) {
+            let rows = chunk
+                .iter()
+                .map(|member| {
+                    Ok(sync_plan::ActiveModel {
+                        run_id: Set(run_id.to_string()),
+                        pseudonymous_id: Set(member.id.clone()),
+                        activation_id: Set(activation_id.to_string()),
+                        identifiers: Set(identifiers_json(member)?),
+                        op: Set(op.map(|op| op.as_str().to_string())),
+                        seq: Set(None),
+                    })
+                })
+                .collect::<Result<Vec<_>, ActivationError>>()?;
+            sync_plan::Entity::insert_many(rows)
+                .on_conflict(
+                    OnConflict::columns([
+                        sync_plan::Column::RunId,
+                        sync_plan::Column::PseudonymousId,
+                    ])
+                    .update_column(sync_plan::Column::Identifiers)
+                    .to_owned(),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Compares a sync run's staged audience with what the destination
+    /// holds: members it does not surely hold as they are now are adds (not
+    /// held, held with other identifiers, or an add never confirmed);
+    /// members it holds or may hold that are no longer in the audience are
+    /// removes. Then numbers each op's batches of `batch_limit` in id order.
+    pub async fn plan_sync(
+        &self,
+        run_id: &str,
+        activation_id: &str,
+        batch_limit: u64,
+    ) -> Result<PlanCounts, ActivationError> {
+        let txn = self.db.begin().await?;
+        let mut adds = Sql::new("UPDATE sync_plan SET op = 'add' WHERE run_id = ");
+        adds.bind(run_id.to_string())
+            .push(" AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
+            .bind(activation_id.to_string())
+            .push(
+                " AND s.pseudonymous_id = sync_plan.pseudonymous_id \
+                 AND s.confirmed = TRUE AND s.identifiers = sync_plan.identifiers)",
+            );
+        execute(&txn, &adds).await?;
+        let mut removes = Sql::new(
+            "INSERT INTO sync_plan (run_id, pseudonymous_id, activation_id, identifiers, op) \
+             SELECT ",
+        );
+        removes
+            .bind(run_id.to_string())
+            .push(
+                ", s.pseudonymous_id, s.activation_id, s.identifiers, 'remove' \
+                 FROM sync_state s WHERE s.activation_id = ",
+            )
+            .bind(activation_id.to_string())
+            .push(" AND NOT EXISTS (SELECT 1 FROM sync_plan p WHERE p.run_id = ")
+            .bind(run_id.to_string())
+            .push(" AND p.pseudonymous_id = s.pseudonymous_id)");
+        execute(&txn, &removes).await?;
+        number_batches(&txn, run_id, batch_limit).await?;
+        let counts = counts(&txn, run_id, batch_limit).await?;
+        txn.commit().await?;
+        Ok(counts)
+    }
+
+    /// Numbers a removal run's staged members into batches.
+    pub async fn plan_removal(
+        &self,
+        run_id: &str,
+        batch_limit: u64,
+    ) -> Result<PlanCounts, ActivationError> {
+        let txn = self.db.begin().await?;
+        number_batches(&txn, run_id, batch_limit).await?;
+        let counts = counts(&txn, run_id, batch_limit).await?;
+        txn.commit().await?;
+        Ok(counts)
+    }
+
+    /// The plan's counts for a run planned earlier.
+    pub async fn plan_counts(
+        &self,
+        run_id: &str,
+        batch_limit: u64,
+    ) -> Result<PlanCounts, ActivationError> {
+        counts(&self.db, run_id, batch_limit).await
+    }
+
+    /// Batch `seq` of `op` in a run's plan, in id order.
+    pub async fn planned_batch(
+        &self,
+        run_id: &str,
+        op: Op,
+        seq: u32,
+    ) -> Result<Vec<Member>, ActivationError> {
+        sync_plan::Entity::find()
+            .filter(sync_plan::Column::RunId.eq(run_id))
+            .filter(sync_plan::Column::Op.eq(op.as_str()))
+            .filter(sync_plan::Column::Seq.eq(i64::from(seq)))
+            .order_by_asc(sync_plan::Column::PseudonymousId)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(Member {
+                    identifiers: identifiers_from(&row.identifiers)?,
+                    id: row.pseudonymous_id,
+                })
+            })
+            .collect()
+    }
+
+    /// The batches of a run that have an outcome on record.
+    pub async fn recorded_batches(
+        &self,
+        run_id: &str,
+    ) -> Result<BTreeSet<(String, u32)>, ActivationError> {
+        Ok(sync_batch::Entity::find()
+            .filter(sync_batch::Column::RunId.eq(run_id))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|row| (row.op, u32::try_from(row.seq).unwrap_or(0)))
+            .collect())
+    }
+}
+
+/// Gives each `add` and each `remove` its batch: the n-th member of an op in
+/// id order is in batch `n / limit + 1`.
+async fn number_batches<C: ConnectionTrait>(
+    db: &C,
+    run_id: &str,
+    batch_limit: u64,
+) -> Result<(), ActivationError> {
+    let limit = i64::try_from(batch_limit.max(1)).unwrap_or(i64::MAX);
+    for op in [Op::Add, Op::Remove] {
+        let mut sql = Sql::new(
+            "UPDATE sync_plan SET seq = ranked.seq FROM (SELECT pseudonymous_id, \
+             (row_number() OVER (ORDER BY pseudonymous_id) - 1) / ",
+        );
+        sql.bind(limit)
+            .push(" + 1 AS seq FROM sync_plan WHERE run_id = ")
+            .bind(run_id.to_string())
+            .push(" AND op = ")
+            .bind(op.as_str())
+            .push(") AS ranked WHERE sync_plan.run_id = ")
+            .bind(run_id.to_string())
+            .push(" AND sync_plan.op = ")
+            .bind(op.as_str())
+            .push(" AND sync_plan.pseudonymous_id = ranked.pseudonymous_id");
+        execute(db, &sql).await?;
+    }
+    Ok(())
+}
+
+async fn counts<C: ConnectionTrait>(
+    db: &C,
+    run_id: &str,
+    batch_limit: u64,
+) -> Result<PlanCounts, ActivationError> {
+    let mut sql = Sql::new("SELECT op, count(*) AS n FROM sync_plan WHERE run_id = ");
+    sql.bind(run_id.to_string()).push(" GROUP BY op");
+    let mut counts = PlanCounts {
+        batch_limit,
+        ..PlanCounts::default()
+    };
+    for row in db
+        .query_all_raw(sql.statement(db.get_database_backend()))
+        .await?
+    {
+        let op: Option<String> = row.try_get("", "op")?;
+        let n: i64 = row.try_get("", "n")?;
+        let n = u64::try_from(n).unwrap_or(0);
+        match op.as_deref() {
+            Some("add") => counts.adds = n,
+            Some("remove") => counts.removes = n,
+            _ => counts.unchanged = n,
+        }
+    }
+    Ok(counts)
+}
