@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{bearer, channel, export_rate, median, peak_rss_mib, percentile};
 use madtech::suite::InProcess;
-use madtech_gateway::crossing::{Filter, Pseudonymiser, sha256_hex};
+use madtech_gateway::crossing::{Filter, Pseudonymiser};
+use madtech_gateway::hashing::sha256_hex;
 use madtech_gateway::policy::PolicySet;
 use madtech_proto::consent::v1::ConsentState;
 use madtech_proto::profiles::v1 as profiles_pb;

@@ -3,6 +3,7 @@
 //! for mistakes casbin would accept silently, and the decisions that change
 //! between two policy sets. Used by `madtech policy …` and by CI.
 
+use crate::hashing::Form;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -503,6 +504,34 @@ pub fn lint(set: &PolicySet) -> Result<Vec<String>, CaseError> {
                 IDENTIFIERS.1
             ));
         }
+        let form = row.get(3).map(String::as_str).unwrap_or_default();
+        if Form::parse(form).is_none() {
+            let known: Vec<&str> = Form::ALL.iter().map(|f| f.name()).collect();
+            problems.push(format!(
+                "{}: form {form:?} is not one the gateway computes ({})",
+                IDENTIFIERS.1,
+                known.join(", ")
+            ));
+        }
+    }
+    // Identifiers: one form at most per destination kind and identifier kind.
+    let identifier_kinds: BTreeSet<&str> = rows
+        .get(IDENTIFIERS.1)
+        .into_iter()
+        .flatten()
+        .filter(|r| r[0] == "p")
+        .filter_map(|r| r.get(2).map(String::as_str))
+        .collect();
+    let destination_kinds: BTreeSet<String> = grouping(IDENTIFIERS.1, "g")
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    for dest in &destination_kinds {
+        for kind in &identifier_kinds {
+            if let Err(err) = set.identifier_form(dest, kind) {
+                problems.push(err.to_string());
+            }
+        }
     }
     // RBAC: every method pattern names methods the API has.
     let methods = crate::route::api_methods();
@@ -667,6 +696,11 @@ mod tests {
             CASE_FILES[1],
             "file,ad_targeting,FR,unset,adult,allow,wrong on purpose\n",
         );
+        append(
+            dir.path(),
+            IDENTIFIERS.1,
+            "p, google_hashing, phone, sha256_digits\np, email_hashing, email, md5\n",
+        );
         let set = PolicySet::load(dir.path()).await.expect("still loads");
         let report = run_cases(&set, &load_cases(dir.path()).expect("cases")).expect("run");
         assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
@@ -695,6 +729,16 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("GetProfil")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("phone may reach google_ads as both sha256 and sha256_digits")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("form \"md5\"")),
             "{problems:?}"
         );
     }

@@ -7,6 +7,7 @@
 //! Fail closed: if consent cannot be looked up or the policy cannot be
 //! evaluated, the export fails; nothing crosses undecided.
 
+use crate::hashing::Form;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -29,9 +30,6 @@ use crate::token::Caller;
 
 /// The gRPC path of the crossing this module filters.
 pub const EXPORT_AUDIENCE: &str = "/madtech.segments.v1.SegmentService/ExportAudience";
-
-/// The one form identifiers cross in.
-const SHA256: &str = "sha256";
 
 /// Derives pseudonymous ids: HMAC-SHA256 over the destination and profile
 /// ids, so the same person has one id per destination, ids of different
@@ -109,11 +107,6 @@ impl Pseudonymiser {
     }
 }
 
-/// Lower-case hex SHA-256 of an identifier's normalised value.
-pub fn sha256_hex(value: &str) -> String {
-    hex::encode(Sha256::digest(value.as_bytes()))
-}
-
 /// Consent states as the consent policy names them. A state the gateway
 /// does not know is `unknown`, which no policy row allows.
 pub fn consent_state_name(state: consent_pb::ConsentState) -> &'static str {
@@ -168,7 +161,8 @@ pub struct Filter {
     today: chrono::NaiveDate,
     /// Decisions by region, then at `band index * 4 + state_index`.
     decisions: HashMap<String, Vec<Option<bool>>>,
-    kinds: HashMap<String, bool>,
+    /// The form each identifier kind crosses in, `None` when it may not.
+    forms: HashMap<String, Option<Form>>,
     /// Running SHA-256 over everything released, for the audit record.
     released: Sha256,
     pub tally: Tally,
@@ -190,7 +184,7 @@ impl Filter {
             purpose: purpose.to_string(),
             today: chrono::Utc::now().date_naive(),
             decisions: HashMap::new(),
-            kinds: HashMap::new(),
+            forms: HashMap::new(),
             released: Sha256::new(),
             tally: Tally::default(),
         }
@@ -240,13 +234,13 @@ impl Filter {
         }
         let mut hashed = Vec::with_capacity(member.identifiers.len());
         for identifier in &member.identifiers {
-            if self.kind_allowed(&identifier.kind)? {
-                hashed.push(segments_pb::HashedIdentifier {
+            match self.form_of(&identifier.kind)? {
+                Some(form) => hashed.push(segments_pb::HashedIdentifier {
                     kind: identifier.kind.clone(),
-                    sha256: sha256_hex(&identifier.value),
-                });
-            } else {
-                self.tally.identifiers_stripped += 1;
+                    sha256: form.hash(&identifier.kind, &identifier.value),
+                    form: form.name().to_string(),
+                }),
+                None => self.tally.identifiers_stripped += 1,
             }
         }
         self.tally.allowed += 1;
@@ -278,15 +272,13 @@ impl Filter {
         hex::encode(self.released.clone().finalize())
     }
 
-    fn kind_allowed(&mut self, kind: &str) -> Result<bool, PolicyError> {
-        if let Some(allowed) = self.kinds.get(kind) {
-            return Ok(*allowed);
+    fn form_of(&mut self, kind: &str) -> Result<Option<Form>, PolicyError> {
+        if let Some(form) = self.forms.get(kind) {
+            return Ok(*form);
         }
-        let allowed = self
-            .policy
-            .allows_identifier(&self.destination_kind, kind, SHA256)?;
-        self.kinds.insert(kind.to_string(), allowed);
-        Ok(allowed)
+        let form = self.policy.identifier_form(&self.destination_kind, kind)?;
+        self.forms.insert(kind.to_string(), form);
+        Ok(form)
     }
 }
 
@@ -659,11 +651,13 @@ mod tests {
                     kind: "email".into(),
                     sha256: "b4c9a289323b21a01c3e940f150eb9b8c542587f1abfd8f0e1cc1ffc5e475514"
                         .into(),
+                    form: "sha256".into(),
                 },
                 segments_pb::HashedIdentifier {
                     kind: "phone".into(),
                     sha256: "10e6f0b47054a83359477dcb35231db6de5c69fb1816e1a6b98e192de9e5b9ee"
                         .into(),
+                    form: "sha256".into(),
                 },
             ]
         );
@@ -726,6 +720,7 @@ mod tests {
 
     #[test]
     fn sha256_matches_the_published_vector() {
+        use crate::hashing::sha256_hex;
         // FIPS 180-2 appendix B.1: SHA-256("abc").
         assert_eq!(
             sha256_hex("abc"),

@@ -14,6 +14,7 @@ pub mod consent_view;
 pub mod crossing;
 pub mod error;
 pub mod guard;
+pub mod hashing;
 pub mod keys;
 pub mod limit;
 pub mod observe;

@@ -3,6 +3,7 @@
 //! every decision from one immutable set, so no request ever sees half of a
 //! change. A set that does not load is never used: the gateway fails closed.
 
+use crate::hashing::Form;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -437,6 +438,32 @@ impl PolicySet {
         form: &str,
     ) -> Result<bool, PolicyError> {
         evaluate(&self.identifiers, (destination_kind, kind, form))
+    }
+
+    /// The form in which an identifier of `kind` may reach a destination of
+    /// `destination_kind`, or `None` when it may not cross. The policy must
+    /// allow at most one form per pair (`madtech policy lint` checks);
+    /// more than one is an error, so nothing crosses in a form nobody chose.
+    pub fn identifier_form(
+        &self,
+        destination_kind: &str,
+        kind: &str,
+    ) -> Result<Option<Form>, PolicyError> {
+        let mut allowed = None;
+        for form in Form::ALL {
+            if !self.allows_identifier(destination_kind, kind, form.name())? {
+                continue;
+            }
+            if let Some(first) = allowed.replace(form) {
+                return Err(PolicyError::Evaluate(format!(
+                    "{}: {kind} may reach {destination_kind} as both {} and {}",
+                    IDENTIFIERS.1,
+                    first.name(),
+                    form.name()
+                )));
+            }
+        }
+        Ok(allowed)
     }
 
     /// Like [`Self::allows_method`], with the rows that allowed it.
