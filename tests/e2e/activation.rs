@@ -429,3 +429,115 @@ async fn withdrawal_removes_from_meta_without_a_sync_sqlite() {
 async fn withdrawal_removes_from_meta_without_a_sync_postgres() {
     withdrawal_removes_from_meta_without_a_sync(Backend::Postgres).await;
 }
+
+fn secret_file(dir: &std::path::Path, name: &str, value: &str) -> Option<activation_pb::SecretRef> {
+    let path = dir.join(name);
+    std::fs::write(&path, value).expect("secret file");
+    Some(activation_pb::SecretRef {
+        source: Some(activation_pb::secret_ref::Source::File(
+            path.display().to_string(),
+        )),
+    })
+}
+
+/// Google, The Trade Desk and LinkedIn each get the hashes they match on —
+/// UID2-normalised for The Trade Desk — in their own API's shape, and a
+/// person who leaves the segment is removed from all three.
+async fn every_platform_gets_its_own_hashes(backend: Backend) {
+    let suite = suite(backend).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let google = MockPlatform::google_ads("1234567890", "555", "g-token", "g-dev").await;
+    let ttd = MockPlatform::the_trade_desk("adv1", "crm9", "t-token").await;
+    let linkedin = MockPlatform::linkedin("10804", "l-token").await;
+    suite
+        .person("Jane.Saoirse@gmail.com", "US-CA", Default::default())
+        .await;
+    suite
+        .person("bob@example.com", "US-CA", Default::default())
+        .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let dir = secrets.path();
+    let targets = [
+        Target::GoogleAds(activation_pb::GoogleAdsDestination {
+            customer_id: "1234567890".into(),
+            user_list_id: "555".into(),
+            login_customer_id: String::new(),
+            access_token: secret_file(dir, "g", "g-token"),
+            developer_token: secret_file(dir, "gd", "g-dev"),
+            base_url: format!("{}/v21", google.base_url()),
+        }),
+        Target::TheTradeDesk(activation_pb::TradeDeskDestination {
+            advertiser_id: "adv1".into(),
+            crm_data_id: "crm9".into(),
+            auth_token: secret_file(dir, "t", "t-token"),
+            base_url: format!("{}/v3", ttd.base_url()),
+        }),
+        Target::Linkedin(activation_pb::LinkedInDestination {
+            segment_id: "10804".into(),
+            access_token: secret_file(dir, "l", "l-token"),
+            base_url: format!("{}/rest", linkedin.base_url()),
+        }),
+    ];
+    let mut activations = Vec::new();
+    for (i, target) in targets.into_iter().enumerate() {
+        let (destination, activated) = suite
+            .activate(&segment.segment_id, &format!("platform-{i}"), target)
+            .await;
+        activations.push((destination.kind, activated.activation_id));
+    }
+    let kinds: Vec<&str> = activations.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(kinds, ["google_ads", "the_trade_desk", "linkedin"]);
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    for (_, id) in &activations {
+        let run = sync(&mut activation, id).await;
+        assert_eq!(run.added, 2);
+    }
+    let jane = sha256_hex("jane.saoirse@gmail.com");
+    let bob = sha256_hex("bob@example.com");
+    // UID2's published vector for this address (testdata `uid2_email_gmail`).
+    let jane_uid2 = "92ee26057ed9dea2535d6c8b141d48373932476599196e00352254896db5888f".to_string();
+    let expected = |hashes: &[&String]| {
+        hashes
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    for (mock, want) in [
+        (&google, expected(&[&jane, &bob])),
+        (&ttd, expected(&[&jane_uid2, &bob])),
+        (&linkedin, expected(&[&jane, &bob])),
+    ] {
+        let platform = mock.platform();
+        assert!(platform.violations.is_empty(), "{:?}", platform.violations);
+        assert_eq!(platform.audience, want);
+    }
+
+    suite
+        .person("bob@example.com", "US-NV", Default::default())
+        .await;
+    for (_, id) in &activations {
+        let run = sync(&mut activation, id).await;
+        assert_eq!((run.added, run.removed), (0, 1));
+    }
+    for (mock, want) in [
+        (&google, expected(&[&jane])),
+        (&ttd, expected(&[&jane_uid2])),
+        (&linkedin, expected(&[&jane])),
+    ] {
+        let platform = mock.platform();
+        assert!(platform.violations.is_empty(), "{:?}", platform.violations);
+        assert_eq!(platform.audience, want);
+        assert_eq!(platform.received.last().map(|r| r.op), Some("remove"));
+    }
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn every_platform_gets_its_own_hashes_sqlite() {
+    every_platform_gets_its_own_hashes(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn every_platform_gets_its_own_hashes_postgres() {
+    every_platform_gets_its_own_hashes(Backend::Postgres).await;
+}

@@ -46,8 +46,38 @@ fn identifier_hashes(hashes: &[String]) -> Result<Vec<String>, FieldError> {
     })
 }
 
-/// The Graph API version Meta destinations use unless given a base URL.
+/// Where each platform's API is unless a destination names a base URL.
 const META_GRAPH_API: &str = "https://graph.facebook.com/v21.0";
+const GOOGLE_ADS_API: &str = "https://googleads.googleapis.com/v21";
+const TRADE_DESK_API: &str = "https://api.thetradedesk.com/v3";
+const LINKEDIN_API: &str = "https://api.linkedin.com/rest";
+
+/// `value` when it is 1 to 64 ASCII digits.
+fn digits<'a>(field: &str, value: &'a str) -> Result<&'a str, FieldError> {
+    let value = require(field, value)?;
+    if value.len() > 64 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(FieldError::new(field, "must be digits only"));
+    }
+    Ok(value)
+}
+
+/// `value` when it is 1 to 64 ASCII letters and digits.
+fn alphanumeric<'a>(field: &str, value: &'a str) -> Result<&'a str, FieldError> {
+    let value = require(field, value)?;
+    if value.len() > 64 || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(FieldError::new(field, "must be letters and digits only"));
+    }
+    Ok(value)
+}
+
+/// The destination's base URL, or the platform's when none is given.
+fn base_url(field: &str, url: &str, default: &str) -> Result<String, FieldError> {
+    if url.trim().is_empty() {
+        Ok(default.to_string())
+    } else {
+        endpoint_url(field, url)
+    }
+}
 /// Runs listed when the caller names no page size, and the most.
 const RUNS_PAGE: u32 = 100;
 const RUNS_PAGE_MAX: u32 = 1_000;
@@ -108,7 +138,7 @@ fn target_from_pb(
     match target {
         None => Err(FieldError::new(
             "target",
-            "name where the destination delivers (file, meta, webhook)",
+            "name where the destination delivers (file, meta, webhook, google_ads, the_trade_desk, linkedin)",
         )),
         Some(T::File(file)) => Ok(Target::File {
             directory: file_directory("file.directory", &file.directory)?,
@@ -118,25 +148,35 @@ fn target_from_pb(
                 _ => return Err(FieldError::new("file.format", "must be JSONL or CSV")),
             },
         }),
-        Some(T::Meta(meta)) => {
-            let audience_id = require("meta.audience_id", &meta.audience_id)?;
-            if !audience_id.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(FieldError::new(
-                    "meta.audience_id",
-                    "must be a Custom Audience id (digits)",
-                ));
-            }
-            let base_url = if meta.base_url.trim().is_empty() {
-                META_GRAPH_API.to_string()
+        Some(T::Meta(meta)) => Ok(Target::Meta {
+            audience_id: digits("meta.audience_id", &meta.audience_id)?.to_string(),
+            access_token: secret_from_pb("meta.access_token", meta.access_token)?,
+            base_url: base_url("meta.base_url", &meta.base_url, META_GRAPH_API)?,
+        }),
+        Some(T::GoogleAds(google)) => Ok(Target::GoogleAds {
+            customer_id: digits("google_ads.customer_id", &google.customer_id)?.to_string(),
+            user_list_id: digits("google_ads.user_list_id", &google.user_list_id)?.to_string(),
+            login_customer_id: if google.login_customer_id.is_empty() {
+                String::new()
             } else {
-                endpoint_url("meta.base_url", &meta.base_url)?
-            };
-            Ok(Target::Meta {
-                audience_id: audience_id.to_string(),
-                access_token: secret_from_pb("meta.access_token", meta.access_token)?,
-                base_url,
-            })
-        }
+                digits("google_ads.login_customer_id", &google.login_customer_id)?.to_string()
+            },
+            access_token: secret_from_pb("google_ads.access_token", google.access_token)?,
+            developer_token: secret_from_pb("google_ads.developer_token", google.developer_token)?,
+            base_url: base_url("google_ads.base_url", &google.base_url, GOOGLE_ADS_API)?,
+        }),
+        Some(T::TheTradeDesk(ttd)) => Ok(Target::TheTradeDesk {
+            advertiser_id: alphanumeric("the_trade_desk.advertiser_id", &ttd.advertiser_id)?
+                .to_string(),
+            crm_data_id: alphanumeric("the_trade_desk.crm_data_id", &ttd.crm_data_id)?.to_string(),
+            auth_token: secret_from_pb("the_trade_desk.auth_token", ttd.auth_token)?,
+            base_url: base_url("the_trade_desk.base_url", &ttd.base_url, TRADE_DESK_API)?,
+        }),
+        Some(T::Linkedin(linkedin)) => Ok(Target::Linkedin {
+            segment_id: digits("linkedin.segment_id", &linkedin.segment_id)?.to_string(),
+            access_token: secret_from_pb("linkedin.access_token", linkedin.access_token)?,
+            base_url: base_url("linkedin.base_url", &linkedin.base_url, LINKEDIN_API)?,
+        }),
         Some(T::Webhook(webhook)) => {
             let batch_size = match webhook.batch_size as usize {
                 0 => WEBHOOK_DEFAULT_BATCH,
@@ -185,6 +225,41 @@ fn destination_to_pb(destination: &Destination) -> pb::Destination {
             url: url.clone(),
             signing_secret: Some(secret_to_pb(signing_secret)),
             batch_size: u32::try_from(*batch_size).unwrap_or(u32::MAX),
+        }),
+        Target::GoogleAds {
+            customer_id,
+            user_list_id,
+            login_customer_id,
+            access_token,
+            developer_token,
+            base_url,
+        } => T::GoogleAds(pb::GoogleAdsDestination {
+            customer_id: customer_id.clone(),
+            user_list_id: user_list_id.clone(),
+            login_customer_id: login_customer_id.clone(),
+            access_token: Some(secret_to_pb(access_token)),
+            developer_token: Some(secret_to_pb(developer_token)),
+            base_url: base_url.clone(),
+        }),
+        Target::TheTradeDesk {
+            advertiser_id,
+            crm_data_id,
+            auth_token,
+            base_url,
+        } => T::TheTradeDesk(pb::TradeDeskDestination {
+            advertiser_id: advertiser_id.clone(),
+            crm_data_id: crm_data_id.clone(),
+            auth_token: Some(secret_to_pb(auth_token)),
+            base_url: base_url.clone(),
+        }),
+        Target::Linkedin {
+            segment_id,
+            access_token,
+            base_url,
+        } => T::Linkedin(pb::LinkedInDestination {
+            segment_id: segment_id.clone(),
+            access_token: Some(secret_to_pb(access_token)),
+            base_url: base_url.clone(),
         }),
     };
     pb::Destination {

@@ -148,7 +148,7 @@ impl Syncer {
         let _running = lock.lock().await;
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
-        self.recover(&destination, activation_id).await?;
+        self.recover(&activation, &destination).await?;
         let mut run = SyncRun::start(activation_id, Trigger::Sync);
         self.store.save_run(&run).await?;
         let reporter = Progress(Some(&progress));
@@ -207,13 +207,15 @@ impl Syncer {
         run.to_send = plan.adds + plan.removes;
         self.store.save_run(run).await?;
         progress.report(run);
-        self.deliver_plan(run, destination, &plan, progress).await
+        self.deliver_plan(run, activation, destination, &plan, progress)
+            .await
     }
 
     /// Delivers every batch of a run's plan, removes first.
     async fn deliver_plan(
         &self,
         run: &mut SyncRun,
+        activation: &Activation,
         destination: &Destination,
         plan: &PlanCounts,
         progress: &Progress<'_>,
@@ -227,6 +229,7 @@ impl Syncer {
                     seq,
                     last: seq == plan.batches(op),
                     total: plan.members(op),
+                    purpose: &activation.purpose,
                     members: &members,
                 };
                 self.deliver_batch(run, destination, batch, progress)
@@ -324,9 +327,10 @@ impl Syncer {
     /// the next run plans afresh from the audience as it is then.
     async fn recover(
         &self,
+        activation: &Activation,
         destination: &Destination,
-        activation_id: &str,
     ) -> Result<(), ActivationError> {
+        let activation_id = activation.id.as_str();
         for mut stale in self.store.unfinished_runs(activation_id).await? {
             if stale.phase == Phase::Sending {
                 let limit = destination.target.batch_limit() as u64;
@@ -358,6 +362,7 @@ impl Syncer {
                             seq,
                             last: seq == plan.batches(op),
                             total: plan.members(op),
+                            purpose: &activation.purpose,
                             members: &members,
                         };
                         self.deliver_batch(&mut stale, destination, batch, &Progress(None))
@@ -397,7 +402,7 @@ impl Syncer {
             let _running = lock.lock().await;
             let activation = self.store.activation(&activation_id).await?;
             let destination = self.store.destination(&activation.destination_id).await?;
-            self.recover(&destination, &activation_id).await?;
+            self.recover(&activation, &destination).await?;
         }
         Ok(())
     }
@@ -416,7 +421,7 @@ impl Syncer {
         let _running = lock.lock().await;
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
-        self.recover(&destination, activation_id).await?;
+        self.recover(&activation, &destination).await?;
         // Read under the lock: a sync that just ended may have changed it.
         let members: Vec<Member> = self
             .store
@@ -435,7 +440,7 @@ impl Syncer {
         run.phase = Phase::Sending;
         self.store.save_run(&run).await?;
         let outcome = self
-            .plan_and_deliver_removal(&mut run, &destination, &members)
+            .plan_and_deliver_removal(&mut run, &activation, &destination, &members)
             .await;
         self.finish(&mut run, outcome).await.map(|()| Some(run))
     }
@@ -443,6 +448,7 @@ impl Syncer {
     async fn plan_and_deliver_removal(
         &self,
         run: &mut SyncRun,
+        activation: &Activation,
         destination: &Destination,
         members: &[Member],
     ) -> Result<(), ActivationError> {
@@ -453,7 +459,7 @@ impl Syncer {
         let plan = self.store.plan_removal(&run.id, limit).await?;
         run.to_send = plan.removes;
         self.store.save_run(run).await?;
-        self.deliver_plan(run, destination, &plan, &Progress(None))
+        self.deliver_plan(run, activation, destination, &plan, &Progress(None))
             .await
     }
 

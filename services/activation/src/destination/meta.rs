@@ -142,6 +142,7 @@ mod tests {
             seq: 2,
             last: true,
             total: 10_003,
+            purpose: "ad_targeting",
             members: &members,
         };
         let request = request("http://127.0.0.1:9/v21.0", "123", batch)
@@ -182,6 +183,7 @@ mod tests {
             seq: 1,
             last: true,
             total: 1,
+            purpose: "ad_targeting",
             members: &members,
         };
         let request = request("https://graph.facebook.com/v21.0", "9", batch)

@@ -5,9 +5,12 @@
 //! pseudonymous ids with SHA-256 hashes, as the gateway released them.
 
 mod file;
+mod google;
 mod http;
+mod linkedin;
 mod meta;
 mod secret;
+mod ttd;
 mod webhook;
 
 use std::path::PathBuf;
@@ -64,6 +67,8 @@ pub struct Batch<'a> {
     pub last: bool,
     /// Members of `op` in the whole session.
     pub total: u64,
+    /// The activation's purpose (Google's consent fields depend on it).
+    pub purpose: &'a str,
     pub members: &'a [Member],
 }
 
@@ -90,6 +95,29 @@ pub enum Target {
         signing_secret: SecretRef,
         batch_size: usize,
     },
+    /// A Google Ads Customer Match user list.
+    GoogleAds {
+        customer_id: String,
+        user_list_id: String,
+        /// The manager account the call goes through; empty for none.
+        login_customer_id: String,
+        access_token: SecretRef,
+        developer_token: SecretRef,
+        base_url: String,
+    },
+    /// A The Trade Desk CRM data segment.
+    TheTradeDesk {
+        advertiser_id: String,
+        crm_data_id: String,
+        auth_token: SecretRef,
+        base_url: String,
+    },
+    /// A LinkedIn Matched Audiences (DMP) segment.
+    Linkedin {
+        segment_id: String,
+        access_token: SecretRef,
+        base_url: String,
+    },
 }
 
 /// Members per file written by a file destination.
@@ -106,6 +134,9 @@ impl Target {
             Target::File { .. } => "file",
             Target::Meta { .. } => "meta",
             Target::Webhook { .. } => "webhook",
+            Target::GoogleAds { .. } => "google_ads",
+            Target::TheTradeDesk { .. } => "the_trade_desk",
+            Target::Linkedin { .. } => "linkedin",
         }
     }
 
@@ -115,6 +146,9 @@ impl Target {
             Target::File { .. } => FILE_BATCH,
             Target::Meta { .. } => meta::MAX_USERS_PER_REQUEST,
             Target::Webhook { batch_size, .. } => *batch_size,
+            Target::GoogleAds { .. } => google::MAX_PEOPLE_PER_BATCH,
+            Target::TheTradeDesk { .. } => ttd::MAX_PEOPLE_PER_DROP,
+            Target::Linkedin { .. } => linkedin::MAX_PEOPLE_PER_REQUEST,
         }
     }
 }
@@ -223,6 +257,76 @@ impl Delivery {
                     .send(request, retries)
                     .await
                     .map(|_| Receipt::default())
+            }
+            Target::GoogleAds {
+                customer_id,
+                user_list_id,
+                login_customer_id,
+                access_token,
+                developer_token,
+                base_url,
+            } => {
+                let (access_token, developer_token) =
+                    (access_token.read().await?, developer_token.read().await?);
+                let account = google::Account {
+                    base_url,
+                    customer_id,
+                    user_list_id,
+                    login_customer_id,
+                    access_token: &access_token,
+                    developer_token: &developer_token,
+                };
+                // One job per batch: created, filled, run. A job left
+                // unrun by a failure is never run, so it changes nothing.
+                let created = self
+                    .http
+                    .send(account.create_job(batch.purpose)?, retries)
+                    .await?;
+                let job = google::job_name(&created, customer_id)?;
+                let Some(operations) = account.add_operations(&job, batch)? else {
+                    return Ok(Receipt::default());
+                };
+                self.http.send(operations, retries).await?;
+                self.http.send(account.run_job(&job)?, retries).await?;
+                Ok(Receipt::default())
+            }
+            Target::TheTradeDesk {
+                advertiser_id,
+                crm_data_id,
+                auth_token,
+                base_url,
+            } => {
+                let Some(body) = ttd::drop_body(batch)? else {
+                    return Ok(Receipt::default());
+                };
+                let auth_token = auth_token.read().await?;
+                let account = ttd::Account {
+                    base_url,
+                    advertiser_id,
+                    crm_data_id,
+                    auth_token: &auth_token,
+                };
+                let answer = self
+                    .http
+                    .send(account.drop_request(batch.op)?, retries)
+                    .await?;
+                let url = ttd::drop_url(&answer, base_url)?;
+                self.http.send(ttd::upload(url, body), retries).await?;
+                Ok(Receipt::default())
+            }
+            Target::Linkedin {
+                segment_id,
+                access_token,
+                base_url,
+            } => {
+                let access_token = access_token.read().await?;
+                let Some(request) = linkedin::request(base_url, segment_id, &access_token, batch)?
+                else {
+                    return Ok(Receipt::default());
+                };
+                let answer = self.http.send(request, retries).await?;
+                linkedin::check_answer(&answer)?;
+                Ok(Receipt::default())
             }
         }
     }

@@ -91,6 +91,7 @@ mod tests {
             seq: 3,
             last: false,
             total: 5,
+            purpose: "ad_targeting",
             members: &members,
         };
         let request = request("https://hooks.example/x", "k", batch).expect("shaped");

@@ -1,0 +1,211 @@
+//! The Google Ads API's offline user data jobs for one Customer Match list:
+//! `offlineUserDataJobs:create`, `:addOperations` (100,000 identifiers at
+//! most, hashed email and phone only), `:run`, which applies the job to the
+//! list. Developer token and bearer are checked on every call.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+
+use super::{Platform, Received, arrive, has_bearer, is_sha256_hex, lock, violation};
+
+pub(super) struct Account {
+    pub customer_id: String,
+    pub list_id: String,
+    pub token: String,
+    pub developer_token: String,
+}
+
+#[derive(Default)]
+struct Jobs {
+    next: u64,
+    /// Operations added per job: (op, identifier hashes).
+    pending: BTreeMap<u64, Vec<(&'static str, Vec<String>)>>,
+}
+
+struct GoogleMock {
+    account: Account,
+    jobs: Mutex<Jobs>,
+    state: Arc<Mutex<Platform>>,
+}
+
+pub(super) fn router(account: Account, state: Arc<Mutex<Platform>>) -> Router {
+    let mock = Arc::new(GoogleMock {
+        account,
+        jobs: Mutex::new(Jobs::default()),
+        state,
+    });
+    Router::new()
+        .route("/{version}/customers/{customer}/{call}", post(create_job))
+        .route(
+            "/{version}/customers/{customer}/offlineUserDataJobs/{call}",
+            post(job_call),
+        )
+        .with_state(mock)
+}
+
+fn authorised(mock: &GoogleMock, headers: &HeaderMap) -> bool {
+    has_bearer(headers, &mock.account.token)
+        && headers
+            .get("developer-token")
+            .and_then(|value| value.to_str().ok())
+            == Some(mock.account.developer_token.as_str())
+}
+
+async fn create_job(
+    State(mock): State<Arc<GoogleMock>>,
+    Path((_version, customer, call)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(answer) = arrive(&mock.state).await {
+        return answer;
+    }
+    let mut platform = lock(&mock.state);
+    if !authorised(&mock, &headers) {
+        platform
+            .violations
+            .push("missing developer token or bearer".into());
+        return (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response();
+    }
+    if call != "offlineUserDataJobs:create" || customer != mock.account.customer_id {
+        return violation(&mut platform, format!("unexpected call {customer}/{call}"));
+    }
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return violation(&mut platform, "create: body is not JSON".into());
+    };
+    let job = &request["job"];
+    let list = format!(
+        "customers/{}/userLists/{}",
+        mock.account.customer_id, mock.account.list_id
+    );
+    let consent = &job["customerMatchUserListMetadata"]["consent"];
+    let valid = job["type"] == "CUSTOMER_MATCH_USER_LIST"
+        && job["customerMatchUserListMetadata"]["userList"] == list.as_str()
+        && consent["adUserData"] == "GRANTED"
+        && matches!(
+            consent["adPersonalization"].as_str(),
+            Some("GRANTED" | "DENIED")
+        );
+    if !valid {
+        return violation(&mut platform, format!("create: job {job}"));
+    }
+    let mut jobs = mock.jobs.lock().unwrap_or_else(|p| p.into_inner());
+    jobs.next += 1;
+    let id = jobs.next;
+    jobs.pending.insert(id, Vec::new());
+    let name = format!(
+        "customers/{}/offlineUserDataJobs/{id}",
+        mock.account.customer_id
+    );
+    (
+        StatusCode::OK,
+        serde_json::json!({"resourceName": name}).to_string(),
+    )
+        .into_response()
+}
+
+async fn job_call(
+    State(mock): State<Arc<GoogleMock>>,
+    Path((_version, customer, call)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(answer) = arrive(&mock.state).await {
+        return answer;
+    }
+    let mut platform = lock(&mock.state);
+    if !authorised(&mock, &headers) {
+        platform
+            .violations
+            .push("missing developer token or bearer".into());
+        return (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response();
+    }
+    let mut jobs = mock.jobs.lock().unwrap_or_else(|p| p.into_inner());
+    let (id, action) = call.split_once(':').unwrap_or((&call, ""));
+    let id: u64 = id.parse().unwrap_or(0);
+    if customer != mock.account.customer_id || !jobs.pending.contains_key(&id) {
+        return violation(&mut platform, format!("unknown job {customer}/{call}"));
+    }
+    match action {
+        "addOperations" => {
+            let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                return violation(&mut platform, "addOperations: body is not JSON".into());
+            };
+            let operations = request["operations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut identifiers = 0;
+            let mut added = Vec::new();
+            for operation in &operations {
+                let (op, data) = match (operation.get("create"), operation.get("remove")) {
+                    (Some(data), None) => ("add", data),
+                    (None, Some(data)) => ("remove", data),
+                    _ => return violation(&mut platform, format!("operation {operation}")),
+                };
+                let mut hashes = Vec::new();
+                for identifier in data["userIdentifiers"].as_array().into_iter().flatten() {
+                    let hash = identifier["hashedEmail"]
+                        .as_str()
+                        .or(identifier["hashedPhoneNumber"].as_str())
+                        .unwrap_or_default();
+                    if !is_sha256_hex(hash) {
+                        return violation(&mut platform, format!("identifier {identifier}"));
+                    }
+                    hashes.push(hash.to_string());
+                }
+                identifiers += hashes.len();
+                added.push((op, hashes));
+            }
+            if operations.is_empty() || identifiers > 100_000 {
+                return violation(
+                    &mut platform,
+                    format!(
+                        "{identifiers} identifiers in {} operations",
+                        operations.len()
+                    ),
+                );
+            }
+            jobs.pending.entry(id).or_default().extend(added);
+            (StatusCode::OK, "{}").into_response()
+        }
+        "run" => {
+            let Some(operations) = jobs.pending.remove(&id) else {
+                return violation(&mut platform, format!("job {id} ran twice"));
+            };
+            let op = operations.first().map_or("add", |(op, _)| *op);
+            for (op, hashes) in &operations {
+                for hash in hashes {
+                    if *op == "add" {
+                        platform.audience.insert(hash.clone());
+                    } else {
+                        platform.audience.remove(hash);
+                    }
+                }
+            }
+            platform.received.push(Received {
+                op,
+                session_id: id,
+                batch_seq: 0,
+                last_batch: true,
+                rows: operations.len(),
+                at: Instant::now(),
+            });
+            let operation = format!("customers/{customer}/operations/{id}");
+            (
+                StatusCode::OK,
+                serde_json::json!({"name": operation}).to_string(),
+            )
+                .into_response()
+        }
+        other => violation(&mut platform, format!("unknown job call {other}")),
+    }
+}
