@@ -12,19 +12,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use madtech::suite::InProcess;
-use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
-use profiles_pb::profile_service_client::ProfileServiceClient;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
-use common::{bearer, channel, export_rate, median, peak_rss_mib, rss_growth_during, tmpfs_dir};
+use common::{
+    LOAD_BATCH, LOAD_CONCURRENCY, bearer, channel, export_rate, load_people, median, peak_rss_mib,
+    rss_growth_during, tmpfs_dir,
+};
 
 const ROUNDS: usize = 3;
-/// People per BatchUpsertProfiles call.
-const BATCH: u64 = 500;
-/// Calls in flight while loading.
-const CONCURRENCY: usize = 4;
 
 fn main() -> anyhow::Result<()> {
     common::block_on(run())
@@ -49,10 +46,10 @@ async fn run() -> anyhow::Result<()> {
     // show an export's memory does not grow with the audience.
     let small = (audience / 10).max(1);
     let started = Instant::now();
-    load(&suite, 0..audience, "US-CA").await?;
-    load(&suite, audience..audience + small, "US-NV").await?;
+    load_people(&suite, 0..audience, "US-CA").await?;
+    load_people(&suite, audience..audience + small, "US-NV").await?;
     println!(
-        "loaded {} people (BatchUpsertProfiles of {BATCH}, {CONCURRENCY} in flight) in {:.0} s",
+        "loaded {} people (BatchUpsertProfiles of {LOAD_BATCH}, {LOAD_CONCURRENCY} in flight) in {:.0} s",
         audience + small,
         started.elapsed().as_secs_f64()
     );
@@ -142,38 +139,4 @@ async fn run() -> anyhow::Result<()> {
         1 + 2 * ROUNDS
     );
     suite.stop().await
-}
-
-async fn load(
-    suite: &InProcess,
-    people: std::ops::Range<u64>,
-    region: &'static str,
-) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    let client = ProfileServiceClient::new(channel(suite.config.profiles.listen)?)
-        .max_decoding_message_size(64 << 20);
-    let end = people.end;
-    let batches = people.step_by(BATCH as usize).map(|first| {
-        let mut client = client.clone();
-        async move {
-            let upserts = (first..(first + BATCH).min(end))
-                .map(|i| profiles_pb::UpsertProfileRequest {
-                    identifiers: vec![profiles_pb::Identifier {
-                        kind: "email".into(),
-                        value: format!("member{i}@example.com"),
-                    }],
-                    region: region.into(),
-                    ..Default::default()
-                })
-                .collect();
-            client
-                .batch_upsert_profiles(profiles_pb::BatchUpsertProfilesRequest { upserts })
-                .await
-        }
-    });
-    let mut calls = futures::stream::iter(batches).buffer_unordered(CONCURRENCY);
-    while let Some(done) = calls.next().await {
-        done?;
-    }
-    Ok(())
 }

@@ -183,3 +183,48 @@ where
     );
     Ok(members as f64 / start.elapsed().as_secs_f64())
 }
+
+/// People per BatchUpsertProfiles call while loading.
+pub const LOAD_BATCH: u64 = 500;
+/// Calls in flight while loading.
+pub const LOAD_CONCURRENCY: usize = 4;
+
+/// Upserts people `member{i}@example.com` for every `i` in `people`, in
+/// `region`, straight to the profiles service.
+pub async fn load_people(
+    suite: &InProcess,
+    people: std::ops::Range<u64>,
+    region: &'static str,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let client = madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient::new(
+        channel(suite.config.profiles.listen)?,
+    )
+    .max_decoding_message_size(64 << 20);
+    let end = people.end;
+    let batches = people.step_by(LOAD_BATCH as usize).map(|first| {
+        let mut client = client.clone();
+        async move {
+            let upserts = (first..(first + LOAD_BATCH).min(end))
+                .map(|i| madtech_proto::profiles::v1::UpsertProfileRequest {
+                    identifiers: vec![madtech_proto::profiles::v1::Identifier {
+                        kind: "email".into(),
+                        value: format!("member{i}@example.com"),
+                    }],
+                    region: region.into(),
+                    ..Default::default()
+                })
+                .collect();
+            client
+                .batch_upsert_profiles(madtech_proto::profiles::v1::BatchUpsertProfilesRequest {
+                    upserts,
+                })
+                .await
+        }
+    });
+    let mut calls = futures::stream::iter(batches).buffer_unordered(LOAD_CONCURRENCY);
+    while let Some(done) = calls.next().await {
+        done?;
+    }
+    Ok(())
+}

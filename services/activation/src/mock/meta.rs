@@ -101,11 +101,13 @@ async fn meta_users(
     ) else {
         return violation(&mut platform, format!("session {session}"));
     };
-    for key in keys {
-        if op == "add" {
-            platform.audience.insert(key);
-        } else {
-            platform.audience.remove(&key);
+    if !platform.forget_audience {
+        for key in keys {
+            if op == "add" {
+                platform.audience.insert(key);
+            } else {
+                platform.audience.remove(&key);
+            }
         }
     }
     platform.received.push(Received {

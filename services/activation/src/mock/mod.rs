@@ -61,6 +61,9 @@ pub struct Platform {
     pub batches_by_key: BTreeMap<String, Vec<String>>,
     /// How long each request takes to answer (to let a test act mid-sync).
     pub delay: Duration,
+    /// False: requests are checked and counted but the audience is not
+    /// kept (benchmarks, whose memory must be the service's alone).
+    pub forget_audience: bool,
     forced: VecDeque<Forced>,
 }
 
@@ -87,6 +90,11 @@ impl MockPlatform {
     /// Makes every request take `delay` before it is handled.
     pub fn slow_down(&self, delay: Duration) {
         self.platform().delay = delay;
+    }
+
+    /// Stops keeping the audience (see [`Platform::forget_audience`]).
+    pub fn forget_audience(&self) {
+        self.platform().forget_audience = true;
     }
 
     /// Answers the next requests with `answers`, in order.

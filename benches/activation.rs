@@ -1,0 +1,343 @@
+//! Activation at scale, end to end through the gateway: a first sync of a
+//! large audience to a Meta-shaped mock (fetch through the crossing, plan in
+//! the database, batches of 10,000), then a 1 %-churn incremental sync; the
+//! resident set's growth during a sync of a tenth of the audience and of the
+//! whole; how much of the sync hashing accounts for (the crossing's SHA-256
+//! of each email and HMAC-SHA256 pseudonym, timed alone on this machine);
+//! and the delay from `RecordConsent(denied)` to the removal reaching the
+//! platform, one withdrawal at a time.
+//!
+//! `cargo bench --bench activation`; `MADTECH_BENCH_AUDIENCE` sets the size
+//! (default 1,000,000), `MADTECH_BENCH_WITHDRAWALS` the delay samples
+//! (default 100). SQLite files on tmpfs; the mock platform runs in the same
+//! process and keeps no audience. Results and the machine are in
+//! docs/BENCHMARKS.md.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use activation_pb::activation_service_client::ActivationServiceClient;
+use madtech::suite::InProcess;
+use madtech_activation::mock::MockPlatform;
+use madtech_proto::activation::v1 as activation_pb;
+use madtech_proto::consent::v1 as consent_pb;
+use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
+use tonic::service::interceptor::InterceptedService;
+
+use common::{Bearer, bearer, channel, load_people, percentile, rss_growth_during, tmpfs_dir};
+
+const AUDIENCE_ID: &str = "23847000000001";
+const TOKEN: &str = "bench-token";
+
+type Activations = ActivationServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
+
+fn main() -> anyhow::Result<()> {
+    common::block_on(run())
+}
+
+/// A finished sync: its final state, how long it took, and how long until
+/// it started sending (fetch and plan).
+struct Timed {
+    run: activation_pb::SyncRun,
+    elapsed: Duration,
+    until_sending: Duration,
+}
+
+async fn sync(activations: &mut Activations, activation_id: &str) -> anyhow::Result<Timed> {
+    let started = Instant::now();
+    let mut stream = activations
+        .run_sync(activation_pb::RunSyncRequest {
+            activation_id: activation_id.into(),
+        })
+        .await?
+        .into_inner();
+    let (mut last, mut until_sending) = (None, None);
+    while let Some(message) = stream.message().await? {
+        let run = message.run.unwrap_or_default();
+        if run.phase() != activation_pb::SyncPhase::Fetching && until_sending.is_none() {
+            until_sending = Some(started.elapsed());
+        }
+        last = Some(run);
+    }
+    let run = last.ok_or_else(|| anyhow::anyhow!("no final state"))?;
+    anyhow::ensure!(
+        run.phase() == activation_pb::SyncPhase::Succeeded,
+        "sync failed: {}",
+        run.error
+    );
+    let elapsed = started.elapsed();
+    Ok(Timed {
+        run,
+        elapsed,
+        until_sending: until_sending.unwrap_or(elapsed),
+    })
+}
+
+async fn run() -> anyhow::Result<()> {
+    let audience = common::env_u64("MADTECH_BENCH_AUDIENCE", 1_000_000);
+    let withdrawals = common::env_u64("MADTECH_BENCH_WITHDRAWALS", 100) as usize;
+    let small = (audience / 10).max(1);
+    let data = tmpfs_dir()?;
+    let suite = InProcess::start(|config| {
+        config.data_dir = data.path().to_path_buf();
+        config.gateway.policy_dir = "policies".into();
+        config.consent.policy_dir = "policies".into();
+        config.segments.projection_freshness_timeout = Duration::from_secs(600);
+    })
+    .await?;
+    println!("# MadTech activation benchmark: {audience} members to a Meta-shaped mock\n");
+
+    let started = Instant::now();
+    load_people(&suite, 0..audience, "US-CA").await?;
+    // Virginians: opt-out of targeted advertising, so without a choice
+    // recorded they cross, as Californians do.
+    load_people(&suite, audience..audience + small, "US-VA").await?;
+    println!(
+        "loaded {} people in {:.0} s",
+        audience + small,
+        started.elapsed().as_secs_f64()
+    );
+
+    let meta = MockPlatform::meta(AUDIENCE_ID, TOKEN).await;
+    meta.forget_audience();
+    let token_file = data.path().join("meta-token");
+    std::fs::write(&token_file, TOKEN)?;
+    let mut segments = segments_pb::segment_service_client::SegmentServiceClient::new(
+        InterceptedService::new(suite.gateway_channel()?, bearer(&suite, "admin")?),
+    );
+    let mut activations = ActivationServiceClient::new(InterceptedService::new(
+        suite.gateway_channel()?,
+        bearer(&suite, "marketer")?,
+    ));
+    let mut setup = activations.clone();
+    let mut activate = async |name: &str, region: &str| -> anyhow::Result<String> {
+        let segment_id = segments
+            .create_segment(segments_pb::CreateSegmentRequest {
+                rule_text: format!(r#"region in ["{region}"]"#),
+                name: name.into(),
+                rule: None,
+            })
+            .await?
+            .into_inner()
+            .segment
+            .map(|s| s.segment_id)
+            .unwrap_or_default();
+        let destination_id = setup
+            .create_destination(activation_pb::CreateDestinationRequest {
+                name: name.into(),
+                target: Some(activation_pb::create_destination_request::Target::Meta(
+                    activation_pb::MetaDestination {
+                        audience_id: AUDIENCE_ID.into(),
+                        access_token: Some(activation_pb::SecretRef {
+                            source: Some(activation_pb::secret_ref::Source::File(
+                                token_file.display().to_string(),
+                            )),
+                        }),
+                        base_url: format!("{}/v21.0", meta.base_url()),
+                    },
+                )),
+            })
+            .await?
+            .into_inner()
+            .destination
+            .map(|d| d.destination_id)
+            .unwrap_or_default();
+        Ok(setup
+            .create_activation(activation_pb::CreateActivationRequest {
+                segment_id,
+                destination_id,
+                purpose: "ad_targeting".into(),
+            })
+            .await?
+            .into_inner()
+            .activation
+            .map(|a| a.activation_id)
+            .unwrap_or_default())
+    };
+    // Untimed warm-up syncs: the first waits for the projection to apply
+    // every upsert, and the first crossing of each person fills the
+    // gateway's consent view. What is timed after them is activation's own
+    // work on warm services, each a first sync of a fresh activation.
+    let warm_small = activate("virginians-warm-up", "US-VA").await?;
+    let warm_large = activate("californians-warm-up", "US-CA").await?;
+    sync(&mut activations, &warm_small).await?;
+    let cold = sync(&mut activations, &warm_large).await?;
+    let virginians = activate("virginians", "US-VA").await?;
+    let californians = activate("californians", "US-CA").await?;
+    let (small_sync, small_growth) = rss_growth_during(sync(&mut activations, &virginians)).await;
+    let small_sync = small_sync?;
+    anyhow::ensure!(
+        small_sync.run.added == small,
+        "added {}",
+        small_sync.run.added
+    );
+    let (first, large_growth) = rss_growth_during(sync(&mut activations, &californians)).await;
+    let first = first?;
+    anyhow::ensure!(first.run.added == audience, "added {}", first.run.added);
+
+    // 1 % churn: half a percent leave for Virginia, half a percent arrive.
+    let moved = (audience / 200).max(1);
+    let started = Instant::now();
+    load_people(&suite, 0..moved, "US-VA").await?;
+    load_people(&suite, audience + small..audience + small + moved, "US-CA").await?;
+    let churn_load = started.elapsed();
+    let second = sync(&mut activations, &californians).await?;
+    anyhow::ensure!(
+        (second.run.added, second.run.removed) == (moved, moved),
+        "churn sync sent {} adds and {} removes",
+        second.run.added,
+        second.run.removed
+    );
+
+    // Hashing alone: what the crossing computes per member (a SHA-256 of the
+    // email and an HMAC-SHA256 pseudonym), timed on this machine.
+    let hashing = hashing_per_member(200_000);
+    let hashed = audience as f64 * hashing.as_secs_f64();
+
+    let delays = withdrawal_delays(&suite, &meta, withdrawals).await?;
+
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "\n| sync | members | sent (adds + removes) | batches | time | fetch + plan | members/s |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, members, timed) in [
+        (
+            "first, whole audience, consent view cold (warm-up)",
+            audience,
+            &cold,
+        ),
+        ("first, a tenth of the audience", small, &small_sync),
+        ("first, whole audience", audience, &first),
+        ("after 1 % churn", audience, &second),
+    ] {
+        println!(
+            "| {name} | {members} | {} | {} | {:.1} s | {:.1} s | {:.0} |",
+            timed.run.added + timed.run.removed,
+            timed.run.batches_sent,
+            timed.elapsed.as_secs_f64(),
+            timed.until_sending.as_secs_f64(),
+            rate(members, timed.elapsed)
+        );
+    }
+    println!(
+        "\nchurn loaded in {:.1} s (not part of the sync)",
+        churn_load.as_secs_f64()
+    );
+    println!(
+        "resident set growth during a first sync: {small_growth:.1} MiB for {small} members, {large_growth:.1} MiB for {audience}"
+    );
+    println!(
+        "hashing: {:.2} µs per member alone (SHA-256 of the email + HMAC-SHA256 pseudonym), {:.2} s for the whole audience = {:.1} % of the first sync",
+        hashing.as_secs_f64() * 1e6,
+        hashed,
+        100.0 * hashed / first.elapsed.as_secs_f64()
+    );
+    println!(
+        "withdrawal to removal at the platform ({} withdrawals, one at a time): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        delays.len(),
+        percentile(&delays, 0.5).as_secs_f64() * 1e3,
+        percentile(&delays, 0.99).as_secs_f64() * 1e3,
+        delays.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    suite.stop().await
+}
+
+/// The crossing's per-member hashing, with the gateway's own functions.
+fn hashing_per_member(samples: u32) -> Duration {
+    use madtech_gateway::crossing::Pseudonymiser;
+    use madtech_gateway::hashing::Form;
+    let pseudonymiser = Pseudonymiser::new(&[7; 32]).expect("a 32-byte key");
+    let emails: Vec<String> = (0..samples)
+        .map(|i| format!("member{i}@example.com"))
+        .collect();
+    let started = Instant::now();
+    let mut sink = 0usize;
+    for (i, email) in emails.iter().enumerate() {
+        sink += Form::Sha256.hash("email", email).len();
+        sink += pseudonymiser.pseudonym("destination", &i.to_string()).len();
+    }
+    let elapsed = started.elapsed();
+    assert!(sink > 0);
+    elapsed / samples
+}
+
+/// Withdraws consent for one synced Californian at a time and waits for
+/// the removal to reach the platform; the delays, sorted.
+async fn withdrawal_delays(
+    suite: &InProcess,
+    meta: &MockPlatform,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut profiles = profiles_pb::profile_service_client::ProfileServiceClient::new(channel(
+        suite.config.profiles.listen,
+    )?);
+    let mut consent = consent_pb::consent_service_client::ConsentServiceClient::new(
+        InterceptedService::new(suite.gateway_channel()?, bearer(suite, "admin")?),
+    );
+    let mut delays = Vec::with_capacity(samples);
+    // People past the churned ones are still in the audience.
+    let first = common::env_u64("MADTECH_BENCH_AUDIENCE", 1_000_000) / 100;
+    for i in first..first + samples as u64 {
+        let profile_id = profiles
+            .get_profile(profiles_pb::GetProfileRequest {
+                lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(
+                    profiles_pb::Identifier {
+                        kind: "email".into(),
+                        value: format!("member{i}@example.com"),
+                    },
+                )),
+            })
+            .await?
+            .into_inner()
+            .profile
+            .map(|p| p.profile_id)
+            .unwrap_or_default();
+        let removals_before = removals(meta);
+        let withdrawn = Instant::now();
+        consent
+            .record_consent(consent_pb::RecordConsentRequest {
+                profile_id,
+                choices: vec![consent_pb::PurposeChoice {
+                    purpose: "ad_targeting".into(),
+                    state: consent_pb::ConsentState::Denied.into(),
+                }],
+                source: consent_pb::ConsentSource::Cmp.into(),
+                region: "US-CA".into(),
+                notice_version: "2026-11".into(),
+                ..Default::default()
+            })
+            .await?;
+        let deadline = withdrawn + Duration::from_secs(30);
+        let arrived = loop {
+            if let Some(at) = removal_after(meta, removals_before) {
+                break at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no removal reached the platform");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        delays.push(arrived - withdrawn);
+    }
+    delays.sort();
+    Ok(delays)
+}
+
+fn removals(meta: &MockPlatform) -> usize {
+    meta.platform()
+        .received
+        .iter()
+        .filter(|r| r.op == "remove")
+        .count()
+}
+
+/// When the first removal after the first `seen` arrived, if one has.
+fn removal_after(meta: &MockPlatform, seen: usize) -> Option<Instant> {
+    meta.platform()
+        .received
+        .iter()
+        .filter(|r| r.op == "remove")
+        .nth(seen)
+        .map(|r| r.at)
+}
