@@ -149,6 +149,7 @@ async fn run() -> anyhow::Result<()> {
                 segment_id,
                 destination_id,
                 purpose: "ad_targeting".into(),
+                sync_every: None,
             })
             .await?
             .into_inner()

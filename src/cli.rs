@@ -66,6 +66,9 @@ enum Command {
     Audit(AuditArgs),
     /// Work with segments through the gateway (role `marketer`).
     Segment(SegmentArgs),
+    /// Run and inspect activation syncs through the gateway (role
+    /// `marketer`; `compliance` may list runs).
+    Activation(ActivationArgs),
     /// Load realistic synthetic people and events through the gateway (role
     /// `ingest`) or straight into a profiles service, with a progress bar.
     /// The same seed always gives the same data, so a rerun adds nothing.
@@ -82,6 +85,31 @@ struct SegmentArgs {
     token: String,
     #[command(subcommand)]
     command: SegmentCommand,
+}
+
+#[derive(clap::Args)]
+struct ActivationArgs {
+    /// The gateway's URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// A bearer token with the `marketer` role.
+    #[arg(long, env = "MADTECH_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: ActivationCommand,
+}
+
+#[derive(Subcommand)]
+enum ActivationCommand {
+    /// Sync an activation now, with a progress bar; prints the finished run
+    /// as JSON.
+    Sync { activation_id: String },
+    /// Print an activation's runs, newest first, one JSON object per line.
+    Runs {
+        activation_id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => audit(args).await,
         Command::Generate(args) => generate(args).await,
         Command::Segment(args) => segment(args).await,
+        Command::Activation(args) => activation(args).await,
         Command::Signal(SignalCommand::Decode { signal, kind }) => {
             println!("{}", decode_signal(&signal, kind.as_deref())?);
             Ok(())
@@ -630,6 +659,93 @@ async fn segment(args: SegmentArgs) -> anyhow::Result<()> {
                         })
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_json(run: &madtech_proto::activation::v1::SyncRun) -> serde_json::Value {
+    json!({
+        "run_id": run.run_id,
+        "activation_id": run.activation_id,
+        "trigger": run.trigger,
+        "phase": run.phase().as_str_name(),
+        "members_received": run.members_received,
+        "to_send": run.to_send,
+        "added": run.added,
+        "removed": run.removed,
+        "unchanged": run.unchanged,
+        "batches_sent": run.batches_sent,
+        "batches_rejected": run.batches_rejected,
+        "retries": run.retries,
+        "error": run.error,
+        "started_at": run.started_at.as_ref().map(ToString::to_string),
+        "finished_at": run.finished_at.as_ref().map(ToString::to_string),
+    })
+}
+
+async fn activation(args: ActivationArgs) -> anyhow::Result<()> {
+    use madtech_proto::activation::v1 as pb;
+    use pb::activation_service_client::ActivationServiceClient;
+    let (channel, bearer) = connect(&args.gateway, "--gateway", Some(&args.token)).await?;
+    let mut client = ActivationServiceClient::with_interceptor(channel, bearer);
+    let failed = |status: tonic::Status| anyhow::anyhow!("{}: {}", status.code(), status.message());
+    match args.command {
+        ActivationCommand::Sync { activation_id } => {
+            let mut progress = client
+                .run_sync(pb::RunSyncRequest { activation_id })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} · {msg} · ETA {eta}")
+                    .context("progress bar template")?,
+            );
+            let mut last = None;
+            while let Some(message) = progress.message().await.map_err(failed)? {
+                let run = message.run.unwrap_or_default();
+                match run.phase() {
+                    pb::SyncPhase::Fetching => {
+                        bar.set_message(format!("{} members received", run.members_received));
+                        bar.tick();
+                    }
+                    _ => {
+                        bar.set_length(run.to_send);
+                        bar.set_position(run.added + run.removed);
+                        bar.set_message(format!(
+                            "{} added, {} removed, {} batches",
+                            run.added, run.removed, run.batches_sent
+                        ));
+                    }
+                }
+                last = Some(run);
+            }
+            bar.finish();
+            let run = last.context("the sync ended without a final state")?;
+            println!("{}", run_json(&run));
+            anyhow::ensure!(
+                run.phase() == pb::SyncPhase::Succeeded,
+                "the sync failed: {}",
+                run.error
+            );
+        }
+        ActivationCommand::Runs {
+            activation_id,
+            limit,
+        } => {
+            let runs = client
+                .list_sync_runs(pb::ListSyncRunsRequest {
+                    activation_id,
+                    page_size: limit,
+                })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .runs;
+            for run in &runs {
+                println!("{}", run_json(run));
             }
         }
     }

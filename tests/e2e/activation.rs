@@ -541,3 +541,136 @@ async fn every_platform_gets_its_own_hashes_sqlite() {
 async fn every_platform_gets_its_own_hashes_postgres() {
     every_platform_gets_its_own_hashes(Backend::Postgres).await;
 }
+
+/// An activation with a schedule syncs on its own, and again once the
+/// schedule comes round; a schedule that is not whole seconds from 1 s to a
+/// year is refused.
+#[tokio::test]
+async fn scheduled_activations_sync_on_their_own() {
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.activation.schedule_tick = Duration::from_millis(50);
+    })
+    .await;
+    suite
+        .person("s1@example.com", "US-CA", Default::default())
+        .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (destination, _) = suite
+        .file_activation(&segment.segment_id, "scheduled")
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let request = |seconds: i64, nanos: i32| activation_pb::CreateActivationRequest {
+        segment_id: segment.segment_id.clone(),
+        destination_id: destination.destination_id.clone(),
+        purpose: "ad_targeting".into(),
+        sync_every: Some(prost_types::Duration { seconds, nanos }),
+    };
+    for (seconds, nanos) in [(0, 0), (1, 5), (-1, 0), (400 * 24 * 3600, 0)] {
+        let status = activation
+            .create_activation(request(seconds, nanos))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("sync_every"),
+            "{}",
+            status.message()
+        );
+    }
+    let scheduled = activation
+        .create_activation(request(1, 0))
+        .await
+        .expect("a scheduled activation")
+        .into_inner()
+        .activation
+        .expect("activation");
+    assert_eq!(scheduled.sync_every.map(|d| d.seconds), Some(1));
+    let first = suite
+        .finished_run(&scheduled.activation_id, "scheduled")
+        .await;
+    assert_eq!(
+        (first.phase(), first.added),
+        (activation_pb::SyncPhase::Succeeded, 1)
+    );
+
+    suite
+        .person("s2@example.com", "US-CA", Default::default())
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let runs = activation
+            .list_sync_runs(activation_pb::ListSyncRunsRequest {
+                activation_id: scheduled.activation_id.clone(),
+                page_size: 10,
+            })
+            .await
+            .expect("runs")
+            .into_inner()
+            .runs;
+        let added: u64 = runs
+            .iter()
+            .filter(|r| r.trigger == "scheduled")
+            .map(|r| r.added)
+            .sum();
+        if added == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the schedule did not come round: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    suite.stop().await;
+}
+
+/// `madtech activation sync` runs a sync through the gateway with a
+/// progress bar and prints the finished run; `runs` lists them.
+#[tokio::test]
+async fn the_cli_syncs_and_lists_runs() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    suite
+        .person("cli@example.com", "US-CA", Default::default())
+        .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (_, activated) = suite.file_activation(&segment.segment_id, "cli").await;
+    let gateway = suite.config.activation.gateway_url.clone();
+    let token = suite.token(&["marketer"]);
+    let cli = |args: Vec<String>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_madtech"));
+        command
+            .arg("activation")
+            .args(["--gateway", &gateway])
+            .args(args)
+            .env("MADTECH_TOKEN", &token);
+        async move {
+            tokio::task::spawn_blocking(move || command.output().expect("madtech runs"))
+                .await
+                .expect("joined")
+        }
+    };
+    let id = activated.activation_id.clone();
+    let synced = cli(vec!["sync".into(), id.clone()]).await;
+    assert!(
+        synced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synced.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&synced.stdout);
+    let run: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a line")).expect("json");
+    assert_eq!(run["phase"], "SYNC_PHASE_SUCCEEDED");
+    assert_eq!(run["added"], 1);
+    let listed = cli(vec!["runs".into(), id]).await;
+    assert!(listed.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["run_id"], run["run_id"]);
+    let missing = cli(vec!["sync".into(), "no-such-activation".into()]).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("activation not found"));
+    suite.stop().await;
+}

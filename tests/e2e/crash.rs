@@ -278,6 +278,7 @@ async fn a_sync_killed_midway_neither_loses_nor_duplicates(backend: Backend) {
             segment_id: segment.segment_id.clone(),
             destination_id: destination.destination_id,
             purpose: "ad_targeting".into(),
+            sync_every: None,
         })
         .await
         .expect("activation")

@@ -215,6 +215,7 @@ impl Suite {
                 segment_id: segment_id.into(),
                 destination_id: destination.destination_id.clone(),
                 purpose: "ad_targeting".into(),
+                sync_every: None,
             })
             .await
             .expect("create activation")

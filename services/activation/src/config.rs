@@ -28,6 +28,9 @@ pub struct ActivationConfig {
     pub file_root: PathBuf,
     /// How requests to ad platforms and webhooks are retried.
     pub retry: RetryPolicy,
+    /// How often activations' sync schedules are checked.
+    #[serde(with = "humantime_serde")]
+    pub schedule_tick: std::time::Duration,
 }
 
 impl Default for ActivationConfig {
@@ -41,6 +44,7 @@ impl Default for ActivationConfig {
             gateway_token_file: PathBuf::new(),
             file_root: PathBuf::from("destinations"),
             retry: RetryPolicy::default(),
+            schedule_tick: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -68,6 +72,11 @@ impl Validate for ActivationConfig {
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::Invalid(
                 "activation.retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.schedule_tick.is_zero() {
+            return Err(ConfigError::Invalid(
+                "activation.schedule_tick must be above zero".into(),
             ));
         }
         if self.retry.request_timeout.is_zero() {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod follow;
 #[cfg(feature = "testing")]
 pub mod mock;
+pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod sync;
@@ -48,9 +49,15 @@ pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, Activa
         config: config.clone(),
         activations_changed: Arc::clone(&activations_changed),
     };
+    let scheduler = schedule::Scheduler {
+        store: Arc::clone(&store),
+        syncer: Arc::clone(&syncer),
+        tick: config.schedule_tick,
+    };
     let api = ActivationApi::new(store, syncer, activations_changed);
     Ok(GrpcServer::new()
         .with_tls(config.tls.load()?)
         .add_service(api.into_server())
-        .with_task(Box::new(move |shutdown| Box::pin(follower.run(shutdown)))))
+        .with_task(Box::new(move |shutdown| Box::pin(follower.run(shutdown))))
+        .with_task(Box::new(move |shutdown| Box::pin(scheduler.run(shutdown)))))
 }

@@ -17,7 +17,9 @@ use crate::destination::{
     FileFormat, SecretRef, Target, WEBHOOK_DEFAULT_BATCH, WEBHOOK_MAX_BATCH, endpoint_url,
     file_directory,
 };
-use crate::store::{Activation, ActivationStore, BatchRecord, Destination, Phase, SyncRun};
+use crate::store::{
+    Activation, ActivationStore, BatchRecord, Destination, Phase, SyncRun, Trigger,
+};
 use crate::sync::Syncer;
 
 /// Progress messages buffered per RunSync stream before updates are dropped.
@@ -278,7 +280,32 @@ fn activation_to_pb(activation: &Activation) -> pb::Activation {
         destination_id: activation.destination_id.clone(),
         purpose: activation.purpose.clone(),
         created_at: Some(from_micros(activation.created_at_micros)),
+        sync_every: activation.sync_every.map(|every| prost_types::Duration {
+            seconds: i64::try_from(every.as_secs()).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
     }
+}
+
+/// The longest schedule: a year.
+const MAX_SYNC_EVERY_SECS: i64 = 366 * 24 * 3600;
+
+/// A schedule of whole seconds, from one second to a year.
+fn sync_every(
+    every: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, FieldError> {
+    let Some(every) = every else {
+        return Ok(None);
+    };
+    if every.nanos != 0 || !(1..=MAX_SYNC_EVERY_SECS).contains(&every.seconds) {
+        return Err(FieldError::new(
+            "sync_every",
+            "whole seconds, from 1 s to a year",
+        ));
+    }
+    Ok(Some(std::time::Duration::from_secs(
+        every.seconds.unsigned_abs(),
+    )))
 }
 
 fn run_to_pb(run: &SyncRun) -> pb::SyncRun {
@@ -345,9 +372,10 @@ impl ActivationService for ActivationApi {
         let segment_id = require("segment_id", &request.segment_id)?.to_string();
         let destination_id = require("destination_id", &request.destination_id)?.to_string();
         let purpose = validate::policy_name("purpose", &request.purpose)?;
+        let sync_every = sync_every(request.sync_every)?;
         let activation = self
             .store
-            .create_activation(segment_id, destination_id, purpose)
+            .create_activation(segment_id, destination_id, purpose, sync_every)
             .await?;
         self.activations_changed.notify_one();
         Ok(Response::new(pb::CreateActivationResponse {
@@ -371,7 +399,8 @@ impl ActivationService for ActivationApi {
         // half-recorded because a client disconnected.
         tokio::spawn(async move {
             let forward = forward_progress(updates, answers.clone());
-            let (outcome, ()) = tokio::join!(syncer.run(&activation_id, progress), forward);
+            let (outcome, ()) =
+                tokio::join!(syncer.run(&activation_id, Trigger::Sync, progress), forward);
             if let Err(err) = outcome {
                 let _ = answers.send(Err(Status::from(err))).await;
             }

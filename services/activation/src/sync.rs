@@ -141,6 +141,7 @@ impl Syncer {
     pub async fn run(
         &self,
         activation_id: &str,
+        trigger: Trigger,
         progress: mpsc::Sender<SyncRun>,
     ) -> Result<SyncRun, ActivationError> {
         let _claim = self.claim_sync(activation_id)?;
@@ -149,7 +150,7 @@ impl Syncer {
         let activation = self.store.activation(activation_id).await?;
         let destination = self.store.destination(&activation.destination_id).await?;
         self.recover(&activation, &destination).await?;
-        let mut run = SyncRun::start(activation_id, Trigger::Sync);
+        let mut run = SyncRun::start(activation_id, trigger);
         self.store.save_run(&run).await?;
         let reporter = Progress(Some(&progress));
         reporter.report(&run);
@@ -257,7 +258,9 @@ impl Syncer {
         // Files say why they were written: `<activation>-<run>` for a sync,
         // `<activation>-erasure-<run>` for a removal of another kind.
         let name = match run.trigger {
-            Trigger::Sync => format!("{}-{}", run.activation_id, batch.session),
+            Trigger::Sync | Trigger::Scheduled => {
+                format!("{}-{}", run.activation_id, batch.session)
+            }
             other => format!("{}-{}-{}", run.activation_id, other.as_str(), batch.session),
         };
         let outcome = self

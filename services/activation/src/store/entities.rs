@@ -35,6 +35,8 @@ pub mod activation {
         pub destination_id: String,
         pub purpose: String,
         pub created_at: i64,
+        /// Seconds between scheduled syncs; none: on demand only.
+        pub sync_every_secs: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

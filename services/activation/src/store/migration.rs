@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(PendingAdds),
             Box::new(Batches),
             Box::new(Plans),
+            Box::new(Schedules),
         ]
     }
 }
@@ -35,6 +36,7 @@ enum Activations {
     DestinationId,
     Purpose,
     CreatedAt,
+    SyncEverySecs,
 }
 
 #[derive(DeriveIden)]
@@ -338,6 +340,29 @@ impl MigrationTrait for Plans {
                     .table(SyncPlan::Table)
                     .col(SyncPlan::ActivationId)
                     .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Activations may sync on a schedule.
+struct Schedules;
+
+impl MigrationName for Schedules {
+    fn name(&self) -> &str {
+        "m20261130_000005_schedules"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Schedules {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Activations::Table)
+                    .add_column(big_integer_null(Activations::SyncEverySecs))
                     .to_owned(),
             )
             .await

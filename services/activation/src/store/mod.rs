@@ -34,6 +34,8 @@ pub struct Activation {
     pub destination_id: String,
     pub purpose: String,
     pub created_at_micros: i64,
+    /// How often it syncs on its own; `None`: only on demand.
+    pub sync_every: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +70,10 @@ impl Phase {
 /// Why a run happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
-    /// A sync of the audience (on demand or scheduled).
+    /// A sync of the audience asked for with RunSync.
     Sync,
+    /// A sync of the audience on the activation's schedule.
+    Scheduled,
     /// Removals because consent for the activation's purpose was withdrawn.
     ConsentWithdrawal,
     /// Removals for an erasure request.
@@ -80,6 +84,7 @@ impl Trigger {
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Sync => "sync",
+            Trigger::Scheduled => "scheduled",
             Trigger::ConsentWithdrawal => "consent_withdrawal",
             Trigger::Erasure => "erasure",
         }
@@ -88,6 +93,7 @@ impl Trigger {
     fn parse(text: &str) -> Result<Self, ActivationError> {
         Ok(match text {
             "sync" => Trigger::Sync,
+            "scheduled" => Trigger::Scheduled,
             "consent_withdrawal" => Trigger::ConsentWithdrawal,
             "erasure" => Trigger::Erasure,
             other => return Err(ActivationError::Corrupt(format!("run trigger {other:?}"))),
@@ -264,6 +270,7 @@ impl ActivationStore {
         segment_id: String,
         destination_id: String,
         purpose: String,
+        sync_every: Option<std::time::Duration>,
     ) -> Result<Activation, ActivationError> {
         self.destination(&destination_id).await?;
         let activation = Activation {
@@ -272,6 +279,7 @@ impl ActivationStore {
             destination_id,
             purpose,
             created_at_micros: now(),
+            sync_every,
         };
         activation::Entity::insert(activation::ActiveModel {
             id: Set(activation.id.clone()),
@@ -279,10 +287,41 @@ impl ActivationStore {
             destination_id: Set(activation.destination_id.clone()),
             purpose: Set(activation.purpose.clone()),
             created_at: Set(activation.created_at_micros),
+            sync_every_secs: Set(sync_every.map(|every| count(every.as_secs()))),
         })
         .exec(&self.db)
         .await?;
         Ok(activation)
+    }
+
+    /// Activations on a schedule.
+    pub async fn scheduled_activations(&self) -> Result<Vec<Activation>, ActivationError> {
+        Ok(activation::Entity::find()
+            .filter(activation::Column::SyncEverySecs.is_not_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(activation_from)
+            .collect())
+    }
+
+    /// When the activation's last sync (on demand or scheduled) started.
+    pub async fn last_sync_started(
+        &self,
+        activation_id: &str,
+    ) -> Result<Option<i64>, ActivationError> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        Ok(sync_run::Entity::find()
+            .filter(sync_run::Column::ActivationId.eq(activation_id))
+            .filter(
+                sync_run::Column::Trigger
+                    .is_in([Trigger::Sync.as_str(), Trigger::Scheduled.as_str()]),
+            )
+            .order_by_desc(sync_run::Column::StartedAt)
+            .limit(1)
+            .one(&self.db)
+            .await?
+            .map(|row| row.started_at))
     }
 
     pub async fn activation(&self, id: &str) -> Result<Activation, ActivationError> {
@@ -595,6 +634,10 @@ fn activation_from(row: activation::Model) -> Activation {
         destination_id: row.destination_id,
         purpose: row.purpose,
         created_at_micros: row.created_at,
+        sync_every: row
+            .sync_every_secs
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map(std::time::Duration::from_secs),
     }
 }
 
@@ -736,12 +779,17 @@ mod tests {
             ));
             assert!(matches!(
                 store
-                    .create_activation("s".into(), "missing".into(), "ad_targeting".into())
+                    .create_activation("s".into(), "missing".into(), "ad_targeting".into(), None)
                     .await,
                 Err(ActivationError::NotFound("destination"))
             ));
             let activation = store
-                .create_activation("s".into(), destination.id.clone(), "ad_targeting".into())
+                .create_activation(
+                    "s".into(),
+                    destination.id.clone(),
+                    "ad_targeting".into(),
+                    None,
+                )
                 .await
                 .expect("activation");
             assert_eq!(
@@ -876,7 +924,7 @@ mod tests {
                 .await
                 .expect("destination");
             let activation = store
-                .create_activation("s".into(), destination.id, "ad_targeting".into())
+                .create_activation("s".into(), destination.id, "ad_targeting".into(), None)
                 .await
                 .expect("activation");
             let id = activation.id.as_str();

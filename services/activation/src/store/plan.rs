@@ -206,29 +206,49 @@ impl ActivationStore {
 }
 
 /// Gives each `add` and each `remove` its batch: the n-th member of an op in
-/// id order is in batch `n / limit + 1`.
+/// id order is in batch `n / limit + 1`. One batch at a time: find the id
+/// that ends it (an index walk of `limit` rows), then number the range, so
+/// the cost stays linear in the plan's size.
 async fn number_batches<C: ConnectionTrait>(
     db: &C,
     run_id: &str,
     batch_limit: u64,
 ) -> Result<(), ActivationError> {
     let limit = i64::try_from(batch_limit.max(1)).unwrap_or(i64::MAX);
-    for op in [Op::Add, Op::Remove] {
-        let mut sql = Sql::new(
-            "UPDATE sync_plan SET seq = ranked.seq FROM (SELECT pseudonymous_id, \
-             (row_number() OVER (ORDER BY pseudonymous_id) - 1) / ",
-        );
-        sql.bind(limit)
-            .push(" + 1 AS seq FROM sync_plan WHERE run_id = ")
-            .bind(run_id.to_string())
+    let in_op = |sql: &mut Sql, op: Op, after: &Option<String>| {
+        sql.bind(run_id.to_string())
             .push(" AND op = ")
-            .bind(op.as_str())
-            .push(") AS ranked WHERE sync_plan.run_id = ")
-            .bind(run_id.to_string())
-            .push(" AND sync_plan.op = ")
-            .bind(op.as_str())
-            .push(" AND sync_plan.pseudonymous_id = ranked.pseudonymous_id");
-        execute(db, &sql).await?;
+            .bind(op.as_str());
+        if let Some(after) = after {
+            sql.push(" AND pseudonymous_id > ").bind(after.clone());
+        }
+    };
+    for op in [Op::Add, Op::Remove] {
+        let mut after: Option<String> = None;
+        for seq in 1i64.. {
+            let mut last = Sql::new("SELECT pseudonymous_id FROM sync_plan WHERE run_id = ");
+            in_op(&mut last, op, &after);
+            last.push(" ORDER BY pseudonymous_id LIMIT 1 OFFSET ")
+                .bind(limit - 1);
+            let last: Option<String> = match db
+                .query_one_raw(last.statement(db.get_database_backend()))
+                .await?
+            {
+                Some(row) => Some(row.try_get("", "pseudonymous_id")?),
+                None => None,
+            };
+            let mut number = Sql::new("UPDATE sync_plan SET seq = ");
+            number.bind(seq).push(" WHERE run_id = ");
+            in_op(&mut number, op, &after);
+            if let Some(last) = &last {
+                number.push(" AND pseudonymous_id <= ").bind(last.clone());
+            }
+            execute(db, &number).await?;
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
     }
     Ok(())
 }
