@@ -113,17 +113,7 @@ async fn run() -> anyhow::Result<()> {
     ));
     let mut setup = activations.clone();
     let mut activate = async |name: &str, region: &str| -> anyhow::Result<String> {
-        let segment_id = segments
-            .create_segment(segments_pb::CreateSegmentRequest {
-                rule_text: format!(r#"region in ["{region}"]"#),
-                name: name.into(),
-                rule: None,
-            })
-            .await?
-            .into_inner()
-            .segment
-            .map(|s| s.segment_id)
-            .unwrap_or_default();
+        let segment_id = common::region_segment(&mut segments, name, region).await?;
         let destination_id = setup
             .create_destination(activation_pb::CreateDestinationRequest {
                 name: name.into(),

@@ -59,17 +59,7 @@ async fn run() -> anyhow::Result<()> {
         bearer(&suite, "admin")?,
     ));
     let mut export_of = async |name: &str, region: &str| -> anyhow::Result<_> {
-        let segment_id = segments
-            .create_segment(segments_pb::CreateSegmentRequest {
-                rule_text: format!(r#"region in ["{region}"]"#),
-                name: name.into(),
-                rule: None,
-            })
-            .await?
-            .into_inner()
-            .segment
-            .map(|s| s.segment_id)
-            .unwrap_or_default();
+        let segment_id = common::region_segment(&mut segments, name, region).await?;
         Ok(segments_pb::ExportAudienceRequest {
             segment_id,
             destination_id: "bench".into(),

@@ -228,3 +228,28 @@ pub async fn load_people(
     }
     Ok(())
 }
+
+/// Creates a segment of everyone in `region` through `segments`; its id.
+pub async fn region_segment<S>(
+    segments: &mut madtech_proto::segments::v1::segment_service_client::SegmentServiceClient<S>,
+    name: &str,
+    region: &str,
+) -> anyhow::Result<String>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    Ok(segments
+        .create_segment(madtech_proto::segments::v1::CreateSegmentRequest {
+            rule_text: format!(r#"region in ["{region}"]"#),
+            name: name.into(),
+            rule: None,
+        })
+        .await?
+        .into_inner()
+        .segment
+        .map(|s| s.segment_id)
+        .unwrap_or_default())
+}

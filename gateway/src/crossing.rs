@@ -390,6 +390,7 @@ impl Crossing {
         };
         let consent = Arc::clone(&self.consent);
         let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
+        let policy_version = policy.version.clone();
         let stream = async_stream::stream! {
             let mut upstream = upstream;
             let outcome: Result<(), Status> = loop {
@@ -435,7 +436,14 @@ impl Crossing {
                 (Ok(()), Err(status)) => yield Err(status),
             }
         };
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as Members);
+        // Hex digits only: always a valid header value.
+        if let Ok(version) = policy_version.parse() {
+            response
+                .metadata_mut()
+                .insert(madtech_proto::segments::POLICY_VERSION_HEADER, version);
+        }
+        Ok(response)
     }
 }
 

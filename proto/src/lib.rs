@@ -31,6 +31,10 @@ pub mod segments {
     pub mod v1 {
         tonic::include_proto!("madtech.segments.v1");
     }
+
+    /// The response header in which the gateway names the policy version
+    /// an `ExportAudience` crossing was decided under.
+    pub const POLICY_VERSION_HEADER: &str = "x-madtech-policy-version";
 }
 
 /// `madtech.activation.v1`

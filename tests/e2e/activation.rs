@@ -137,6 +137,16 @@ async fn meta_syncs_send_only_changes_with_retries(backend: Backend) {
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[0].run_id, second.run_id, "newest first");
     assert_eq!(runs[0].trigger, "sync");
+    let audit = suite.audit_records().await;
+    let exported = audit
+        .iter()
+        .rev()
+        .find(|r| r.method.ends_with("/ExportAudience"))
+        .expect("the crossing's audit record");
+    assert_eq!(
+        runs[0].policy_version, exported.policy_version,
+        "a run names the policy version its audience crossed under"
+    );
     let detail = compliance
         .get_sync_run(activation_pb::GetSyncRunRequest {
             run_id: second.run_id.clone(),

@@ -40,6 +40,14 @@ impl From<ActivationError> for Status {
 }
 
 impl ActivationError {
+    /// The gateway refused or failed a call, keeping its code.
+    pub fn gateway(status: tonic::Status) -> Self {
+        ActivationError::Gateway {
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
     /// The status callers get; internal detail is logged, not returned.
     pub fn to_status(&self) -> Status {
         let err = self;

@@ -59,33 +59,21 @@ impl ConsentFollower {
             return Ok(());
         }
         let after_cursor = self.store.cursor(CONSENT_RELEASES).await?;
-        let bearer = madtech_common::bearer::from_file(&self.config.gateway_token_file)
-            .await
-            .map_err(ActivationError::Token)?;
         let mut client = ConsentReleaseServiceClient::with_interceptor(
             self.gateway.clone(),
-            move |mut request: tonic::Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(request)
-            },
+            crate::bearer_interceptor(&self.config).await?,
         );
-        let gateway_error = |status: tonic::Status| ActivationError::Gateway {
-            code: status.code(),
-            message: status.message().to_string(),
-        };
         let mut stream = client
             .watch_consent_releases(gateway_pb::WatchConsentReleasesRequest {
                 destination_ids,
                 after_cursor,
             })
             .await
-            .map_err(gateway_error)?
+            .map_err(ActivationError::gateway)?
             .into_inner();
         loop {
             let page = tokio::select! {
-                page = stream.message() => page.map_err(gateway_error)?,
+                page = stream.message() => page.map_err(ActivationError::gateway)?,
                 // A new activation may name a destination not yet followed:
                 // start again with the new list, from the same cursor.
                 () = self.activations_changed.notified() => return Ok(()),

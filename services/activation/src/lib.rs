@@ -27,6 +27,26 @@ use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
 use tokio::sync::Notify;
 
+/// Adds this service's bearer token for the gateway to every call. The
+/// token is read from its file when the client is made, so a rotated token
+/// is picked up by the next sync or reconnect.
+pub(crate) async fn bearer_interceptor(
+    config: &ActivationConfig,
+) -> Result<
+    impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    ActivationError,
+> {
+    let bearer = madtech_common::bearer::from_file(&config.gateway_token_file)
+        .await
+        .map_err(ActivationError::Token)?;
+    Ok(move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+        Ok(request)
+    })
+}
+
 /// Connects to the database, migrates it and returns the service ready to
 /// serve. The gateway connection is lazy, so start order does not matter.
 pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, ActivationError> {

@@ -332,6 +332,7 @@ fn run_to_pb(run: &SyncRun) -> pb::SyncRun {
         retries: run.retries,
         to_send: run.to_send,
         trigger: run.trigger.as_str().to_string(),
+        policy_version: run.policy_version.clone(),
     }
 }
 

@@ -23,7 +23,6 @@ use madtech_proto::segments::v1 as segments_pb;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::config::ActivationConfig;
@@ -501,15 +500,9 @@ impl Syncer {
         destination: &Destination,
         progress: &Progress<'_>,
     ) -> Result<(), ActivationError> {
-        let bearer = self.bearer().await?;
         let mut client = SegmentServiceClient::with_interceptor(
             self.gateway.clone(),
-            move |mut request: tonic::Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(request)
-            },
+            crate::bearer_interceptor(&self.config).await?,
         );
         let request = segments_pb::ExportAudienceRequest {
             segment_id: activation.segment_id.clone(),
@@ -518,17 +511,19 @@ impl Syncer {
             purpose: activation.purpose.clone(),
             snapshot_cursor: 0,
         };
-        let gateway_error = |status: tonic::Status| ActivationError::Gateway {
-            code: status.code(),
-            message: status.message().to_string(),
-        };
-        let mut stream = client
+        let response = client
             .export_audience(request)
             .await
-            .map_err(gateway_error)?
-            .into_inner();
+            .map_err(ActivationError::gateway)?;
+        run.policy_version = response
+            .metadata()
+            .get(madtech_proto::segments::POLICY_VERSION_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut stream = response.into_inner();
         let mut page: Vec<Member> = Vec::with_capacity(STAGE_PAGE);
-        while let Some(chunk) = stream.message().await.map_err(gateway_error)? {
+        while let Some(chunk) = stream.message().await.map_err(ActivationError::gateway)? {
             for member in chunk.members {
                 if member.pseudonymous_id.is_empty() {
                     // Fail closed: only what the gateway pseudonymised may be sent.
@@ -577,12 +572,6 @@ impl Syncer {
         run.members_received += page.len() as u64;
         page.clear();
         Ok(())
-    }
-
-    async fn bearer(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, ActivationError> {
-        madtech_common::bearer::from_file(&self.config.gateway_token_file)
-            .await
-            .map_err(ActivationError::Token)
     }
 }
 

@@ -51,12 +51,24 @@ pub(super) fn router(account: Account, state: Arc<Mutex<Platform>>) -> Router {
         .with_state(mock)
 }
 
-fn authorised(mock: &GoogleMock, headers: &HeaderMap) -> bool {
-    has_bearer(headers, &mock.account.token)
+/// The refusal for a call without the bearer and developer token, if so.
+fn refuse_unauthorised(
+    mock: &GoogleMock,
+    platform: &mut Platform,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let authorised = has_bearer(headers, &mock.account.token)
         && headers
             .get("developer-token")
             .and_then(|value| value.to_str().ok())
-            == Some(mock.account.developer_token.as_str())
+            == Some(mock.account.developer_token.as_str());
+    if authorised {
+        return None;
+    }
+    platform
+        .violations
+        .push("missing developer token or bearer".into());
+    Some((StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response())
 }
 
 async fn create_job(
@@ -69,11 +81,8 @@ async fn create_job(
         return answer;
     }
     let mut platform = lock(&mock.state);
-    if !authorised(&mock, &headers) {
-        platform
-            .violations
-            .push("missing developer token or bearer".into());
-        return (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response();
+    if let Some(refused) = refuse_unauthorised(&mock, &mut platform, &headers) {
+        return refused;
     }
     if call != "offlineUserDataJobs:create" || customer != mock.account.customer_id {
         return violation(&mut platform, format!("unexpected call {customer}/{call}"));
@@ -122,11 +131,8 @@ async fn job_call(
         return answer;
     }
     let mut platform = lock(&mock.state);
-    if !authorised(&mock, &headers) {
-        platform
-            .violations
-            .push("missing developer token or bearer".into());
-        return (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response();
+    if let Some(refused) = refuse_unauthorised(&mock, &mut platform, &headers) {
+        return refused;
     }
     let mut jobs = mock.jobs.lock().unwrap_or_else(|p| p.into_inner());
     let (id, action) = call.split_once(':').unwrap_or((&call, ""));

@@ -95,6 +95,7 @@ pub mod sync_run {
         pub batches_sent: i64,
         pub batches_rejected: i64,
         pub retries: i64,
+        pub policy_version: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(Batches),
             Box::new(Plans),
             Box::new(Schedules),
+            Box::new(RunPolicyVersion),
         ]
     }
 }
@@ -68,6 +69,7 @@ enum SyncRuns {
     BatchesSent,
     BatchesRejected,
     Retries,
+    PolicyVersion,
 }
 
 #[derive(DeriveIden)]
@@ -363,6 +365,29 @@ impl MigrationTrait for Schedules {
                 Table::alter()
                     .table(Activations::Table)
                     .add_column(big_integer_null(Activations::SyncEverySecs))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// A sync run remembers the policy version its audience was released under.
+struct RunPolicyVersion;
+
+impl MigrationName for RunPolicyVersion {
+    fn name(&self) -> &str {
+        "m20261130_000006_run_policy_version"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for RunPolicyVersion {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SyncRuns::Table)
+                    .add_column(string(SyncRuns::PolicyVersion).default(""))
                     .to_owned(),
             )
             .await

@@ -122,6 +122,8 @@ pub struct SyncRun {
     pub batches_sent: u64,
     pub batches_rejected: u64,
     pub retries: u64,
+    /// The gateway's policy version the audience was released under.
+    pub policy_version: String,
 }
 
 impl SyncRun {
@@ -143,6 +145,7 @@ impl SyncRun {
             batches_sent: 0,
             batches_rejected: 0,
             retries: 0,
+            policy_version: String::new(),
         }
     }
 
@@ -165,6 +168,7 @@ impl SyncRun {
             batches_sent: count(row.batches_sent),
             batches_rejected: count(row.batches_rejected),
             retries: count(row.retries),
+            policy_version: row.policy_version,
         })
     }
 }
@@ -601,6 +605,7 @@ impl ActivationStore {
             batches_sent: Set(count(run.batches_sent)),
             batches_rejected: Set(count(run.batches_rejected)),
             retries: Set(count(run.retries)),
+            policy_version: Set(run.policy_version.clone()),
         };
         sync_run::Entity::insert(row)
             .on_conflict(
@@ -618,6 +623,7 @@ impl ActivationStore {
                         sync_run::Column::BatchesSent,
                         sync_run::Column::BatchesRejected,
                         sync_run::Column::Retries,
+                        sync_run::Column::PolicyVersion,
                     ])
                     .to_owned(),
             )

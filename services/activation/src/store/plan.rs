@@ -11,8 +11,7 @@ use std::collections::BTreeSet;
 use madtech_common::sql::{Sql, execute};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
 };
 
 use super::entities::{sync_batch, sync_plan};
@@ -173,11 +172,12 @@ impl ActivationStore {
         op: Op,
         seq: u32,
     ) -> Result<Vec<Member>, ActivationError> {
-        sync_plan::Entity::find()
+        // Sorted here, not by the database: asked to order by id, SQLite
+        // walks the whole plan in id order instead of seeking the batch.
+        let mut members = sync_plan::Entity::find()
             .filter(sync_plan::Column::RunId.eq(run_id))
             .filter(sync_plan::Column::Op.eq(op.as_str()))
             .filter(sync_plan::Column::Seq.eq(i64::from(seq)))
-            .order_by_asc(sync_plan::Column::PseudonymousId)
             .all(&self.db)
             .await?
             .into_iter()
@@ -187,7 +187,9 @@ impl ActivationStore {
                     id: row.pseudonymous_id,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, ActivationError>>()?;
+        members.sort_unstable();
+        Ok(members)
     }
 
     /// The batches of a run that have an outcome on record.
