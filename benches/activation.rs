@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench activation`; `MADTECH_BENCH_AUDIENCE` sets the size
 //! (default 1,000,000), `MADTECH_BENCH_WITHDRAWALS` the delay samples
-//! (default 100). SQLite files on tmpfs; the mock platform runs in the same
+//! (default 100), `MADTECH_BENCH_ACTIVATION_CONNECTIONS` the activation
+//! database's pool (default 8). SQLite files on tmpfs; the mock platform runs in the same
 //! process and keeps no audience. Results and the machine are in
 //! docs/BENCHMARKS.md.
 
@@ -85,6 +86,8 @@ async fn run() -> anyhow::Result<()> {
         config.gateway.policy_dir = "policies".into();
         config.consent.policy_dir = "policies".into();
         config.segments.projection_freshness_timeout = Duration::from_secs(600);
+        config.activation.database.max_connections =
+            common::env_u64("MADTECH_BENCH_ACTIVATION_CONNECTIONS", 8) as u32;
     })
     .await?;
     println!("# MadTech activation benchmark: {audience} members to a Meta-shaped mock\n");
