@@ -838,7 +838,10 @@ madtech_common::backend_tests!(
             .ingest(&[event("e1", "view", by(&[("email", "ann@example.com")]))])
             .await
             .expect_err("events cannot bring her back either");
-        assert!(matches!(refused, ProfileError::Precondition(_)));
+        assert!(
+            matches!(refused, ProfileError::Precondition(_)),
+            "{refused:?}"
+        );
         store
             .upsert(upsert(&[("email", "new@example.com")], &[], "FR"))
             .await
