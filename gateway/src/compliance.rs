@@ -3,12 +3,12 @@
 //! for mistakes casbin would accept silently, and the decisions that change
 //! between two policy sets. Used by `madtech policy …` and by CI.
 
-use crate::hashing::Form;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hashing::Form;
 use crate::policy::{CONSENT, IDENTIFIERS, PolicyError, PolicySet, RBAC, UNKNOWN_REGION};
 
 /// One question a policy set answers.

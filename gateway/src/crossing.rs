@@ -7,7 +7,6 @@
 //! Fail closed: if consent cannot be looked up or the policy cannot be
 //! evaluated, the export fails; nothing crosses undecided.
 
-use crate::hashing::Form;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -24,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog};
 use crate::consent_view::ConsentView;
+use crate::hashing::Form;
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;

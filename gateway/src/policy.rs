@@ -3,7 +3,6 @@
 //! every decision from one immutable set, so no request ever sees half of a
 //! change. A set that does not load is never used: the gateway fails closed.
 
-use crate::hashing::Form;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -11,6 +10,8 @@ use std::sync::{Arc, RwLock};
 use arc_swap::ArcSwapOption;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model, StringAdapter};
 use sha2::{Digest, Sha256};
+
+use crate::hashing::Form;
 
 /// The model/policy pairs a policy directory must hold.
 pub const RBAC: (&str, &str) = ("rbac_model.conf", "rbac_policy.csv");

@@ -337,11 +337,11 @@ impl Syncer {
             if stale.phase == Phase::Sending {
                 let limit = destination.target.batch_limit() as u64;
                 let plan = self.store.plan_counts(&stale.id, limit).await?;
-                let recorded = self.store.recorded_batches(&stale.id).await?;
+                let recorded = self.store.batches(&stale.id).await?;
                 let in_flight = SEND_ORDER
                     .into_iter()
                     .flat_map(|op| (1..=plan.batches(op)).map(move |seq| (op, seq)))
-                    .find(|(op, seq)| !recorded.contains(&(op.as_str().to_string(), *seq)));
+                    .find(|(op, seq)| !recorded.iter().any(|b| b.op == *op && b.seq == *seq));
                 if let Some((op, seq)) = in_flight {
                     let planned = self.store.planned_batch(&stale.id, op, seq).await?;
                     let ids: Vec<String> = planned.iter().map(|m| m.id.clone()).collect();
@@ -372,7 +372,8 @@ impl Syncer {
                     }
                 }
             }
-            // The batch records are what happened; the run's counters may
+            // The batch records (read again: the batch in flight may have
+            // just been added) are what happened; the run's counters may
             // lag them by the batch the process died after.
             let batches = self.store.batches(&stale.id).await?;
             let sent = |op: Op| -> u64 {

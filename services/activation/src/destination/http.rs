@@ -88,15 +88,19 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn json(method: Method, url: String, body: Vec<u8>) -> Self {
+    pub fn new(method: Method, url: String, content_type: &'static str, body: Vec<u8>) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         Prepared {
             method,
             url,
             headers,
             body: Bytes::from(body),
         }
+    }
+
+    pub fn json(method: Method, url: String, body: Vec<u8>) -> Self {
+        Self::new(method, url, "application/json", body)
     }
 
     pub fn header(mut self, name: &'static str, value: &str) -> Result<Self, DeliveryError> {
@@ -106,15 +110,20 @@ impl Prepared {
         Ok(self)
     }
 
-    /// Adds `Authorization: Bearer <token>`, marked sensitive so it is never
+    /// Adds a header carrying a credential, marked sensitive so it is never
     /// printed.
-    pub fn bearer(mut self, token: &str) -> Result<Self, DeliveryError> {
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+    pub fn credential(mut self, name: HeaderName, value: &str) -> Result<Self, DeliveryError> {
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
             DeliveryError::Credential("the credential is not a valid header value".into())
         })?;
         value.set_sensitive(true);
-        self.headers.insert(AUTHORIZATION, value);
+        self.headers.insert(name, value);
         Ok(self)
+    }
+
+    /// Adds `Authorization: Bearer <token>`.
+    pub fn bearer(self, token: &str) -> Result<Self, DeliveryError> {
+        self.credential(AUTHORIZATION, &format!("Bearer {token}"))
     }
 }
 

@@ -86,16 +86,12 @@ pub fn request(
         Op::Add => Method::POST,
         Op::Remove => Method::DELETE,
     };
-    let mut request = Prepared::json(
+    Ok(Some(Prepared::new(
         method,
         format!("{base_url}/{audience_id}/users"),
+        "application/x-www-form-urlencoded",
         body.into_bytes(),
-    );
-    request.headers.insert(
-        reqwest::header::CONTENT_TYPE,
-        reqwest::header::HeaderValue::from_static("application/x-www-form-urlencoded"),
-    );
-    Ok(Some(request))
+    )))
 }
 
 fn to_json(value: &impl Serialize) -> Result<String, DeliveryError> {

@@ -34,20 +34,18 @@ impl Account<'_> {
         });
         let body = serde_json::to_vec(&body)
             .map_err(|err| DeliveryError::Unshapeable(format!("the trade desk: {err}")))?;
-        let mut auth = reqwest::header::HeaderValue::from_str(self.auth_token).map_err(|_| {
-            DeliveryError::Credential("the credential is not a valid header value".into())
-        })?;
-        auth.set_sensitive(true);
-        let mut request = Prepared::json(
+        Prepared::json(
             Method::POST,
             format!(
                 "{}/crmdata/segment/{}/{}",
                 self.base_url, self.advertiser_id, self.crm_data_id
             ),
             body,
-        );
-        request.headers.insert("ttd-auth", auth);
-        Ok(request)
+        )
+        .credential(
+            reqwest::header::HeaderName::from_static("ttd-auth"),
+            self.auth_token,
+        )
     }
 }
 
@@ -96,12 +94,7 @@ pub fn drop_url(answer: &[u8], base_url: &str) -> Result<String, DeliveryError> 
 }
 
 pub fn upload(url: String, body: Vec<u8>) -> Prepared {
-    let mut request = Prepared::json(Method::POST, url, body);
-    request.headers.insert(
-        reqwest::header::CONTENT_TYPE,
-        reqwest::header::HeaderValue::from_static("text/plain"),
-    );
-    request
+    Prepared::new(Method::POST, url, "text/plain", body)
 }
 
 #[cfg(test)]

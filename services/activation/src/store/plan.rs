@@ -6,15 +6,13 @@
 //! again after a crash is the same batch (same session, same sequence
 //! number, same idempotency key).
 
-use std::collections::BTreeSet;
-
 use madtech_common::sql::{Sql, execute};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
 };
 
-use super::entities::{sync_batch, sync_plan};
+use super::entities::sync_plan;
 use super::{ActivationStore, identifiers_from};
 use crate::destination::{Member, Op};
 use crate::error::ActivationError;
@@ -190,20 +188,6 @@ impl ActivationStore {
             .collect::<Result<Vec<_>, ActivationError>>()?;
         members.sort_unstable();
         Ok(members)
-    }
-
-    /// The batches of a run that have an outcome on record.
-    pub async fn recorded_batches(
-        &self,
-        run_id: &str,
-    ) -> Result<BTreeSet<(String, u32)>, ActivationError> {
-        Ok(sync_batch::Entity::find()
-            .filter(sync_batch::Column::RunId.eq(run_id))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|row| (row.op, u32::try_from(row.seq).unwrap_or(0)))
-            .collect())
     }
 }
 
