@@ -58,12 +58,13 @@ async fn run() -> anyhow::Result<()> {
         suite.gateway_channel()?,
         bearer(&suite, "admin")?,
     ));
+    let destination_id = common::file_destination(&suite, "bench").await?;
     let mut export_of = async |name: &str, region: &str| -> anyhow::Result<_> {
         let segment_id = common::region_segment(&mut segments, name, region).await?;
         Ok(segments_pb::ExportAudienceRequest {
             segment_id,
-            destination_id: "bench".into(),
-            destination_kind: "file".into(),
+            destination_id: destination_id.clone(),
+            destination_kind: String::new(),
             purpose: "ad_targeting".into(),
             snapshot_cursor: 0,
         })

@@ -377,8 +377,8 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
             .unwrap_or_default();
     let request = segments_pb::ExportAudienceRequest {
         segment_id: segment,
-        destination_id: "bench".into(),
-        destination_kind: "file".into(),
+        destination_id: common::file_destination(suite, "bench").await?,
+        destination_kind: String::new(),
         purpose: "ad_targeting".into(),
         snapshot_cursor: 0,
     };

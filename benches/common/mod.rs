@@ -253,3 +253,30 @@ where
         .map(|s| s.segment_id)
         .unwrap_or_default())
 }
+
+/// Registers a file destination as `admin` through the gateway, which only
+/// lets audiences cross to registered destinations; its id.
+pub async fn file_destination(suite: &InProcess, name: &str) -> anyhow::Result<String> {
+    use madtech_proto::activation::v1 as pb;
+    let mut activation = pb::activation_service_client::ActivationServiceClient::new(
+        tonic::service::interceptor::InterceptedService::new(
+            suite.gateway_channel()?,
+            bearer(suite, "admin")?,
+        ),
+    );
+    let destination = activation
+        .create_destination(pb::CreateDestinationRequest {
+            name: name.into(),
+            target: Some(pb::create_destination_request::Target::File(
+                pb::FileDestination {
+                    directory: name.into(),
+                    format: pb::FileFormat::Jsonl.into(),
+                },
+            )),
+        })
+        .await?
+        .into_inner()
+        .destination
+        .ok_or_else(|| anyhow::anyhow!("CreateDestination answered no destination"))?;
+    Ok(destination.destination_id)
+}

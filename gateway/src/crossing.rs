@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog};
 use crate::consent_view::ConsentView;
+use crate::destinations::{DestinationRegistry, check_named_kind};
 use crate::hashing::Form;
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
@@ -290,6 +291,7 @@ pub struct Crossing {
     pseudonymiser: Pseudonymiser,
     segments: SegmentServiceClient<Channel>,
     consent: Arc<ConsentView>,
+    destinations: DestinationRegistry,
 }
 
 type Members = std::pin::Pin<
@@ -299,7 +301,6 @@ type Members = std::pin::Pin<
 fn validated(request: &segments_pb::ExportAudienceRequest) -> Result<(), FieldError> {
     require("segment_id", &request.segment_id)?;
     require("destination_id", &request.destination_id)?;
-    require("destination_kind", &request.destination_kind)?;
     policy_name("purpose", &request.purpose)?;
     Ok(())
 }
@@ -316,6 +317,7 @@ impl Crossing {
         pseudonymiser: Pseudonymiser,
         segments: Channel,
         consent: Arc<ConsentView>,
+        destinations: DestinationRegistry,
     ) -> Self {
         Crossing {
             policies,
@@ -323,6 +325,7 @@ impl Crossing {
             pseudonymiser,
             segments: SegmentServiceClient::new(segments),
             consent,
+            destinations,
         }
     }
 
@@ -352,12 +355,18 @@ impl Crossing {
             .and_then(|value| value.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map(|timeout| tokio::time::Instant::now() + timeout);
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         validated(&request)?;
         // No valid policy set: nothing crosses.
         let policy = self.policies.current().ok_or_else(|| {
             Status::failed_precondition("no valid policy set is loaded; nothing may cross")
         })?;
+        let kind = self
+            .destinations
+            .kind_of(&request.destination_id, deadline)
+            .await?;
+        check_named_kind(&request.destination_id, &request.destination_kind, &kind)?;
+        request.destination_kind = kind;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
         let upstream = self

@@ -12,6 +12,7 @@ pub mod compliance;
 pub mod config;
 pub mod consent_view;
 pub mod crossing;
+pub mod destinations;
 pub mod error;
 pub mod guard;
 pub mod hashing;
@@ -51,6 +52,7 @@ pub use error::GatewayError;
 use crate::audit::AuditLog;
 use crate::consent_view::ConsentView;
 use crate::crossing::{Crossing, Pseudonymiser};
+use crate::destinations::DestinationRegistry;
 use crate::keys::{JwksRefresher, KeySet, VerificationKey};
 use crate::observe::ObserveLayer;
 use crate::policy::{Policies, PolicySet, Reloader};
@@ -105,6 +107,8 @@ impl Gateway {
         let upstreams = &config.upstreams;
         let segments_channel = channel(&config.upstream_tls, &upstreams.segments)?;
         let consent_channel = channel(&config.upstream_tls, &upstreams.consent)?;
+        let activation_channel = channel(&config.upstream_tls, &upstreams.activation)?;
+        let destinations = DestinationRegistry::new(activation_channel.clone());
         let upstream_channels = HashMap::from([
             (
                 profiles::v1::profile_service_server::SERVICE_NAME,
@@ -124,7 +128,7 @@ impl Gateway {
             ),
             (
                 activation::v1::activation_service_server::SERVICE_NAME,
-                channel(&config.upstream_tls, &upstreams.activation)?,
+                activation_channel,
             ),
         ]);
         let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([
@@ -144,6 +148,7 @@ impl Gateway {
                         consent_channel.clone(),
                         Arc::clone(&audit),
                         policies.clone(),
+                        destinations.clone(),
                     )
                     .into_server(),
                 ),
@@ -171,6 +176,7 @@ impl Gateway {
             pseudonymiser,
             segments_channel,
             Arc::clone(&consent_view),
+            destinations,
         );
         let router = Router::new(crossing, upstream_channels, local);
 

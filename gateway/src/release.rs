@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditLog, Crossing as AuditedCrossing};
 use crate::crossing::Pseudonymiser;
+use crate::destinations::DestinationRegistry;
 use crate::policy::Policies;
 use crate::token::Caller;
 
@@ -43,6 +44,7 @@ pub struct ConsentReleaseApi {
     consent: ConsentServiceClient<Channel>,
     audit: Arc<AuditLog>,
     policies: Policies,
+    destinations: DestinationRegistry,
 }
 
 impl ConsentReleaseApi {
@@ -51,12 +53,14 @@ impl ConsentReleaseApi {
         consent: Channel,
         audit: Arc<AuditLog>,
         policies: Policies,
+        destinations: DestinationRegistry,
     ) -> Self {
         ConsentReleaseApi {
             pseudonymiser,
             consent: ConsentServiceClient::new(consent),
             audit,
             policies,
+            destinations,
         }
     }
 
@@ -68,6 +72,7 @@ impl ConsentReleaseApi {
     async fn audit_page(
         &self,
         caller: &str,
+        kinds: &BTreeMap<String, String>,
         page: &[pb::WatchConsentReleasesResponse],
     ) -> Result<(), Status> {
         let policy_version = self
@@ -75,7 +80,7 @@ impl ConsentReleaseApi {
             .current()
             .map(|set| set.version.clone())
             .unwrap_or_default();
-        for record in audit_records(caller, &policy_version, page) {
+        for record in audit_records(caller, &policy_version, kinds, page) {
             self.audit.append(record).await.map_err(|err| {
                 tracing::error!(error = %err, "audit write failed; consent releases stop");
                 Status::unavailable("the audit trail is unavailable")
@@ -124,6 +129,7 @@ impl ConsentReleaseApi {
 fn audit_records(
     caller: &str,
     policy_version: &str,
+    kinds: &BTreeMap<String, String>,
     page: &[pb::WatchConsentReleasesResponse],
 ) -> Vec<AuditedCrossing> {
     let mut by_destination: BTreeMap<&str, (u64, Sha256)> = BTreeMap::new();
@@ -145,6 +151,7 @@ fn audit_records(
             caller: caller.to_string(),
             method: WATCH_CONSENT_RELEASES.to_string(),
             destination_id: destination.to_string(),
+            destination_kind: kinds.get(destination).cloned().unwrap_or_default(),
             policy_version: policy_version.to_string(),
             outcome: "released".to_string(),
             allowed: count,
@@ -195,6 +202,9 @@ impl ConsentReleaseService for ConsentReleaseApi {
             .unwrap_or_default();
         let request = request.into_inner();
         let destinations = destinations(&request)?;
+        // Releases go only to destinations the registry knows, as for
+        // ExportAudience: an id made up by the caller learns nothing.
+        let kinds = self.destinations.kinds_of(&destinations, None).await?;
         let changes = self
             .consent
             .clone()
@@ -217,7 +227,7 @@ impl ConsentReleaseService for ConsentReleaseApi {
                         released.push(api.release(&destinations, &entry));
                     }
                 }
-                api.audit_page(&caller, &released).await?;
+                api.audit_page(&caller, &kinds, &released).await?;
                 for response in released {
                     metrics::counter!("madtech_gateway_consent_releases_total")
                         .increment(response.releases.len() as u64);
@@ -243,9 +253,10 @@ mod tests {
             .expect("shipped policies");
         ConsentReleaseApi::new(
             Pseudonymiser::new(&[3; 32]).expect("key"),
-            channel,
+            channel.clone(),
             Arc::new(AuditLog::new(db)),
             Policies::new(policies),
+            DestinationRegistry::new(channel),
         )
     }
 
@@ -324,7 +335,8 @@ mod tests {
                 releases: vec![],
             },
         ];
-        let records = audit_records("activation", "v7", &page);
+        let kinds = BTreeMap::from([("d1".to_string(), "meta".to_string())]);
+        let records = audit_records("activation", "v7", &kinds, &page);
         assert_eq!(records.len(), 2, "one per destination");
         assert_eq!(
             (records[0].destination_id.as_str(), records[0].allowed),
@@ -336,9 +348,10 @@ mod tests {
         );
         assert_eq!(records[0].method, WATCH_CONSENT_RELEASES);
         assert_eq!(records[0].policy_version, "v7");
+        assert_eq!(records[0].destination_kind, "meta");
         assert_eq!(records[0].released_digest.len(), 64);
         assert_ne!(records[0].released_digest, records[1].released_digest);
-        assert!(audit_records("activation", "v7", &page[2..]).is_empty());
+        assert!(audit_records("activation", "v7", &kinds, &page[2..]).is_empty());
     }
 
     #[test]

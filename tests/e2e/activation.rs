@@ -356,6 +356,40 @@ async fn destinations_are_validated() {
             status.message()
         );
     }
+
+    // A registered destination reads back, credentials as references only;
+    // compliance may read it, and an unknown id is NOT_FOUND.
+    let id = suite.destination_of_kind("meta").await;
+    let mut compliance = suite.activation(suite.bearer(&["compliance"]));
+    let read = compliance
+        .get_destination(activation_pb::GetDestinationRequest {
+            destination_id: id.clone(),
+        })
+        .await
+        .expect("compliance reads destinations")
+        .into_inner()
+        .destination
+        .expect("destination");
+    assert_eq!(
+        (read.destination_id.as_str(), read.kind.as_str()),
+        (id.as_str(), "meta")
+    );
+    let Some(activation_pb::destination::Target::Meta(meta)) = read.target else {
+        panic!("a Meta destination: {read:?}");
+    };
+    assert_eq!(meta.access_token, env("UNUSED"));
+    for (id, code) in [
+        ("", tonic::Code::InvalidArgument),
+        ("nope", tonic::Code::NotFound),
+    ] {
+        let status = compliance
+            .get_destination(activation_pb::GetDestinationRequest {
+                destination_id: id.into(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{id:?}: {status:?}");
+    }
     suite.stop().await;
 }
 

@@ -213,18 +213,29 @@ async fn activation_follows_consent_releases_under_pseudonyms() {
         &suite.config.gateway.pseudonym_key_file,
     )
     .expect("the suite's pseudonym key");
+    let meta = suite.destination_of_kind("meta").await;
+    let file = suite.destination_of_kind("file").await;
     let request = gateway_pb::WatchConsentReleasesRequest {
-        destination_ids: vec!["meta-1".into(), "file-1".into()],
+        destination_ids: vec![meta.clone(), file.clone()],
         after_cursor: 0,
     };
-    let mut releases = ConsentReleaseServiceClient::with_interceptor(
-        suite.gateway_channel(),
-        suite.bearer(&["activation"]),
-    )
-    .watch_consent_releases(request.clone())
-    .await
-    .expect("activation may follow releases")
-    .into_inner();
+    let follow = |request: gateway_pb::WatchConsentReleasesRequest| {
+        let mut client = ConsentReleaseServiceClient::with_interceptor(
+            suite.gateway_channel(),
+            suite.bearer(&["activation"]),
+        );
+        async move { client.watch_consent_releases(request).await }
+    };
+    let mut made_up = request.clone();
+    made_up.destination_ids.push("made-up".into());
+    let status = follow(made_up)
+        .await
+        .expect_err("releases go to registered destinations only");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let mut releases = follow(request.clone())
+        .await
+        .expect("activation may follow releases")
+        .into_inner();
 
     let written = suite
         .consent(suite.bearer(&["admin"]))
@@ -254,14 +265,14 @@ async fn activation_follows_consent_releases_under_pseudonyms() {
         got,
         vec![
             (
-                "meta-1".into(),
-                key.pseudonym("meta-1", "p-1"),
+                meta.clone(),
+                key.pseudonym(&meta, "p-1"),
                 "analytics".into(),
                 consent_pb::ConsentState::Denied
             ),
             (
-                "file-1".into(),
-                key.pseudonym("file-1", "p-1"),
+                file.clone(),
+                key.pseudonym(&file, "p-1"),
                 "analytics".into(),
                 consent_pb::ConsentState::Denied
             ),
@@ -271,13 +282,23 @@ async fn activation_follows_consent_releases_under_pseudonyms() {
 
     // Released only after it was audited, per destination.
     let records = suite.audit_records().await;
-    let mut audited: Vec<(&str, &str, u64)> = records
+    let mut audited: Vec<(&str, &str, &str, u64)> = records
         .iter()
-        .map(|r| (r.method.as_str(), r.destination_id.as_str(), r.allowed))
+        .map(|r| {
+            (
+                r.method.as_str(),
+                r.destination_kind.as_str(),
+                r.destination_id.as_str(),
+                r.allowed,
+            )
+        })
         .collect();
     audited.sort();
     let method = "/madtech.gateway.v1.ConsentReleaseService/WatchConsentReleases";
-    assert_eq!(audited, vec![(method, "file-1", 1), (method, "meta-1", 1)]);
+    assert_eq!(
+        audited,
+        vec![(method, "file", &*file, 1), (method, "meta", &*meta, 1)]
+    );
     assert!(
         records
             .iter()
@@ -500,12 +521,14 @@ async fn a_tc_string_that_refuses_a_platform_s_vendor_keeps_people_from_that_pla
     let crossed = |kind: &'static str| {
         let segment_id = segment.segment_id.clone();
         let mut segments = suite.segments(suite.bearer(&["activation"]));
+        let suite = &suite;
         async move {
             let mut stream = segments
                 .export_audience(segments_pb::ExportAudienceRequest {
                     segment_id,
-                    destination_id: format!("{kind}-1"),
-                    destination_kind: kind.into(),
+                    // The gateway reads the kind from the registry.
+                    destination_id: suite.destination_of_kind(kind).await,
+                    destination_kind: String::new(),
                     purpose: "ad_targeting".into(),
                     snapshot_cursor: 0,
                 })

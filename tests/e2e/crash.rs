@@ -203,7 +203,7 @@ async fn postgres_acknowledged_events_survive_sigkill() {
     acknowledged_events_survive_sigkill(Backend::Postgres).await;
 }
 
-/// An activation service killed (SIGKILL) in the middle of a sync, then
+/// An activation replica killed (SIGKILL) in the middle of a sync, then
 /// started again: the batch in flight is delivered again under the same
 /// idempotency key, the rest by a new run, and every member reaches the
 /// destination under exactly one key: nothing lost, nothing duplicated.
@@ -230,11 +230,12 @@ async fn a_sync_killed_midway_neither_loses_nor_duplicates(backend: Backend) {
     let secret = files.path().join("hook-secret");
     std::fs::write(&secret, "kill-secret").expect("secret");
 
-    // A second activation service with its own database, reaching audiences
-    // through the suite's gateway with the suite's activation token.
-    let db = TestDatabase::new(backend);
-    let database = db.sibling("activation");
-    let mut env = database_env("activation", &database);
+    // A second replica of the activation service, on the suite's activation
+    // database (as replicas share one in production), reaching audiences
+    // through the suite's gateway with the suite's activation token. The
+    // gateway reads destinations from the suite's replica, which sees what
+    // this one registers.
+    let mut env = database_env("activation", &suite.config.activation.database);
     let config = &suite.config.activation;
     env.extend([
         (

@@ -282,9 +282,10 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
         .await
         .expect("upsert");
     let segment = suite.region_segment("california", &["US-CA"]).await;
+    let file = suite.destination_of_kind("file").await;
     let request = |segment_id: &str| segments_pb::ExportAudienceRequest {
         segment_id: segment_id.into(),
-        destination_id: "d1".into(),
+        destination_id: file.clone(),
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
         snapshot_cursor: 0,
@@ -316,12 +317,37 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
     let mut bad = request(&segment.segment_id);
     bad.purpose = "Ad Targeting".into();
     let status = suite
-        .segments(admin)
+        .segments(admin.clone())
         .export_audience(bad)
         .await
         .expect_err("bad purpose");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("purpose"));
+
+    // The destination's kind comes from the registry, never the caller: an
+    // unregistered destination gets nothing, and a caller claiming a laxer
+    // kind than the registered one is refused.
+    let mut unregistered = request(&segment.segment_id);
+    unregistered.destination_id = "made-up".into();
+    let status = suite
+        .segments(admin.clone())
+        .export_audience(unregistered)
+        .await
+        .expect_err("unregistered destination");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("not registered"), "{status:?}");
+    let mut mislabelled = request(&segment.segment_id);
+    mislabelled.destination_id = suite.destination_of_kind("meta").await;
+    let status = suite
+        .segments(admin)
+        .export_audience(mislabelled)
+        .await
+        .expect_err("a kind other than the registered one");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("destination_kind"),
+        "{status:?}"
+    );
     suite.stop().await;
 }
 

@@ -43,6 +43,9 @@ pub struct Suite {
     /// Held so the test databases (SQLite directory, PostgreSQL schemas) and
     /// the data directory outlive the suite.
     kept: Kept,
+    /// The file destination [`Suite::export`] crosses to, registered on
+    /// first use.
+    export_destination: tokio::sync::OnceCell<String>,
 }
 
 impl Suite {
@@ -82,6 +85,7 @@ impl Suite {
             config: running.config.clone(),
             running,
             kept: Kept { db, data },
+            export_destination: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -191,16 +195,14 @@ impl Suite {
             .await
     }
 
-    /// Creates, as `marketer`, a destination named `name` delivering to
-    /// `target` and an activation of `segment_id` to it for `ad_targeting`.
-    pub async fn activate(
+    /// Registers, as `marketer`, a destination named `name` delivering to
+    /// `target`.
+    pub async fn destination(
         &self,
-        segment_id: &str,
         name: &str,
         target: activation_pb::create_destination_request::Target,
-    ) -> (activation_pb::Destination, activation_pb::Activation) {
-        let mut activation = self.activation(self.bearer(&["marketer"]));
-        let destination = activation
+    ) -> activation_pb::Destination {
+        self.activation(self.bearer(&["marketer"]))
             .create_destination(activation_pb::CreateDestinationRequest {
                 name: name.into(),
                 target: Some(target),
@@ -209,8 +211,59 @@ impl Suite {
             .expect("create destination")
             .into_inner()
             .destination
-            .expect("destination");
-        let activated = activation
+            .expect("destination")
+    }
+
+    /// Registers a destination of `kind` (as the policies name kinds) that
+    /// is never synced to, for tests of what crosses to such a kind; returns
+    /// its id.
+    pub async fn destination_of_kind(&self, kind: &str) -> String {
+        use activation_pb::create_destination_request::Target;
+        let token = || activation_pb::SecretRef {
+            source: Some(activation_pb::secret_ref::Source::Env("UNUSED".into())),
+        };
+        let target = match kind {
+            "file" => Target::File(activation_pb::FileDestination {
+                directory: "unused".into(),
+                format: activation_pb::FileFormat::Jsonl.into(),
+            }),
+            "meta" => Target::Meta(activation_pb::MetaDestination {
+                audience_id: "1".into(),
+                access_token: Some(token()),
+                base_url: String::new(),
+            }),
+            "google_ads" => Target::GoogleAds(activation_pb::GoogleAdsDestination {
+                customer_id: "1".into(),
+                user_list_id: "2".into(),
+                login_customer_id: String::new(),
+                access_token: Some(token()),
+                developer_token: Some(token()),
+                base_url: String::new(),
+            }),
+            "the_trade_desk" => Target::TheTradeDesk(activation_pb::TradeDeskDestination {
+                advertiser_id: "a".into(),
+                crm_data_id: "c".into(),
+                auth_token: Some(token()),
+                base_url: String::new(),
+            }),
+            other => panic!("no sample destination of kind {other}"),
+        };
+        let destination = self.destination(&format!("{kind} sample"), target).await;
+        assert_eq!(destination.kind, kind);
+        destination.destination_id
+    }
+
+    /// Creates, as `marketer`, a destination named `name` delivering to
+    /// `target` and an activation of `segment_id` to it for `ad_targeting`.
+    pub async fn activate(
+        &self,
+        segment_id: &str,
+        name: &str,
+        target: activation_pb::create_destination_request::Target,
+    ) -> (activation_pb::Destination, activation_pb::Activation) {
+        let destination = self.destination(name, target).await;
+        let activated = self
+            .activation(self.bearer(&["marketer"]))
             .create_activation(activation_pb::CreateActivationRequest {
                 segment_id: segment_id.into(),
                 destination_id: destination.destination_id.clone(),
@@ -273,12 +326,16 @@ impl Suite {
     /// Exports `segment_id` for `ad_targeting` to a file destination as the
     /// activation service does, and returns every member that crossed.
     pub async fn export(&self, segment_id: &str) -> Vec<segments_pb::AudienceMember> {
+        let destination_id = self
+            .export_destination
+            .get_or_init(|| self.destination_of_kind("file"))
+            .await;
         let mut stream = self
             .segments(self.bearer(&["activation"]))
             .export_audience(segments_pb::ExportAudienceRequest {
                 segment_id: segment_id.into(),
-                destination_id: "d".into(),
-                destination_kind: "file".into(),
+                destination_id: destination_id.clone(),
+                destination_kind: String::new(),
                 purpose: "ad_targeting".into(),
                 snapshot_cursor: 0,
             })

@@ -365,6 +365,17 @@ impl ActivationService for ActivationApi {
         }))
     }
 
+    async fn get_destination(
+        &self,
+        request: Request<pb::GetDestinationRequest>,
+    ) -> Result<Response<pb::GetDestinationResponse>, Status> {
+        let destination_id = require("destination_id", &request.get_ref().destination_id)?;
+        let destination = self.store.destination(destination_id).await?;
+        Ok(Response::new(pb::GetDestinationResponse {
+            destination: Some(destination_to_pb(&destination)),
+        }))
+    }
+
     async fn create_activation(
         &self,
         request: Request<pb::CreateActivationRequest>,

@@ -358,7 +358,6 @@ impl SegmentService for SegmentApi {
         let request = request.into_inner();
         let segment_id = require("segment_id", &request.segment_id)?;
         require("destination_id", &request.destination_id)?;
-        require("destination_kind", &request.destination_kind)?;
         validate::policy_name("purpose", &request.purpose)?;
         let segment = self.store.get(segment_id).await?;
         let segment_id = segment.id.clone();
