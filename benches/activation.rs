@@ -10,8 +10,9 @@
 //! `cargo bench --bench activation`; `MADTECH_BENCH_AUDIENCE` sets the size
 //! (default 1,000,000), `MADTECH_BENCH_WITHDRAWALS` the delay samples
 //! (default 100), `MADTECH_BENCH_ACTIVATION_CONNECTIONS` the activation
-//! database's pool (default 8). SQLite files on tmpfs; the mock platform runs in the same
-//! process and keeps no audience. Results and the machine are in
+//! database's pool (default 8), `MADTECH_BENCH_CONSENT_VIEW_CAPACITY` the
+//! gateway's consent view (default: room for everyone loaded). SQLite files on tmpfs;
+//! the mock platform runs in the same process and keeps no audience. Results and the machine are in
 //! docs/BENCHMARKS.md.
 
 mod common;
@@ -27,7 +28,7 @@ use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::service::interceptor::InterceptedService;
 
-use common::{Bearer, bearer, channel, load_people, percentile, rss_growth_during, tmpfs_dir};
+use common::{Bearer, bearer, channel, growth_during, load_people, percentile, tmpfs_dir};
 
 const AUDIENCE_ID: &str = "23847000000001";
 const TOKEN: &str = "bench-token";
@@ -88,6 +89,12 @@ async fn run() -> anyhow::Result<()> {
         config.segments.projection_freshness_timeout = Duration::from_secs(600);
         config.activation.database.max_connections =
             common::env_u64("MADTECH_BENCH_ACTIVATION_CONNECTIONS", 8) as u32;
+        // Room for everyone, so the view never starts over during a timed
+        // sync: its refill would be measured as the sync's memory.
+        config.gateway.consent_view.capacity = common::env_u64(
+            "MADTECH_BENCH_CONSENT_VIEW_CAPACITY",
+            (2 * (audience + small)).max(config.gateway.consent_view.capacity as u64),
+        ) as usize;
     })
     .await?;
     println!("# MadTech activation benchmark: {audience} members to a Meta-shaped mock\n");
@@ -160,14 +167,14 @@ async fn run() -> anyhow::Result<()> {
     let cold = sync(&mut activations, &warm_large).await?;
     let virginians = activate("virginians", "US-VA").await?;
     let californians = activate("californians", "US-CA").await?;
-    let (small_sync, small_growth) = rss_growth_during(sync(&mut activations, &virginians)).await;
+    let (small_sync, small_growth) = growth_during(sync(&mut activations, &virginians)).await;
     let small_sync = small_sync?;
     anyhow::ensure!(
         small_sync.run.added == small,
         "added {}",
         small_sync.run.added
     );
-    let (first, large_growth) = rss_growth_during(sync(&mut activations, &californians)).await;
+    let (first, large_growth) = growth_during(sync(&mut activations, &californians)).await;
     let first = first?;
     anyhow::ensure!(first.run.added == audience, "added {}", first.run.added);
 
@@ -221,7 +228,8 @@ async fn run() -> anyhow::Result<()> {
         churn_load.as_secs_f64()
     );
     println!(
-        "resident set growth during a first sync: {small_growth:.1} MiB for {small} members, {large_growth:.1} MiB for {audience}"
+        "growth during a first sync: resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; Rust heap {:.1} MiB and {:.1} MiB",
+        small_growth.rss, large_growth.rss, small_growth.heap, large_growth.heap
     );
     println!(
         "hashing: {:.2} µs per member alone (SHA-256 of the email + HMAC-SHA256 pseudonym), {:.2} s for the whole audience = {:.1} % of the first sync",

@@ -17,8 +17,8 @@ use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
 use common::{
-    LOAD_BATCH, LOAD_CONCURRENCY, bearer, channel, export_rate, load_people, median, peak_rss_mib,
-    rss_growth_during, tmpfs_dir,
+    LOAD_BATCH, LOAD_CONCURRENCY, bearer, channel, export_rate, growth_during, load_people, median,
+    peak_rss_mib, tmpfs_dir,
 };
 
 const ROUNDS: usize = 3;
@@ -92,18 +92,22 @@ async fn run() -> anyhow::Result<()> {
     let (mut small_growth, mut large_growth) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let (rate, grew) =
-            rss_growth_during(export_rate(direct.clone(), small_request.clone(), small)).await;
+            growth_during(export_rate(direct.clone(), small_request.clone(), small)).await;
         rate?;
         small_growth.push(grew);
         let (rate, grew) =
-            rss_growth_during(export_rate(direct.clone(), request.clone(), audience)).await;
+            growth_during(export_rate(direct.clone(), request.clone(), audience)).await;
         rate?;
         large_growth.push(grew);
     }
+    let rss = |growth: &[common::Growth]| median(growth.iter().map(|g| g.rss).collect());
+    let heap = |growth: &[common::Growth]| median(growth.iter().map(|g| g.heap).collect());
     println!(
-        "resident set growth during one direct export (median of {ROUNDS}): {:.1} MiB for {small} members, {:.1} MiB for {audience}",
-        median(small_growth),
-        median(large_growth)
+        "growth during one direct export (median of {ROUNDS}): resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; Rust heap {:.1} MiB and {:.1} MiB",
+        rss(&small_growth),
+        rss(&large_growth),
+        heap(&small_growth),
+        heap(&large_growth)
     );
 
     let before = peak_rss_mib();

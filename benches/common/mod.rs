@@ -5,9 +5,17 @@
 
 use std::time::Duration;
 
-/// The allocator the `madtech` binary uses, so benchmarks measure what runs.
+/// The allocator the `madtech` binary uses, so benchmarks measure what runs,
+/// counting the bytes Rust code holds: the heap alone, apart from SQLite's
+/// page caches (C allocations) and mapped files, which the resident set
+/// also counts.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cap::Cap<mimalloc::MiMalloc> = cap::Cap::new(mimalloc::MiMalloc, usize::MAX);
+
+/// Bytes Rust code holds on the heap now, in MiB.
+pub fn heap_mib() -> f64 {
+    ALLOCATOR.allocated() as f64 / (1024.0 * 1024.0)
+}
 
 use madtech::suite::InProcess;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -134,28 +142,50 @@ fn status_kib(field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `work` while sampling the resident set every 5 ms; returns its
-/// output and how far the resident set rose above where it started (MiB).
-/// Unlike the peak (VmHWM), this isolates one piece of work in a process
-/// that did bigger things before it.
-pub async fn rss_growth_during<T>(work: impl std::future::Future<Output = T>) -> (T, f64) {
-    let start = rss_mib();
+/// How far memory rose above where it was when a piece of work started
+/// (MiB): the resident set, and the Rust heap within it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Growth {
+    pub rss: f64,
+    pub heap: f64,
+}
+
+/// Runs `work` while sampling the resident set and the heap every 5 ms;
+/// returns its output and how far each rose above where it started. Unlike
+/// the peak (VmHWM), this isolates one piece of work in a process that did
+/// bigger things before it.
+pub async fn growth_during<T>(work: impl std::future::Future<Output = T>) -> (T, Growth) {
+    let sample = || Growth {
+        rss: rss_mib(),
+        heap: heap_mib(),
+    };
+    let start = sample();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let done = std::sync::Arc::clone(&done);
         tokio::spawn(async move {
             let mut highest = start;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                highest = highest.max(rss_mib());
+            loop {
+                let now = sample();
+                highest.rss = highest.rss.max(now.rss);
+                highest.heap = highest.heap.max(now.heap);
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break highest;
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            highest.max(rss_mib())
         })
     };
     let output = work.await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let highest = sampler.await.unwrap_or(start);
-    (output, highest - start)
+    (
+        output,
+        Growth {
+            rss: highest.rss - start.rss,
+            heap: highest.heap - start.heap,
+        },
+    )
 }
 
 /// Reads an `ExportAudience` to the end; fails unless exactly `expected`
