@@ -509,6 +509,7 @@ async fn every_platform_gets_its_own_hashes(backend: Backend) {
             access_token: secret_file(dir, "g", "g-token"),
             developer_token: secret_file(dir, "gd", "g-dev"),
             base_url: format!("{}/v21", google.base_url()),
+            oauth: None,
         }),
         Target::TheTradeDesk(activation_pb::TradeDeskDestination {
             advertiser_id: "adv1".into(),
@@ -573,6 +574,106 @@ async fn every_platform_gets_its_own_hashes(backend: Backend) {
         assert_eq!(platform.audience, want);
         assert_eq!(platform.received.last().map(|r| r.op), Some("remove"));
     }
+    suite.stop().await;
+}
+
+/// Google's access tokens expire within the hour: a destination may give an
+/// OAuth client and refresh token instead, and the service mints access
+/// tokens from them, reuses one until shortly before it expires, and stops
+/// the sync when the refresh token is refused.
+#[tokio::test]
+async fn google_access_tokens_are_minted_from_a_refresh_token() {
+    use madtech_activation::mock::OAuthClient;
+    let suite = suite(Backend::Sqlite).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let dir = secrets.path();
+    // Renewed a minute early, a 61 s token is reused for one second.
+    let client = OAuthClient {
+        client_id: "client-7.apps.googleusercontent.com".into(),
+        client_secret: "client-secret".into(),
+        refresh_token: "1//refresh".into(),
+        expires_in: Duration::from_secs(61),
+    };
+    let google = MockPlatform::google_ads_oauth("1234567890", "555", client.clone(), "g-dev").await;
+    suite
+        .person("ann@example.com", "US-CA", Default::default())
+        .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let target = |refresh_token: &str, access_token| {
+        Target::GoogleAds(activation_pb::GoogleAdsDestination {
+            customer_id: "1234567890".into(),
+            user_list_id: "555".into(),
+            login_customer_id: String::new(),
+            access_token,
+            developer_token: secret_file(dir, "gd", "g-dev"),
+            base_url: format!("{}/v21", google.base_url()),
+            oauth: Some(activation_pb::OAuthRefresh {
+                client_id: client.client_id.clone(),
+                client_secret: secret_file(dir, "cs", &client.client_secret),
+                refresh_token: secret_file(dir, &refresh_token.replace('/', "_"), refresh_token),
+                token_url: format!("{}/token", google.base_url()),
+            }),
+        })
+    };
+
+    let status = suite
+        .activation(suite.bearer(&["marketer"]))
+        .create_destination(activation_pb::CreateDestinationRequest {
+            name: "both".into(),
+            target: Some(target("1//refresh", secret_file(dir, "g", "g-token"))),
+        })
+        .await
+        .expect_err("a fixed token and an OAuth client");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("google_ads.access_token"));
+
+    let (destination, activated) = suite
+        .activate(&segment.segment_id, "google", target("1//refresh", None))
+        .await;
+    let Some(activation_pb::destination::Target::GoogleAds(stored)) = destination.target else {
+        panic!("a Google Ads destination");
+    };
+    assert!(stored.access_token.is_none() && stored.oauth.is_some());
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    assert_eq!(
+        sync(&mut activation, &activated.activation_id).await.added,
+        1
+    );
+    assert_eq!(
+        google.platform().tokens_issued,
+        1,
+        "one token for the job's three calls"
+    );
+    assert_eq!(google.platform().audience.len(), 1);
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    suite
+        .person("ben@example.com", "US-CA", Default::default())
+        .await;
+    assert_eq!(
+        sync(&mut activation, &activated.activation_id).await.added,
+        1
+    );
+    assert_eq!(google.platform().tokens_issued, 2, "renewed before expiry");
+    assert!(
+        google.platform().violations.is_empty(),
+        "{:?}",
+        google.platform().violations
+    );
+
+    // A refused refresh token stops the sync, saying so without secrets.
+    let (_, revoked) = suite
+        .activate(&segment.segment_id, "revoked", target("1//revoked", None))
+        .await;
+    let (run, status) = try_sync(&mut activation, &revoked.activation_id).await;
+    assert_eq!(run.phase(), activation_pb::SyncPhase::Failed);
+    assert!(
+        run.error.contains("refused the refresh token"),
+        "{}",
+        run.error
+    );
+    assert!(!run.error.contains("1//revoked") && !run.error.contains("client-secret"));
+    assert!(status.is_some());
     suite.stop().await;
 }
 

@@ -239,6 +239,7 @@ impl Suite {
                 access_token: Some(token()),
                 developer_token: Some(token()),
                 base_url: String::new(),
+                oauth: None,
             }),
             "the_trade_desk" => Target::TheTradeDesk(activation_pb::TradeDeskDestination {
                 advertiser_id: "a".into(),

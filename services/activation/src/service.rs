@@ -14,8 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::destination::{
-    FileFormat, SecretRef, Target, WEBHOOK_DEFAULT_BATCH, WEBHOOK_MAX_BATCH, endpoint_url,
-    file_directory,
+    FileFormat, GOOGLE_TOKEN_URL, OAuthRefresh, SecretRef, Target, WEBHOOK_DEFAULT_BATCH,
+    WEBHOOK_MAX_BATCH, endpoint_url, file_directory,
 };
 use crate::store::{
     Activation, ActivationStore, BatchRecord, Destination, Phase, SyncRun, Trigger,
@@ -80,6 +80,7 @@ fn base_url(field: &str, url: &str, default: &str) -> Result<String, FieldError>
         endpoint_url(field, url)
     }
 }
+
 /// Runs listed when the caller names no page size, and the most.
 const RUNS_PAGE: u32 = 100;
 const RUNS_PAGE_MAX: u32 = 1_000;
@@ -133,6 +134,19 @@ fn secret_to_pb(secret: &SecretRef) -> pb::SecretRef {
     }
 }
 
+fn oauth_from_pb(oauth: pb::OAuthRefresh) -> Result<OAuthRefresh, FieldError> {
+    Ok(OAuthRefresh {
+        token_url: base_url(
+            "google_ads.oauth.token_url",
+            &oauth.token_url,
+            GOOGLE_TOKEN_URL,
+        )?,
+        client_id: validate::text("google_ads.oauth.client_id", &oauth.client_id, 512)?.to_string(),
+        client_secret: secret_from_pb("google_ads.oauth.client_secret", oauth.client_secret)?,
+        refresh_token: secret_from_pb("google_ads.oauth.refresh_token", oauth.refresh_token)?,
+    })
+}
+
 fn target_from_pb(
     target: Option<pb::create_destination_request::Target>,
 ) -> Result<Target, FieldError> {
@@ -163,9 +177,21 @@ fn target_from_pb(
             } else {
                 digits("google_ads.login_customer_id", &google.login_customer_id)?.to_string()
             },
-            access_token: secret_from_pb("google_ads.access_token", google.access_token)?,
+            access_token: match (google.access_token, &google.oauth) {
+                (Some(token), None) => {
+                    Some(secret_from_pb("google_ads.access_token", Some(token))?)
+                }
+                (None, Some(_)) => None,
+                _ => {
+                    return Err(FieldError::new(
+                        "google_ads.access_token",
+                        "set exactly one of access_token and oauth",
+                    ));
+                }
+            },
             developer_token: secret_from_pb("google_ads.developer_token", google.developer_token)?,
             base_url: base_url("google_ads.base_url", &google.base_url, GOOGLE_ADS_API)?,
+            oauth: google.oauth.map(oauth_from_pb).transpose()?,
         }),
         Some(T::TheTradeDesk(ttd)) => Ok(Target::TheTradeDesk {
             advertiser_id: alphanumeric("the_trade_desk.advertiser_id", &ttd.advertiser_id)?
@@ -235,13 +261,20 @@ fn destination_to_pb(destination: &Destination) -> pb::Destination {
             access_token,
             developer_token,
             base_url,
+            oauth,
         } => T::GoogleAds(pb::GoogleAdsDestination {
             customer_id: customer_id.clone(),
             user_list_id: user_list_id.clone(),
             login_customer_id: login_customer_id.clone(),
-            access_token: Some(secret_to_pb(access_token)),
+            access_token: access_token.as_ref().map(secret_to_pb),
             developer_token: Some(secret_to_pb(developer_token)),
             base_url: base_url.clone(),
+            oauth: oauth.as_ref().map(|oauth| pb::OAuthRefresh {
+                client_id: oauth.client_id.clone(),
+                client_secret: Some(secret_to_pb(&oauth.client_secret)),
+                refresh_token: Some(secret_to_pb(&oauth.refresh_token)),
+                token_url: oauth.token_url.clone(),
+            }),
         }),
         Target::TheTradeDesk {
             advertiser_id,

@@ -9,6 +9,7 @@ mod google;
 mod http;
 mod linkedin;
 mod meta;
+mod oauth;
 mod secret;
 mod ttd;
 mod webhook;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use file::{FileFormat, file_directory, write_batch};
 pub use http::{DeliveryError, RetryPolicy};
+pub use oauth::{GOOGLE_TOKEN_URL, OAuthRefresh};
 pub use secret::SecretRef;
 pub use webhook::signature as webhook_signature;
 
@@ -101,9 +103,13 @@ pub enum Target {
         user_list_id: String,
         /// The manager account the call goes through; empty for none.
         login_customer_id: String,
-        access_token: SecretRef,
+        /// A fixed access token; `None` when `oauth` mints them.
+        #[serde(default)]
+        access_token: Option<SecretRef>,
         developer_token: SecretRef,
         base_url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oauth: Option<OAuthRefresh>,
     },
     /// A The Trade Desk CRM data segment.
     TheTradeDesk {
@@ -193,6 +199,7 @@ pub struct Receipt {
 pub struct Delivery {
     http: HttpSender,
     file_root: PathBuf,
+    tokens: oauth::Tokens,
 }
 
 impl Delivery {
@@ -200,6 +207,7 @@ impl Delivery {
         Ok(Delivery {
             http: HttpSender::new(retry)?,
             file_root,
+            tokens: oauth::Tokens::default(),
         })
     }
 
@@ -265,9 +273,20 @@ impl Delivery {
                 access_token,
                 developer_token,
                 base_url,
+                oauth,
             } => {
-                let (access_token, developer_token) =
-                    (access_token.read().await?, developer_token.read().await?);
+                let access_token = match (access_token, oauth) {
+                    (Some(token), _) => token.read().await?,
+                    (None, Some(oauth)) => {
+                        self.tokens.access_token(&self.http, oauth, retries).await?
+                    }
+                    (None, None) => {
+                        return Err(DeliveryError::Credential(
+                            "no Google Ads access token or OAuth client configured".into(),
+                        ));
+                    }
+                };
+                let developer_token = developer_token.read().await?;
                 let account = google::Account {
                     base_url,
                     customer_id,

@@ -1,11 +1,13 @@
 //! The Google Ads API's offline user data jobs for one Customer Match list:
 //! `offlineUserDataJobs:create`, `:addOperations` (100,000 identifiers at
 //! most, hashed email and phone only), `:run`, which applies the job to the
-//! list. Developer token and bearer are checked on every call.
+//! list. Developer token and bearer are checked on every call. With an
+//! OAuth client, `POST /token` mints bearers from the refresh token (RFC
+//! 6749, section 6) and only minted, unexpired bearers are accepted.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -19,8 +21,20 @@ use super::{Platform, Received, arrive, has_bearer, is_sha256_hex, lock, violati
 pub(super) struct Account {
     pub customer_id: String,
     pub list_id: String,
+    /// The fixed bearer accepted, when there is no OAuth client.
     pub token: String,
     pub developer_token: String,
+    pub oauth: Option<OAuthClient>,
+}
+
+/// The OAuth client the mock's token endpoint knows.
+#[derive(Debug, Clone)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: String,
+    pub refresh_token: String,
+    /// Lifetime of each minted access token.
+    pub expires_in: Duration,
 }
 
 #[derive(Default)]
@@ -33,6 +47,8 @@ struct Jobs {
 struct GoogleMock {
     account: Account,
     jobs: Mutex<Jobs>,
+    /// Access tokens minted, with when each expires.
+    minted: Mutex<Vec<(String, Instant)>>,
     state: Arc<Mutex<Platform>>,
 }
 
@@ -40,9 +56,11 @@ pub(super) fn router(account: Account, state: Arc<Mutex<Platform>>) -> Router {
     let mock = Arc::new(GoogleMock {
         account,
         jobs: Mutex::new(Jobs::default()),
+        minted: Mutex::new(Vec::new()),
         state,
     });
     Router::new()
+        .route("/token", post(mint_token))
         .route("/{version}/customers/{customer}/{call}", post(create_job))
         .route(
             "/{version}/customers/{customer}/offlineUserDataJobs/{call}",
@@ -57,7 +75,17 @@ fn refuse_unauthorised(
     platform: &mut Platform,
     headers: &HeaderMap,
 ) -> Option<Response> {
-    let authorised = has_bearer(headers, &mock.account.token)
+    let bearer_valid = match &mock.account.oauth {
+        None => has_bearer(headers, &mock.account.token),
+        Some(_) => {
+            let now = Instant::now();
+            let minted = mock.minted.lock().unwrap_or_else(|p| p.into_inner());
+            minted
+                .iter()
+                .any(|(token, expires)| *expires > now && has_bearer(headers, token))
+        }
+    };
+    let authorised = bearer_valid
         && headers
             .get("developer-token")
             .and_then(|value| value.to_str().ok())
@@ -69,6 +97,49 @@ fn refuse_unauthorised(
         .violations
         .push("missing developer token or bearer".into());
     Some((StatusCode::UNAUTHORIZED, "UNAUTHENTICATED").into_response())
+}
+
+/// The token endpoint: a form-encoded refresh-token grant for the known
+/// client answers a new bearer and its lifetime; anything else is
+/// `invalid_grant` or `invalid_client`, as RFC 6749 section 5.2 says.
+async fn mint_token(State(mock): State<Arc<GoogleMock>>, body: Bytes) -> Response {
+    if let Some(answer) = arrive(&mock.state).await {
+        return answer;
+    }
+    let mut platform = lock(&mock.state);
+    let Some(client) = &mock.account.oauth else {
+        return violation(&mut platform, "token: no OAuth client configured".into());
+    };
+    let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let field = |name: &str| form.get(name).map(String::as_str);
+    if field("client_id") != Some(&client.client_id)
+        || field("client_secret") != Some(&client.client_secret)
+    {
+        platform.violations.push("token: wrong client".into());
+        return (StatusCode::UNAUTHORIZED, r#"{"error":"invalid_client"}"#).into_response();
+    }
+    if field("grant_type") != Some("refresh_token")
+        || field("refresh_token") != Some(&client.refresh_token)
+    {
+        platform.violations.push("token: wrong grant".into());
+        return (StatusCode::BAD_REQUEST, r#"{"error":"invalid_grant"}"#).into_response();
+    }
+    platform.tokens_issued += 1;
+    let token = format!("ya29.mock-{}", platform.tokens_issued);
+    mock.minted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((token.clone(), Instant::now() + client.expires_in));
+    (
+        StatusCode::OK,
+        serde_json::json!({
+            "access_token": token,
+            "expires_in": client.expires_in.as_secs(),
+            "token_type": "Bearer",
+        })
+        .to_string(),
+    )
+        .into_response()
 }
 
 async fn create_job(

@@ -15,6 +15,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 mod google;
+
+pub use google::OAuthClient;
 mod linkedin;
 mod meta;
 mod ttd;
@@ -59,6 +61,8 @@ pub struct Platform {
     /// batch sent again under its key replaces itself, as a receiver that
     /// deduplicates would see it.
     pub batches_by_key: BTreeMap<String, Vec<String>>,
+    /// OAuth access tokens the mock's token endpoint minted.
+    pub tokens_issued: usize,
     /// How long each request takes to answer (to let a test act mid-sync).
     pub delay: Duration,
     /// False: requests are checked and counted but the audience is not
@@ -152,6 +156,25 @@ impl MockPlatform {
             list_id: list_id.to_string(),
             token: token.to_string(),
             developer_token: developer_token.to_string(),
+            oauth: None,
+        };
+        Self::start(move |_, state| google::router(account, state)).await
+    }
+
+    /// The Google Ads API as [`MockPlatform::google_ads`], accepting only
+    /// bearers its token endpoint (`/token`) minted for `client`.
+    pub async fn google_ads_oauth(
+        customer_id: &str,
+        list_id: &str,
+        client: OAuthClient,
+        developer_token: &str,
+    ) -> Self {
+        let account = google::Account {
+            customer_id: customer_id.to_string(),
+            list_id: list_id.to_string(),
+            token: String::new(),
+            developer_token: developer_token.to_string(),
+            oauth: Some(client),
         };
         Self::start(move |_, state| google::router(account, state)).await
     }
