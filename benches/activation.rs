@@ -10,7 +10,10 @@
 //! `cargo bench --bench activation`; `MADTECH_BENCH_AUDIENCE` sets the size
 //! (default 1,000,000), `MADTECH_BENCH_WITHDRAWALS` the delay samples
 //! (default 100), `MADTECH_BENCH_ACTIVATION_CONNECTIONS` the activation
-//! database's pool (default 8), `MADTECH_BENCH_CONSENT_VIEW_CAPACITY` the
+//! database's pool (default 8), `MADTECH_BENCH_SEGMENTS_CONNECTIONS` the
+//! segments database's (default: the service's), `MADTECH_BENCH_SQLITE_CACHE_KIB`
+//! every SQLite database's page cache per connection (default 32 MiB),
+//! `MADTECH_BENCH_CONSENT_VIEW_CAPACITY` the
 //! gateway's consent view (default: room for everyone loaded). SQLite files on tmpfs;
 //! the mock platform runs in the same process and keeps no audience. Results and the machine are in
 //! docs/BENCHMARKS.md.
@@ -89,6 +92,23 @@ async fn run() -> anyhow::Result<()> {
         config.segments.projection_freshness_timeout = Duration::from_secs(600);
         config.activation.database.max_connections =
             common::env_u64("MADTECH_BENCH_ACTIVATION_CONNECTIONS", 8) as u32;
+        let cache_kib = common::env_u64(
+            "MADTECH_BENCH_SQLITE_CACHE_KIB",
+            u64::from(config.activation.database.sqlite_cache_kib),
+        ) as u32;
+        for database in [
+            &mut config.profiles.database,
+            &mut config.consent.database,
+            &mut config.segments.database,
+            &mut config.activation.database,
+            &mut config.gateway.audit_database,
+        ] {
+            database.sqlite_cache_kib = cache_kib;
+        }
+        config.segments.database.max_connections = common::env_u64(
+            "MADTECH_BENCH_SEGMENTS_CONNECTIONS",
+            u64::from(config.segments.database.max_connections),
+        ) as u32;
         // Room for everyone, so the view never starts over during a timed
         // sync: its refill would be measured as the sync's memory.
         config.gateway.consent_view.capacity = common::env_u64(

@@ -35,6 +35,10 @@ pub struct DatabaseConfig {
     /// statement in the sqlx version sea-orm uses, which leaves Nagle's
     /// algorithm on for TCP (sqlx issue #4335; see docs/BENCHMARKS.md).
     pub prefer_unix_socket: bool,
+    /// SQLite only: page cache per pooled connection, in KiB. Index inserts
+    /// land on random pages, and re-reading them dominated ingestion with
+    /// SQLite's 2 MiB default, hence 32 MiB.
+    pub sqlite_cache_kib: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -46,6 +50,7 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             migrate_on_start: true,
             prefer_unix_socket: true,
+            sqlite_cache_kib: 32 * 1024,
         }
     }
 }
@@ -111,6 +116,11 @@ impl DatabaseConfig {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(format!(
                 "{component}.database.max_connections must be at least 1"
+            )));
+        }
+        if self.sqlite_cache_kib < 64 {
+            return Err(ConfigError::Invalid(format!(
+                "{component}.database.sqlite_cache_kib must be at least 64"
             )));
         }
         Ok(())
@@ -223,6 +233,8 @@ fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
         url = local;
     }
     let mut options = ConnectOptions::new(url);
+    // A negative cache_size is in KiB rather than pages.
+    let cache_size = format!("-{}", config.sqlite_cache_kib);
     options
         .max_connections(config.max_connections)
         .connect_timeout(Duration::from_secs(10))
@@ -230,15 +242,12 @@ fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
         .sqlx_logging(false)
         // WAL lets readers run beside the writer; FULL syncs the WAL on every
         // commit, so a write that returned OK survives a crash.
-        .map_sqlx_sqlite_opts(|opts| {
+        .map_sqlx_sqlite_opts(move |opts| {
             opts.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
-                // 32 MiB of page cache per connection instead of 2 MiB:
-                // index inserts (message ids, identifier keys) land on
-                // random pages, and re-reading them dominated ingestion.
-                .pragma("cache_size", "-32768")
+                .pragma("cache_size", cache_size.clone())
         });
     if let Some(schema) = &config.schema {
         options.set_schema_search_path(schema.clone());
