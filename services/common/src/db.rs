@@ -378,10 +378,43 @@ mod url_file_tests {
             both.validate("profiles").is_err(),
             "url and url_file together"
         );
+        let tiny_cache = DatabaseConfig {
+            sqlite_cache_kib: 63,
+            ..config.clone()
+        };
+        let refused = tiny_cache.validate("profiles").expect_err("too small");
+        assert!(
+            refused
+                .to_string()
+                .contains("profiles.database.sqlite_cache_kib")
+        );
         let missing = DatabaseConfig {
             url_file: Some(dir.path().join("absent")),
             ..config
         };
         assert!(connect_options(&missing).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_page_cache_follows_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = DatabaseConfig {
+            sqlite_cache_kib: 4096,
+            ..DatabaseConfig::sqlite(&dir.path().join("cache.db"))
+        };
+        let conn = Database::connect(connect_options(&config).expect("options"))
+            .await
+            .expect("connects");
+        let row = conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "PRAGMA cache_size",
+            ))
+            .await
+            .expect("pragma")
+            .expect("a row");
+        let size: i64 = row.try_get_by_index(0).expect("an integer");
+        assert_eq!(size, -4096, "negative: KiB");
+        conn.close().await.expect("close");
     }
 }
