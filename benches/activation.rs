@@ -1,22 +1,23 @@
 //! Activation at scale, end to end through the gateway: a first sync of a
 //! large audience to a Meta-shaped mock (fetch through the crossing, plan in
 //! the database, batches of 10,000), then a 1 %-churn incremental sync; the
-//! resident set's growth during a sync of a tenth of the audience and of the
-//! whole; how much of the sync hashing accounts for (the crossing's SHA-256
-//! of each email and HMAC-SHA256 pseudonym, timed alone on this machine);
-//! and the delay from `RecordConsent(denied)` to the removal reaching the
-//! platform, one withdrawal at a time.
+//! memory growth during a sync of a tenth of the audience and of the whole
+//! (the timed syncs run in an activation replica of its own process, whose
+//! resident set is sampled); how much of the sync hashing accounts for (the
+//! crossing's SHA-256 of each email and HMAC-SHA256 pseudonym, timed alone
+//! on this machine); and the delay from `RecordConsent(denied)` to the
+//! removal reaching the platform, one withdrawal at a time.
 //!
 //! `cargo bench --bench activation`; `MADTECH_BENCH_AUDIENCE` sets the size
 //! (default 1,000,000), `MADTECH_BENCH_WITHDRAWALS` the delay samples
 //! (default 100), `MADTECH_BENCH_ACTIVATION_CONNECTIONS` the activation
 //! database's pool (default 8), `MADTECH_BENCH_SEGMENTS_CONNECTIONS` the
-//! segments database's (default: the service's), `MADTECH_BENCH_SQLITE_CACHE_KIB`
-//! every SQLite database's page cache per connection (default 32 MiB),
-//! `MADTECH_BENCH_CONSENT_VIEW_CAPACITY` the
-//! gateway's consent view (default: room for everyone loaded). SQLite files on tmpfs;
-//! the mock platform runs in the same process and keeps no audience. Results and the machine are in
-//! docs/BENCHMARKS.md.
+//! segments database's (default: the service's),
+//! `MADTECH_BENCH_SQLITE_CACHE_KIB` every SQLite database's page cache per
+//! connection (default 32 MiB), `MADTECH_BENCH_CONSENT_VIEW_CAPACITY` the
+//! gateway's consent view (default: room for everyone loaded). SQLite files
+//! on tmpfs; the mock platform runs in the benchmark's process and keeps no
+//! audience. Results and the machine are in docs/BENCHMARKS.md.
 
 mod common;
 
@@ -31,7 +32,7 @@ use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::service::interceptor::InterceptedService;
 
-use common::{Bearer, bearer, channel, growth_during, load_people, percentile, tmpfs_dir};
+use common::{Bearer, bearer, channel, growth_of_during, load_people, percentile, tmpfs_dir};
 
 const AUDIENCE_ID: &str = "23847000000001";
 const TOKEN: &str = "bench-token";
@@ -78,6 +79,58 @@ async fn sync(activations: &mut Activations, activation_id: &str) -> anyhow::Res
         elapsed,
         until_sending: until_sending.unwrap_or(elapsed),
     })
+}
+
+/// A second activation replica: `madtech serve activation` as its own
+/// process on the suite's activation database, reaching audiences through
+/// the suite's gateway with the suite's activation token (as replicas share
+/// one database in production). Killed when dropped.
+async fn spawn_replica(suite: &InProcess) -> anyhow::Result<(tokio::process::Child, Activations)> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = &suite.config.activation;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_madtech"));
+    command
+        .args(["serve", "activation", "--listen", &addr.to_string()])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("MADTECH_ACTIVATION__DATABASE__URL", &config.database.url)
+        .env(
+            "MADTECH_ACTIVATION__DATABASE__MAX_CONNECTIONS",
+            config.database.max_connections.to_string(),
+        )
+        .env(
+            "MADTECH_ACTIVATION__DATABASE__SQLITE_CACHE_KIB",
+            config.database.sqlite_cache_kib.to_string(),
+        )
+        .env("MADTECH_ACTIVATION__GATEWAY_URL", &config.gateway_url)
+        .env(
+            "MADTECH_ACTIVATION__GATEWAY_TOKEN_FILE",
+            &config.gateway_token_file,
+        )
+        .env("MADTECH_ACTIVATION__FILE_ROOT", &config.file_root)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    // The benchmark's own knobs share the configuration's prefix, which
+    // refuses unknown keys.
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("MADTECH_BENCH_")) {
+        command.env_remove(name);
+    }
+    let child = command.spawn()?;
+    let url = format!("http://{addr}");
+    for _ in 0..200 {
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect()
+            .await
+        {
+            let client = ActivationServiceClient::new(InterceptedService::new(
+                channel,
+                bearer(suite, "marketer")?,
+            ));
+            return Ok((child, client));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the activation replica did not start on {addr}")
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -183,18 +236,27 @@ async fn run() -> anyhow::Result<()> {
     // work on warm services, each a first sync of a fresh activation.
     let warm_small = activate("virginians-warm-up", "US-VA").await?;
     let warm_large = activate("californians-warm-up", "US-CA").await?;
-    sync(&mut activations, &warm_small).await?;
+    // The timed syncs run in a second activation replica, its own process
+    // on the suite's activation database, so its resident set is
+    // activation's alone; its warm-up is the small warm-up sync.
+    let (replica_process, mut replica) = spawn_replica(&suite).await?;
+    let replica_pid = replica_process
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the replica exited"))?;
+    sync(&mut replica, &warm_small).await?;
     let cold = sync(&mut activations, &warm_large).await?;
     let virginians = activate("virginians", "US-VA").await?;
     let californians = activate("californians", "US-CA").await?;
-    let (small_sync, small_growth) = growth_during(sync(&mut activations, &virginians)).await;
+    let (small_sync, small_growth) =
+        growth_of_during(Some(replica_pid), sync(&mut replica, &virginians)).await;
     let small_sync = small_sync?;
     anyhow::ensure!(
         small_sync.run.added == small,
         "added {}",
         small_sync.run.added
     );
-    let (first, large_growth) = growth_during(sync(&mut activations, &californians)).await;
+    let (first, large_growth) =
+        growth_of_during(Some(replica_pid), sync(&mut replica, &californians)).await;
     let first = first?;
     anyhow::ensure!(first.run.added == audience, "added {}", first.run.added);
 
@@ -248,9 +310,15 @@ async fn run() -> anyhow::Result<()> {
         churn_load.as_secs_f64()
     );
     println!(
-        "growth during a first sync: resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; Rust heap {:.1} MiB and {:.1} MiB",
-        small_growth.rss, large_growth.rss, small_growth.heap, large_growth.heap
+        "growth during a first sync: the activation replica's own resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; the benchmark process's (every other service) {:.1} MiB and {:.1} MiB, Rust heap in it {:.1} MiB and {:.1} MiB",
+        small_growth.other_rss,
+        large_growth.other_rss,
+        small_growth.rss,
+        large_growth.rss,
+        small_growth.heap,
+        large_growth.heap
     );
+    drop(replica_process);
     println!(
         "hashing: {:.2} µs per member alone (SHA-256 of the email + HMAC-SHA256 pseudonym), {:.2} s for the whole audience = {:.1} % of the first sync",
         hashing.as_secs_f64() * 1e6,

@@ -49,7 +49,7 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 pub fn peak_rss_mib() -> f64 {
-    status_kib("VmHWM:") / 1024.0
+    status_kib("self", "VmHWM:") / 1024.0
 }
 
 /// SQLite files on tmpfs when there is one, so fsync latency does not swamp
@@ -127,11 +127,16 @@ pub fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
 
 /// The process's resident set now, in MiB.
 pub fn rss_mib() -> f64 {
-    status_kib("VmRSS:") / 1024.0
+    status_kib("self", "VmRSS:") / 1024.0
 }
 
-fn status_kib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Another process's resident set now, in MiB (0 once it is gone).
+pub fn process_rss_mib(pid: u32) -> f64 {
+    status_kib(&pid.to_string(), "VmRSS:") / 1024.0
+}
+
+fn status_kib(process: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
         .ok()
         .and_then(|status| {
             status
@@ -143,11 +148,13 @@ fn status_kib(field: &str) -> f64 {
 }
 
 /// How far memory rose above where it was when a piece of work started
-/// (MiB): the resident set, and the Rust heap within it.
+/// (MiB): the resident set, the Rust heap within it, and the resident set
+/// of another process doing the work, when there is one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Growth {
     pub rss: f64,
     pub heap: f64,
+    pub other_rss: f64,
 }
 
 /// Runs `work` while sampling the resident set and the heap every 5 ms;
@@ -155,9 +162,19 @@ pub struct Growth {
 /// the peak (VmHWM), this isolates one piece of work in a process that did
 /// bigger things before it.
 pub async fn growth_during<T>(work: impl std::future::Future<Output = T>) -> (T, Growth) {
-    let sample = || Growth {
+    growth_of_during(None, work).await
+}
+
+/// [`growth_during`], also sampling process `other` (e.g. a service run as
+/// its own process).
+pub async fn growth_of_during<T>(
+    other: Option<u32>,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Growth) {
+    let sample = move || Growth {
         rss: rss_mib(),
         heap: heap_mib(),
+        other_rss: other.map_or(0.0, process_rss_mib),
     };
     let start = sample();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -169,6 +186,7 @@ pub async fn growth_during<T>(work: impl std::future::Future<Output = T>) -> (T,
                 let now = sample();
                 highest.rss = highest.rss.max(now.rss);
                 highest.heap = highest.heap.max(now.heap);
+                highest.other_rss = highest.other_rss.max(now.other_rss);
                 if done.load(std::sync::atomic::Ordering::Relaxed) {
                     break highest;
                 }
@@ -184,6 +202,7 @@ pub async fn growth_during<T>(work: impl std::future::Future<Output = T>) -> (T,
         Growth {
             rss: highest.rss - start.rss,
             heap: highest.heap - start.heap,
+            other_rss: highest.other_rss - start.other_rss,
         },
     )
 }
