@@ -249,7 +249,9 @@ impl Suite {
             }),
             other => panic!("no sample destination of kind {other}"),
         };
-        let destination = self.destination(&format!("{kind} sample"), target).await;
+        // Names are unique per suite; a test may ask for a kind twice.
+        let name = format!("{kind} sample {}", uuid::Uuid::now_v7());
+        let destination = self.destination(&name, target).await;
         assert_eq!(destination.kind, kind);
         destination.destination_id
     }
