@@ -147,6 +147,30 @@ pub async fn connect_and_migrate<M: MigratorTrait>(
     Ok(db)
 }
 
+/// The connection a service's writes go through, which its write lock
+/// serialises anyway: on SQLite, a pool of one connection of its own. A
+/// SQLite connection drops its whole page cache when another connection has
+/// committed since its last transaction, so writes handed round a pool start
+/// cold every time and re-read every index page they touch; one connection
+/// that does all the writing keeps its cache. PostgreSQL (whose cache is the
+/// server's) and in-memory SQLite (one database per connection pool) share
+/// `pool`.
+pub async fn writer_for(
+    config: &DatabaseConfig,
+    pool: &DatabaseConnection,
+) -> Result<DatabaseConnection, DbErr> {
+    let url = config.resolved_url()?;
+    if pool.get_database_backend() != DbBackend::Sqlite
+        || url.contains(":memory:")
+        || url.contains("mode=memory")
+    {
+        return Ok(pool.clone());
+    }
+    let mut options = connect_options(config)?;
+    options.max_connections(1);
+    Database::connect(options).await
+}
+
 /// Key of the PostgreSQL advisory lock migrations hold, so replicas and
 /// migration jobs starting together apply each migration once, in turn.
 const MIGRATION_LOCK: i64 = 0x6d61_6474_6563_6801;
@@ -224,6 +248,14 @@ pub fn local_socket_url(url: &str, dirs: &[&str]) -> Option<String> {
     Some(parsed.to_string())
 }
 
+/// WAL pages after which a commit copies them back into the database file
+/// (SQLite's default is 1,000, about 4 MiB). Writes that touch many pages
+/// of random-keyed indexes (an ingested batch touches one index page per
+/// person in it) fill that at every commit, so every commit paid for a
+/// checkpoint; at 10,000 a page rewritten by several commits is copied back
+/// once. Measured with the profiles benchmark: events/s 33k → 38k direct.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
 fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
     let mut url = config.resolved_url()?;
     if config.prefer_unix_socket
@@ -248,6 +280,7 @@ fn connect_options(config: &DatabaseConfig) -> Result<ConnectOptions, DbErr> {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 .pragma("cache_size", cache_size.clone())
+                .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
         });
     if let Some(schema) = &config.schema {
         options.set_schema_search_path(schema.clone());
@@ -320,6 +353,48 @@ mod tests {
                 .expect("up to date");
         }
     );
+
+    crate::backend_tests!(
+        writes_through_the_writer_are_read_from_the_pool,
+        |db: TestDatabase| async move {
+            let pool = connect_and_migrate::<Migrator>(&db.config)
+                .await
+                .expect("connect");
+            let writer = writer_for(&db.config, &pool).await.expect("writer");
+            writer
+                .execute_unprepared("INSERT INTO things (id) VALUES (1), (2)")
+                .await
+                .expect("write");
+            let count = crate::sql::number(
+                &pool,
+                &crate::sql::Sql::new("SELECT count(*) AS n FROM things"),
+            )
+            .await
+            .expect("read");
+            assert_eq!(count, 2);
+        }
+    );
+
+    #[tokio::test]
+    async fn in_memory_sqlite_writes_through_its_one_pool() {
+        let config = DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            max_connections: 1,
+            ..DatabaseConfig::default()
+        };
+        let pool = Database::connect(connect_options(&config).expect("options"))
+            .await
+            .expect("connect");
+        pool.execute_unprepared("CREATE TABLE things (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let writer = writer_for(&config, &pool).await.expect("writer");
+        // A second pool would be a second, empty database without `things`.
+        writer
+            .execute_unprepared("INSERT INTO things (id) VALUES (1)")
+            .await
+            .expect("the same database");
+    }
 }
 
 #[cfg(test)]

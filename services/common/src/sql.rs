@@ -118,3 +118,195 @@ pub async fn number<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<u64, DbErr>
     };
     Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
+
+/// How each backend spells the JSON functions that let one statement take
+/// a whole list as one bound value and answer many rows as one value: with
+/// SQLite every row read costs a hand-over between sqlx's worker thread and
+/// the caller, and every bound value a conversion, so a thousand-key lookup
+/// is cheaper as one JSON array in and one JSON array out.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonFunctions {
+    /// Aggregates rows into a JSON array.
+    pub group: &'static str,
+    /// Builds a JSON array from its arguments.
+    pub array: &'static str,
+    /// Embeds a subquery's JSON as JSON (SQLite forgets that a subquery's
+    /// value is JSON and would embed it as a string).
+    pub embed: &'static str,
+    /// Makes an aggregate's JSON reach the client as text.
+    pub as_text: &'static str,
+    /// A subquery over the elements of the JSON array bound at `?`, as
+    /// text: the right-hand side of `IN`.
+    pub elements: &'static str,
+}
+
+impl JsonFunctions {
+    pub fn of(backend: DbBackend) -> Self {
+        match backend {
+            DbBackend::Postgres => JsonFunctions {
+                group: "json_agg",
+                array: "json_build_array",
+                embed: "",
+                as_text: "::text",
+                elements: "(SELECT json_array_elements_text(CAST(? AS json)))",
+            },
+            _ => JsonFunctions {
+                group: "json_group_array",
+                array: "json_array",
+                embed: "json",
+                as_text: "",
+                elements: "(SELECT value FROM json_each(?))",
+            },
+        }
+    }
+}
+
+impl Sql {
+    /// Appends `IN (…)` over `values`, bound as one JSON array: the text is
+    /// the same for any number of values (one prepared statement) and there
+    /// is no bind limit.
+    pub fn in_json_list<V: serde::Serialize>(
+        &mut self,
+        backend: DbBackend,
+        values: &[V],
+    ) -> Result<&mut Self, DbErr> {
+        let list = serde_json::to_string(values)
+            .map_err(|err| DbErr::Custom(format!("a JSON list: {err}")))?;
+        let elements = JsonFunctions::of(backend).elements;
+        let (before, after) = elements.split_once('?').unwrap_or((elements, ""));
+        Ok(self.push(" IN ").push(before).bind(list).push(after))
+    }
+}
+
+/// Runs a query whose one row has one JSON-array column named `page` (an
+/// aggregate) and decodes its elements; no rows aggregate to NULL, which is
+/// an empty list.
+pub async fn json_page<T, C>(db: &C, sql: &Sql) -> Result<Vec<T>, DbErr>
+where
+    T: serde::de::DeserializeOwned,
+    C: ConnectionTrait,
+{
+    let row = db
+        .query_one_raw(sql.statement(db.get_database_backend()))
+        .await?;
+    let page: Option<String> = match row {
+        Some(row) => row.try_get("", "page")?,
+        None => None,
+    };
+    match page {
+        Some(page) => {
+            serde_json::from_str(&page).map_err(|err| DbErr::Custom(format!("a JSON page: {err}")))
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// `columns` of the rows of `table` whose `column` is one of `keys`, in one
+/// statement whatever the number of keys: a row is the one column's value,
+/// or an array of the columns' values when there are several (decode it as
+/// a tuple). No order is promised.
+pub async fn rows_where_in<T, K, C>(
+    db: &C,
+    columns: &[&str],
+    table: &str,
+    column: &str,
+    keys: &[K],
+) -> Result<Vec<T>, DbErr>
+where
+    T: serde::de::DeserializeOwned,
+    K: serde::Serialize,
+    C: ConnectionTrait,
+{
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let JsonFunctions {
+        group,
+        array,
+        as_text,
+        ..
+    } = JsonFunctions::of(backend);
+    let row = match columns {
+        [one] => one.to_string(),
+        _ => format!("{array}({})", columns.join(", ")),
+    };
+    let mut query = Sql::new(&format!(
+        "SELECT {group}({row}){as_text} AS page FROM {table} WHERE {column}"
+    ));
+    query.in_json_list(backend, keys)?;
+    json_page(db, &query).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+    use sea_orm::Database;
+
+    crate::backend_tests!(
+        rows_where_in_finds_rows_by_a_json_list,
+        |db: TestDatabase| async move {
+            // One connection, so the schema set below holds for every
+            // statement.
+            let mut options = sea_orm::ConnectOptions::new(db.config.url.clone());
+            options.max_connections(1).sqlx_logging(false);
+            let conn = Database::connect(options).await.expect("connect");
+            if let Some(schema) = &db.config.schema {
+                conn.execute_unprepared(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+                ))
+                .await
+                .expect("schema");
+            }
+            conn.execute_unprepared("CREATE TABLE things (\"key\" TEXT PRIMARY KEY, owner TEXT)")
+                .await
+                .expect("table");
+            insert_rows(
+                &conn,
+                "things (\"key\", owner)",
+                "",
+                vec![
+                    vec!["a".into(), Some("x").into()],
+                    vec!["b\"'quoted".into(), Option::<&str>::None.into()],
+                    vec!["c".into(), Some("z").into()],
+                ],
+            )
+            .await
+            .expect("rows");
+
+            let mut found: Vec<(String, Option<String>)> = rows_where_in(
+                &conn,
+                &["\"key\"", "owner"],
+                "things",
+                "\"key\"",
+                &["b\"'quoted", "c", "missing"],
+            )
+            .await
+            .expect("lookup");
+            found.sort();
+            assert_eq!(
+                found,
+                vec![
+                    ("b\"'quoted".to_string(), None),
+                    ("c".to_string(), Some("z".to_string()))
+                ]
+            );
+            let one: Vec<String> = rows_where_in(&conn, &["owner"], "things", "\"key\"", &["a"])
+                .await
+                .expect("one column");
+            assert_eq!(one, vec!["x".to_string()]);
+            // Nothing found aggregates to NULL on PostgreSQL: an empty list.
+            let none: Vec<String> =
+                rows_where_in(&conn, &["owner"], "things", "\"key\"", &["missing"])
+                    .await
+                    .expect("none");
+            assert!(none.is_empty());
+            let empty: Vec<String> =
+                rows_where_in(&conn, &["owner"], "things", "\"key\"", &[] as &[&str])
+                    .await
+                    .expect("no keys");
+            assert!(empty.is_empty());
+        }
+    );
+}

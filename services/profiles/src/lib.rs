@@ -19,7 +19,7 @@ pub use config::ProfilesConfig;
 pub use error::ProfileError;
 pub use service::ProfileApi;
 
-use madtech_common::db::connect_and_migrate;
+use madtech_common::db::{connect_and_migrate, writer_for};
 use madtech_common::server::GrpcServer;
 
 /// Connects to the database, migrates it and returns the service ready to
@@ -30,8 +30,9 @@ pub async fn grpc_server(config: &ProfilesConfig) -> Result<GrpcServer, ProfileE
     let normaliser = identity::Normaliser::new(&config.default_phone_region)?
         .with_custom_kinds(rules.custom_kinds());
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
+    let writer_db = writer_for(&config.database, &db).await?;
     let api = ProfileApi::new(
-        store::ProfileStore::new(db, rules),
+        store::ProfileStore::new(db, writer_db, rules),
         normaliser,
         config.watch_poll_interval,
     );

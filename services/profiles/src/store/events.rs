@@ -6,13 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-};
+use madtech_common::sql;
+use sea_orm::{DatabaseTransaction, EntityTrait, QueryOrder, QuerySelect};
 
 use super::changes::{self, ChangeRecord};
-use super::entities::{event, profile};
-use super::graph::{self, LOOKUP_CHUNK};
+use super::entities::event;
+use super::graph;
 use super::publish_upsert;
 use crate::error::ProfileError;
 use crate::identity::Identifier;
@@ -51,6 +50,10 @@ pub struct Ingested {
 
 /// Events per change-log entry, which bounds a watcher's message size.
 const EVENTS_PER_CHANGE: usize = 1_000;
+
+/// Where an ingested event's values go, in order.
+const EVENT_COLUMNS: &str =
+    "events (message_id, profile_id, name, occurred_at, received_at, properties, source)";
 
 pub(super) async fn ingest(
     txn: &DatabaseTransaction,
@@ -139,28 +142,26 @@ pub(super) async fn ingest(
 
     let mut after_id = last_event_id(txn).await?;
     for chunk in rows.chunks(EVENTS_PER_CHANGE) {
-        let models = chunk
+        let stored = chunk
             .iter()
             .map(|(new, profile_id)| {
                 let properties = serde_json::to_string(&new.properties)
                     .map_err(|err| ProfileError::Corrupt(format!("properties: {err}")))?;
-                Ok(event::ActiveModel {
-                    id: sea_orm::NotSet,
-                    message_id: Set(new.message_id.clone()),
-                    profile_id: Set(profile_id.clone()),
-                    name: Set(new.name.clone()),
-                    occurred_at: Set(new.occurred_at.timestamp_micros()),
-                    received_at: Set(now.timestamp_micros()),
-                    properties: Set(properties),
-                    source: Set(new.source.clone()),
-                })
+                Ok(vec![
+                    new.message_id.as_str().into(),
+                    profile_id.as_str().into(),
+                    new.name.as_str().into(),
+                    new.occurred_at.timestamp_micros().into(),
+                    now.timestamp_micros().into(),
+                    properties.into(),
+                    new.source.as_str().into(),
+                ])
             })
             .collect::<Result<Vec<_>, ProfileError>>()?;
-        let last_id = event::Entity::insert_many(models)
-            .exec(txn)
-            .await?
-            .last_insert_id
-            .ok_or_else(|| ProfileError::Corrupt("an event insert returned no id".into()))?;
+        sql::insert_rows(txn, EVENT_COLUMNS, "", stored).await?;
+        // One writer at a time (the append lock), so the batch holds the
+        // ids after `after_id` up to the highest.
+        let last_id = last_event_id(txn).await?;
         let record = ChangeRecord::EventsAppended { after_id, last_id };
         changes::append(txn, "", &record, now.timestamp_micros()).await?;
         after_id = last_id;
@@ -194,22 +195,15 @@ fn single_owner(owners: &BTreeMap<String, String>, ids: &BTreeSet<Identifier>) -
     found.cloned()
 }
 
+/// The message ids of `batch` already stored.
 async fn stored_message_ids(
     txn: &DatabaseTransaction,
     batch: &[NewEvent],
 ) -> Result<HashSet<String>, ProfileError> {
-    let mut stored = HashSet::new();
-    for chunk in batch.chunks(LOOKUP_CHUNK) {
-        let found: Vec<String> = event::Entity::find()
-            .select_only()
-            .column(event::Column::MessageId)
-            .filter(event::Column::MessageId.is_in(chunk.iter().map(|e| e.message_id.clone())))
-            .into_tuple()
-            .all(txn)
-            .await?;
-        stored.extend(found);
-    }
-    Ok(stored)
+    let ids: Vec<&str> = batch.iter().map(|e| e.message_id.as_str()).collect();
+    let stored: Vec<String> =
+        sql::rows_where_in(txn, &["message_id"], "events", "message_id", &ids).await?;
+    Ok(stored.into_iter().collect())
 }
 
 /// The live profile behind each profile id the fresh events name.
@@ -218,32 +212,25 @@ async fn live_ids(
     batch: &[NewEvent],
     fresh: &[bool],
 ) -> Result<BTreeMap<String, String>, ProfileError> {
-    let named: Vec<String> = batch
+    let named: Vec<&str> = batch
         .iter()
         .zip(fresh)
         .filter(|(_, fresh)| **fresh)
         .filter_map(|(e, _)| match &e.who {
-            Who::ProfileId(id) => Some(id.clone()),
+            Who::ProfileId(id) => Some(id.as_str()),
             Who::Identifiers(_) => None,
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut live = BTreeMap::new();
-    for chunk in named.chunks(LOOKUP_CHUNK) {
-        let rows: Vec<(String, Option<String>)> = profile::Entity::find()
-            .select_only()
-            .column(profile::Column::Id)
-            .column(profile::Column::MergedInto)
-            .filter(profile::Column::Id.is_in(chunk.iter().cloned()))
-            .into_tuple()
-            .all(txn)
-            .await?;
-        // Merge chains are one hop long, so `merged_into` is the live id.
-        live.extend(rows.into_iter().map(|(id, into)| {
+    let rows: Vec<(String, Option<String>)> =
+        sql::rows_where_in(txn, &["id", "merged_into"], "profiles", "id", &named).await?;
+    // Merge chains are one hop long, so `merged_into` is the live id.
+    Ok(rows
+        .into_iter()
+        .map(|(id, into)| {
             let target = into.unwrap_or_else(|| id.clone());
             (id, target)
-        }));
-    }
-    Ok(live)
+        })
+        .collect())
 }

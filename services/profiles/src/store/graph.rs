@@ -9,6 +9,8 @@ use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
+use madtech_common::sql;
+
 use super::changes::{self, ChangeRecord};
 use super::entities::{conflict, event, identifier, merge, profile};
 use super::{Profile, decode_traits, encode_traits, identifier_from_row};
@@ -34,27 +36,22 @@ impl Resolved {
     }
 }
 
-/// Bound parameters per lookup statement: well under SQLite's and
-/// PostgreSQL's limits.
-pub(super) const LOOKUP_CHUNK: usize = 1_000;
-
-/// The profile each of `keys` points at.
+/// The profile each of `keys` points at: one statement whatever the
+/// number of keys.
 pub(super) async fn owners(
     txn: &DatabaseTransaction,
     keys: impl IntoIterator<Item = String>,
 ) -> Result<BTreeMap<String, String>, ProfileError> {
     let keys: Vec<String> = keys.into_iter().collect();
-    let mut owners = BTreeMap::new();
-    for chunk in keys.chunks(LOOKUP_CHUNK) {
-        for row in identifier::Entity::find()
-            .filter(identifier::Column::Key.is_in(chunk.iter().cloned()))
-            .all(txn)
-            .await?
-        {
-            owners.insert(row.key, row.profile_id);
-        }
-    }
-    Ok(owners)
+    let owners: Vec<(String, String)> = sql::rows_where_in(
+        txn,
+        &["\"key\"", "profile_id"],
+        "identifiers",
+        "\"key\"",
+        &keys,
+    )
+    .await?;
+    Ok(owners.into_iter().collect())
 }
 
 /// Resolves `identifiers` to one person, creating or merging as the rules

@@ -116,6 +116,8 @@ const MAX_MERGE_HOPS: usize = 32;
 
 pub struct ProfileStore {
     db: DatabaseConnection,
+    /// Where writes go (see [`madtech_common::db::writer_for`]).
+    writer_db: DatabaseConnection,
     rules: IdentityRules,
     writer: Mutex<()>,
     /// The newest cursor this process appended, for watchers to wake on.
@@ -130,9 +132,15 @@ struct Write<'a> {
 }
 
 impl ProfileStore {
-    pub fn new(db: DatabaseConnection, rules: IdentityRules) -> Self {
+    /// A store reading from `db` and writing through `writer_db`.
+    pub fn new(
+        db: DatabaseConnection,
+        writer_db: DatabaseConnection,
+        rules: IdentityRules,
+    ) -> Self {
         ProfileStore {
             db,
+            writer_db,
             rules,
             writer: Mutex::new(()),
             appended: watch::Sender::new(0),
@@ -141,7 +149,7 @@ impl ProfileStore {
 
     async fn begin_write(&self) -> Result<Write<'_>, ProfileError> {
         let slot = self.writer.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.writer_db.begin().await?;
         changes::lock(&txn).await?;
         Ok(Write { _slot: slot, txn })
     }

@@ -20,7 +20,11 @@ async fn store(db: &TestDatabase) -> ProfileStore {
     let conn = connect_and_migrate::<Migrator>(&db.config)
         .await
         .expect("connect");
-    ProfileStore::new(conn, IdentityRules::parse(RULES, "FR").expect("rules"))
+    ProfileStore::new(
+        conn.clone(),
+        conn,
+        IdentityRules::parse(RULES, "FR").expect("rules"),
+    )
 }
 
 fn value(profile: &Profile, name: &str) -> TraitValue {

@@ -12,7 +12,9 @@ use sea_orm::{
 
 use super::WriteLock;
 use super::membership;
-use super::sql::{Compiler, MAX_BINDS, Sql, execute, insert_rows, number};
+use super::sql::{
+    Compiler, JsonFunctions, MAX_BINDS, Sql, execute, insert_rows, json_page, number,
+};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -110,39 +112,6 @@ fn date_of_text(text: &str) -> Option<chrono::NaiveDate> {
                 .ok()
                 .map(|at| at.date_naive())
         })
-}
-
-/// How each backend spells the JSON functions an export page is built with.
-#[derive(Clone, Copy)]
-struct JsonFunctions {
-    /// Aggregates rows into a JSON array.
-    group: &'static str,
-    /// Builds a JSON array from its arguments.
-    array: &'static str,
-    /// Embeds a subquery's JSON as JSON (SQLite forgets that a subquery's
-    /// value is JSON and would embed it as a string).
-    embed: &'static str,
-    /// Makes the page's JSON reach the client as text.
-    as_text: &'static str,
-}
-
-impl JsonFunctions {
-    fn of(backend: DbBackend) -> Self {
-        match backend {
-            DbBackend::Postgres => JsonFunctions {
-                group: "json_agg",
-                array: "json_build_array",
-                embed: "",
-                as_text: "::text",
-            },
-            _ => JsonFunctions {
-                group: "json_group_array",
-                array: "json_array",
-                embed: "json",
-                as_text: "",
-            },
-        }
-    }
 }
 
 /// One member as an export page's JSON carries it: id, region,
@@ -464,6 +433,7 @@ impl Projection {
             array,
             embed,
             as_text,
+            ..
         } = JsonFunctions::of(backend);
         sql.push(" ORDER BY people.profile_id LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -475,15 +445,7 @@ impl Projection {
             ))
             .bind(self.birth_date_trait.clone())
             .push(&format!(")))){as_text} AS page FROM page"));
-        let Some(row) = self.db.query_one_raw(sql.statement(backend)).await? else {
-            return Ok(Vec::new());
-        };
-        // No member at all aggregates to NULL.
-        let Some(page) = row.try_get::<Option<String>>("", "page")? else {
-            return Ok(Vec::new());
-        };
-        let page: Vec<PageEntry> = serde_json::from_str(&page)
-            .map_err(|err| SegmentError::Corrupt(format!("export page: {err}")))?;
+        let page: Vec<PageEntry> = json_page(&self.db, &sql).await?;
         let mut members: Vec<Member> = page.into_iter().map(PageEntry::into_member).collect();
         // Aggregates do not promise an order; the page's is the id order.
         members.sort_unstable_by(|a, b| a.profile_id.cmp(&b.profile_id));

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use madtech_common::error::FieldError;
 use sea_orm::DbBackend;
 
-pub use madtech_common::sql::{MAX_BINDS, Sql, execute, insert_rows, number};
+pub use madtech_common::sql::{
+    JsonFunctions, MAX_BINDS, Sql, execute, insert_rows, json_page, number,
+};
 
 use crate::error::SegmentError;
 use crate::rules::Value as Literal;
