@@ -119,11 +119,10 @@ pub async fn number<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<u64, DbErr>
     Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
-/// How each backend spells the JSON functions that let one statement take
-/// a whole list as one bound value and answer many rows as one value: with
-/// SQLite every row read costs a hand-over between sqlx's worker thread and
-/// the caller, and every bound value a conversion, so a thousand-key lookup
-/// is cheaper as one JSON array in and one JSON array out.
+/// How each backend spells the JSON functions that let one statement
+/// answer many rows as one value: with SQLite every row read costs a
+/// hand-over between sqlx's worker thread and the caller, so a page of a
+/// thousand rows is far cheaper as one JSON array.
 #[derive(Debug, Clone, Copy)]
 pub struct JsonFunctions {
     /// Aggregates rows into a JSON array.
@@ -135,9 +134,6 @@ pub struct JsonFunctions {
     pub embed: &'static str,
     /// Makes an aggregate's JSON reach the client as text.
     pub as_text: &'static str,
-    /// A subquery over the elements of the JSON array bound at `?`, as
-    /// text: the right-hand side of `IN`.
-    pub elements: &'static str,
 }
 
 impl JsonFunctions {
@@ -148,33 +144,14 @@ impl JsonFunctions {
                 array: "json_build_array",
                 embed: "",
                 as_text: "::text",
-                elements: "(SELECT json_array_elements_text(CAST(? AS json)))",
             },
             _ => JsonFunctions {
                 group: "json_group_array",
                 array: "json_array",
                 embed: "json",
                 as_text: "",
-                elements: "(SELECT value FROM json_each(?))",
             },
         }
-    }
-}
-
-impl Sql {
-    /// Appends `IN (…)` over `values`, bound as one JSON array: the text is
-    /// the same for any number of values (one prepared statement) and there
-    /// is no bind limit.
-    pub fn in_json_list<V: serde::Serialize>(
-        &mut self,
-        backend: DbBackend,
-        values: &[V],
-    ) -> Result<&mut Self, DbErr> {
-        let list = serde_json::to_string(values)
-            .map_err(|err| DbErr::Custom(format!("a JSON list: {err}")))?;
-        let elements = JsonFunctions::of(backend).elements;
-        let (before, after) = elements.split_once('?').unwrap_or((elements, ""));
-        Ok(self.push(" IN ").push(before).bind(list).push(after))
     }
 }
 
@@ -201,10 +178,19 @@ where
     }
 }
 
-/// `columns` of the rows of `table` whose `column` is one of `keys`, in one
-/// statement whatever the number of keys: a row is the one column's value,
-/// or an array of the columns' values when there are several (decode it as
-/// a tuple). No order is promised.
+/// Keys per statement of [`rows_where_in`] on PostgreSQL: well under its
+/// limit of 65,535 bound values.
+const KEYS_PER_STATEMENT: usize = 10_000;
+
+/// `columns` of the rows of `table` whose `column` is one of `keys`: a row
+/// is the one column's value, or an array of the columns' values when there
+/// are several (decode it as a tuple). No order is promised.
+///
+/// The rows come back as one JSON array. On SQLite the keys go in as one
+/// JSON array too, so a thousand-key lookup is one statement with one bound
+/// value. PostgreSQL gets them as bound values: it would plan
+/// `IN (SELECT json_array_elements_text(…))` once, generically, and keep
+/// scanning the whole table once that plan was made while it was small.
 pub async fn rows_where_in<T, K, C>(
     db: &C,
     columns: &[&str],
@@ -214,12 +200,9 @@ pub async fn rows_where_in<T, K, C>(
 ) -> Result<Vec<T>, DbErr>
 where
     T: serde::de::DeserializeOwned,
-    K: serde::Serialize,
+    K: AsRef<str>,
     C: ConnectionTrait,
 {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
     let backend = db.get_database_backend();
     let JsonFunctions {
         group,
@@ -231,11 +214,27 @@ where
         [one] => one.to_string(),
         _ => format!("{array}({})", columns.join(", ")),
     };
-    let mut query = Sql::new(&format!(
-        "SELECT {group}({row}){as_text} AS page FROM {table} WHERE {column}"
-    ));
-    query.in_json_list(backend, keys)?;
-    json_page(db, &query).await
+    let head = format!("SELECT {group}({row}){as_text} AS page FROM {table} WHERE {column} IN ");
+    let mut found = Vec::new();
+    if backend == DbBackend::Postgres {
+        for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+            let mut query = Sql::new(&head);
+            let chunk: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
+            query.bind_list(&chunk);
+            found.extend(json_page(db, &query).await?);
+        }
+    } else if !keys.is_empty() {
+        let list: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let list = serde_json::to_string(&list)
+            .map_err(|err| DbErr::Custom(format!("a JSON list: {err}")))?;
+        let mut query = Sql::new(&head);
+        query
+            .push("(SELECT value FROM json_each(")
+            .bind(list)
+            .push("))");
+        found = json_page(db, &query).await?;
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

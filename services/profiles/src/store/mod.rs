@@ -29,6 +29,8 @@ pub use events::{Ingested, NewEvent, Who};
 pub use migration::Migrator;
 pub use privacy::Erased;
 
+use madtech_common::sql::{self, JsonFunctions, Sql};
+
 use crate::error::ProfileError;
 use crate::identity::Identifier;
 use crate::resolution::{IdentityRules, KeptApart};
@@ -340,14 +342,12 @@ impl ProfileStore {
 
     /// The live profile behind `id`, following merges.
     pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
-        let row = live_row(&self.db, id).await?;
-        to_profile(&self.db, row).await
+        read_live(&self.db, &Lookup::ProfileId(id.to_string())).await
     }
 
     /// The live profile an identifier points at.
     pub async fn find_by_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
-        let owner = owner_of(&self.db, id).await?;
-        self.get(&owner).await
+        read_live(&self.db, &Lookup::Identifier(id.clone())).await
     }
 
     /// Up to `limit` live profiles with ids after `after`, in id order.
@@ -435,6 +435,74 @@ async fn load_live<C: ConnectionTrait>(db: &C, id: &str) -> Result<Profile, Prof
         .await?
         .ok_or(ProfileError::NotFound)?;
     to_profile(db, row).await
+}
+
+/// A profile as [`read_live`]'s statement answers it: id, region, traits
+/// JSON, created, updated, merged into, `[[kind, value]…]`, `[merged id…]`.
+/// Empty aggregates are `null` on PostgreSQL.
+#[derive(Deserialize)]
+struct ProfileEntry(
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<String>,
+    Option<Vec<(String, String)>>,
+    Option<Vec<String>>,
+);
+
+/// The live profile behind a lookup in one statement (a lookup by
+/// identifier is the service's hottest read): the identifier or id, the
+/// one merge hop to the survivor, the row, its identifiers and the ids
+/// merged into it. Merges re-point earlier merges, so one hop reaches the
+/// survivor; should a row say otherwise, the hops are followed one by one.
+async fn read_live<C: ConnectionTrait>(db: &C, lookup: &Lookup) -> Result<Profile, ProfileError> {
+    let backend = db.get_database_backend();
+    let JsonFunctions {
+        group,
+        array,
+        embed,
+        as_text,
+        ..
+    } = JsonFunctions::of(backend);
+    let mut query = Sql::new("WITH target AS (SELECT COALESCE(o.merged_into, o.id) AS id FROM ");
+    match lookup {
+        Lookup::ProfileId(id) => query.push("profiles o WHERE o.id = ").bind(id.clone()),
+        Lookup::Identifier(id) => query
+            .push("identifiers i JOIN profiles o ON o.id = i.profile_id WHERE i.\"key\" = ")
+            .bind(id.key()),
+    };
+    query.push(&format!(
+        ") SELECT {group}({array}(p.id, p.region, p.traits, p.created_at, p.updated_at, p.merged_into, \
+         {embed}((SELECT {group}({array}(i.kind, i.value)) FROM identifiers i WHERE i.profile_id = p.id)), \
+         {embed}((SELECT {group}(m.id) FROM profiles m WHERE m.merged_into = p.id)))){as_text} AS page \
+         FROM profiles p JOIN target ON p.id = target.id"
+    ));
+    let entry: Option<ProfileEntry> = sql::json_page(db, &query).await?.into_iter().next();
+    let ProfileEntry(id, region, traits, created, updated, merged_into, identifiers, merged) =
+        entry.ok_or(ProfileError::NotFound)?;
+    if let Some(next) = merged_into {
+        return load_live(db, &live_row(db, &next).await?.id).await;
+    }
+    let mut merged_ids = merged.unwrap_or_default();
+    merged_ids.sort_unstable();
+    Ok(Profile {
+        traits: decode_traits(&traits)?,
+        id,
+        identifiers: identifiers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(kind, value)| Identifier {
+                kind: crate::identity::IdentifierKind::from_name(&kind),
+                value,
+            })
+            .collect(),
+        region,
+        merged_ids,
+        created_at_micros: created,
+        updated_at_micros: updated,
+    })
 }
 
 async fn to_profile<C: ConnectionTrait>(
