@@ -458,14 +458,8 @@ struct ProfileEntry(
 /// merged into it. Merges re-point earlier merges, so one hop reaches the
 /// survivor; should a row say otherwise, the hops are followed one by one.
 async fn read_live<C: ConnectionTrait>(db: &C, lookup: &Lookup) -> Result<Profile, ProfileError> {
-    let backend = db.get_database_backend();
-    let JsonFunctions {
-        group,
-        array,
-        embed,
-        as_text,
-        ..
-    } = JsonFunctions::of(backend);
+    let json = JsonFunctions::of(db.get_database_backend());
+    let (group, array, embed) = (json.group, json.array, json.embed);
     let mut query = Sql::new("WITH target AS (SELECT COALESCE(o.merged_into, o.id) AS id FROM ");
     match lookup {
         Lookup::ProfileId(id) => query.push("profiles o WHERE o.id = ").bind(id.clone()),
@@ -476,8 +470,9 @@ async fn read_live<C: ConnectionTrait>(db: &C, lookup: &Lookup) -> Result<Profil
     query.push(&format!(
         ") SELECT {group}({array}(p.id, p.region, p.traits, p.created_at, p.updated_at, p.merged_into, \
          {embed}((SELECT {group}({array}(i.kind, i.value)) FROM identifiers i WHERE i.profile_id = p.id)), \
-         {embed}((SELECT {group}(m.id) FROM profiles m WHERE m.merged_into = p.id)))){as_text} AS page \
-         FROM profiles p JOIN target ON p.id = target.id"
+         {embed}((SELECT {group}(m.id) FROM profiles m WHERE m.merged_into = p.id)))){} AS page \
+         FROM profiles p JOIN target ON p.id = target.id",
+        json.as_text
     ));
     let entry: Option<ProfileEntry> = sql::json_page(db, &query).await?.into_iter().next();
     let ProfileEntry(id, region, traits, created, updated, merged_into, identifiers, merged) =
