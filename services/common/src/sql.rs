@@ -33,6 +33,13 @@ impl Sql {
         self
     }
 
+    /// Appends `other`'s text and values (a subquery).
+    pub fn append(&mut self, other: &Sql) -> &mut Self {
+        self.text.push_str(&other.text);
+        self.values.extend(other.values.iter().cloned());
+        self
+    }
+
     /// Appends `(?, ?, …)` binding each value; `values` must not be empty.
     pub fn bind_list<V: Into<Value> + Clone>(&mut self, values: &[V]) -> &mut Self {
         self.push("(");

@@ -375,18 +375,23 @@ impl Projection {
         self.matches(&sql).await
     }
 
-    async fn matches(&self, sql: &Sql) -> Result<Vec<(String, bool)>, SegmentError> {
-        self.db
-            .query_all_raw(sql.statement(self.db.get_database_backend()))
-            .await?
+    /// Runs an evaluation query (`profile_id`, `matches` per person) with
+    /// its rows answered as one JSON array (see [`JsonFunctions`]).
+    async fn matches(&self, evaluation: &Sql) -> Result<Vec<(String, bool)>, SegmentError> {
+        let json = JsonFunctions::of(self.db.get_database_backend());
+        let mut sql = Sql::new(&format!(
+            "SELECT {}({}(q.profile_id, q.matches)){} AS page FROM (",
+            json.group, json.array, json.as_text
+        ));
+        sql.append(evaluation).push(") q");
+        let rows: Vec<(String, i32)> = json_page(&self.db, &sql).await?;
+        let mut evaluated: Vec<(String, bool)> = rows
             .into_iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("", "profile_id")?,
-                    row.try_get::<i32>("", "matches")? != 0,
-                ))
-            })
-            .collect()
+            .map(|(id, matches)| (id, matches != 0))
+            .collect();
+        // Aggregates do not promise an order; a page's is the id order.
+        evaluated.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(evaluated)
     }
 
     /// How many people `rule` matches.
