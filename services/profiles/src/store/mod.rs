@@ -488,10 +488,7 @@ async fn read_live<C: ConnectionTrait>(db: &C, lookup: &Lookup) -> Result<Profil
         identifiers: identifiers
             .unwrap_or_default()
             .into_iter()
-            .map(|(kind, value)| Identifier {
-                kind: crate::identity::IdentifierKind::from_name(&kind),
-                value,
-            })
+            .map(|(kind, value)| stored_identifier(&kind, value))
             .collect(),
         region,
         merged_ids,
@@ -546,9 +543,14 @@ fn assemble(
 }
 
 fn identifier_from_row(row: &identifier::Model) -> Identifier {
+    stored_identifier(&row.kind, row.value.clone())
+}
+
+/// An identifier as stored: its kind's name and its normalised value.
+fn stored_identifier(kind: &str, value: String) -> Identifier {
     Identifier {
-        kind: crate::identity::IdentifierKind::from_name(&row.kind),
-        value: row.value.clone(),
+        kind: crate::identity::IdentifierKind::from_name(kind),
+        value,
     }
 }
 
