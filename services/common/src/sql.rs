@@ -117,11 +117,12 @@ pub async fn insert_rows<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Runs a statement that returns no rows.
-pub async fn execute<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<(), DbErr> {
-    db.execute_raw(sql.statement(db.get_database_backend()))
-        .await?;
-    Ok(())
+/// Runs a statement that returns no rows; answers how many rows it changed.
+pub async fn execute<C: ConnectionTrait>(db: &C, sql: &Sql) -> Result<u64, DbErr> {
+    Ok(db
+        .execute_raw(sql.statement(db.get_database_backend()))
+        .await?
+        .rows_affected())
 }
 
 /// Runs a query whose one row has one integer column named `n` (a count,

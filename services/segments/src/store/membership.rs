@@ -58,7 +58,8 @@ async fn log(
         .push(", ")
         .bind(at)
         .push(")");
-    execute(txn, &sql).await.map_err(Into::into)
+    execute(txn, &sql).await?;
+    Ok(())
 }
 
 /// Makes `profile_ids` leave every segment they are in (erased or merged

@@ -343,12 +343,7 @@ impl Projection {
         after: &str,
         limit: u64,
     ) -> Result<Vec<(String, bool)>, SegmentError> {
-        let mut sql = Sql::new("SELECT people.profile_id, CASE WHEN ");
-        compiler.condition(&mut sql, rule)?;
-        sql.push(" THEN 1 ELSE 0 END AS matches FROM people WHERE people.profile_id > ")
-            .bind(after.to_string())
-            .push(" ORDER BY people.profile_id LIMIT ")
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let sql = compiler.page_evaluation(rule, after, limit)?;
         self.matches(&sql).await
     }
 
