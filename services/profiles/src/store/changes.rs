@@ -2,7 +2,7 @@
 //! the same transaction, under the append lock, so cursors follow commit
 //! order; rows are only deleted by erasure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
@@ -11,7 +11,7 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 
 use super::entities::{change, event};
-use super::{Profile, StoredEvent, decode_event};
+use super::{Profile, StoredEvent, decode_event, events};
 use crate::error::ProfileError;
 
 /// Key of the PostgreSQL advisory lock that serialises appends across
@@ -152,6 +152,20 @@ pub(super) async fn after<C: ConnectionTrait>(
             if let Some((_, _, seq)) = ranges.get(at).filter(|(after, _, _)| *after < id) {
                 events.entry(*seq).or_default().push(decode_event(row)?);
             }
+        }
+    }
+
+    // Events stay filed under the id they were recorded for; a watcher
+    // sees them under the person they belong to now.
+    let recorded_for: BTreeSet<&str> = events
+        .values()
+        .flatten()
+        .map(|event| event.profile_id.as_str())
+        .collect();
+    let live = events::live_profiles(db, &recorded_for.into_iter().collect::<Vec<_>>()).await?;
+    for event in events.values_mut().flatten() {
+        if let Some(live_id) = live.get(&event.profile_id) {
+            event.profile_id.clone_from(live_id);
         }
     }
 

@@ -65,6 +65,9 @@ pub mod event {
         #[sea_orm(column_type = "Text")]
         pub properties: String,
         pub source: String,
+        /// The block of ids the event's row falls in, which its per-person
+        /// index entry is filed under (see `store::events`).
+        pub block: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

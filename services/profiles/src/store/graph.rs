@@ -12,7 +12,7 @@ use sea_orm::{
 use madtech_common::sql;
 
 use super::changes::{self, ChangeRecord};
-use super::entities::{conflict, event, identifier, merge, profile};
+use super::entities::{conflict, identifier, merge, profile};
 use super::{Profile, decode_traits, encode_traits, identifier_from_row};
 use crate::error::ProfileError;
 use crate::identity::Identifier;
@@ -209,7 +209,10 @@ pub(super) async fn save(txn: &DatabaseTransaction, person: &Profile) -> Result<
     Ok(())
 }
 
-/// Moves everything `other` holds to `survivor` and records the merge.
+/// Moves `other`'s identifiers to `survivor` and records the merge.
+/// Events stay filed under the id they were recorded for (rewriting them
+/// would cost a seek per index block, see `events::EVENTS_PER_BLOCK`);
+/// whoever reads them resolves merged ids to the survivor.
 async fn absorb(
     txn: &DatabaseTransaction,
     survivor: &str,
@@ -220,11 +223,6 @@ async fn absorb(
     identifier::Entity::update_many()
         .col_expr(identifier::Column::ProfileId, Expr::value(survivor))
         .filter(identifier::Column::ProfileId.eq(other.id.clone()))
-        .exec(txn)
-        .await?;
-    event::Entity::update_many()
-        .col_expr(event::Column::ProfileId, Expr::value(survivor))
-        .filter(event::Column::ProfileId.eq(other.id.clone()))
         .exec(txn)
         .await?;
     // Everything merged into `other` earlier now points at the survivor

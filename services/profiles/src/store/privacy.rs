@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 
 use super::changes::{self, ChangeRecord};
 use super::entities::{change, conflict, event, identifier, merge, profile};
-use super::{decode_event, load_live, suppression};
+use super::{decode_event, events, load_live, suppression};
 use crate::error::ProfileError;
+use madtech_common::sql::{self, Sql};
 
 /// What an erasure deleted.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,11 +63,9 @@ pub(super) async fn erase(
         .exec(txn)
         .await?
         .rows_affected;
-    let events = event::Entity::delete_many()
-        .filter(event::Column::ProfileId.is_in(ids.clone()))
-        .exec(txn)
-        .await?
-        .rows_affected;
+    let mut delete = Sql::new("DELETE FROM events WHERE ");
+    delete.append(&events::recorded_for(txn.get_database_backend(), &ids));
+    let events = sql::execute(txn, &delete).await?;
     merge::Entity::delete_many()
         .filter(
             Condition::any()
@@ -134,10 +133,12 @@ pub(super) async fn export<C: ConnectionTrait>(
             )
         })
         .collect();
+    let mut select = Sql::new("SELECT * FROM events WHERE ");
+    select
+        .append(&events::recorded_for(db.get_database_backend(), &ids))
+        .push(" ORDER BY events.occurred_at, events.id");
     let events = event::Entity::find()
-        .filter(event::Column::ProfileId.eq(live_id))
-        .order_by_asc(event::Column::OccurredAt)
-        .order_by_asc(event::Column::Id)
+        .from_raw_sql(select.statement(db.get_database_backend()))
         .all(db)
         .await?
         .into_iter()

@@ -578,6 +578,15 @@ madtech_common::backend_tests!(
             .upsert(upsert(&[("cookie_id", "gone-cookie")], &[], ""))
             .await
             .expect("alias");
+        // Recorded under the id about to be merged away, and filed under it.
+        store
+            .ingest(&[event(
+                "a1",
+                "view",
+                Who::ProfileId(alias.profile.id.clone()),
+            )])
+            .await
+            .expect("alias event");
         store
             .upsert(upsert(
                 &[("email", "gone@example.com"), ("cookie_id", "gone-cookie")],
@@ -611,7 +620,7 @@ madtech_common::backend_tests!(
         let mut got = erased.profile_ids.clone();
         got.sort();
         assert_eq!(got, expected);
-        assert_eq!((erased.identifiers, erased.events), (2, 1));
+        assert_eq!((erased.identifiers, erased.events), (2, 2));
 
         assert!(matches!(
             store.get(&gone.profile.id).await,
@@ -713,6 +722,49 @@ madtech_common::backend_tests!(
             })
             .collect();
         assert_eq!(batches, vec![1_000, 1_000, 500]);
+    }
+);
+
+madtech_common::backend_tests!(
+    a_persons_events_are_found_in_every_block,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let a = store
+            .upsert(upsert(&[("customer_id", "a")], &[], "FR"))
+            .await
+            .expect("a");
+        let b = store
+            .upsert(upsert(&[("customer_id", "b")], &[], "FR"))
+            .await
+            .expect("b");
+        // Alternating people over more than two blocks of ids.
+        let per_person = usize::try_from(events::EVENTS_PER_BLOCK).expect("small") + 500;
+        let all: Vec<NewEvent> = (0..2 * per_person)
+            .map(|i| {
+                let who = if i % 2 == 0 { &a } else { &b };
+                event(
+                    &format!("m{i}"),
+                    "view",
+                    Who::ProfileId(who.profile.id.clone()),
+                )
+            })
+            .collect();
+        for batch in all.chunks(1_000) {
+            store.ingest(batch).await.expect("ingest");
+        }
+        let count = |export: serde_json::Value| export["events"].as_array().map(Vec::len);
+        let lookup_a = Lookup::ProfileId(a.profile.id.clone());
+        let lookup_b = Lookup::ProfileId(b.profile.id.clone());
+        assert_eq!(
+            count(store.export(&lookup_a).await.expect("a")),
+            Some(per_person)
+        );
+        let erased = store.erase(&lookup_a, false).await.expect("erase a");
+        assert_eq!(erased.events, per_person as u64);
+        assert_eq!(
+            count(store.export(&lookup_b).await.expect("b")),
+            Some(per_person)
+        );
     }
 );
 
