@@ -10,9 +10,10 @@ use sea_orm::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::entities::{change, event};
-use super::{Profile, StoredEvent, decode_event, events};
+use super::entities::change;
+use super::{Profile, StoredEvent, decode_properties, events};
 use crate::error::ProfileError;
+use madtech_common::sql::{JsonFunctions, Sql, json_page};
 
 /// Key of the PostgreSQL advisory lock that serialises appends across
 /// replicas, so a cursor is never committed after a higher one.
@@ -139,18 +140,11 @@ pub(super) async fn after<C: ConnectionTrait>(
         .collect();
     let mut events: BTreeMap<i64, Vec<StoredEvent>> = BTreeMap::new();
     if let (Some((first, _, _)), Some((_, last, _))) = (ranges.first(), ranges.last()) {
-        for row in event::Entity::find()
-            .filter(event::Column::Id.gt(*first))
-            .filter(event::Column::Id.lte(*last))
-            .order_by_asc(event::Column::Id)
-            .all(db)
-            .await?
-        {
-            let id = row.id;
+        for (id, event) in events_between(db, *first, *last).await? {
             // Ranges follow the log's order, so their ends increase.
             let at = ranges.partition_point(|(_, last, _)| *last < id);
             if let Some((_, _, seq)) = ranges.get(at).filter(|(after, _, _)| *after < id) {
-                events.entry(*seq).or_default().push(decode_event(row)?);
+                events.entry(*seq).or_default().push(event);
             }
         }
     }
@@ -193,6 +187,52 @@ pub(super) async fn after<C: ConnectionTrait>(
         });
     }
     Ok(Page { changes, read_to })
+}
+
+/// An event row as [`events_between`] reads it: id, message id, profile
+/// id, name, time, properties (JSON text), source.
+type EventEntry = (i64, String, String, String, i64, String, String);
+
+/// The events with ids in `(after_id, last_id]`, in id order. The rows
+/// come back as one JSON array: a page of the log holds thousands of
+/// events, and sqlx hands SQLite rows over one at a time.
+async fn events_between<C: ConnectionTrait>(
+    db: &C,
+    after_id: i64,
+    last_id: i64,
+) -> Result<Vec<(i64, StoredEvent)>, ProfileError> {
+    let JsonFunctions {
+        group,
+        array,
+        as_text,
+        ..
+    } = JsonFunctions::of(db.get_database_backend());
+    let mut query = Sql::new(&format!(
+        "SELECT {group}({array}(e.id, e.message_id, e.profile_id, e.name, e.occurred_at, e.properties, e.source)){as_text} AS page \
+         FROM events e WHERE e.id > "
+    ));
+    query.bind(after_id).push(" AND e.id <= ").bind(last_id);
+    let rows: Vec<EventEntry> = json_page(db, &query).await?;
+    let mut events = rows
+        .into_iter()
+        .map(
+            |(id, message_id, profile_id, name, occurred_at_micros, properties, source)| {
+                let properties = decode_properties(&message_id, &properties)?;
+                let event = StoredEvent {
+                    profile_id,
+                    message_id,
+                    name,
+                    occurred_at_micros,
+                    properties,
+                    source,
+                };
+                Ok((id, event))
+            },
+        )
+        .collect::<Result<Vec<_>, ProfileError>>()?;
+    // Aggregates do not promise an order.
+    events.sort_unstable_by_key(|(id, _)| *id);
+    Ok(events)
 }
 
 /// The newest cursor, 0 when nothing was ever written.

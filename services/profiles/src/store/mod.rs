@@ -558,13 +558,20 @@ fn decode_traits(json: &str) -> Result<Traits, ProfileError> {
     serde_json::from_str(json).map_err(|err| ProfileError::Corrupt(format!("traits: {err}")))
 }
 
+fn decode_properties(
+    message_id: &str,
+    json: &str,
+) -> Result<BTreeMap<String, TraitValue>, ProfileError> {
+    serde_json::from_str(json)
+        .map_err(|err| ProfileError::Corrupt(format!("event {message_id}: {err}")))
+}
+
 fn encode_traits(traits: &Traits) -> Result<String, ProfileError> {
     serde_json::to_string(traits).map_err(|err| ProfileError::Corrupt(format!("traits: {err}")))
 }
 
 fn decode_event(row: event::Model) -> Result<StoredEvent, ProfileError> {
-    let properties = serde_json::from_str(&row.properties)
-        .map_err(|err| ProfileError::Corrupt(format!("event {}: {err}", row.message_id)))?;
+    let properties = decode_properties(&row.message_id, &row.properties)?;
     Ok(StoredEvent {
         profile_id: row.profile_id,
         message_id: row.message_id,

@@ -73,7 +73,14 @@ impl Compiler<'_> {
             .push(" ORDER BY people.profile_id LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .push(") SELECT people.profile_id, CASE WHEN ");
-        self.rule(&mut sql, rule, Scope::Page { after }, 0)?;
+        // SQLite runs a correlated subquery as cheaply as a loop over an
+        // index (ComputeSegment of 100k people: 0.7 s per person, 1.0 s per
+        // page, one run each); PostgreSQL does not (1.5 s vs 0.8 s at 20k).
+        let scope = match self.backend {
+            DbBackend::Postgres => Scope::Page { after },
+            _ => Scope::Person,
+        };
+        self.rule(&mut sql, rule, scope, 0)?;
         sql.push(" THEN 1 ELSE 0 END AS matches FROM page people");
         Ok(sql)
     }
