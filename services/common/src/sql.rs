@@ -41,9 +41,12 @@ impl Sql {
     }
 
     /// Appends `(?, ?, …)` binding each value; `values` must not be empty.
-    pub fn bind_list<V: Into<Value> + Clone>(&mut self, values: &[V]) -> &mut Self {
+    pub fn bind_list<'v, V: Into<Value> + Clone + 'v>(
+        &mut self,
+        values: impl IntoIterator<Item = &'v V>,
+    ) -> &mut Self {
         self.push("(");
-        for (i, value) in values.iter().enumerate() {
+        for (i, value) in values.into_iter().enumerate() {
             if i > 0 {
                 self.push(", ");
             }

@@ -163,7 +163,7 @@ impl Memberships {
             delete
                 .bind(segment_id.to_string())
                 .push(" AND profile_id IN ")
-                .bind_list(&chunk.iter().map(|id| (*id).clone()).collect::<Vec<_>>());
+                .bind_list(chunk.iter().copied());
             execute(&txn, &delete).await?;
         }
         insert_rows(

@@ -359,14 +359,8 @@ impl Projection {
         }
         let mut sql = Sql::new("SELECT people.profile_id, CASE WHEN ");
         compiler.condition(&mut sql, rule)?;
-        sql.push(" THEN 1 ELSE 0 END AS matches FROM people WHERE people.profile_id IN (");
-        for (i, id) in profile_ids.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.bind(id.clone());
-        }
-        sql.push(")");
+        sql.push(" THEN 1 ELSE 0 END AS matches FROM people WHERE people.profile_id IN ")
+            .bind_list(profile_ids);
         self.matches(&sql).await
     }
 

@@ -46,9 +46,9 @@ enum Scope<'p> {
     /// A whole page: the people with ids after `after`, up to the largest id
     /// in the common table `page`. Each subquery reads the page's rows in
     /// one range scan, once, and the condition asks whether the person is
-    /// among those it found. In a select list PostgreSQL runs a correlated
-    /// subquery once per row (~17 µs each, measured), so a page of 1,000
-    /// people cost tens of milliseconds per condition.
+    /// among those it found. In a select list PostgreSQL runs correlated
+    /// subqueries once per row: a page of 1,000 people took ~35 ms for a
+    /// three-condition rule (measured), against ~5 ms this way.
     Page { after: &'p str },
 }
 
@@ -142,14 +142,7 @@ impl Compiler<'_> {
                 if regions.is_empty() {
                     sql.push("1 = 0");
                 } else {
-                    sql.push("people.region IN (");
-                    for (i, region) in regions.iter().enumerate() {
-                        if i > 0 {
-                            sql.push(", ");
-                        }
-                        sql.bind(region.clone());
-                    }
-                    sql.push(")");
+                    sql.push("people.region IN ").bind_list(regions);
                 }
             }
             Rule::Event { filter, measure } => {
