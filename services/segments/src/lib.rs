@@ -39,6 +39,10 @@ pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentE
         store::projection::Projection::new(db.clone(), Arc::clone(&writes))
             .with_birth_date_trait(&config.birth_date_trait),
     );
+    let built = projection.prepare_export_docs().await?;
+    if built > 0 {
+        tracing::info!(people = built, "built export documents");
+    }
     let memberships = Arc::new(store::membership::Memberships::new(db.clone(), writes));
     let store = Arc::new(store::SegmentStore::new(db));
     let evaluator =

@@ -1,6 +1,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_integer_null, big_pk_auto, double_null, string, string_null, string_uniq, text,
+    big_integer, big_integer_null, big_pk_auto, blob_null, double_null, string, string_null,
+    string_uniq, text,
 };
 
 /// The segments service's schema, one migration per change.
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateSegments),
             Box::new(CreateProjection),
             Box::new(CreateMemberships),
+            Box::new(AddExportDocs),
         ]
     }
 }
@@ -67,6 +69,7 @@ enum People {
     Table,
     ProfileId,
     Region,
+    ExportDoc,
 }
 
 #[derive(DeriveIden, Clone, Copy)]
@@ -122,6 +125,7 @@ enum ProjectionState {
     Table,
     Id,
     Cursor,
+    ExportDocs,
 }
 
 fn with_value_columns(table: &mut TableCreateStatement) -> &mut TableCreateStatement {
@@ -315,6 +319,39 @@ impl MigrationTrait for CreateMemberships {
                     .col(MembershipChanges::SegmentId)
                     .col(MembershipChanges::Seq)
                     .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Each person's export document (`store::projection::export_doc`), and
+/// the key it was built under. Existing people get theirs when the service
+/// starts (`Projection::prepare_export_docs`).
+struct AddExportDocs;
+
+impl MigrationName for AddExportDocs {
+    fn name(&self) -> &str {
+        "m20261130_000004_add_export_docs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AddExportDocs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(People::Table)
+                    .add_column(blob_null(People::ExportDoc))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ProjectionState::Table)
+                    .add_column(string_null(ProjectionState::ExportDocs))
                     .to_owned(),
             )
             .await

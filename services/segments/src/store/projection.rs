@@ -94,6 +94,10 @@ pub struct Member {
 /// replicas following the same stream take turns and skip what is done.
 const APPLY_LOCK: i64 = 0x6d61_6474_6563_6805;
 
+/// People given an export document per transaction when documents are
+/// rebuilt.
+const DOCS_PER_PAGE: usize = 1_000;
+
 pub struct Projection {
     db: DatabaseConnection,
     writes: WriteLock,
@@ -133,19 +137,44 @@ impl PageEntry {
         identifiers.sort_unstable();
         let mut merged_ids = merged_ids.unwrap_or_default();
         merged_ids.sort_unstable();
-        let birth_date = birth_date.and_then(|(kind, text, micros)| match kind.as_str() {
-            "string" => text.as_deref().and_then(date_of_text),
-            "timestamp" => micros
-                .and_then(chrono::DateTime::from_timestamp_micros)
-                .map(|at| at.date_naive()),
-            _ => None,
+        let birth_date = birth_date.and_then(|(kind, text, micros)| {
+            birth_date_of(&stored_from_columns(&kind, text, None, micros))
         });
         Member {
             profile_id,
             region,
             identifiers,
             merged_ids,
-            birth_date: birth_date.map(|date| date.to_string()),
+            birth_date,
+        }
+    }
+}
+
+/// `YYYY-MM-DD` of a birth-date trait's value, when it reads as a date.
+fn birth_date_of(value: &Stored) -> Option<String> {
+    let date = match value {
+        Stored::Value(Value::String(text)) => date_of_text(text),
+        Stored::Value(Value::Timestamp(micros)) => {
+            chrono::DateTime::from_timestamp_micros(*micros).map(|at| at.date_naive())
+        }
+        _ => None,
+    };
+    date.map(|date| date.to_string())
+}
+
+impl Snapshot {
+    /// The person as an export sends them.
+    fn member(&self, birth_date_trait: &str) -> Member {
+        let mut identifiers = self.identifiers.clone();
+        identifiers.sort_unstable();
+        let mut merged_ids = self.merged_ids.clone();
+        merged_ids.sort_unstable();
+        Member {
+            profile_id: self.profile_id.clone(),
+            region: self.region.clone(),
+            identifiers,
+            merged_ids,
+            birth_date: self.traits.get(birth_date_trait).and_then(birth_date_of),
         }
     }
 }
@@ -278,12 +307,7 @@ impl Projection {
         let Some((last, _)) = changes.last() else {
             return Ok(());
         };
-        let _writing = self.writes.lock().await;
-        let txn = self.db.begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))
-                .await?;
-        }
+        let (_writing, txn) = self.begin_writing().await?;
         let applied = number(
             &txn,
             &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
@@ -292,7 +316,11 @@ impl Projection {
         // Consecutive upserts and consecutive event batches are written
         // together, a few hundred rows per statement; merges and erasures
         // in between keep their place in the order.
-        let mut run = Run::default();
+        let mut run = Run {
+            birth_date_trait: &self.birth_date_trait,
+            people: Vec::new(),
+            events: Vec::new(),
+        };
         for (cursor, change) in changes {
             if *cursor <= applied {
                 continue;
@@ -312,7 +340,7 @@ impl Projection {
                 }
                 other => {
                     run.flush(&txn).await?;
-                    apply_one(&txn, other).await?;
+                    apply_one(&txn, other, &self.birth_date_trait).await?;
                 }
             }
         }
@@ -392,21 +420,28 @@ impl Projection {
 
     /// Members with ids after `after`, in id order, at most `limit`.
     ///
-    /// The database assembles the whole page (each member with identifiers,
-    /// merged ids and birth-date trait) into one JSON document: one row per
-    /// page instead of one per member and identifier, because moving rows
-    /// out of the database one by one, not finding them, is what an export
-    /// of a large audience spends its time on.
+    /// Each person's export document was encoded when they last changed;
+    /// the database concatenates a page's documents into one value, decoded
+    /// here in one go. Assembling members from their identifiers, merged ids
+    /// and traits on every export, and moving rows out of the database one
+    /// by one, is what a large audience's export spent its time on.
     pub async fn members(
         &self,
         selection: Selection<'_, '_>,
         after: &str,
         limit: u64,
     ) -> Result<Vec<Member>, SegmentError> {
-        let backend = self.db.get_database_backend();
-        let mut sql = Sql::new(
-            "WITH page AS (SELECT people.profile_id, people.region FROM people WHERE people.profile_id > ",
-        );
+        let backend = self.backend();
+        let concatenated = match backend {
+            DbBackend::Postgres => "string_agg(page.export_doc, ''::bytea)",
+            // SQLite's group_concat keeps a blob's bytes, NULs included, and
+            // answers them as text; the cast hands them over as a blob.
+            _ => "CAST(group_concat(page.export_doc, '') AS BLOB)",
+        };
+        let mut sql = Sql::new(&format!(
+            "SELECT {concatenated} AS page, count(*) AS n, count(page.export_doc) AS docs \
+             FROM (SELECT people.export_doc FROM people WHERE people.profile_id > "
+        ));
         sql.bind(after.to_string()).push(" AND ");
         match selection {
             Selection::Rule(rule, compiler) => compiler.condition(&mut sql, rule)?,
@@ -422,28 +457,125 @@ impl Projection {
                     .push("))");
             }
         }
+        sql.push(" ORDER BY people.profile_id LIMIT ")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .push(") page");
+        let Some(row) = self.db.query_one_raw(sql.statement(backend)).await? else {
+            return Ok(Vec::new());
+        };
+        let (selected, documents): (i64, i64) = (row.try_get("", "n")?, row.try_get("", "docs")?);
+        if selected != documents {
+            // Someone without a document would be left out silently.
+            return Err(SegmentError::Corrupt(format!(
+                "{} of {selected} people selected for export have no export document",
+                selected - documents
+            )));
+        }
+        let page: Option<Vec<u8>> = row.try_get("", "page")?;
+        let mut members = export_doc::decode_page(page.as_deref().unwrap_or_default())
+            .map_err(|err| SegmentError::Corrupt(format!("an export page: {err}")))?;
+        // Aggregates do not promise an order; the page's is the id order.
+        members.sort_unstable_by(|a, b| a.profile_id.cmp(&b.profile_id));
+        Ok(members)
+    }
+
+    /// Makes every person's export document current, before the service
+    /// serves: documents built under another key (format, birth-date trait)
+    /// are cleared, and people without one (all of them after an upgrade)
+    /// get one, a page at a time. Answers how many were built.
+    pub async fn prepare_export_docs(&self) -> Result<u64, SegmentError> {
+        let key = export_doc::key(&self.birth_date_trait);
+        {
+            let (_writing, txn) = self.begin_writing().await?;
+            let row = txn
+                .query_one_raw(
+                    Sql::new("SELECT export_docs FROM projection_state WHERE id = 1")
+                        .statement(txn.get_database_backend()),
+                )
+                .await?;
+            let stored: Option<String> = match row {
+                Some(row) => row.try_get("", "export_docs")?,
+                None => None,
+            };
+            if stored.as_deref() != Some(key.as_str()) {
+                execute(&txn, &Sql::new("UPDATE people SET export_doc = NULL")).await?;
+                let mut upsert = Sql::new(
+                    "INSERT INTO projection_state (id, cursor, export_docs) VALUES (1, 0, ",
+                );
+                upsert
+                    .bind(key)
+                    .push(") ON CONFLICT (id) DO UPDATE SET export_docs = excluded.export_docs");
+                execute(&txn, &upsert).await?;
+            }
+            txn.commit().await?;
+        }
+        let mut built = 0;
+        loop {
+            // Under the write lock, so a newer document that `apply` writes
+            // is never overwritten with an older state.
+            let (_writing, txn) = self.begin_writing().await?;
+            let members = self.assembled_without_docs(&txn).await?;
+            if members.is_empty() {
+                return Ok(built);
+            }
+            let mut update = Sql::new("UPDATE people SET export_doc = v.column2 FROM (VALUES ");
+            for (i, member) in members.iter().enumerate() {
+                if i > 0 {
+                    update.push(", ");
+                }
+                update
+                    .push("(")
+                    .bind(member.profile_id.clone())
+                    .push(", ")
+                    .bind(export_doc::encode(member))
+                    .push(")");
+            }
+            update.push(") AS v WHERE people.profile_id = v.column1");
+            execute(&txn, &update).await?;
+            txn.commit().await?;
+            built += members.len() as u64;
+        }
+    }
+
+    /// People without an export document, assembled from the projection's
+    /// tables; the database builds the page as one JSON document.
+    async fn assembled_without_docs(
+        &self,
+        txn: &DatabaseTransaction,
+    ) -> Result<Vec<Member>, SegmentError> {
         let JsonFunctions {
             group,
             array,
             embed,
             as_text,
             ..
-        } = JsonFunctions::of(backend);
-        sql.push(" ORDER BY people.profile_id LIMIT ")
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .push(&format!(
-                ") SELECT {group}({array}(page.profile_id, page.region, \
-                 {embed}((SELECT {group}({array}(pi.kind, pi.value)) FROM person_identifiers pi WHERE pi.profile_id = page.profile_id)), \
-                 {embed}((SELECT {group}(pm.merged_id) FROM person_merged pm WHERE pm.profile_id = page.profile_id)), \
-                 {embed}((SELECT {array}(pt.kind, pt.string_value, pt.int_value) FROM person_traits pt WHERE pt.profile_id = page.profile_id AND pt.name = "
-            ))
-            .bind(self.birth_date_trait.clone())
+        } = JsonFunctions::of(self.backend());
+        let mut sql = Sql::new(&format!(
+            "WITH page AS (SELECT people.profile_id, people.region FROM people \
+             WHERE people.export_doc IS NULL ORDER BY people.profile_id LIMIT {DOCS_PER_PAGE}) \
+             SELECT {group}({array}(page.profile_id, page.region, \
+             {embed}((SELECT {group}({array}(pi.kind, pi.value)) FROM person_identifiers pi WHERE pi.profile_id = page.profile_id)), \
+             {embed}((SELECT {group}(pm.merged_id) FROM person_merged pm WHERE pm.profile_id = page.profile_id)), \
+             {embed}((SELECT {array}(pt.kind, pt.string_value, pt.int_value) FROM person_traits pt WHERE pt.profile_id = page.profile_id AND pt.name = "
+        ));
+        sql.bind(self.birth_date_trait.clone())
             .push(&format!(")))){as_text} AS page FROM page"));
-        let page: Vec<PageEntry> = json_page(&self.db, &sql).await?;
-        let mut members: Vec<Member> = page.into_iter().map(PageEntry::into_member).collect();
-        // Aggregates do not promise an order; the page's is the id order.
-        members.sort_unstable_by(|a, b| a.profile_id.cmp(&b.profile_id));
-        Ok(members)
+        let page: Vec<PageEntry> = json_page(txn, &sql).await?;
+        Ok(page.into_iter().map(PageEntry::into_member).collect())
+    }
+
+    /// The write lock and a transaction holding PostgreSQL's apply lock, so
+    /// replicas writing the same database take turns.
+    async fn begin_writing(
+        &self,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, DatabaseTransaction), SegmentError> {
+        let writing = self.writes.clone().lock_owned().await;
+        let txn = self.db.begin().await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPLY_LOCK})"))
+                .await?;
+        }
+        Ok((writing, txn))
     }
 
     async fn rows_for(
@@ -525,8 +657,8 @@ impl Projection {
 }
 
 /// Changes waiting to be written together.
-#[derive(Default)]
 struct Run<'a> {
+    birth_date_trait: &'a str,
     people: Vec<&'a Snapshot>,
     events: Vec<&'a NewEvent>,
 }
@@ -534,7 +666,7 @@ struct Run<'a> {
 impl Run<'_> {
     async fn flush(&mut self, txn: &DatabaseTransaction) -> Result<(), SegmentError> {
         if !self.people.is_empty() {
-            write_people(txn, &self.people).await?;
+            write_people(txn, &self.people, self.birth_date_trait).await?;
             self.people.clear();
         }
         if !self.events.is_empty() {
@@ -551,8 +683,12 @@ fn value_row(value: &Stored) -> [sea_orm::Value; 4] {
 }
 
 /// People's current state replaces what was projected of them (their
-/// events stay).
-async fn write_people(txn: &DatabaseTransaction, people: &[&Snapshot]) -> Result<(), SegmentError> {
+/// events stay), export document included.
+async fn write_people(
+    txn: &DatabaseTransaction,
+    people: &[&Snapshot],
+    birth_date_trait: &str,
+) -> Result<(), SegmentError> {
     // The last snapshot of a person in the run is their state.
     let mut latest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
     for person in people {
@@ -565,11 +701,17 @@ async fn write_people(txn: &DatabaseTransaction, people: &[&Snapshot]) -> Result
     let people: Vec<&Snapshot> = latest.into_values().collect();
     insert_rows(
         txn,
-        "people (profile_id, region)",
+        "people (profile_id, region, export_doc)",
         "",
         people
             .iter()
-            .map(|p| vec![p.profile_id.clone().into(), p.region.clone().into()])
+            .map(|p| {
+                vec![
+                    p.profile_id.clone().into(),
+                    p.region.clone().into(),
+                    export_doc::encode(&p.member(birth_date_trait)).into(),
+                ]
+            })
             .collect(),
     )
     .await?;
@@ -663,9 +805,13 @@ async fn write_events(txn: &DatabaseTransaction, events: &[&NewEvent]) -> Result
     .map_err(Into::into)
 }
 
-async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), SegmentError> {
+async fn apply_one(
+    txn: &DatabaseTransaction,
+    change: &Change,
+    birth_date_trait: &str,
+) -> Result<(), SegmentError> {
     match change {
-        Change::Upserted(person) => write_people(txn, &[person]).await?,
+        Change::Upserted(person) => write_people(txn, &[person], birth_date_trait).await?,
         Change::Events(events) => {
             let events: Vec<&NewEvent> = events.iter().collect();
             write_events(txn, &events).await?;
@@ -692,5 +838,6 @@ async fn apply_one(txn: &DatabaseTransaction, change: &Change) -> Result<(), Seg
     Ok(())
 }
 
+mod export_doc;
 #[cfg(test)]
 mod tests;

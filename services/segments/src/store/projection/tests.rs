@@ -555,3 +555,90 @@ madtech_common::backend_tests!(
         assert_eq!(projection.people().await.expect("count"), 2);
     }
 );
+
+/// Everyone in the projection, as an export sends them.
+async fn export(projection: &Projection) -> Result<Vec<Member>, SegmentError> {
+    let everyone = Rule::All(Vec::new());
+    let no_segments = BTreeMap::new();
+    let compiler = Compiler {
+        backend: projection.backend(),
+        now_micros: NOW,
+        segments: &no_segments,
+    };
+    projection
+        .members(Selection::Rule(&everyone, &compiler), "", 10)
+        .await
+}
+
+madtech_common::backend_tests!(
+    export_documents_are_built_at_start_and_rebuilt_when_their_key_changes,
+    |db: TestDatabase| async move {
+        let conn = connect_and_migrate::<Migrator>(&db.config)
+            .await
+            .expect("connect");
+        let writes = crate::store::WriteLock::default();
+        let projection = Projection::new(conn.clone(), std::sync::Arc::clone(&writes));
+        assert_eq!(projection.prepare_export_docs().await.expect("empty"), 0);
+        let born = |id: &str| {
+            Change::Upserted(Snapshot {
+                profile_id: id.into(),
+                region: "DE".into(),
+                identifiers: vec![
+                    ("phone".into(), "+4915112345678".into()),
+                    ("email".into(), format!("{id}@x.io")),
+                ],
+                merged_ids: vec![format!("{id}-2"), format!("{id}-1")],
+                traits: BTreeMap::from([
+                    (
+                        "birthdate".to_string(),
+                        Stored::Value(Value::String("1990-05-17".into())),
+                    ),
+                    (
+                        "dob".to_string(),
+                        // 2001-02-03T04:05:06Z
+                        Stored::Value(Value::Timestamp(981_173_106_000_000)),
+                    ),
+                ]),
+            })
+        };
+        projection
+            .apply(&numbered(vec![born("a"), born("b")]))
+            .await
+            .expect("apply");
+        let written = export(&projection).await.expect("export");
+        assert_eq!(written.len(), 2);
+        assert_eq!(
+            written[0],
+            Member {
+                profile_id: "a".into(),
+                region: "DE".into(),
+                identifiers: vec![
+                    ("email".into(), "a@x.io".into()),
+                    ("phone".into(), "+4915112345678".into()),
+                ],
+                merged_ids: vec!["a-1".into(), "a-2".into()],
+                birth_date: Some("1990-05-17".into()),
+            }
+        );
+
+        // An upgrade from before documents: the export refuses to leave
+        // anyone out, and the start builds them from the tables.
+        conn.execute_unprepared("UPDATE people SET export_doc = NULL")
+            .await
+            .expect("clear");
+        let err = export(&projection)
+            .await
+            .expect_err("people without documents");
+        assert!(matches!(err, SegmentError::Corrupt(_)), "{err}");
+        assert_eq!(projection.prepare_export_docs().await.expect("build"), 2);
+        assert_eq!(export(&projection).await.expect("export"), written);
+        assert_eq!(projection.prepare_export_docs().await.expect("again"), 0);
+
+        // Another birth-date trait configured: every document is rebuilt.
+        let by_dob = Projection::new(conn.clone(), writes).with_birth_date_trait("dob");
+        assert_eq!(by_dob.prepare_export_docs().await.expect("rebuild"), 2);
+        let rebuilt = export(&by_dob).await.expect("export");
+        assert_eq!(rebuilt[1].birth_date.as_deref(), Some("2001-02-03"));
+        assert_eq!(rebuilt[1].identifiers, written[1].identifiers);
+    }
+);
