@@ -123,8 +123,8 @@ mod tests {
             },
         ];
         let page: Vec<u8> = members.iter().flat_map(encode).collect();
-        assert_eq!(decode_page(&page).unwrap(), members);
-        assert_eq!(decode_page(&[]).unwrap(), Vec::new());
+        assert_eq!(decode_page(&page).expect("a page"), members);
+        assert_eq!(decode_page(&[]).expect("an empty page"), Vec::new());
     }
 
     #[test]
