@@ -293,62 +293,72 @@ impl ConsentView {
         freshness: Freshness,
         deadline: Option<Instant>,
     ) -> Result<Vec<consent_pb::ConsentState>, Status> {
-        let people = || {
-            members
-                .iter()
-                .flat_map(|m| std::iter::once(&m.profile_id).chain(&m.merged_profile_ids))
-        };
-        let mut known: HashMap<&str, Known> = HashMap::with_capacity(members.len());
-        let mut missing: Vec<&str> = Vec::new();
-        let generation = {
+        // One slot per person, in member order: each member, then the ids
+        // merged into them.
+        let people: Vec<&str> = members
+            .iter()
+            .flat_map(|m| {
+                std::iter::once(m.profile_id.as_str())
+                    .chain(m.merged_profile_ids.iter().map(String::as_str))
+            })
+            .collect();
+        let (mut known, generation) = {
             let cache = self.cache();
             let cached = match freshness {
                 Freshness::Current => cache.by_purpose.get(purpose),
                 Freshness::Lagging => None,
             };
-            for person in people() {
-                match cached.and_then(|by_person| by_person.get(person.as_str())) {
-                    Some(state) => {
-                        known.insert(person, *state);
-                    }
-                    None => {
-                        if !known.contains_key(person.as_str()) {
-                            // Marked so a person listed twice is asked once.
-                            known.insert(person, UNKNOWN);
-                            missing.push(person);
-                        }
-                    }
-                }
-            }
-            cache.generation
+            let known: Vec<Option<Known>> = people
+                .iter()
+                .map(|person| cached.and_then(|by_person| by_person.get(*person)).copied())
+                .collect();
+            (known, cache.generation)
         };
+        // A person listed twice is asked once.
+        let mut missing: Vec<&str> = people
+            .iter()
+            .zip(&known)
+            .filter(|(_, known)| known.is_none())
+            .map(|(person, _)| *person)
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
         metrics::counter!("madtech_gateway_consent_view_lookups_total", "result" => "hit")
-            .increment((known.len() - missing.len()) as u64);
+            .increment(known.iter().filter(|known| known.is_some()).count() as u64);
         metrics::counter!("madtech_gateway_consent_view_lookups_total", "result" => "miss")
             .increment(missing.len() as u64);
 
-        for batch in missing.chunks(MAX_BATCH) {
-            let answers = self.lookup(batch, purpose, deadline).await?;
-            let mut cache = self.cache();
-            let remember = freshness == Freshness::Current && cache.generation == generation;
-            for (person, answer) in batch.iter().zip(answers) {
-                if remember && answer.state != consent_pb::ConsentState::Unspecified {
-                    cache.learn(self.capacity, purpose, person, answer);
+        if !missing.is_empty() {
+            let mut answered: HashMap<&str, Known> = HashMap::with_capacity(missing.len());
+            for batch in missing.chunks(MAX_BATCH) {
+                let answers = self.lookup(batch, purpose, deadline).await?;
+                let mut cache = self.cache();
+                let remember = freshness == Freshness::Current && cache.generation == generation;
+                for (person, answer) in batch.iter().zip(answers) {
+                    if remember && answer.state != consent_pb::ConsentState::Unspecified {
+                        cache.learn(self.capacity, purpose, person, answer);
+                    }
+                    answered.insert(person, answer);
                 }
-                known.insert(person, answer);
+            }
+            for (slot, person) in known.iter_mut().zip(&people) {
+                if slot.is_none() {
+                    *slot = answered.get(person).copied();
+                }
             }
         }
 
         let now = now_micros();
+        let mut slots = known.into_iter();
         Ok(members
             .iter()
             .map(|member| {
-                std::iter::once(&member.profile_id)
-                    .chain(&member.merged_profile_ids)
-                    .map(|person| {
-                        known
-                            .get(person.as_str())
-                            .map_or(UNKNOWN.state, |k| k.state_at(now))
+                (0..=member.merged_profile_ids.len())
+                    .map(|_| {
+                        slots
+                            .next()
+                            .flatten()
+                            .map_or(UNKNOWN.state, |known| known.state_at(now))
                     })
                     .min_by_key(|state| restrictiveness(*state))
                     .unwrap_or(consent_pb::ConsentState::Unspecified)

@@ -104,7 +104,7 @@ impl Pseudonymiser {
         // A separator no id contains keeps ("ab","c") and ("a","bc") apart.
         mac.update(&[0]);
         mac.update(profile_id.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        crate::hashing::to_hex(&mac.finalize().into_bytes())
     }
 }
 
@@ -234,11 +234,11 @@ impl Filter {
             return Ok(None);
         }
         let mut hashed = Vec::with_capacity(member.identifiers.len());
-        for identifier in &member.identifiers {
+        for identifier in member.identifiers {
             match self.form_of(&identifier.kind)? {
                 Some(form) => hashed.push(segments_pb::HashedIdentifier {
-                    kind: identifier.kind.clone(),
                     sha256: form.hash(&identifier.kind, &identifier.value),
+                    kind: identifier.kind,
                     form: form.name().to_string(),
                 }),
                 None => self.tally.identifiers_stripped += 1,
