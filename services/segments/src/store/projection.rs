@@ -534,6 +534,10 @@ impl Projection {
             execute(&txn, &update).await?;
             txn.commit().await?;
             built += members.len() as u64;
+            // A large projection takes a while; say how far it is.
+            if built % 100_000 < members.len() as u64 {
+                tracing::info!(people = built, "building export documents");
+            }
         }
     }
 
