@@ -338,9 +338,14 @@ impl Projection {
                     }
                     run.events.extend(events);
                 }
-                other => {
+                Change::Merged { survivor, merged } => {
                     run.flush(&txn).await?;
-                    apply_one(&txn, other, &self.birth_date_trait).await?;
+                    absorb(&txn, survivor, merged).await?;
+                }
+                Change::Erased { profile_ids } => {
+                    run.flush(&txn).await?;
+                    forget(&txn, profile_ids, false).await?;
+                    membership::leave_everything(&txn, profile_ids, now()).await?;
                 }
             }
         }
@@ -518,20 +523,23 @@ impl Projection {
             if members.is_empty() {
                 return Ok(built);
             }
-            let mut update = Sql::new("UPDATE people SET export_doc = v.column2 FROM (VALUES ");
-            for (i, member) in members.iter().enumerate() {
-                if i > 0 {
-                    update.push(", ");
-                }
-                update
-                    .push("(")
-                    .bind(member.profile_id.clone())
-                    .push(", ")
-                    .bind(export_doc::encode(member))
-                    .push(")");
-            }
-            update.push(") AS v WHERE people.profile_id = v.column1");
-            execute(&txn, &update).await?;
+            // Everyone here has a row: the upsert only fills their document.
+            insert_rows(
+                &txn,
+                "people (profile_id, region, export_doc)",
+                " ON CONFLICT (profile_id) DO UPDATE SET export_doc = excluded.export_doc",
+                members
+                    .iter()
+                    .map(|member| {
+                        vec![
+                            member.profile_id.clone().into(),
+                            member.region.clone().into(),
+                            export_doc::encode(member).into(),
+                        ]
+                    })
+                    .collect(),
+            )
+            .await?;
             txn.commit().await?;
             built += members.len() as u64;
             // A large projection takes a while; say how far it is.
@@ -809,36 +817,24 @@ async fn write_events(txn: &DatabaseTransaction, events: &[&NewEvent]) -> Result
     .map_err(Into::into)
 }
 
-async fn apply_one(
+/// `merged` became part of `survivor`: their events move to the survivor,
+/// the survivor's snapshot follows and brings the merged state, and the
+/// merged-away ids leave their segments (the survivor is evaluated as
+/// themselves).
+async fn absorb(
     txn: &DatabaseTransaction,
-    change: &Change,
-    birth_date_trait: &str,
+    survivor: &str,
+    merged: &[String],
 ) -> Result<(), SegmentError> {
-    match change {
-        Change::Upserted(person) => write_people(txn, &[person], birth_date_trait).await?,
-        Change::Events(events) => {
-            let events: Vec<&NewEvent> = events.iter().collect();
-            write_events(txn, &events).await?;
-        }
-        Change::Merged { survivor, merged } => {
-            for id in merged {
-                let mut sql = Sql::new("UPDATE person_events SET profile_id = ");
-                sql.bind(survivor.clone())
-                    .push(" WHERE profile_id = ")
-                    .bind(id.clone());
-                execute(txn, &sql).await?;
-            }
-            // The survivor's snapshot follows and brings the merged state;
-            // the merged-away ids leave their segments (the survivor is
-            // evaluated as themselves).
-            forget(txn, merged, true).await?;
-            membership::leave_everything(txn, merged, now()).await?;
-        }
-        Change::Erased { profile_ids } => {
-            forget(txn, profile_ids, false).await?;
-            membership::leave_everything(txn, profile_ids, now()).await?;
-        }
+    for id in merged {
+        let mut sql = Sql::new("UPDATE person_events SET profile_id = ");
+        sql.bind(survivor.to_string())
+            .push(" WHERE profile_id = ")
+            .bind(id.clone());
+        execute(txn, &sql).await?;
     }
+    forget(txn, merged, true).await?;
+    membership::leave_everything(txn, merged, now()).await?;
     Ok(())
 }
 
