@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let includes = [PathBuf::from("."), well_known];
     let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
     tonic_prost_build::configure()
+        // Written by hand so a page can carry members encoded in advance
+        // (see `src/export_page.rs`); the wire format is the .proto's.
+        .extern_path(
+            ".madtech.segments.v1.ExportAudienceResponse",
+            "crate::segments::export_page::ExportAudienceResponse",
+        )
         .file_descriptor_set_path(out_dir.join("madtech_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
     Ok(())

@@ -434,7 +434,7 @@ impl Crossing {
                     break Err(status);
                 }
                 if !members.is_empty() {
-                    yield Ok(segments_pb::ExportAudienceResponse { members });
+                    yield Ok(segments_pb::ExportAudienceResponse::of(members));
                 }
             };
             // The export succeeds only once its audit record is durable.

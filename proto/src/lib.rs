@@ -30,7 +30,11 @@ pub mod consent {
 pub mod segments {
     pub mod v1 {
         tonic::include_proto!("madtech.segments.v1");
+
+        pub use super::export_page::ExportAudienceResponse;
     }
+
+    pub mod export_page;
 
     /// The response header in which the gateway names the policy version
     /// an `ExportAudience` crossing was decided under.

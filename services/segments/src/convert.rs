@@ -10,7 +10,7 @@ use madtech_proto::time::{from_micros, to_micros};
 use crate::rules::eval::Stored;
 use crate::rules::text::{self, ParseError};
 use crate::rules::{Cmp, EventFilter, EventMeasure, MAX_DAYS, MAX_DEPTH, Rule, Test, Value};
-use crate::store::projection::{Change, NewEvent, Snapshot};
+use crate::store::projection::{Change, Member, NewEvent, Snapshot};
 
 /// Longest trait, property, event or identifier kind name.
 const MAX_NAME_LEN: usize = 200;
@@ -377,6 +377,40 @@ pub fn change_from_pb(change: profiles_pb::ProfileChange) -> Option<Change> {
                 .collect(),
         ),
     })
+}
+
+/// A member as an export sends it (and as the projection stores it: see
+/// `store::projection::export_doc`).
+pub fn member_to_pb(member: Member) -> pb::AudienceMember {
+    pb::AudienceMember {
+        profile_id: member.profile_id,
+        identifiers: member
+            .identifiers
+            .into_iter()
+            .map(|(kind, value)| profiles_pb::Identifier { kind, value })
+            .collect(),
+        region: member.region,
+        pseudonymous_id: String::new(),
+        hashed_identifiers: Vec::new(),
+        merged_profile_ids: member.merged_ids,
+        birth_date: member.birth_date.unwrap_or_default(),
+    }
+}
+
+/// The member an export sent (or the projection stored); an empty birth
+/// date is an unknown one.
+pub fn member_from_pb(member: pb::AudienceMember) -> Member {
+    Member {
+        profile_id: member.profile_id,
+        region: member.region,
+        identifiers: member
+            .identifiers
+            .into_iter()
+            .map(|identifier| (identifier.kind, identifier.value))
+            .collect(),
+        merged_ids: member.merged_profile_ids,
+        birth_date: Some(member.birth_date).filter(|date| !date.is_empty()),
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::SegmentsConfig;
-use crate::convert::{rule_from_request, rule_to_pb};
+use crate::convert::{member_to_pb, rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
@@ -68,22 +68,6 @@ fn segment_to_pb(segment: &Segment) -> pb::Segment {
         rule: Some(rule_to_pb(&segment.rule)),
         created_at: Some(from_micros(segment.created_at_micros)),
         rule_text: text::print(&segment.rule),
-    }
-}
-
-fn member_to_pb(member: Member) -> pb::AudienceMember {
-    pb::AudienceMember {
-        profile_id: member.profile_id,
-        identifiers: member
-            .identifiers
-            .into_iter()
-            .map(|(kind, value)| profiles_pb::Identifier { kind, value })
-            .collect(),
-        region: member.region,
-        pseudonymous_id: String::new(),
-        hashed_identifiers: Vec::new(),
-        merged_profile_ids: member.merged_ids,
-        birth_date: member.birth_date.unwrap_or_default(),
     }
 }
 
@@ -383,11 +367,12 @@ impl SegmentService for SegmentApi {
                     0 => Selection::Rule(&rule, &compiler),
                     cursor => Selection::Snapshot { segment_id: &segment_id, cursor },
                 };
-                let page = projection.members(selection, &after, chunk).await.map_err(Status::from)?;
-                let Some(last) = page.last() else { break };
-                after = last.profile_id.clone();
-                let full = page.len() as u64 == chunk;
-                yield pb::ExportAudienceResponse { members: page.into_iter().map(member_to_pb).collect() };
+                let page = projection.export_page(selection, &after, chunk).await.map_err(Status::from)?;
+                let Some(last) = page.last else { break };
+                after = last;
+                let full = page.members == chunk;
+                // The documents are the page's encoding: sent as they are.
+                yield pb::ExportAudienceResponse::encoded(page.documents.into());
                 if !full { break; }
             }
         };

@@ -78,6 +78,19 @@ pub enum Selection<'s, 'c> {
     Snapshot { segment_id: &'s str, cursor: u64 },
 }
 
+/// A page of an export: its members' documents, concatenated in id order.
+/// (No `Debug`: the documents are personal data.)
+#[derive(Default)]
+pub struct ExportPage {
+    /// An encoded `ExportAudienceResponse` holding the page's members.
+    pub documents: Vec<u8>,
+    /// How many members the page holds.
+    pub members: u64,
+    /// The page's last profile id, where the next page starts after; `None`
+    /// for an empty page.
+    pub last: Option<String>,
+}
+
 /// A member as an export sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -424,28 +437,46 @@ impl Projection {
     }
 
     /// Members with ids after `after`, in id order, at most `limit`.
-    ///
-    /// Each person's export document was encoded when they last changed;
-    /// the database concatenates a page's documents into one value, decoded
-    /// here in one go. Assembling members from their identifiers, merged ids
-    /// and traits on every export, and moving rows out of the database one
-    /// by one, is what a large audience's export spent its time on.
     pub async fn members(
         &self,
         selection: Selection<'_, '_>,
         after: &str,
         limit: u64,
     ) -> Result<Vec<Member>, SegmentError> {
+        let page = self.export_page(selection, after, limit).await?;
+        export_doc::decode_page(&page.documents)
+            .map_err(|err| SegmentError::Corrupt(format!("an export page: {err}")))
+    }
+
+    /// The export documents of the members with ids after `after`, in id
+    /// order, at most `limit`, concatenated: an encoded
+    /// `ExportAudienceResponse` (see [`export_doc`]).
+    ///
+    /// Each person's document was encoded when they last changed, and the
+    /// database concatenates a page's documents into one value, so an export
+    /// neither assembles members from their identifiers, merged ids and
+    /// traits nor moves rows out of the database one by one — what a large
+    /// audience's export used to spend its time on.
+    pub async fn export_page(
+        &self,
+        selection: Selection<'_, '_>,
+        after: &str,
+        limit: u64,
+    ) -> Result<ExportPage, SegmentError> {
         let backend = self.backend();
+        // Ordered inside the aggregate: the page is sent as it comes.
         let concatenated = match backend {
-            DbBackend::Postgres => "string_agg(page.export_doc, ''::bytea)",
+            DbBackend::Postgres => {
+                "string_agg(page.export_doc, ''::bytea ORDER BY page.profile_id)"
+            }
             // SQLite's group_concat keeps a blob's bytes, NULs included, and
             // answers them as text; the cast hands them over as a blob.
-            _ => "CAST(group_concat(page.export_doc, '') AS BLOB)",
+            _ => "CAST(group_concat(page.export_doc, '' ORDER BY page.profile_id) AS BLOB)",
         };
         let mut sql = Sql::new(&format!(
-            "SELECT {concatenated} AS page, count(*) AS n, count(page.export_doc) AS docs \
-             FROM (SELECT people.export_doc FROM people WHERE people.profile_id > "
+            "SELECT {concatenated} AS page, count(*) AS n, count(page.export_doc) AS docs, \
+             max(page.profile_id) AS last \
+             FROM (SELECT people.profile_id, people.export_doc FROM people WHERE people.profile_id > "
         ));
         sql.bind(after.to_string()).push(" AND ");
         match selection {
@@ -466,7 +497,7 @@ impl Projection {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .push(") page");
         let Some(row) = self.db.query_one_raw(sql.statement(backend)).await? else {
-            return Ok(Vec::new());
+            return Ok(ExportPage::default());
         };
         let (selected, documents): (i64, i64) = (row.try_get("", "n")?, row.try_get("", "docs")?);
         if selected != documents {
@@ -477,11 +508,11 @@ impl Projection {
             )));
         }
         let page: Option<Vec<u8>> = row.try_get("", "page")?;
-        let mut members = export_doc::decode_page(page.as_deref().unwrap_or_default())
-            .map_err(|err| SegmentError::Corrupt(format!("an export page: {err}")))?;
-        // Aggregates do not promise an order; the page's is the id order.
-        members.sort_unstable_by(|a, b| a.profile_id.cmp(&b.profile_id));
-        Ok(members)
+        Ok(ExportPage {
+            documents: page.unwrap_or_default(),
+            members: u64::try_from(selected).unwrap_or(0),
+            last: row.try_get("", "last")?,
+        })
     }
 
     /// Makes every person's export document current, before the service
@@ -523,13 +554,14 @@ impl Projection {
             if members.is_empty() {
                 return Ok(built);
             }
+            let page = members.len() as u64;
             // Everyone here has a row: the upsert only fills their document.
             insert_rows(
                 &txn,
                 "people (profile_id, region, export_doc)",
                 " ON CONFLICT (profile_id) DO UPDATE SET export_doc = excluded.export_doc",
                 members
-                    .iter()
+                    .into_iter()
                     .map(|member| {
                         vec![
                             member.profile_id.clone().into(),
@@ -541,9 +573,9 @@ impl Projection {
             )
             .await?;
             txn.commit().await?;
-            built += members.len() as u64;
+            built += page;
             // A large projection takes a while; say how far it is.
-            if built % 100_000 < members.len() as u64 {
+            if built % 100_000 < page {
                 tracing::info!(people = built, "building export documents");
             }
         }
@@ -721,7 +753,7 @@ async fn write_people(
                 vec![
                     p.profile_id.clone().into(),
                     p.region.clone().into(),
-                    export_doc::encode(&p.member(birth_date_trait)).into(),
+                    export_doc::encode(p.member(birth_date_trait)).into(),
                 ]
             })
             .collect(),

@@ -1,20 +1,28 @@
 //! A member as an export sends it, encoded once when the person changes
 //! instead of assembled from four tables on every export.
 //!
-//! Each person's document is stored framed as field 1 of [`PageDoc`] (key,
-//! length, body), so the database concatenating a page's documents in id
-//! order produces an encoded `PageDoc`: the export decodes one buffer per
-//! page and never moves rows one by one. The format is private to the
-//! projection; [`KEY`] names it, and a stored key that differs makes the
-//! projection rebuild every document (`Projection::prepare_export_docs`).
+//! Each person's document is the `AudienceMember` an export sends, stored
+//! framed as an entry of `ExportAudienceResponse.members` (field 1: key,
+//! length, message). The database concatenating a page's documents in id
+//! order therefore produces the page's encoded response, which the service
+//! sends as it is (`ExportAudienceResponse::encoded`) without decoding a
+//! member. [`KEY`](key) names what the documents were built with; a stored
+//! key that differs makes the projection rebuild every document
+//! (`Projection::prepare_export_docs`).
 
+use madtech_proto::segments::v1 as pb;
 use prost::Message;
 
 use super::Member;
+use crate::convert::{member_from_pb, member_to_pb};
 
-/// Bump when the fields below change: documents written under another key
-/// are rebuilt at start.
-const FORMAT: u32 = 1;
+/// Bump when what a document holds changes: documents written under
+/// another key are rebuilt at start. (2: the `AudienceMember` wire form;
+/// 1 was a private message.)
+const FORMAT: u32 = 2;
+
+/// The field of `ExportAudienceResponse` that holds its members.
+const MEMBERS_FIELD: u32 = 1;
 
 /// What the stored documents were built with: the format and the trait
 /// read as a birth date (configuration that can change between starts).
@@ -22,74 +30,18 @@ pub(super) fn key(birth_date_trait: &str) -> String {
     format!("{FORMAT}:{birth_date_trait}")
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct MemberDoc {
-    #[prost(string, tag = "1")]
-    profile_id: String,
-    #[prost(string, tag = "2")]
-    region: String,
-    #[prost(message, repeated, tag = "3")]
-    identifiers: Vec<IdentifierDoc>,
-    #[prost(string, repeated, tag = "4")]
-    merged_ids: Vec<String>,
-    #[prost(string, optional, tag = "5")]
-    birth_date: Option<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct IdentifierDoc {
-    #[prost(string, tag = "1")]
-    kind: String,
-    #[prost(string, tag = "2")]
-    value: String,
-}
-
-/// A page: the concatenation of its members' stored documents.
-#[derive(Clone, PartialEq, prost::Message)]
-struct PageDoc {
-    #[prost(message, repeated, tag = "1")]
-    members: Vec<MemberDoc>,
-}
-
 /// `member`'s stored document.
-pub(super) fn encode(member: &Member) -> Vec<u8> {
-    let doc = MemberDoc {
-        profile_id: member.profile_id.clone(),
-        region: member.region.clone(),
-        identifiers: member
-            .identifiers
-            .iter()
-            .map(|(kind, value)| IdentifierDoc {
-                kind: kind.clone(),
-                value: value.clone(),
-            })
-            .collect(),
-        merged_ids: member.merged_ids.clone(),
-        birth_date: member.birth_date.clone(),
-    };
-    let mut framed = Vec::with_capacity(doc.encoded_len() + 6);
-    prost::encoding::message::encode(1, &doc, &mut framed);
+pub(super) fn encode(member: Member) -> Vec<u8> {
+    let member = member_to_pb(member);
+    let mut framed = Vec::with_capacity(member.encoded_len() + 6);
+    prost::encoding::message::encode(MEMBERS_FIELD, &member, &mut framed);
     framed
 }
 
 /// The members of a page of concatenated documents, in their order.
 pub(super) fn decode_page(page: &[u8]) -> Result<Vec<Member>, prost::DecodeError> {
-    let page = PageDoc::decode(page)?;
-    Ok(page
-        .members
-        .into_iter()
-        .map(|doc| Member {
-            profile_id: doc.profile_id,
-            region: doc.region,
-            identifiers: doc
-                .identifiers
-                .into_iter()
-                .map(|identifier| (identifier.kind, identifier.value))
-                .collect(),
-            merged_ids: doc.merged_ids,
-            birth_date: doc.birth_date,
-        })
-        .collect())
+    let page = pb::ExportAudienceResponse::decode(page)?;
+    Ok(page.members.into_iter().map(member_from_pb).collect())
 }
 
 #[cfg(test)]
@@ -122,15 +74,25 @@ mod tests {
                 birth_date: None,
             },
         ];
-        let page: Vec<u8> = members.iter().flat_map(encode).collect();
+        let page: Vec<u8> = members.iter().cloned().flat_map(encode).collect();
         assert_eq!(decode_page(&page).expect("a page"), members);
         assert_eq!(decode_page(&[]).expect("an empty page"), Vec::new());
     }
 
     #[test]
     fn a_cut_page_is_an_error_not_a_panic() {
-        let page = encode(&member("a", None));
+        let page = encode(member("a", None));
         assert!(decode_page(&page[..page.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn a_page_sent_as_it_is_decodes_as_its_members_at_the_receiver() {
+        let members = vec![member("a", Some("1990-01-31")), member("b", None)];
+        let page: Vec<u8> = members.iter().cloned().flat_map(encode).collect();
+        let sent = pb::ExportAudienceResponse::encoded(page.into()).encode_to_vec();
+        let received = pb::ExportAudienceResponse::decode(sent.as_slice()).expect("a page");
+        let expected: Vec<_> = members.into_iter().map(member_to_pb).collect();
+        assert_eq!(received.members, expected);
     }
 
     #[test]
