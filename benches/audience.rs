@@ -4,8 +4,10 @@
 //! pseudonyms, audit), with the process's peak memory before and after.
 //!
 //! `cargo bench --bench audience`; `MADTECH_BENCH_AUDIENCE` sets the size
-//! (default 1,000,000). SQLite files on tmpfs. Results and the machine are
-//! in docs/BENCHMARKS.md.
+//! (default 1,000,000), `MADTECH_BENCH_BACKENDS` the segments database's
+//! backends (`sqlite`, the default, and `pg-socket`; the other services stay
+//! on SQLite). SQLite files on tmpfs. Results and the machine are in
+//! docs/BENCHMARKS.md.
 
 mod common;
 
@@ -29,9 +31,27 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let audience = common::env_u64("MADTECH_BENCH_AUDIENCE", 1_000_000);
+    println!("# MadTech audience benchmark: ExportAudience of {audience} members\n");
+    for (backend, db, database) in common::backends("sqlite", "segments")? {
+        println!("## segments on {backend}\n");
+        // SQLite stays in the suite's data directory, on tmpfs.
+        measure(audience, (backend != "sqlite").then_some(database)).await?;
+        drop(db);
+        println!();
+    }
+    Ok(())
+}
+
+async fn measure(
+    audience: u64,
+    segments_db: Option<madtech_common::db::DatabaseConfig>,
+) -> anyhow::Result<()> {
     let data = tmpfs_dir()?;
     let suite = InProcess::start(|config| {
         config.data_dir = data.path().to_path_buf();
+        if let Some(database) = segments_db {
+            config.segments.database = database;
+        }
         config.gateway.policy_dir = "policies".into();
         config.consent.policy_dir = "policies".into();
         config.gateway.max_request_message_bytes = 64 << 20;
@@ -40,7 +60,6 @@ async fn run() -> anyhow::Result<()> {
         config.segments.projection_freshness_timeout = Duration::from_secs(600);
     })
     .await?;
-    println!("# MadTech audience benchmark: ExportAudience of {audience} members\n");
 
     // A tenth as many Nevadans: a smaller audience in the same database, to
     // show an export's memory does not grow with the audience.

@@ -17,11 +17,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::SegmentsConfig;
-use crate::convert::{member_to_pb, rule_from_request, rule_to_pb};
+use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
-use crate::store::projection::{Member, Projection, Selection};
+use crate::store::projection::{Projection, Selection};
 use crate::store::sql::Compiler;
 use crate::store::{Segment, SegmentStore};
 

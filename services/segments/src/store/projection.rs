@@ -464,18 +464,21 @@ impl Projection {
         limit: u64,
     ) -> Result<ExportPage, SegmentError> {
         let backend = self.backend();
-        // Ordered inside the aggregate: the page is sent as it comes.
+        // The page is sent as it comes, so its order matters: PostgreSQL
+        // is told it; SQLite concatenates in the order the ordered subquery
+        // feeds it (an ORDER BY inside its aggregate sorts the page again
+        // through a temporary b-tree), and `walk_page` below checks the
+        // order either way.
         let concatenated = match backend {
             DbBackend::Postgres => {
                 "string_agg(page.export_doc, ''::bytea ORDER BY page.profile_id)"
             }
             // SQLite's group_concat keeps a blob's bytes, NULs included, and
             // answers them as text; the cast hands them over as a blob.
-            _ => "CAST(group_concat(page.export_doc, '' ORDER BY page.profile_id) AS BLOB)",
+            _ => "CAST(group_concat(page.export_doc, '') AS BLOB)",
         };
         let mut sql = Sql::new(&format!(
-            "SELECT {concatenated} AS page, count(*) AS n, count(page.export_doc) AS docs, \
-             max(page.profile_id) AS last \
+            "SELECT {concatenated} AS page, count(*) AS n, count(page.export_doc) AS docs \
              FROM (SELECT people.profile_id, people.export_doc FROM people WHERE people.profile_id > "
         ));
         sql.bind(after.to_string()).push(" AND ");
@@ -507,11 +510,20 @@ impl Projection {
                 selected - documents
             )));
         }
-        let page: Option<Vec<u8>> = row.try_get("", "page")?;
+        let documents: Vec<u8> = row
+            .try_get::<Option<Vec<u8>>>("", "page")?
+            .unwrap_or_default();
+        let (members, last) =
+            export_doc::walk_page(&documents, after).map_err(SegmentError::Corrupt)?;
+        if members != u64::try_from(selected).unwrap_or(0) {
+            return Err(SegmentError::Corrupt(format!(
+                "an export page of {selected} people holds {members} documents"
+            )));
+        }
         Ok(ExportPage {
-            documents: page.unwrap_or_default(),
-            members: u64::try_from(selected).unwrap_or(0),
-            last: row.try_get("", "last")?,
+            documents,
+            members,
+            last,
         })
     }
 

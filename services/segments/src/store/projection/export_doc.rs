@@ -23,6 +23,8 @@ const FORMAT: u32 = 2;
 
 /// The field of `ExportAudienceResponse` that holds its members.
 const MEMBERS_FIELD: u32 = 1;
+/// The field of `AudienceMember` that holds the profile id.
+const PROFILE_ID_FIELD: u32 = 1;
 
 /// What the stored documents were built with: the format and the trait
 /// read as a birth date (configuration that can change between starts).
@@ -36,6 +38,52 @@ pub(super) fn encode(member: Member) -> Vec<u8> {
     let mut framed = Vec::with_capacity(member.encoded_len() + 6);
     prost::encoding::message::encode(MEMBERS_FIELD, &member, &mut framed);
     framed
+}
+
+/// Walks a page of concatenated documents without decoding a member: the
+/// number of members and the last profile id, checking that the ids
+/// ascend from `after` (the order the page is sent in, which the database
+/// promised only by the order it was fed in). Reads only each entry's
+/// frame and its first field, the profile id, which is where prost puts
+/// field 1.
+pub(super) fn walk_page(mut page: &[u8], after: &str) -> Result<(u64, Option<String>), String> {
+    use prost::encoding::{WireType, decode_key};
+    let mut previous = after.as_bytes();
+    let mut members = 0;
+    while !page.is_empty() {
+        let entry = match decode_key(&mut page) {
+            Ok((MEMBERS_FIELD, WireType::LengthDelimited)) => length_delimited(&mut page)?,
+            _ => return Err("an export page holds something other than members".into()),
+        };
+        let mut fields = entry;
+        let id = match decode_key(&mut fields) {
+            Ok((PROFILE_ID_FIELD, WireType::LengthDelimited)) => length_delimited(&mut fields)?,
+            _ => return Err("an export document does not start with its profile id".into()),
+        };
+        if id <= previous {
+            return Err("an export page is not in profile id order".into());
+        }
+        previous = id;
+        members += 1;
+    }
+    let last = (members > 0)
+        .then(|| String::from_utf8(previous.to_vec()))
+        .transpose()
+        .map_err(|_| "a profile id in an export page is not UTF-8".to_string())?;
+    Ok((members, last))
+}
+
+/// The value of a length-delimited field whose key was just read.
+fn length_delimited<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len =
+        prost::encoding::decode_varint(buf).map_err(|err| format!("an export page: {err}"))?;
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    if len > buf.len() {
+        return Err("an export page is cut short".into());
+    }
+    let (value, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(value)
 }
 
 /// The members of a page of concatenated documents, in their order.
@@ -93,6 +141,34 @@ mod tests {
         let received = pb::ExportAudienceResponse::decode(sent.as_slice()).expect("a page");
         let expected: Vec<_> = members.into_iter().map(member_to_pb).collect();
         assert_eq!(received.members, expected);
+    }
+
+    #[test]
+    fn a_walk_counts_members_and_finds_the_last_id_without_decoding() {
+        let page: Vec<u8> = [member("a", None), member("b", Some("1990-01-31"))]
+            .into_iter()
+            .flat_map(encode)
+            .collect();
+        assert_eq!(walk_page(&page, ""), Ok((2, Some("b".to_string()))));
+        assert_eq!(walk_page(&[], "x"), Ok((0, None)));
+    }
+
+    #[test]
+    fn a_walk_refuses_pages_out_of_order_cut_or_foreign() {
+        let ordered: Vec<u8> = [member("a", None), member("b", None)]
+            .into_iter()
+            .flat_map(encode)
+            .collect();
+        let reversed: Vec<u8> = [member("b", None), member("a", None)]
+            .into_iter()
+            .flat_map(encode)
+            .collect();
+        assert!(walk_page(&reversed, "").is_err());
+        // Not after where the previous page ended.
+        assert!(walk_page(&ordered, "a").is_err());
+        assert!(walk_page(&ordered[..ordered.len() - 1], "").is_err());
+        assert!(walk_page(&[0x10, 0x01], "").is_err());
+        assert!(walk_page(&[0x0a, 0x02, 0x10, 0x01], "").is_err());
     }
 
     #[test]
