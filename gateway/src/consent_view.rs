@@ -34,6 +34,33 @@ use crate::policy::now_micros;
 /// The consent service answers at most this many people per batch.
 const MAX_BATCH: usize = 10_000;
 
+/// Whose consent a member's crossing depends on: the member and every
+/// profile merged into them.
+pub trait Subject {
+    fn profile_id(&self) -> &str;
+    fn merged_profile_ids(&self) -> impl Iterator<Item = &str>;
+}
+
+impl Subject for segments_pb::AudienceMember {
+    fn profile_id(&self) -> &str {
+        &self.profile_id
+    }
+
+    fn merged_profile_ids(&self) -> impl Iterator<Item = &str> {
+        self.merged_profile_ids.iter().map(String::as_str)
+    }
+}
+
+impl Subject for crate::page::MemberView<'_> {
+    fn profile_id(&self) -> &str {
+        self.profile_id
+    }
+
+    fn merged_profile_ids(&self) -> impl Iterator<Item = &str> {
+        self.merged_profile_ids.iter().copied()
+    }
+}
+
 /// How the gateway keeps its view of consent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -286,9 +313,9 @@ impl ConsentView {
     /// Each member's consent for `purpose`, in member order: the most
     /// restrictive state among the member and every profile merged into it,
     /// so a merge never widens consent.
-    pub async fn states(
+    pub async fn states<M: Subject>(
         &self,
-        members: &[segments_pb::AudienceMember],
+        members: &[M],
         purpose: &str,
         freshness: Freshness,
         deadline: Option<Instant>,
@@ -297,10 +324,7 @@ impl ConsentView {
         // merged into them.
         let people: Vec<&str> = members
             .iter()
-            .flat_map(|m| {
-                std::iter::once(m.profile_id.as_str())
-                    .chain(m.merged_profile_ids.iter().map(String::as_str))
-            })
+            .flat_map(|m| std::iter::once(m.profile_id()).chain(m.merged_profile_ids()))
             .collect();
         let (mut known, generation) = {
             let cache = self.cache();
@@ -353,7 +377,7 @@ impl ConsentView {
         Ok(members
             .iter()
             .map(|member| {
-                (0..=member.merged_profile_ids.len())
+                (0..=member.merged_profile_ids().count())
                     .map(|_| {
                         slots
                             .next()

@@ -16,7 +16,6 @@ use madtech_common::error::FieldError;
 use madtech_common::validate::{policy_name, require};
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::segments::v1 as segments_pb;
-use segments_pb::segment_service_client::SegmentServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -25,9 +24,19 @@ use crate::audit::{self, AuditLog};
 use crate::consent_view::ConsentView;
 use crate::destinations::{DestinationRegistry, check_named_kind};
 use crate::hashing::Form;
+use crate::page::{MemberView, PageCodec, read_page};
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
+
+/// `ExportAudienceResponse.members`.
+const PAGE_MEMBERS_FIELD: u32 = 1;
+
+/// Overwrites `target` with `value`, keeping its allocation.
+fn replace(target: &mut String, value: &str) {
+    target.clear();
+    target.push_str(value);
+}
 
 /// The gRPC path of the crossing this module filters.
 pub const EXPORT_AUDIENCE: &str = "/madtech.segments.v1.SegmentService/ExportAudience";
@@ -99,12 +108,20 @@ impl Pseudonymiser {
     }
 
     pub fn pseudonym(&self, destination_id: &str, profile_id: &str) -> String {
+        let mut pseudonym = String::new();
+        self.pseudonym_into(destination_id, profile_id, &mut pseudonym);
+        pseudonym
+    }
+
+    /// [`Pseudonymiser::pseudonym`] written over `pseudonym`, reusing its
+    /// allocation.
+    pub fn pseudonym_into(&self, destination_id: &str, profile_id: &str, pseudonym: &mut String) {
         let mut mac = self.key.clone();
         mac.update(destination_id.as_bytes());
         // A separator no id contains keeps ("ab","c") and ("a","bc") apart.
         mac.update(&[0]);
         mac.update(profile_id.as_bytes());
-        crate::hashing::to_hex(&mac.finalize().into_bytes())
+        crate::hashing::write_hex(&mac.finalize().into_bytes().into(), pseudonym);
     }
 }
 
@@ -166,6 +183,9 @@ pub struct Filter {
     forms: HashMap<String, Option<Form>>,
     /// Running SHA-256 over everything released, for the audit record.
     released: Sha256,
+    /// The member being written out, kept between members so its strings'
+    /// allocations are reused.
+    crossed: segments_pb::AudienceMember,
     pub tally: Tally,
 }
 
@@ -187,24 +207,29 @@ impl Filter {
             decisions: HashMap::new(),
             forms: HashMap::new(),
             released: Sha256::new(),
+            crossed: segments_pb::AudienceMember::default(),
             tally: Tally::default(),
         }
     }
 
-    /// The member as it may cross, or `None` when it may not.
+    /// Decides on `member` and, when it may cross, appends it to `page` as
+    /// it crosses: an `ExportAudienceResponse.members` entry holding only
+    /// the region, the pseudonymous id and the identifiers the policy lets
+    /// through, hashed. Answers whether it crossed.
     pub fn cross(
         &mut self,
-        member: segments_pb::AudienceMember,
+        member: &MemberView<'_>,
         consent: consent_pb::ConsentState,
-    ) -> Result<Option<segments_pb::AudienceMember>, PolicyError> {
+        page: &mut Vec<u8>,
+    ) -> Result<bool, PolicyError> {
         let state = consent_state_name(consent);
         let bands = self.policy.age_bands();
-        let (band_index, band) = bands.band(&member.birth_date, self.today);
+        let (band_index, band) = bands.band(member.birth_date, self.today);
         let index = band_index * 4 + state_index(consent);
         // Looked up by `&str`: nothing is allocated per member on a hit.
         let cached = self
             .decisions
-            .get(member.region.as_str())
+            .get(member.region)
             .and_then(|decided| decided[index]);
         let allowed = match cached {
             Some(allowed) => allowed,
@@ -212,13 +237,13 @@ impl Filter {
                 let allowed = self.policy.allows_crossing(
                     &self.destination_kind,
                     &self.purpose,
-                    &member.region,
+                    member.region,
                     state,
                     band,
                 )?;
                 let slots = bands.count() * 4;
                 self.decisions
-                    .entry(member.region.clone())
+                    .entry(member.region.to_string())
                     .or_insert_with(|| vec![None; slots])[index] = Some(allowed);
                 allowed
             }
@@ -231,32 +256,35 @@ impl Filter {
                     self.tally.denied.insert(reason.to_string(), 1);
                 }
             }
-            return Ok(None);
+            return Ok(false);
         }
-        let mut hashed = Vec::with_capacity(member.identifiers.len());
-        for identifier in member.identifiers {
-            match self.form_of(&identifier.kind)? {
-                Some(form) => hashed.push(segments_pb::HashedIdentifier {
-                    sha256: form.hash(&identifier.kind, &identifier.value),
-                    kind: identifier.kind,
-                    form: form.name().to_string(),
-                }),
-                None => self.tally.identifiers_stripped += 1,
+        // Taken out while filled in, so `form_of` may borrow the filter.
+        let mut crossed = std::mem::take(&mut self.crossed);
+        let mut hashed = 0;
+        for identifier in &member.identifiers {
+            let Some(form) = self.form_of(identifier.kind)? else {
+                self.tally.identifiers_stripped += 1;
+                continue;
+            };
+            if crossed.hashed_identifiers.len() == hashed {
+                crossed.hashed_identifiers.push(Default::default());
             }
+            let slot = &mut crossed.hashed_identifiers[hashed];
+            replace(&mut slot.kind, identifier.kind);
+            form.hash_into(identifier.kind, identifier.value, &mut slot.sha256);
+            replace(&mut slot.form, form.name());
+            hashed += 1;
         }
+        crossed.hashed_identifiers.truncate(hashed);
+        replace(&mut crossed.region, member.region);
+        self.pseudonymiser.pseudonym_into(
+            &self.destination_id,
+            member.profile_id,
+            &mut crossed.pseudonymous_id,
+        );
+        // Everything else (profile id, raw identifiers, merged ids, birth
+        // date) stays empty: decided on, never released.
         self.tally.allowed += 1;
-        let crossed = segments_pb::AudienceMember {
-            profile_id: String::new(),
-            identifiers: Vec::new(),
-            merged_profile_ids: Vec::new(),
-            // Decided on, never released.
-            birth_date: String::new(),
-            region: member.region,
-            pseudonymous_id: self
-                .pseudonymiser
-                .pseudonym(&self.destination_id, &member.profile_id),
-            hashed_identifiers: hashed,
-        };
         self.released.update(crossed.pseudonymous_id.as_bytes());
         for identifier in &crossed.hashed_identifiers {
             self.released.update(b"\x1f");
@@ -265,7 +293,9 @@ impl Filter {
             self.released.update(identifier.sha256.as_bytes());
         }
         self.released.update(b"\n");
-        Ok(Some(crossed))
+        prost::encoding::message::encode(PAGE_MEMBERS_FIELD, &crossed, page);
+        self.crossed = crossed;
+        Ok(true)
     }
 
     /// Hex SHA-256 over what was released so far, in order.
@@ -289,7 +319,8 @@ pub struct Crossing {
     policies: Policies,
     audit: Arc<AuditLog>,
     pseudonymiser: Pseudonymiser,
-    segments: SegmentServiceClient<Channel>,
+    /// Pages come back as bytes (`PageCodec`), read in place.
+    segments: tonic::client::Grpc<Channel>,
     consent: Arc<ConsentView>,
     destinations: DestinationRegistry,
 }
@@ -323,7 +354,7 @@ impl Crossing {
             policies,
             audit,
             pseudonymiser,
-            segments: SegmentServiceClient::new(segments),
+            segments: tonic::client::Grpc::new(segments),
             consent,
             destinations,
         }
@@ -369,10 +400,17 @@ impl Crossing {
         request.destination_kind = kind;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
-        let upstream = self
-            .segments
-            .clone()
-            .export_audience(with_deadline(request.clone(), deadline)?)
+        let mut segments = self.segments.clone();
+        segments
+            .ready()
+            .await
+            .map_err(|err| Status::unavailable(format!("the segments service: {err}")))?;
+        let upstream = segments
+            .server_streaming(
+                with_deadline(request.clone(), deadline)?,
+                http::uri::PathAndQuery::from_static(EXPORT_AUDIENCE),
+                PageCodec,
+            )
             .await?
             .into_inner();
         let filter = Filter::new(
@@ -408,33 +446,37 @@ impl Crossing {
                     Ok(None) => break Ok(()),
                     Err(status) => break Err(status),
                 };
-                let mut states = match consent.states(&chunk.members, &request.purpose, freshness, deadline).await {
+                let members = match read_page(&chunk) {
+                    Ok(members) => members,
+                    Err(err) => {
+                        tracing::error!(error = %err, "the segments service sent a malformed export page; nothing crosses");
+                        break Err(Status::internal("the segments service sent a malformed export page"));
+                    }
+                };
+                let mut states = match consent.states(&members, &request.purpose, freshness, deadline).await {
                     Ok(states) => states,
                     Err(status) => break Err(status),
                 };
                 if let Some(vendor_purpose) = &vendor_purpose {
-                    match consent.states(&chunk.members, vendor_purpose, freshness, deadline).await {
+                    match consent.states(&members, vendor_purpose, freshness, deadline).await {
                         Ok(vendor_states) => refuse_vendor_denials(&mut states, &vendor_states),
                         Err(status) => break Err(status),
                     }
                 }
-                let mut members = Vec::with_capacity(chunk.members.len());
+                // Crossed members are written straight into the page sent on.
+                let mut page = Vec::with_capacity(chunk.len() * 2);
                 let mut failed = None;
-                for (member, state) in chunk.members.into_iter().zip(states) {
-                    match audited.filter.cross(member, state) {
-                        Ok(Some(crossed)) => members.push(crossed),
-                        Ok(None) => {}
-                        Err(err) => {
-                            failed = Some(policy_failure(err));
-                            break;
-                        }
+                for (member, state) in members.iter().zip(states) {
+                    if let Err(err) = audited.filter.cross(member, state, &mut page) {
+                        failed = Some(policy_failure(err));
+                        break;
                     }
                 }
                 if let Some(status) = failed {
                     break Err(status);
                 }
-                if !members.is_empty() {
-                    yield Ok(segments_pb::ExportAudienceResponse::of(members));
+                if !page.is_empty() {
+                    yield Ok(segments_pb::ExportAudienceResponse::encoded(page.into()));
                 }
             };
             // The export succeeds only once its audit record is durable.
@@ -647,13 +689,33 @@ mod tests {
         }
     }
 
+    /// `member` through the filter as a crossing sends it: encoded in a
+    /// page, read in place, written out, decoded at the receiver.
+    fn cross_one(
+        filter: &mut Filter,
+        member: segments_pb::AudienceMember,
+        state: consent_pb::ConsentState,
+    ) -> Result<Option<segments_pb::AudienceMember>, PolicyError> {
+        use prost::Message;
+        let upstream = segments_pb::ExportAudienceResponse::of(vec![member]).encode_to_vec();
+        let members = read_page(&upstream).expect("a page");
+        let mut page = Vec::new();
+        let crossed = filter.cross(&members[0], state, &mut page)?;
+        let mut sent = segments_pb::ExportAudienceResponse::decode(page.as_slice()).expect("sent");
+        assert_eq!(crossed, sent.members.len() == 1);
+        Ok(sent.members.pop())
+    }
+
     #[tokio::test]
     async fn allowed_members_cross_hashed_and_pseudonymised() {
         let mut filter = filter().await;
-        let crossed = filter
-            .cross(member("p1", "FR"), consent_pb::ConsentState::Granted)
-            .expect("decided")
-            .expect("allowed");
+        let crossed = cross_one(
+            &mut filter,
+            member("p1", "FR"),
+            consent_pb::ConsentState::Granted,
+        )
+        .expect("decided")
+        .expect("allowed");
         assert!(crossed.profile_id.is_empty() && crossed.identifiers.is_empty());
         assert!(crossed.merged_profile_ids.is_empty());
         assert_eq!(crossed.region, "FR");
@@ -685,6 +747,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_member_crossing_after_another_carries_nothing_of_it() {
+        let mut filter = filter().await;
+        let granted = consent_pb::ConsentState::Granted;
+        let first = cross_one(&mut filter, member("p1", "FR"), granted).expect("decided");
+        assert_eq!(first.expect("allowed").hashed_identifiers.len(), 2);
+        let mut fewer = member("p2", "DE");
+        fewer.identifiers.truncate(1);
+        let second = cross_one(&mut filter, fewer, granted)
+            .expect("decided")
+            .expect("allowed");
+        assert_eq!(second.hashed_identifiers.len(), 1);
+        assert_eq!(second.region, "DE");
+        assert_eq!(
+            second.pseudonymous_id,
+            filter.pseudonymiser.pseudonym("dest-1", "p2")
+        );
+    }
+
+    #[tokio::test]
     async fn denied_members_are_dropped_and_counted_by_reason() {
         let mut filter = filter().await;
         let cases = [
@@ -696,9 +777,8 @@ mod tests {
             ("US-CA", consent_pb::ConsentState::Unspecified, false),
         ];
         for (i, (region, state, allowed)) in cases.into_iter().enumerate() {
-            let out = filter
-                .cross(member(&format!("p{i}"), region), state)
-                .expect("decided");
+            let out =
+                cross_one(&mut filter, member(&format!("p{i}"), region), state).expect("decided");
             assert_eq!(out.is_some(), allowed, "{region} {state:?}");
         }
         assert_eq!(filter.tally.allowed, 1);

@@ -43,25 +43,39 @@ impl Form {
     /// The lower-case hex SHA-256 of `value` (of identifier `kind`) in
     /// this form.
     pub fn hash(self, kind: &str, value: &str) -> String {
-        match (self, kind) {
-            (Form::Sha256Uid2, "email") => sha256_hex(&uid2_email(value)),
-            (Form::Sha256Digits, "phone") => sha256_hex(value.trim().trim_start_matches('+')),
-            _ => sha256_hex(value),
-        }
+        let mut hex = String::new();
+        self.hash_into(kind, value, &mut hex);
+        hex
+    }
+
+    /// [`Form::hash`] written over `hex`, reusing its allocation.
+    pub fn hash_into(self, kind: &str, value: &str, hex: &mut String) {
+        let digest = match (self, kind) {
+            (Form::Sha256Uid2, "email") => Sha256::digest(uid2_email(value).as_bytes()),
+            (Form::Sha256Digits, "phone") => {
+                Sha256::digest(value.trim().trim_start_matches('+').as_bytes())
+            }
+            _ => Sha256::digest(value.as_bytes()),
+        };
+        write_hex(&digest.into(), hex);
     }
 }
 
 pub fn sha256_hex(value: &str) -> String {
-    to_hex(&Sha256::digest(value.as_bytes()))
+    let mut hex = String::new();
+    write_hex(&Sha256::digest(value.as_bytes()).into(), &mut hex);
+    hex
 }
 
-/// Lower-case hex of a digest. `hex::encode` collects its string a char at
-/// a time, which showed as ~5% of the gateway's work in a crossing's
-/// profile (a member's identifiers and pseudonym are each one digest).
-pub fn to_hex(digest: &[u8]) -> String {
-    let mut hex = vec![0; digest.len() * 2];
-    hex::encode_to_slice(digest, &mut hex).expect("the buffer holds two digits per byte");
-    String::from_utf8(hex).expect("hex digits are ASCII")
+/// Writes the lower-case hex of a SHA-256 digest over `hex`. `hex::encode`
+/// collects its string a char at a time, which showed as ~5% of the
+/// gateway's work in a crossing's profile (a member's identifiers and
+/// pseudonym are each one digest); a crossing reuses one string per field.
+pub fn write_hex(digest: &[u8; 32], hex: &mut String) {
+    let mut digits = [0; 64];
+    hex::encode_to_slice(digest, &mut digits).expect("64 digits for 32 bytes");
+    hex.clear();
+    hex.push_str(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
 }
 
 /// UID2 email normalisation (UID2 documentation, "Normalization and

@@ -19,6 +19,7 @@ pub mod hashing;
 pub mod keys;
 pub mod limit;
 pub mod observe;
+pub mod page;
 pub mod policy;
 pub mod ratelimit;
 pub mod release;
