@@ -6,7 +6,9 @@
 //! `cargo bench --bench audience`; `MADTECH_BENCH_AUDIENCE` sets the size
 //! (default 1,000,000), `MADTECH_BENCH_BACKENDS` the segments database's
 //! backends (`sqlite`, the default, and `pg-socket`; the other services stay
-//! on SQLite). SQLite files on tmpfs. Results and the machine are in
+//! on SQLite), `MADTECH_BENCH_ROUNDS` the rounds per path (default 3; a
+//! 100k-member export is over in a tenth of a second, so small audiences
+//! want more). SQLite files on tmpfs. Results and the machine are in
 //! docs/BENCHMARKS.md.
 
 mod common;
@@ -23,7 +25,6 @@ use common::{
     peak_rss_mib, tmpfs_dir,
 };
 
-const ROUNDS: usize = 3;
 
 fn main() -> anyhow::Result<()> {
     common::block_on(run())
@@ -31,11 +32,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let audience = common::env_u64("MADTECH_BENCH_AUDIENCE", 1_000_000);
+    let rounds = usize::try_from(common::env_u64("MADTECH_BENCH_ROUNDS", 3))?;
     println!("# MadTech audience benchmark: ExportAudience of {audience} members\n");
     for (backend, db, database) in common::backends("sqlite", "segments")? {
         println!("## segments on {backend}\n");
         // SQLite stays in the suite's data directory, on tmpfs.
-        measure(audience, (backend != "sqlite").then_some(database)).await?;
+        measure(audience, rounds, (backend != "sqlite").then_some(database)).await?;
         drop(db);
         println!();
     }
@@ -44,6 +46,7 @@ async fn run() -> anyhow::Result<()> {
 
 async fn measure(
     audience: u64,
+    rounds: usize,
     segments_db: Option<madtech_common::db::DatabaseConfig>,
 ) -> anyhow::Result<()> {
     let data = tmpfs_dir()?;
@@ -109,7 +112,7 @@ async fn measure(
     // Memory of a direct export alone, before any crossing fills the
     // gateway's consent view: how far the resident set rises during it.
     let (mut small_growth, mut large_growth) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let (rate, grew) =
             growth_during(export_rate(direct.clone(), small_request.clone(), small)).await;
         rate?;
@@ -122,7 +125,7 @@ async fn measure(
     let rss = |growth: &[common::Growth]| median(growth.iter().map(|g| g.rss).collect());
     let heap = |growth: &[common::Growth]| median(growth.iter().map(|g| g.heap).collect());
     println!(
-        "growth during one direct export (median of {ROUNDS}): resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; Rust heap {:.1} MiB and {:.1} MiB",
+        "growth during one direct export (median of {rounds}): resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; Rust heap {:.1} MiB and {:.1} MiB",
         rss(&small_growth),
         rss(&large_growth),
         heap(&small_growth),
@@ -132,7 +135,7 @@ async fn measure(
     let before = peak_rss_mib();
     let cold = export_rate(gateway.clone(), request.clone(), audience).await?;
     let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         d_rate.push(export_rate(direct.clone(), request.clone(), audience).await?);
         g_rate.push(export_rate(gateway.clone(), request.clone(), audience).await?);
     }
@@ -150,7 +153,7 @@ async fn measure(
     );
     println!(
         "peak RSS of the whole suite: {before:.0} MiB after loading and one export, {after:.0} MiB after {} more exports",
-        1 + 2 * ROUNDS
+        1 + 2 * rounds
     );
     suite.stop().await
 }
