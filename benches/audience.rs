@@ -25,7 +25,6 @@ use common::{
     peak_rss_mib, tmpfs_dir,
 };
 
-
 fn main() -> anyhow::Result<()> {
     common::block_on(run())
 }

@@ -101,8 +101,7 @@ fn length_delimited<'a>(wire_type: WireType, buf: &mut &'a [u8]) -> Result<&'a [
 }
 
 fn string<'a>(wire_type: WireType, buf: &mut &'a [u8]) -> Result<&'a str, PageError> {
-    std::str::from_utf8(length_delimited(wire_type, buf)?)
-        .map_err(|_| PageError::NotUtf8)
+    std::str::from_utf8(length_delimited(wire_type, buf)?).map_err(|_| PageError::NotUtf8)
 }
 
 fn skip(tag: u32, wire_type: WireType, buf: &mut &[u8]) -> Result<(), PageError> {

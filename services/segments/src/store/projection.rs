@@ -117,6 +117,7 @@ pub struct Projection {
     /// The trait holding a person's birth date, exported for the gateway's
     /// age bands.
     birth_date_trait: String,
+    statistics: statistics::Statistics,
 }
 
 /// A date from a trait's text: `YYYY-MM-DD`, or an RFC 3339 time.
@@ -260,6 +261,7 @@ impl Projection {
             db,
             writes,
             birth_date_trait: "birthdate".into(),
+            statistics: Default::default(),
         }
     }
 
@@ -334,6 +336,7 @@ impl Projection {
             people: Vec::new(),
             events: Vec::new(),
         };
+        let mut rows = 0;
         for (cursor, change) in changes {
             if *cursor <= applied {
                 continue;
@@ -344,12 +347,14 @@ impl Projection {
                         run.flush(&txn).await?;
                     }
                     run.people.push(person);
+                    rows += 1;
                 }
                 Change::Events(events) => {
                     if !run.people.is_empty() {
                         run.flush(&txn).await?;
                     }
                     run.events.extend(events);
+                    rows += events.len() as u64;
                 }
                 Change::Merged { survivor, merged } => {
                     run.flush(&txn).await?;
@@ -370,6 +375,7 @@ impl Projection {
             .push(") ON CONFLICT (id) DO UPDATE SET cursor = excluded.cursor");
         execute(&txn, &upsert).await?;
         txn.commit().await?;
+        self.statistics.wrote(&self.db, rows).await;
         Ok(())
     }
 
@@ -883,5 +889,6 @@ async fn absorb(
 }
 
 mod export_doc;
+mod statistics;
 #[cfg(test)]
 mod tests;

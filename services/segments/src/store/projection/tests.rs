@@ -631,3 +631,49 @@ madtech_common::backend_tests!(
         assert_eq!(rebuilt[1].identifiers, written[1].identifiers);
     }
 );
+
+madtech_common::backend_tests!(
+    postgres_statistics_are_refreshed_each_time_the_writes_double,
+    |db: TestDatabase| async move {
+        let (conn, _, projection) = connected(&db).await;
+        let postgres = conn.get_database_backend() == DbBackend::Postgres;
+        let people: Vec<(u64, Change)> = (1..=3)
+            .map(|i| {
+                let id = format!("p{i}");
+                (
+                    i,
+                    Change::Upserted(Snapshot {
+                        profile_id: id.clone(),
+                        region: "FR".into(),
+                        identifiers: vec![("email".into(), format!("{id}@x.io"))],
+                        merged_ids: Vec::new(),
+                        traits: BTreeMap::new(),
+                    }),
+                )
+            })
+            .collect();
+        projection.apply(&people).await.expect("apply");
+        let statistics = &projection.statistics;
+        // The three people applied count towards the first 10,000 rows.
+        assert!(!statistics.wrote(&conn, 9_996).await);
+        assert_eq!(statistics.wrote(&conn, 1).await, postgres, "10,000 rows");
+        if postgres {
+            let analysed = number(
+                &conn,
+                &Sql::new(
+                    "SELECT count(*) AS n FROM pg_stats WHERE schemaname = current_schema() \
+                     AND tablename = 'people'",
+                ),
+            )
+            .await
+            .expect("pg_stats");
+            assert!(analysed > 0, "people has statistics");
+        }
+        assert!(!statistics.wrote(&conn, 9_999).await, "19,999 rows");
+        assert_eq!(
+            statistics.wrote(&conn, 1).await,
+            postgres,
+            "20,000 rows: doubled"
+        );
+    }
+);
