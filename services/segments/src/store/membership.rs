@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::WriteLock;
 use super::sql::{MAX_BINDS, Sql, execute, insert_rows, number};
+use super::statistics::Statistics;
 use crate::error::SegmentError;
 
 /// Key of the PostgreSQL advisory lock that keeps membership change cursors
@@ -31,6 +32,7 @@ pub struct Memberships {
     db: DatabaseConnection,
     writes: WriteLock,
     appended: watch::Sender<u64>,
+    statistics: Statistics,
 }
 
 pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), SegmentError> {
@@ -104,6 +106,7 @@ impl Memberships {
             db,
             writes,
             appended: watch::Sender::new(0),
+            statistics: Statistics::of("memberships, membership_changes"),
         }
     }
 
@@ -188,6 +191,9 @@ impl Memberships {
         let (entered, exited) = (entering.len() as u64, leaving.len() as u64);
         txn.commit().await?;
         if entered + exited > 0 {
+            self.statistics
+                .wrote(&self.db, 2 * (entered + exited))
+                .await;
             self.appended.send_replace(self.head().await?);
         }
         Ok((entered, exited))

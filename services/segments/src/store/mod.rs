@@ -5,6 +5,7 @@ pub mod membership;
 mod migration;
 pub mod projection;
 pub mod sql;
+mod statistics;
 
 use std::collections::BTreeMap;
 

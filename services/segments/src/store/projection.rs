@@ -15,6 +15,7 @@ use super::membership;
 use super::sql::{
     Compiler, JsonFunctions, MAX_BINDS, Sql, execute, insert_rows, json_page, number,
 };
+use super::statistics::Statistics;
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -117,7 +118,7 @@ pub struct Projection {
     /// The trait holding a person's birth date, exported for the gateway's
     /// age bands.
     birth_date_trait: String,
-    statistics: statistics::Statistics,
+    statistics: Statistics,
 }
 
 /// A date from a trait's text: `YYYY-MM-DD`, or an RFC 3339 time.
@@ -261,7 +262,10 @@ impl Projection {
             db,
             writes,
             birth_date_trait: "birthdate".into(),
-            statistics: Default::default(),
+            statistics: Statistics::of(
+                "people, person_traits, person_identifiers, person_merged, person_events, \
+                 event_properties",
+            ),
         }
     }
 
@@ -889,6 +893,5 @@ async fn absorb(
 }
 
 mod export_doc;
-mod statistics;
 #[cfg(test)]
 mod tests;
