@@ -32,7 +32,7 @@ pub struct Memberships {
     db: DatabaseConnection,
     writes: WriteLock,
     appended: watch::Sender<u64>,
-    statistics: Statistics,
+    pub(super) statistics: Statistics,
 }
 
 pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), SegmentError> {

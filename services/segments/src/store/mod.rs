@@ -142,4 +142,27 @@ mod tests {
             ));
         }
     );
+
+    madtech_common::backend_tests!(
+        membership_statistics_are_refreshed_as_the_memberships_grow,
+        |db: TestDatabase| async move {
+            let conn = connect_and_migrate::<Migrator>(&db.config)
+                .await
+                .expect("connect");
+            let postgres = conn.get_database_backend() == sea_orm::DbBackend::Postgres;
+            let memberships = membership::Memberships::new(conn.clone(), WriteLock::default());
+            let evaluated: Vec<(String, bool)> = (0..3).map(|i| (format!("p{i}"), true)).collect();
+            assert_eq!(
+                memberships
+                    .reconcile("s1", &evaluated, 1)
+                    .await
+                    .expect("reconcile"),
+                (3, 0)
+            );
+            // Three entries and their three log rows count towards 10,000.
+            let statistics = &memberships.statistics;
+            assert!(!statistics.wrote(&conn, 9_993).await);
+            assert_eq!(statistics.wrote(&conn, 1).await, postgres);
+        }
+    );
 }
