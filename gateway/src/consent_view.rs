@@ -523,7 +523,7 @@ mod tests {
     fn profile_ids_key_the_cache_by_value_and_other_spellings_stay_apart() {
         let id = "019a0000-0000-7000-8000-000000000001";
         assert!(matches!(PersonKey::of(id), PersonKey::Uuid(_)));
-        assert_eq!(PersonKey::of(id), PersonKey::of(&String::from(id)));
+        assert_eq!(PersonKey::of(id), PersonKey::of(&id.to_string()));
         for other in [
             id.to_uppercase(),
             id.replace('-', ""),
