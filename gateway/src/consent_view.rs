@@ -108,33 +108,10 @@ fn expiry_micros(at: Option<&prost_types::Timestamp>) -> Option<i64> {
     at.map(|at| madtech_proto::time::to_micros(at).unwrap_or(i64::MIN))
 }
 
-/// A person as the cache keys them. A profile id in the profiles service's
-/// form (a lower-case hyphenated UUID, one text per value) is held as its
-/// 128 bits inside the table, so a lookup among a million people compares
-/// keys without following a pointer to each key's text (those cache misses
-/// were ~7% of a crossing's profile); any other id is kept as its text.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum PersonKey {
-    Uuid(u128),
-    Text(Box<str>),
-}
-
-impl PersonKey {
-    fn of(person: &str) -> PersonKey {
-        // Only the canonical text: another spelling of the same UUID is
-        // another profile id and must not share its consent.
-        let canonical = person.len() == 36 && !person.bytes().any(|b| b.is_ascii_uppercase());
-        match uuid::Uuid::try_parse(person) {
-            Ok(uuid) if canonical => PersonKey::Uuid(uuid.as_u128()),
-            _ => PersonKey::Text(person.into()),
-        }
-    }
-}
-
 #[derive(Default)]
 struct Cache {
     /// By purpose, then person: a chunk looks its purpose up once.
-    by_purpose: HashMap<Box<str>, HashMap<PersonKey, Known>>,
+    by_purpose: HashMap<Box<str>, HashMap<Box<str>, Known>>,
     len: usize,
     /// Bumped whenever the cache is emptied.
     generation: u64,
@@ -146,7 +123,7 @@ impl Cache {
         if let Some(current) = self
             .by_purpose
             .get_mut(purpose)
-            .and_then(|people| people.get_mut(&PersonKey::of(person)))
+            .and_then(|people| people.get_mut(person))
         {
             if known.cursor >= current.cursor {
                 *current = known;
@@ -161,7 +138,7 @@ impl Cache {
         self.by_purpose
             .entry(purpose.into())
             .or_default()
-            .insert(PersonKey::of(person), known);
+            .insert(person.into(), known);
         self.len += 1;
     }
 }
@@ -260,7 +237,7 @@ impl ConsentView {
         cache
             .by_purpose
             .get(purpose)
-            .and_then(|people| people.get(&PersonKey::of(person)))
+            .and_then(|people| people.get(person))
             .map(|known| known.state_at(now_micros()))
     }
 
@@ -274,7 +251,7 @@ impl ConsentView {
                 // Nothing is remembered that could not be decided on; the
                 // person is asked for afresh next time.
                 if let Some(people) = cache.by_purpose.get_mut(entry.purpose.as_str())
-                    && people.remove(&PersonKey::of(&entry.profile_id)).is_some()
+                    && people.remove(entry.profile_id.as_str()).is_some()
                 {
                     cache.len -= 1;
                 }
@@ -357,11 +334,7 @@ impl ConsentView {
             };
             let known: Vec<Option<Known>> = people
                 .iter()
-                .map(|person| {
-                    cached
-                        .and_then(|by_person| by_person.get(&PersonKey::of(person)))
-                        .copied()
-                })
+                .map(|person| cached.and_then(|by_person| by_person.get(*person)).copied())
                 .collect();
             (known, cache.generation)
         };
@@ -519,39 +492,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn profile_ids_key_the_cache_by_value_and_other_spellings_stay_apart() {
-        let id = "019a0000-0000-7000-8000-000000000001";
-        assert!(matches!(PersonKey::of(id), PersonKey::Uuid(_)));
-        assert_eq!(PersonKey::of(id), PersonKey::of(&id.to_string()));
-        for other in [
-            id.to_uppercase(),
-            id.replace('-', ""),
-            format!("{{{id}}}"),
-            "p-1".to_string(),
-        ] {
-            assert!(
-                matches!(PersonKey::of(&other), PersonKey::Text(_)),
-                "{other}"
-            );
-            assert_ne!(PersonKey::of(&other), PersonKey::of(id), "{other}");
-        }
-        let mut cache = Cache::default();
-        cache.learn(10, "ads", id, known(Granted, 1));
-        cache.learn(10, "ads", &id.to_uppercase(), known(Denied, 2));
-        assert_eq!(get(&cache, "ads", id).map(|k| k.state), Some(Granted));
-        assert_eq!(
-            get(&cache, "ads", &id.to_uppercase()).map(|k| k.state),
-            Some(Denied)
-        );
-    }
-
     fn get(cache: &Cache, purpose: &str, person: &str) -> Option<Known> {
-        cache
-            .by_purpose
-            .get(purpose)?
-            .get(&PersonKey::of(person))
-            .copied()
+        cache.by_purpose.get(purpose)?.get(person).copied()
     }
 
     #[test]
