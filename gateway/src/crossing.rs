@@ -29,9 +29,6 @@ use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
 
-/// `ExportAudienceResponse.members`.
-const PAGE_MEMBERS_FIELD: u32 = 1;
-
 /// Overwrites `target` with `value`, keeping its allocation.
 fn replace(target: &mut String, value: &str) {
     target.clear();
@@ -293,7 +290,7 @@ impl Filter {
             self.released.update(identifier.sha256.as_bytes());
         }
         self.released.update(b"\n");
-        prost::encoding::message::encode(PAGE_MEMBERS_FIELD, &crossed, page);
+        madtech_proto::segments::export_page::encode_member(&crossed, page);
         self.crossed = crossed;
         Ok(true)
     }

@@ -9,6 +9,7 @@
 //! primitives and refuses anything that is not a well-formed page.
 
 use bytes::{Buf, Bytes};
+use madtech_proto::segments::export_page::MEMBERS_FIELD;
 use madtech_proto::segments::v1 as segments_pb;
 use prost::DecodeError;
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
@@ -49,7 +50,9 @@ pub fn read_page(mut page: &[u8]) -> Result<Vec<MemberView<'_>>, PageError> {
     let mut members = Vec::new();
     while !page.is_empty() {
         match decode_key(&mut page)? {
-            (1, wire_type) => members.push(read_member(length_delimited(wire_type, &mut page)?)?),
+            (MEMBERS_FIELD, wire_type) => {
+                members.push(read_member(length_delimited(wire_type, &mut page)?)?)
+            }
             (tag, wire_type) => skip(tag, wire_type, &mut page)?,
         }
     }

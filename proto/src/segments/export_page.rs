@@ -56,11 +56,19 @@ impl std::fmt::Debug for ExportAudienceResponse {
     }
 }
 
-const MEMBERS: u32 = 1;
+/// The field that holds a page's members; an `encoded_members` entry
+/// starts with its key.
+pub const MEMBERS_FIELD: u32 = 1;
+
+/// Appends `member` to `buf` as one `encoded_members` entry (key, length,
+/// message).
+pub fn encode_member(member: &AudienceMember, buf: &mut impl BufMut) {
+    encoding::message::encode(MEMBERS_FIELD, member, buf);
+}
 
 impl Message for ExportAudienceResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        encoding::message::encode_repeated(MEMBERS, &self.members, buf);
+        encoding::message::encode_repeated(MEMBERS_FIELD, &self.members, buf);
         buf.put_slice(&self.encoded_members);
     }
 
@@ -72,17 +80,21 @@ impl Message for ExportAudienceResponse {
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
         match tag {
-            MEMBERS => encoding::message::merge_repeated(wire_type, &mut self.members, buf, ctx)
-                .map_err(|mut err| {
-                    err.push("ExportAudienceResponse", "members");
-                    err
-                }),
+            MEMBERS_FIELD => {
+                encoding::message::merge_repeated(wire_type, &mut self.members, buf, ctx).map_err(
+                    |mut err| {
+                        err.push("ExportAudienceResponse", "members");
+                        err
+                    },
+                )
+            }
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
 
     fn encoded_len(&self) -> usize {
-        encoding::message::encoded_len_repeated(MEMBERS, &self.members) + self.encoded_members.len()
+        encoding::message::encoded_len_repeated(MEMBERS_FIELD, &self.members)
+            + self.encoded_members.len()
     }
 
     fn clear(&mut self) {
@@ -118,7 +130,7 @@ mod tests {
 
     fn entry(member: &AudienceMember) -> Vec<u8> {
         let mut framed = Vec::new();
-        encoding::message::encode(MEMBERS, member, &mut framed);
+        encode_member(member, &mut framed);
         framed
     }
 

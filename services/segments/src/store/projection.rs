@@ -580,18 +580,9 @@ impl Projection {
             // Everyone here has a row: the upsert only fills their document.
             insert_rows(
                 &txn,
-                "people (profile_id, region, export_doc)",
+                PEOPLE_COLUMNS,
                 " ON CONFLICT (profile_id) DO UPDATE SET export_doc = excluded.export_doc",
-                members
-                    .into_iter()
-                    .map(|member| {
-                        vec![
-                            member.profile_id.clone().into(),
-                            member.region.clone().into(),
-                            export_doc::encode(member).into(),
-                        ]
-                    })
-                    .collect(),
+                members.into_iter().map(people_row).collect(),
             )
             .await?;
             txn.commit().await?;
@@ -748,6 +739,17 @@ fn value_row(value: &Stored) -> [sea_orm::Value; 4] {
     [kind.to_string().into(), s.into(), n.into(), i.into()]
 }
 
+/// The `people` row of a person: columns [`PEOPLE_COLUMNS`].
+fn people_row(member: Member) -> Vec<sea_orm::Value> {
+    vec![
+        member.profile_id.clone().into(),
+        member.region.clone().into(),
+        export_doc::encode(member).into(),
+    ]
+}
+
+const PEOPLE_COLUMNS: &str = "people (profile_id, region, export_doc)";
+
 /// People's current state replaces what was projected of them (their
 /// events stay), export document included.
 async fn write_people(
@@ -767,17 +769,11 @@ async fn write_people(
     let people: Vec<&Snapshot> = latest.into_values().collect();
     insert_rows(
         txn,
-        "people (profile_id, region, export_doc)",
+        PEOPLE_COLUMNS,
         "",
         people
             .iter()
-            .map(|p| {
-                vec![
-                    p.profile_id.clone().into(),
-                    p.region.clone().into(),
-                    export_doc::encode(p.member(birth_date_trait)).into(),
-                ]
-            })
+            .map(|p| people_row(p.member(birth_date_trait)))
             .collect(),
     )
     .await?;

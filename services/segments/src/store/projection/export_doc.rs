@@ -10,6 +10,7 @@
 //! key that differs makes the projection rebuild every document
 //! (`Projection::prepare_export_docs`).
 
+use madtech_proto::segments::export_page;
 use madtech_proto::segments::v1 as pb;
 use prost::Message;
 
@@ -21,8 +22,6 @@ use crate::convert::{member_from_pb, member_to_pb};
 /// 1 was a private message.)
 const FORMAT: u32 = 2;
 
-/// The field of `ExportAudienceResponse` that holds its members.
-const MEMBERS_FIELD: u32 = 1;
 /// The field of `AudienceMember` that holds the profile id.
 const PROFILE_ID_FIELD: u32 = 1;
 
@@ -36,7 +35,7 @@ pub(super) fn key(birth_date_trait: &str) -> String {
 pub(super) fn encode(member: Member) -> Vec<u8> {
     let member = member_to_pb(member);
     let mut framed = Vec::with_capacity(member.encoded_len() + 6);
-    prost::encoding::message::encode(MEMBERS_FIELD, &member, &mut framed);
+    export_page::encode_member(&member, &mut framed);
     framed
 }
 
@@ -52,7 +51,9 @@ pub(super) fn walk_page(mut page: &[u8], after: &str) -> Result<(u64, Option<Str
     let mut members = 0;
     while !page.is_empty() {
         let entry = match decode_key(&mut page) {
-            Ok((MEMBERS_FIELD, WireType::LengthDelimited)) => length_delimited(&mut page)?,
+            Ok((export_page::MEMBERS_FIELD, WireType::LengthDelimited)) => {
+                length_delimited(&mut page)?
+            }
             _ => return Err("an export page holds something other than members".into()),
         };
         let mut fields = entry;
