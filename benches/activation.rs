@@ -1,6 +1,7 @@
 //! Activation at scale, end to end through the gateway: a first sync of a
 //! large audience to a Meta-shaped mock (fetch through the crossing, plan in
-//! the database, batches of 10,000), then a 1 %-churn incremental sync; the
+//! the database, batches of 10,000), then a 1 %-churn incremental sync and
+//! the same churn (moved back) synced in full, for the ratio; the
 //! memory growth during a sync of a tenth of the audience and of the whole
 //! (the timed syncs run in an activation replica of its own process, whose
 //! resident set is sampled); how much of the sync hashing accounts for (the
@@ -52,10 +53,21 @@ struct Timed {
 }
 
 async fn sync(activations: &mut Activations, activation_id: &str) -> anyhow::Result<Timed> {
+    sync_as(activations, activation_id, false).await
+}
+
+/// A sync; `full` makes it export and compare the whole audience even when
+/// the changes since the last sync would do.
+async fn sync_as(
+    activations: &mut Activations,
+    activation_id: &str,
+    full: bool,
+) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let mut stream = activations
         .run_sync(activation_pb::RunSyncRequest {
             activation_id: activation_id.into(),
+            full,
         })
         .await?
         .into_inner();
@@ -268,10 +280,26 @@ async fn run() -> anyhow::Result<()> {
     let churn_load = started.elapsed();
     let second = sync(&mut activations, &californians).await?;
     anyhow::ensure!(
-        (second.run.added, second.run.removed) == (moved, moved),
-        "churn sync sent {} adds and {} removes",
+        (second.run.added, second.run.removed, second.run.full) == (moved, moved, false),
+        "churn sync sent {} adds and {} removes (full: {})",
         second.run.added,
-        second.run.removed
+        second.run.removed,
+        second.run.full
+    );
+    // The same churn again, compared in full: the incremental sync's
+    // alternative, measured in the same run.
+    load_people(&suite, 0..moved, "US-CA").await?;
+    load_people(&suite, audience + small..audience + small + moved, "US-VA").await?;
+    let full_churn = sync_as(&mut activations, &californians, true).await?;
+    anyhow::ensure!(
+        (
+            full_churn.run.added,
+            full_churn.run.removed,
+            full_churn.run.full
+        ) == (moved, moved, true),
+        "full churn sync sent {} adds and {} removes",
+        full_churn.run.added,
+        full_churn.run.removed
     );
 
     // Hashing alone: what the crossing computes per member (a SHA-256 of the
@@ -294,7 +322,8 @@ async fn run() -> anyhow::Result<()> {
         ),
         ("first, a tenth of the audience", small, &small_sync),
         ("first, whole audience", audience, &first),
-        ("after 1 % churn", audience, &second),
+        ("after 1 % churn, incremental", audience, &second),
+        ("after 1 % churn, full", audience, &full_churn),
     ] {
         println!(
             "| {name} | {members} | {} | {} | {:.1} s | {:.1} s | {:.0} |",
@@ -306,8 +335,9 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nchurn loaded in {:.1} s (not part of the sync)",
-        churn_load.as_secs_f64()
+        "\nchurn loaded in {:.1} s (not part of the sync); incremental / full sync after 1 % churn: {:.3}",
+        churn_load.as_secs_f64(),
+        second.elapsed.as_secs_f64() / full_churn.elapsed.as_secs_f64()
     );
     println!(
         "growth during a first sync: the activation replica's own resident set {:.1} MiB for {small} members, {:.1} MiB for {audience}; the benchmark process's (every other service) {:.1} MiB and {:.1} MiB, Rust heap in it {:.1} MiB and {:.1} MiB",

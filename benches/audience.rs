@@ -88,6 +88,7 @@ async fn measure(
             destination_kind: String::new(),
             purpose: "ad_targeting".into(),
             snapshot_cursor: 0,
+            current_membership: false,
         })
     };
     let request = export_of("californians", "US-CA").await?;

@@ -401,6 +401,7 @@ async fn crossing_end_to_end(suite: &InProcess) -> anyhow::Result<()> {
         destination_kind: String::new(),
         purpose: "ad_targeting".into(),
         snapshot_cursor: 0,
+        current_membership: false,
     };
     let gateway = SegmentServiceClient::new(InterceptedService::new(
         suite.gateway_channel()?,

@@ -194,6 +194,7 @@ async fn drain_export(
             destination_kind: "file".into(),
             purpose: "ad_targeting".into(),
             snapshot_cursor: 0,
+            current_membership: false,
         })
         .await?
         .into_inner();

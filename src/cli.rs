@@ -102,8 +102,15 @@ struct ActivationArgs {
 #[derive(Subcommand)]
 enum ActivationCommand {
     /// Sync an activation now, with a progress bar; prints the finished run
-    /// as JSON.
-    Sync { activation_id: String },
+    /// as JSON. Applies only the audience's changes since the last sync
+    /// when it can (`"full": false` in the run).
+    Sync {
+        activation_id: String,
+        /// Export the whole audience and compare, even when the changes
+        /// since the last sync would do.
+        #[arg(long)]
+        full: bool,
+    },
     /// Print an activation's runs, newest first, one JSON object per line.
     Runs {
         activation_id: String,
@@ -670,6 +677,7 @@ fn run_json(run: &madtech_proto::activation::v1::SyncRun) -> serde_json::Value {
         "run_id": run.run_id,
         "activation_id": run.activation_id,
         "trigger": run.trigger,
+        "full": run.full,
         "phase": run.phase().as_str_name(),
         "members_received": run.members_received,
         "to_send": run.to_send,
@@ -692,9 +700,15 @@ async fn activation(args: ActivationArgs) -> anyhow::Result<()> {
     let mut client = ActivationServiceClient::with_interceptor(channel, bearer);
     let failed = |status: tonic::Status| anyhow::anyhow!("{}: {}", status.code(), status.message());
     match args.command {
-        ActivationCommand::Sync { activation_id } => {
+        ActivationCommand::Sync {
+            activation_id,
+            full,
+        } => {
             let mut progress = client
-                .run_sync(pb::RunSyncRequest { activation_id })
+                .run_sync(pb::RunSyncRequest {
+                    activation_id,
+                    full,
+                })
                 .await
                 .map_err(failed)?
                 .into_inner();
@@ -708,7 +722,8 @@ async fn activation(args: ActivationArgs) -> anyhow::Result<()> {
                 let run = message.run.unwrap_or_default();
                 match run.phase() {
                     pb::SyncPhase::Fetching => {
-                        bar.set_message(format!("{} members received", run.members_received));
+                        let received = if run.full { "members" } else { "changes" };
+                        bar.set_message(format!("{} {received} received", run.members_received));
                         bar.tick();
                     }
                     _ => {

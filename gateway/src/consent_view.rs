@@ -41,6 +41,16 @@ pub trait Subject {
     fn merged_profile_ids(&self) -> impl Iterator<Item = &str>;
 }
 
+impl<S: Subject> Subject for &S {
+    fn profile_id(&self) -> &str {
+        (*self).profile_id()
+    }
+
+    fn merged_profile_ids(&self) -> impl Iterator<Item = &str> {
+        (*self).merged_profile_ids()
+    }
+}
+
 impl Subject for segments_pb::AudienceMember {
     fn profile_id(&self) -> &str {
         &self.profile_id

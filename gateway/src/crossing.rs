@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog};
-use crate::consent_view::ConsentView;
+use crate::consent_view::{ConsentView, Freshness, Subject};
 use crate::destinations::{DestinationRegistry, check_named_kind};
 use crate::hashing::Form;
 use crate::page::{MemberView, PageCodec, read_page};
@@ -219,6 +219,20 @@ impl Filter {
         consent: consent_pb::ConsentState,
         page: &mut Vec<u8>,
     ) -> Result<bool, PolicyError> {
+        let Some(crossed) = self.admit(member, consent)? else {
+            return Ok(false);
+        };
+        madtech_proto::segments::export_page::encode_member(crossed, page);
+        Ok(true)
+    }
+
+    /// Decides on `member` and, when it may cross, answers it as it
+    /// crosses (see [`Filter::cross`]); `None` when it may not.
+    pub fn admit(
+        &mut self,
+        member: &MemberView<'_>,
+        consent: consent_pb::ConsentState,
+    ) -> Result<Option<&segments_pb::AudienceMember>, PolicyError> {
         let state = consent_state_name(consent);
         let bands = self.policy.age_bands();
         let (band_index, band) = bands.band(member.birth_date, self.today);
@@ -253,7 +267,7 @@ impl Filter {
                     self.tally.denied.insert(reason.to_string(), 1);
                 }
             }
-            return Ok(false);
+            return Ok(None);
         }
         // Taken out while filled in, so `form_of` may borrow the filter.
         let mut crossed = std::mem::take(&mut self.crossed);
@@ -290,9 +304,21 @@ impl Filter {
             self.released.update(identifier.sha256.as_bytes());
         }
         self.released.update(b"\n");
-        madtech_proto::segments::export_page::encode_member(&crossed, page);
         self.crossed = crossed;
-        Ok(true)
+        Ok(Some(&self.crossed))
+    }
+
+    /// The pseudonymous id under which the destination is told that the
+    /// person with `profile_id` is not (or no longer) in the audience;
+    /// counted in the released digest like a member.
+    pub fn leave(&mut self, profile_id: &str) -> String {
+        let pseudonym = self
+            .pseudonymiser
+            .pseudonym(&self.destination_id, profile_id);
+        self.released.update(b"-");
+        self.released.update(pseudonym.as_bytes());
+        self.released.update(b"\n");
+        pseudonym
     }
 
     /// Hex SHA-256 over what was released so far, in order.
@@ -313,12 +339,12 @@ impl Filter {
 /// Serves `ExportAudience` through the filter.
 #[derive(Clone)]
 pub struct Crossing {
-    policies: Policies,
-    audit: Arc<AuditLog>,
-    pseudonymiser: Pseudonymiser,
+    pub(crate) policies: Policies,
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) pseudonymiser: Pseudonymiser,
     /// Pages come back as bytes (`PageCodec`), read in place.
-    segments: tonic::client::Grpc<Channel>,
-    consent: Arc<ConsentView>,
+    pub(crate) segments: tonic::client::Grpc<Channel>,
+    pub(crate) consent: Arc<ConsentView>,
     destinations: DestinationRegistry,
 }
 
@@ -333,7 +359,7 @@ fn validated(request: &segments_pb::ExportAudienceRequest) -> Result<(), FieldEr
     Ok(())
 }
 
-fn policy_failure(err: PolicyError) -> Status {
+pub(crate) fn policy_failure(err: PolicyError) -> Status {
     tracing::error!(error = %err, "consent policy evaluation failed; nothing crosses");
     Status::internal("policy evaluation failed")
 }
@@ -371,29 +397,60 @@ impl Crossing {
         grpc.server_streaming(service, request).await
     }
 
+    /// What every crossing settles before anything crosses: the policy set
+    /// in force (none: nothing crosses) and the destination's registered
+    /// kind, which picks the policy rows (a request naming another kind is
+    /// refused).
+    pub(crate) async fn settle(
+        &self,
+        destination_id: &str,
+        named_kind: &str,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Arc<PolicySet>, String), Status> {
+        let policy = self.policies.current().ok_or_else(|| {
+            Status::failed_precondition("no valid policy set is loaded; nothing may cross")
+        })?;
+        let kind = self.destinations.kind_of(destination_id, deadline).await?;
+        check_named_kind(destination_id, named_kind, &kind)?;
+        Ok((policy, kind))
+    }
+
+    /// The consent state each subject crosses under for `purpose` (and, for
+    /// a destination that is a TCF vendor, its vendor choice).
+    pub(crate) async fn consent_states<M: Subject>(
+        &self,
+        members: &[M],
+        purpose: &str,
+        vendor_purpose: Option<&str>,
+        freshness: Freshness,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Vec<consent_pb::ConsentState>, Status> {
+        let mut states = self
+            .consent
+            .states(members, purpose, freshness, deadline)
+            .await?;
+        if let Some(vendor_purpose) = vendor_purpose {
+            let vendor_states = self
+                .consent
+                .states(members, vendor_purpose, freshness, deadline)
+                .await?;
+            refuse_vendor_denials(&mut states, &vendor_states);
+        }
+        Ok(states)
+    }
+
     async fn export(
         self,
         request: Request<segments_pb::ExportAudienceRequest>,
     ) -> Result<Response<Members>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         // The caller's deadline bounds every call the crossing makes for it.
-        let deadline = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|value| value.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map(|timeout| tokio::time::Instant::now() + timeout);
+        let deadline = deadline_of(request.metadata());
         let mut request = request.into_inner();
         validated(&request)?;
-        // No valid policy set: nothing crosses.
-        let policy = self.policies.current().ok_or_else(|| {
-            Status::failed_precondition("no valid policy set is loaded; nothing may cross")
-        })?;
-        let kind = self
-            .destinations
-            .kind_of(&request.destination_id, deadline)
+        let (policy, kind) = self
+            .settle(&request.destination_id, &request.destination_kind, deadline)
             .await?;
-        check_named_kind(&request.destination_id, &request.destination_kind, &kind)?;
         request.destination_kind = kind;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
@@ -408,8 +465,12 @@ impl Crossing {
                 http::uri::PathAndQuery::from_static(EXPORT_AUDIENCE),
                 PageCodec,
             )
-            .await?
-            .into_inner();
+            .await?;
+        let membership_cursor = upstream
+            .metadata()
+            .get(madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER)
+            .cloned();
+        let upstream = upstream.into_inner();
         let filter = Filter::new(
             Arc::clone(&policy),
             self.pseudonymiser.clone(),
@@ -432,7 +493,7 @@ impl Crossing {
             },
             recorded: false,
         };
-        let consent = Arc::clone(&self.consent);
+        let crossing = self.clone();
         let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
         let policy_version = policy.version.clone();
         let stream = async_stream::stream! {
@@ -450,16 +511,13 @@ impl Crossing {
                         break Err(Status::internal("the segments service sent a malformed export page"));
                     }
                 };
-                let mut states = match consent.states(&members, &request.purpose, freshness, deadline).await {
+                let states = match crossing
+                    .consent_states(&members, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
+                    .await
+                {
                     Ok(states) => states,
                     Err(status) => break Err(status),
                 };
-                if let Some(vendor_purpose) = &vendor_purpose {
-                    match consent.states(&members, vendor_purpose, freshness, deadline).await {
-                        Ok(vendor_states) => refuse_vendor_denials(&mut states, &vendor_states),
-                        Err(status) => break Err(status),
-                    }
-                }
                 // Crossed members are written straight into the page sent on.
                 let mut page = Vec::with_capacity(chunk.len() * 2);
                 let mut failed = None;
@@ -485,14 +543,35 @@ impl Crossing {
             }
         };
         let mut response = Response::new(Box::pin(stream) as Members);
-        // Hex digits only: always a valid header value.
-        if let Ok(version) = policy_version.parse() {
+        name_policy_version(&mut response, &policy_version);
+        if let Some(cursor) = membership_cursor {
             response
                 .metadata_mut()
-                .insert(madtech_proto::segments::POLICY_VERSION_HEADER, version);
+                .insert(madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER, cursor);
         }
         Ok(response)
     }
+}
+
+/// Names the policy version a crossing is decided under in its response
+/// headers.
+pub(crate) fn name_policy_version<T>(response: &mut Response<T>, version: &str) {
+    // Hex digits only: always a valid header value.
+    if let Ok(version) = version.parse() {
+        response
+            .metadata_mut()
+            .insert(madtech_proto::segments::POLICY_VERSION_HEADER, version);
+    }
+}
+
+/// The caller's deadline (`grpc-timeout`), which bounds every call a
+/// crossing makes for it.
+pub(crate) fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    metadata
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|timeout| tokio::time::Instant::now() + timeout)
 }
 
 /// A TC string that refused the destination's vendor denies the purpose for
@@ -551,11 +630,11 @@ pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
 /// The filter of one export and the audit record it owes. The record is
 /// written when the export ends, and also when the caller goes away midway
 /// (outcome `aborted`): no crossing goes unrecorded.
-struct Audited {
-    filter: Filter,
-    log: Arc<AuditLog>,
-    base: audit::Crossing,
-    recorded: bool,
+pub(crate) struct Audited {
+    pub(crate) filter: Filter,
+    pub(crate) log: Arc<AuditLog>,
+    pub(crate) base: audit::Crossing,
+    pub(crate) recorded: bool,
 }
 
 impl Audited {
@@ -571,7 +650,7 @@ impl Audited {
         }
     }
 
-    async fn record(&mut self, outcome: &str) -> Result<(), Status> {
+    pub(crate) async fn record(&mut self, outcome: &str) -> Result<(), Status> {
         let crossing = self.crossing(outcome);
         observe(&crossing);
         // The write runs on its own task: if the caller goes away while it

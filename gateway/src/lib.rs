@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod changes;
 pub mod compliance;
 pub mod config;
 pub mod consent_view;

@@ -38,6 +38,30 @@ pub struct MemberView<'a> {
     pub birth_date: &'a str,
 }
 
+impl<'a> MemberView<'a> {
+    /// A view of a member prost decoded (the audience change stream's).
+    pub fn of(member: &'a segments_pb::AudienceMember) -> Self {
+        MemberView {
+            profile_id: &member.profile_id,
+            identifiers: member
+                .identifiers
+                .iter()
+                .map(|identifier| IdentifierView {
+                    kind: &identifier.kind,
+                    value: &identifier.value,
+                })
+                .collect(),
+            region: &member.region,
+            merged_profile_ids: member
+                .merged_profile_ids
+                .iter()
+                .map(String::as_str)
+                .collect(),
+            birth_date: &member.birth_date,
+        }
+    }
+}
+
 /// An identifier as `madtech.profiles.v1.Identifier` carries it.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct IdentifierView<'a> {

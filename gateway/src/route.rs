@@ -16,6 +16,7 @@ use tonic::body::Body;
 use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
+use crate::changes::EXPORT_AUDIENCE_CHANGES;
 use crate::crossing::{Crossing, EXPORT_AUDIENCE};
 
 /// Splits a gRPC path `/pkg.Service/Method` into service and method, or
@@ -105,6 +106,10 @@ impl Service<Request<Body>> for Router {
         if path == EXPORT_AUDIENCE {
             let crossing = self.crossing.clone();
             return Box::pin(async move { Ok(crossing.handle(request).await) });
+        }
+        if path == EXPORT_AUDIENCE_CHANGES {
+            let crossing = self.crossing.clone();
+            return Box::pin(async move { Ok(crossing.handle_changes(request).await) });
         }
         if let Some(local) = self.local.get(service) {
             return Box::pin(local.clone().oneshot(request));

@@ -39,6 +39,10 @@ pub mod segments {
     /// The response header in which the gateway names the policy version
     /// an `ExportAudience` crossing was decided under.
     pub const POLICY_VERSION_HEADER: &str = "x-madtech-policy-version";
+
+    /// The response header in which `ExportAudience` of the current
+    /// membership names the membership cursor it includes everything up to.
+    pub const MEMBERSHIP_CURSOR_HEADER: &str = "x-madtech-membership-cursor";
 }
 
 /// `madtech.activation.v1`

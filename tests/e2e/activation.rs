@@ -12,7 +12,7 @@ use madtech_common::testing::Backend;
 use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::consent::v1 as consent_pb;
 
-use crate::crossing::{record, sha256_hex, sync, try_sync};
+use crate::crossing::{record, sha256_hex, sync, sync_full, try_sync};
 use crate::harness::Suite;
 
 const AUDIENCE: &str = "23847000000001";
@@ -106,10 +106,14 @@ async fn meta_syncs_send_only_changes_with_retries(backend: Backend) {
         Forced::ServerError,
     ]);
     let second = sync(&mut activation, &activated.activation_id).await;
+    assert!(
+        !second.full,
+        "the second sync applies the audience's changes"
+    );
     assert_eq!(
-        (second.added, second.removed, second.unchanged),
-        (1, 1, 2),
-        "only the change is sent"
+        (second.members_received, second.added, second.removed),
+        (2, 1, 1),
+        "only the change is fetched and sent"
     );
     assert_eq!(second.retries, 2, "a 429 and a 500 are retried");
     {
@@ -458,8 +462,8 @@ async fn withdrawal_removes_from_meta_without_a_sync(backend: Backend) {
     assert_eq!(removal_run.removed, 1);
     assert_eq!(removal_run.phase(), activation_pb::SyncPhase::Succeeded);
 
-    // The next sync agrees: nothing left to remove or add.
-    let next = sync(&mut activation, &activated.activation_id).await;
+    // A full sync agrees: nothing left to remove or add.
+    let next = sync_full(&mut activation, &activated.activation_id).await;
     assert_eq!((next.added, next.removed, next.unchanged), (0, 0, 1));
     suite.stop().await;
 }

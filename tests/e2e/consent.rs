@@ -531,6 +531,7 @@ async fn a_tc_string_that_refuses_a_platform_s_vendor_keeps_people_from_that_pla
                     destination_kind: String::new(),
                     purpose: "ad_targeting".into(),
                     snapshot_cursor: 0,
+                    current_membership: false,
                 })
                 .await
                 .expect("export")

@@ -288,6 +288,7 @@ async fn a_sync_killed_midway_neither_loses_nor_duplicates(backend: Backend) {
         .expect("activation");
     let sync = activation_pb::RunSyncRequest {
         activation_id: activated.activation_id.clone(),
+        full: false,
     };
     let mut first = activation
         .run_sync(sync.clone())

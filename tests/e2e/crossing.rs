@@ -11,6 +11,7 @@ use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::gateway::v1::audit_service_client::AuditServiceClient;
 use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::v1 as segments_pb;
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -88,7 +89,25 @@ pub(crate) async fn sync(
     activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
     activation_id: &str,
 ) -> activation_pb::SyncRun {
-    let (run, status) = try_sync(activation, activation_id).await;
+    sync_as(activation, activation_id, false).await
+}
+
+/// Runs a sync that exports and compares the whole audience.
+pub(crate) async fn sync_full(
+    activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
+    activation_id: &str,
+) -> activation_pb::SyncRun {
+    let run = sync_as(activation, activation_id, true).await;
+    assert!(run.full);
+    run
+}
+
+async fn sync_as(
+    activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
+    activation_id: &str,
+    full: bool,
+) -> activation_pb::SyncRun {
+    let (run, status) = try_sync_as(activation, activation_id, full).await;
     assert_eq!(
         run.phase(),
         activation_pb::SyncPhase::Succeeded,
@@ -105,9 +124,18 @@ pub(crate) async fn try_sync(
     activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
     activation_id: &str,
 ) -> (activation_pb::SyncRun, Option<tonic::Status>) {
+    try_sync_as(activation, activation_id, false).await
+}
+
+async fn try_sync_as(
+    activation: &mut madtech_proto::activation::v1::activation_service_client::ActivationServiceClient<Authed>,
+    activation_id: &str,
+    full: bool,
+) -> (activation_pb::SyncRun, Option<tonic::Status>) {
     let mut stream = activation
         .run_sync(activation_pb::RunSyncRequest {
             activation_id: activation_id.into(),
+            full,
         })
         .await
         .expect("run sync")
@@ -257,9 +285,14 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     }
     assert!(!file_text.contains('@'));
 
-    // A sync with nothing new sends nothing.
+    // A sync with nothing new sends nothing: it only asks for the
+    // audience's changes since the first, and there are none.
     let quiet = sync(&mut activation, &activated.activation_id).await;
-    assert_eq!((quiet.added, quiet.removed, quiet.unchanged), (0, 0, 2));
+    assert!(!quiet.full, "the second sync applies changes only");
+    assert_eq!(
+        (quiet.members_received, quiet.added, quiet.removed),
+        (0, 0, 0)
+    );
     assert!(quiet.output.is_empty());
 
     // Withdrawal: the person is removed at once, by the same pseudonym,
@@ -288,10 +321,16 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         Path::new(&removal.output)
             .starts_with(suite.config.activation.file_root.join("clean-room"))
     );
-    let after = sync(&mut activation, &activated.activation_id).await;
+    let after = sync_full(&mut activation, &activated.activation_id).await;
     assert_eq!(
-        (after.members_received, after.added, after.removed),
-        (1, 0, 0)
+        (
+            after.members_received,
+            after.added,
+            after.removed,
+            after.unchanged
+        ),
+        (1, 0, 0, 1),
+        "a full sync agrees with the removal"
     );
 
     // Every crossing left a durable, chained audit record without PII.
@@ -304,7 +343,20 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         .iter()
         .filter(|r| r.method.ends_with("/ExportAudience"))
         .collect();
-    assert_eq!(exports.len(), 3, "one record per sync");
+    assert_eq!(exports.len(), 2, "one record per full sync");
+    let changes: Vec<&gateway_pb::AuditRecord> = records
+        .iter()
+        .filter(|r| r.method.ends_with("/ExportAudienceChanges"))
+        .collect();
+    assert_eq!(
+        changes.len(),
+        1,
+        "the incremental sync is on record, though it released nothing"
+    );
+    assert_eq!(
+        (changes[0].allowed, changes[0].outcome.as_str()),
+        (0, "complete")
+    );
     assert!(
         records
             .iter()
@@ -624,4 +676,158 @@ async fn minors_cross_only_as_the_policy_allows_their_age() {
         "under-16s in California only with an opt-in, no minor in France, unknown age as adult"
     );
     suite.stop().await;
+}
+
+/// `ExportAudienceChanges` crosses like `ExportAudience`: after an export of
+/// the current membership (which names its membership cursor), the changes
+/// since arrive pseudonymised and hashed, a person the policy does not let
+/// cross arrives as someone not in the audience, each page is audited, and
+/// only the activation role (or admin) may ask.
+async fn audience_changes_cross_like_exports(backend: Backend) {
+    let suite = Suite::start(backend).await;
+    let granted = |email: &'static str| {
+        let suite = &suite;
+        async move {
+            let id = suite.person(email, "FR", Default::default()).await;
+            let mut consent = suite.consent(suite.bearer(&["admin"]));
+            record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
+            id
+        }
+    };
+    let leaver = granted("leaver@example.com").await;
+    let segment = suite.region_segment("french", &["FR"]).await;
+    let destination_id = suite.destination_of_kind("file").await;
+    let mut segments = suite.segments(suite.bearer(&["activation"]));
+
+    let export = segments
+        .export_audience(segments_pb::ExportAudienceRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination_id.clone(),
+            purpose: "ad_targeting".into(),
+            current_membership: true,
+            ..Default::default()
+        })
+        .await
+        .expect("export of the current membership");
+    let cursor: u64 = export
+        .metadata()
+        .get(madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER)
+        .expect("the export names its membership cursor")
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("a cursor");
+    let mut stream = export.into_inner();
+    let mut exported = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("page") {
+        exported.extend(chunk.members);
+    }
+    assert_eq!(exported.len(), 1, "the segment was computed when created");
+    let leaver_pseudonym = exported[0].pseudonymous_id.clone();
+
+    // After the export: one person with consent joins, one without joins,
+    // and the first leaves.
+    granted("joiner@example.com").await;
+    let unconsented = suite
+        .person("no.choice@example.com", "FR", Default::default())
+        .await;
+    suite
+        .person("leaver@example.com", "DE", Default::default())
+        .await;
+    let changes_request = || segments_pb::ExportAudienceChangesRequest {
+        segment_id: segment.segment_id.clone(),
+        destination_id: destination_id.clone(),
+        purpose: "ad_targeting".into(),
+        after_cursor: cursor,
+        until_head: true,
+        ..Default::default()
+    };
+    let mut stream = segments
+        .export_audience_changes(changes_request())
+        .await
+        .expect("changes")
+        .into_inner();
+    let mut changes = Vec::new();
+    while let Some(page) = stream.message().await.expect("page") {
+        changes.extend(page.changes);
+    }
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    assert!(changes.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    let members: Vec<&segments_pb::AudienceMember> = changes
+        .iter()
+        .map(|c| c.member.as_ref().expect("member"))
+        .collect();
+    for member in &members {
+        assert!(!member.pseudonymous_id.is_empty());
+        assert!(member.profile_id.is_empty() && member.identifiers.is_empty());
+        assert!(member.merged_profile_ids.is_empty() && member.birth_date.is_empty());
+    }
+    assert!(changes[0].in_audience, "the joiner with consent crosses");
+    assert_eq!(
+        members[0].hashed_identifiers[0].sha256,
+        sha256_hex("joiner@example.com")
+    );
+    assert!(
+        !changes[1].in_audience && members[1].hashed_identifiers.is_empty(),
+        "the joiner without consent arrives as someone not in the audience"
+    );
+    assert!(!changes[2].in_audience);
+    assert_eq!(
+        members[2].pseudonymous_id, leaver_pseudonym,
+        "the leaver is named as the export named them"
+    );
+    let text = format!("{changes:?}");
+    assert!(!text.contains(&leaver) && !text.contains(&unconsented) && !text.contains('@'));
+
+    let audit = suite.audit_records().await;
+    let record = audit
+        .iter()
+        .rev()
+        .find(|r| r.method.ends_with("/ExportAudienceChanges"))
+        .expect("the page is on record");
+    assert_eq!((record.allowed, record.outcome.as_str()), (1, "released"));
+    assert_eq!(record.denied.get("consent_unset"), Some(&1));
+    assert_eq!(record.segment_id, segment.segment_id);
+    assert_eq!(record.released_digest.len(), 64);
+
+    // Only the crossing's callers may ask, and they must name a destination.
+    let denied = suite
+        .segments(suite.bearer(&["marketer"]))
+        .export_audience_changes(changes_request())
+        .await
+        .expect_err("marketers do not take audiences across");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let invalid = segments
+        .export_audience_changes(segments_pb::ExportAudienceChangesRequest {
+            destination_id: String::new(),
+            ..changes_request()
+        })
+        .await
+        .expect_err("no destination");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert!(invalid.message().contains("destination_id"));
+    let both = segments
+        .export_audience(segments_pb::ExportAudienceRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination_id.clone(),
+            purpose: "ad_targeting".into(),
+            current_membership: true,
+            snapshot_cursor: cursor,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a snapshot and the current membership");
+    assert_eq!(both.code(), tonic::Code::InvalidArgument);
+    assert!(both.message().contains("snapshot_cursor"));
+    suite.stop().await;
+}
+
+#[tokio::test]
+async fn audience_changes_cross_like_exports_sqlite() {
+    audience_changes_cross_like_exports(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn audience_changes_cross_like_exports_postgres() {
+    audience_changes_cross_like_exports(Backend::Postgres).await;
 }

@@ -289,6 +289,7 @@ async fn the_crossing_never_releases_raw_data_whoever_asks() {
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
         snapshot_cursor: 0,
+        current_membership: false,
     };
     // Even an admin gets only what may cross.
     let mut stream = suite
@@ -366,6 +367,7 @@ async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
         destination_kind: "file".into(),
         purpose: "ad_targeting".into(),
         snapshot_cursor: 0,
+        current_membership: false,
     };
     for path in [
         "//madtech.segments.v1.SegmentService/ExportAudience",

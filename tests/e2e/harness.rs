@@ -341,6 +341,7 @@ impl Suite {
                 destination_kind: String::new(),
                 purpose: "ad_targeting".into(),
                 snapshot_cursor: 0,
+                current_membership: false,
             })
             .await
             .expect("export")

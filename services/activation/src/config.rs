@@ -31,6 +31,12 @@ pub struct ActivationConfig {
     /// How often activations' sync schedules are checked.
     #[serde(with = "humantime_serde")]
     pub schedule_tick: std::time::Duration,
+    /// Longest time between full syncs of an activation: a sync in between
+    /// applies only the audience's membership changes. A full sync also
+    /// applies what changes no membership: consent that ended by expiry or
+    /// returned, and identifiers that changed.
+    #[serde(with = "humantime_serde")]
+    pub full_sync_every: std::time::Duration,
 }
 
 impl Default for ActivationConfig {
@@ -45,6 +51,7 @@ impl Default for ActivationConfig {
             file_root: PathBuf::from("destinations"),
             retry: RetryPolicy::default(),
             schedule_tick: std::time::Duration::from_secs(10),
+            full_sync_every: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -72,6 +79,11 @@ impl Validate for ActivationConfig {
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::Invalid(
                 "activation.retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.full_sync_every.is_zero() {
+            return Err(ConfigError::Invalid(
+                "activation.full_sync_every must be above zero".into(),
             ));
         }
         if self.schedule_tick.is_zero() {

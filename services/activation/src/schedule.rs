@@ -55,7 +55,7 @@ impl Scheduler {
                 // says how it went.
                 let (progress, _) = mpsc::channel(1);
                 match syncer
-                    .run(&activation.id, Trigger::Scheduled, progress)
+                    .run(&activation.id, Trigger::Scheduled, false, progress)
                     .await
                 {
                     Ok(run) => {

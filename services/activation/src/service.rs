@@ -366,6 +366,7 @@ fn run_to_pb(run: &SyncRun) -> pb::SyncRun {
         to_send: run.to_send,
         trigger: run.trigger.as_str().to_string(),
         policy_version: run.policy_version.clone(),
+        full: run.full,
     }
 }
 
@@ -435,6 +436,7 @@ impl ActivationService for ActivationApi {
         request: Request<pb::RunSyncRequest>,
     ) -> Result<Response<Self::RunSyncStream>, Status> {
         let activation_id = require("activation_id", &request.get_ref().activation_id)?.to_string();
+        let full = request.get_ref().full;
         // Check before starting so a bad id answers NOT_FOUND, not a stream.
         self.store.activation(&activation_id).await?;
         let (progress, updates) = mpsc::channel(PROGRESS_BUFFER);
@@ -444,8 +446,10 @@ impl ActivationService for ActivationApi {
         // half-recorded because a client disconnected.
         tokio::spawn(async move {
             let forward = forward_progress(updates, answers.clone());
-            let (outcome, ()) =
-                tokio::join!(syncer.run(&activation_id, Trigger::Sync, progress), forward);
+            let (outcome, ()) = tokio::join!(
+                syncer.run(&activation_id, Trigger::Sync, full, progress),
+                forward
+            );
             if let Err(err) = outcome {
                 let _ = answers.send(Err(Status::from(err))).await;
             }

@@ -23,13 +23,15 @@ use madtech_proto::segments::v1 as segments_pb;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tonic::service::{Interceptor, interceptor::InterceptedService};
 use tonic::transport::Channel;
 
 use crate::config::ActivationConfig;
 use crate::destination::{Batch, Delivery, DeliveryError, HashedIdentifier, Member, Op};
 use crate::error::ActivationError;
 use crate::store::{
-    Activation, ActivationStore, BatchRecord, Destination, Phase, PlanCounts, SyncRun, Trigger,
+    Activation, ActivationStore, Baseline, BatchRecord, Destination, Phase, PlanCounts,
+    StagedChange, SyncRun, Trigger,
 };
 
 /// Members staged per transaction while the audience arrives.
@@ -137,10 +139,15 @@ impl Syncer {
     /// the final state is always delivered while the receiver lives). A
     /// second sync of the same activation is refused while one runs; a
     /// removal or recovery in progress is waited for.
+    ///
+    /// A sync applies only the audience's membership changes since the last
+    /// one when it can (see [`Syncer::sync`]); `full` makes it export and
+    /// compare the whole audience.
     pub async fn run(
         &self,
         activation_id: &str,
         trigger: Trigger,
+        full: bool,
         progress: mpsc::Sender<SyncRun>,
     ) -> Result<SyncRun, ActivationError> {
         let _claim = self.claim_sync(activation_id)?;
@@ -154,9 +161,21 @@ impl Syncer {
         let reporter = Progress(Some(&progress));
         reporter.report(&run);
         let outcome = self
-            .sync(&mut run, &activation, &destination, &reporter)
+            .sync(&mut run, &activation, &destination, full, &reporter)
             .await;
+        let (outcome, baseline) = match outcome {
+            Ok(baseline) => (Ok(()), baseline),
+            Err(err) => (Err(err), None),
+        };
         let outcome = self.finish(&mut run, outcome).await;
+        // Only a sync that delivered everything moves the baseline: after
+        // any failure the next sync applies the same changes again, which
+        // is harmless (the plan skips what the destination already has).
+        if let (Ok(()), Some(baseline)) = (&outcome, baseline)
+            && let Err(err) = self.store.save_baseline(activation_id, &baseline).await
+        {
+            tracing::warn!(activation = %activation_id, error = %err, "the sync's baseline was not saved; the next sync repeats its changes");
+        }
         let _ = progress.send(run.clone()).await;
         outcome.map(|()| run)
     }
@@ -191,24 +210,63 @@ impl Syncer {
         outcome
     }
 
+    /// Brings the destination up to date with the audience. Incremental
+    /// when the last sync left a baseline, no full sync was asked for, the
+    /// last full one is younger than `full_sync_every` and the policy is
+    /// still the version it ran under: only the membership changes since
+    /// the baseline are fetched and applied. Otherwise the whole audience
+    /// (the segment's current membership) is fetched and compared with
+    /// what the destination holds. Answers the baseline to keep when the
+    /// run succeeds.
     async fn sync(
         &self,
         run: &mut SyncRun,
         activation: &Activation,
         destination: &Destination,
+        full: bool,
         progress: &Progress<'_>,
-    ) -> Result<(), ActivationError> {
+    ) -> Result<Option<Baseline>, ActivationError> {
         self.store.clear_plans(&activation.id).await?;
-        self.fetch(run, activation, destination, progress).await?;
+        let full_sync_every =
+            i64::try_from(self.config.full_sync_every.as_micros()).unwrap_or(i64::MAX);
+        let baseline = match full {
+            true => None,
+            false => self.store.baseline(&activation.id).await?,
+        }
+        .filter(|baseline| run.started_at_micros - baseline.full_sync_at_micros < full_sync_every);
+        let mut next = None;
+        if let Some(baseline) = baseline {
+            next = self
+                .fetch_changes(run, activation, destination, &baseline, progress)
+                .await?;
+        }
         let limit = destination.target.batch_limit() as u64;
-        let plan = self.store.plan_sync(&run.id, &activation.id, limit).await?;
+        let (plan, next) = match next {
+            Some(next) => {
+                run.full = false;
+                let plan = self
+                    .store
+                    .plan_changes(&run.id, &activation.id, limit)
+                    .await?;
+                (plan, Some(next))
+            }
+            None => {
+                run.full = true;
+                let next = self.fetch(run, activation, destination, progress).await?;
+                (
+                    self.store.plan_sync(&run.id, &activation.id, limit).await?,
+                    next,
+                )
+            }
+        };
         run.phase = Phase::Sending;
         run.unchanged = plan.unchanged;
         run.to_send = plan.adds + plan.removes;
         self.store.save_run(run).await?;
         progress.report(run);
         self.deliver_plan(run, activation, destination, &plan, progress)
-            .await
+            .await?;
+        Ok(next)
     }
 
     /// Delivers every batch of a run's plan, removes first.
@@ -494,60 +552,55 @@ impl Syncer {
         Ok((removed, outputs))
     }
 
+    /// The segments API through the gateway, with the service's token.
+    async fn segments_client(
+        &self,
+    ) -> Result<SegmentServiceClient<InterceptedService<Channel, impl Interceptor>>, ActivationError>
+    {
+        Ok(SegmentServiceClient::with_interceptor(
+            self.gateway.clone(),
+            crate::bearer_interceptor(&self.config).await?,
+        ))
+    }
+
+    /// Fetches the whole audience (the segment's current membership) into
+    /// the run's plan. Answers the baseline it leaves: the membership
+    /// cursor the export named (none: the next sync is full again).
     async fn fetch(
         &self,
         run: &mut SyncRun,
         activation: &Activation,
         destination: &Destination,
         progress: &Progress<'_>,
-    ) -> Result<(), ActivationError> {
-        let mut client = SegmentServiceClient::with_interceptor(
-            self.gateway.clone(),
-            crate::bearer_interceptor(&self.config).await?,
-        );
+    ) -> Result<Option<Baseline>, ActivationError> {
+        let mut client = self.segments_client().await?;
         let request = segments_pb::ExportAudienceRequest {
             segment_id: activation.segment_id.clone(),
             destination_id: destination.id.clone(),
             destination_kind: destination.target.kind().to_string(),
             purpose: activation.purpose.clone(),
             snapshot_cursor: 0,
+            current_membership: true,
         };
         let response = client
             .export_audience(request)
             .await
             .map_err(ActivationError::gateway)?;
-        run.policy_version = response
-            .metadata()
-            .get(madtech_proto::segments::POLICY_VERSION_HEADER)
-            .and_then(|value| value.to_str().ok())
+        run.policy_version = header(&response, madtech_proto::segments::POLICY_VERSION_HEADER)
             .unwrap_or_default()
             .to_string();
+        let baseline = header(&response, madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER)
+            .and_then(|cursor| cursor.parse().ok())
+            .map(|membership_cursor| Baseline {
+                membership_cursor,
+                policy_version: run.policy_version.clone(),
+                full_sync_at_micros: run.started_at_micros,
+            });
         let mut stream = response.into_inner();
         let mut page: Vec<Member> = Vec::with_capacity(STAGE_PAGE);
         while let Some(chunk) = stream.message().await.map_err(ActivationError::gateway)? {
             for member in chunk.members {
-                if member.pseudonymous_id.is_empty() {
-                    // Fail closed: only what the gateway pseudonymised may be sent.
-                    return Err(ActivationError::Gateway {
-                        code: tonic::Code::Internal,
-                        message: "a member arrived without a pseudonymous id".into(),
-                    });
-                }
-                let mut identifiers: Vec<HashedIdentifier> = member
-                    .hashed_identifiers
-                    .into_iter()
-                    .map(|h| HashedIdentifier {
-                        kind: h.kind,
-                        sha256: h.sha256,
-                    })
-                    .collect();
-                // Sorted, so the same identifiers always compare equal to
-                // what the sync state holds.
-                identifiers.sort();
-                page.push(Member {
-                    id: member.pseudonymous_id,
-                    identifiers,
-                });
+                page.push(crossed(member)?);
             }
             if page.len() >= STAGE_PAGE {
                 self.stage(run, &mut page).await?;
@@ -556,6 +609,79 @@ impl Syncer {
         }
         self.stage(run, &mut page).await?;
         progress.report(run);
+        Ok(baseline)
+    }
+
+    /// Fetches the audience's membership changes since `baseline` into the
+    /// run's plan. Answers the baseline they lead to, or `None` when the
+    /// policy version is no longer the one the last full sync ran under
+    /// (people whose membership did not change may be decided otherwise
+    /// now: a full sync is due).
+    async fn fetch_changes(
+        &self,
+        run: &mut SyncRun,
+        activation: &Activation,
+        destination: &Destination,
+        baseline: &Baseline,
+        progress: &Progress<'_>,
+    ) -> Result<Option<Baseline>, ActivationError> {
+        let mut client = self.segments_client().await?;
+        let request = segments_pb::ExportAudienceChangesRequest {
+            segment_id: activation.segment_id.clone(),
+            destination_id: destination.id.clone(),
+            destination_kind: destination.target.kind().to_string(),
+            purpose: activation.purpose.clone(),
+            after_cursor: baseline.membership_cursor,
+            until_head: true,
+        };
+        let response = client
+            .export_audience_changes(request)
+            .await
+            .map_err(ActivationError::gateway)?;
+        let policy_version =
+            header(&response, madtech_proto::segments::POLICY_VERSION_HEADER).unwrap_or_default();
+        if policy_version != baseline.policy_version {
+            tracing::info!(activation = %activation.id, "the policy changed since the last full sync; syncing in full");
+            return Ok(None);
+        }
+        run.policy_version = policy_version.to_string();
+        let mut stream = response.into_inner();
+        let mut cursor = baseline.membership_cursor;
+        let mut page: Vec<StagedChange> = Vec::with_capacity(STAGE_PAGE);
+        while let Some(chunk) = stream.message().await.map_err(ActivationError::gateway)? {
+            for change in chunk.changes {
+                cursor = cursor.max(change.cursor);
+                page.push(StagedChange {
+                    member: crossed(change.member.unwrap_or_default())?,
+                    in_audience: change.in_audience,
+                });
+            }
+            if page.len() >= STAGE_PAGE {
+                self.stage_changes(run, &mut page).await?;
+                progress.report(run);
+            }
+        }
+        self.stage_changes(run, &mut page).await?;
+        progress.report(run);
+        Ok(Some(Baseline {
+            membership_cursor: cursor,
+            ..baseline.clone()
+        }))
+    }
+
+    async fn stage_changes(
+        &self,
+        run: &mut SyncRun,
+        page: &mut Vec<StagedChange>,
+    ) -> Result<(), ActivationError> {
+        if page.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .stage_changes(&run.id, &run.activation_id, page)
+            .await?;
+        run.members_received += page.len() as u64;
+        page.clear();
         Ok(())
     }
 
@@ -574,6 +700,40 @@ impl Syncer {
         page.clear();
         Ok(())
     }
+}
+
+/// A response header's value, when it is text.
+fn header<'r, T>(response: &'r tonic::Response<T>, name: &str) -> Option<&'r str> {
+    response
+        .metadata()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+}
+
+/// A member as the crossing released it, in the form the sync state keeps.
+fn crossed(member: segments_pb::AudienceMember) -> Result<Member, ActivationError> {
+    if member.pseudonymous_id.is_empty() {
+        // Fail closed: only what the gateway pseudonymised may be sent.
+        return Err(ActivationError::Gateway {
+            code: tonic::Code::Internal,
+            message: "a member arrived without a pseudonymous id".into(),
+        });
+    }
+    let mut identifiers: Vec<HashedIdentifier> = member
+        .hashed_identifiers
+        .into_iter()
+        .map(|h| HashedIdentifier {
+            kind: h.kind,
+            sha256: h.sha256,
+        })
+        .collect();
+    // Sorted, so the same identifiers always compare equal to what the
+    // sync state holds.
+    identifiers.sort();
+    Ok(Member {
+        id: member.pseudonymous_id,
+        identifiers,
+    })
 }
 
 #[cfg(test)]

@@ -4,12 +4,13 @@
 //! every segment. All of it runs the rules as SQL over the projection, the
 //! evaluator the property test checks against the in-memory one.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
 use madtech_common::CancellationToken;
+use tokio::sync::watch;
 
 use crate::error::SegmentError;
 use crate::rules::Rule;
@@ -39,6 +40,12 @@ pub struct Evaluator {
     store: Arc<SegmentStore>,
     projection: Arc<Projection>,
     memberships: Arc<Memberships>,
+    /// The profile change cursor up to which real-time re-evaluation has
+    /// run (in this process): memberships reflect every change up to it.
+    evaluated: Arc<watch::Sender<u64>>,
+    /// One computation of a segment at a time; an export of its current
+    /// membership waits for the one in progress.
+    computing: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Evaluator {
@@ -51,11 +58,42 @@ impl Evaluator {
             store,
             projection,
             memberships,
+            evaluated: Arc::new(watch::Sender::new(0)),
+            computing: Arc::default(),
         }
     }
 
     pub fn memberships(&self) -> Arc<Memberships> {
         Arc::clone(&self.memberships)
+    }
+
+    /// Records that memberships reflect every profile change up to `cursor`.
+    pub fn evaluated_through(&self, cursor: u64) {
+        self.evaluated.send_if_modified(|evaluated| {
+            let newer = cursor > *evaluated;
+            if newer {
+                *evaluated = cursor;
+            }
+            newer
+        });
+    }
+
+    /// The profile change cursor memberships reflect everything up to.
+    pub fn evaluated(&self) -> u64 {
+        *self.evaluated.borrow()
+    }
+
+    fn computation_lock(&self, segment_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut computing = self
+            .computing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(computing.entry(segment_id.to_string()).or_default())
+    }
+
+    /// Waits until no computation of `segment_id` is in progress.
+    pub async fn computed(&self, segment_id: &str) {
+        drop(self.computation_lock(segment_id).lock().await);
     }
 
     /// Evaluates `segment` over everyone, page by page, recording who
@@ -65,7 +103,16 @@ impl Evaluator {
         segment: Segment,
     ) -> impl Stream<Item = Result<Progress, SegmentError>> + Send + use<> {
         let this = self.clone();
+        // Claimed at once when free, so an export of the current membership
+        // asked for right after this call waits for the computation even
+        // before it is polled; otherwise queued behind the one in progress.
+        let lock = self.computation_lock(&segment.id);
+        let claimed = Arc::clone(&lock).try_lock_owned().ok();
         async_stream::try_stream! {
+            let _computing = match claimed {
+                Some(claimed) => claimed,
+                None => lock.lock_owned().await,
+            };
             let rules = this.store.rules().await?;
             let now_micros = chrono::Utc::now().timestamp_micros();
             let compiler = Compiler {

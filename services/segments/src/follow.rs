@@ -44,6 +44,9 @@ async fn follow_once(
     backoff: &Backoff,
 ) -> Result<(), SegmentError> {
     let cursor = projection.cursor().await?;
+    // What was applied before is as evaluated as it will be (a re-evaluation
+    // lost with a stopped process waits for the next computation).
+    evaluator.evaluated_through(cursor);
     let stream = client
         .watch_profile_changes(profiles_pb::WatchProfileChangesRequest {
             after_cursor: cursor,
@@ -64,7 +67,7 @@ async fn follow_once(
             last = Some(cursor);
             changes.extend(change_from_pb(change).map(|c| (cursor, c)));
         }
-        if last.is_some() {
+        if let Some(last) = last {
             projection.apply(&changes).await?;
             backoff.reset();
             let touched: BTreeSet<&str> = changes.iter().flat_map(|(_, c)| c.touched()).collect();
@@ -74,6 +77,7 @@ async fn follow_once(
             if let Err(err) = evaluator.reevaluate(&touched).await {
                 tracing::warn!(error = %err, people = touched.len(), "real-time re-evaluation failed");
             }
+            evaluator.evaluated_through(last);
         }
     }
     Ok(())

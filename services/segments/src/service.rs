@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::SegmentsConfig;
-use crate::convert::{rule_from_request, rule_to_pb};
+use crate::convert::{member_to_pb, rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
@@ -76,14 +76,30 @@ const DEFAULT_SAMPLE: u32 = 10;
 const MAX_SAMPLE: u32 = 100;
 
 impl SegmentApi {
+    /// Memberships follow a new or changed rule without waiting for a
+    /// request; an export of the current membership waits for it.
+    fn compute_in_background(&self, segment: Segment) {
+        let steps = self.evaluator.compute(segment);
+        tokio::spawn(async move {
+            let mut steps = Box::pin(steps);
+            while let Some(step) = steps.next().await {
+                if let Err(err) = step {
+                    tracing::warn!(error = %err, "computing a new or changed segment failed");
+                    break;
+                }
+            }
+        });
+    }
+
     /// Every stored segment's rule, for `in_segment`.
     async fn segment_rules(&self) -> Result<std::collections::BTreeMap<String, Rule>, Status> {
         Ok(self.store.rules().await?)
     }
 
-    /// Waits until the projection holds every profile change made before
-    /// this call, so an export sees what callers wrote before asking.
-    async fn catch_up(&self) -> Result<(), Status> {
+    /// Waits until the projection (or, for `Fresh::Memberships`, the
+    /// memberships evaluated from it) holds every profile change made
+    /// before this call, so an export sees what callers wrote before asking.
+    async fn catch_up(&self, fresh: Fresh) -> Result<(), Status> {
         let head = self
             .profiles
             .clone()
@@ -94,7 +110,11 @@ impl SegmentApi {
             .cursor;
         let deadline = tokio::time::Instant::now() + self.config.projection_freshness_timeout;
         loop {
-            if self.projection.cursor().await? >= head {
+            let reached = match fresh {
+                Fresh::Projection => self.projection.cursor().await?,
+                Fresh::Memberships => self.evaluator.evaluated(),
+            };
+            if reached >= head {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -105,6 +125,15 @@ impl SegmentApi {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
+}
+
+/// What a read must reflect every profile change made before it in.
+#[derive(Clone, Copy)]
+enum Fresh {
+    /// The projection rules are evaluated over.
+    Projection,
+    /// The stored memberships.
+    Memberships,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -126,6 +155,7 @@ impl SegmentService for SegmentApi {
         rule.check_references("", &self.segment_rules().await?)
             .map_err(|reason| FieldError::new("rule", reason))?;
         let segment = self.store.create(name, rule).await?;
+        self.compute_in_background(segment.clone());
         Ok(Response::new(pb::CreateSegmentResponse {
             segment: Some(segment_to_pb(&segment)),
         }))
@@ -142,17 +172,7 @@ impl SegmentService for SegmentApi {
         rule.check_references(&segment_id, &self.segment_rules().await?)
             .map_err(|reason| FieldError::new("rule", reason))?;
         let segment = self.store.update_rule(&segment_id, rule).await?;
-        // Memberships follow the new rule without waiting for a request.
-        let steps = self.evaluator.compute(segment.clone());
-        tokio::spawn(async move {
-            let mut steps = Box::pin(steps);
-            while let Some(step) = steps.next().await {
-                if let Err(err) = step {
-                    tracing::warn!(error = %err, "recomputing an updated segment failed");
-                    break;
-                }
-            }
-        });
+        self.compute_in_background(segment.clone());
         Ok(Response::new(pb::UpdateSegmentResponse {
             segment: Some(segment_to_pb(&segment)),
         }))
@@ -183,7 +203,7 @@ impl SegmentService for SegmentApi {
                 return Err(FieldError::new("sample_size", format!("at most {MAX_SAMPLE}")).into());
             }
         };
-        self.catch_up().await?;
+        self.catch_up(Fresh::Projection).await?;
         let rules = self.segment_rules().await?;
         let compiler = Compiler {
             backend: self.projection.backend(),
@@ -210,7 +230,7 @@ impl SegmentService for SegmentApi {
     ) -> Result<Response<Self::ComputeSegmentStream>, Status> {
         let segment_id = require("segment_id", &request.get_ref().segment_id)?.to_string();
         let segment = self.store.get(&segment_id).await?;
-        self.catch_up().await?;
+        self.catch_up(Fresh::Projection).await?;
         let stream = self.evaluator.compute(segment).map(|step| {
             step.map(|p| pb::ComputeSegmentResponse {
                 processed: p.processed,
@@ -343,11 +363,29 @@ impl SegmentService for SegmentApi {
         let segment_id = require("segment_id", &request.segment_id)?;
         require("destination_id", &request.destination_id)?;
         validate::policy_name("purpose", &request.purpose)?;
+        if request.current_membership && request.snapshot_cursor != 0 {
+            return Err(FieldError::new(
+                "snapshot_cursor",
+                "a snapshot and the current membership exclude each other",
+            )
+            .into());
+        }
         let segment = self.store.get(segment_id).await?;
         let segment_id = segment.id.clone();
         let snapshot = request.snapshot_cursor;
+        let current_membership = request.current_membership;
 
-        self.catch_up().await?;
+        let membership_cursor = if current_membership {
+            self.catch_up(Fresh::Memberships).await?;
+            self.evaluator.computed(&segment_id).await;
+            // Read before the pages: a change after it that a page already
+            // shows comes again from ExportAudienceChanges, which a sync
+            // applies idempotently.
+            Some(self.evaluator.memberships().head().await?)
+        } else {
+            self.catch_up(Fresh::Projection).await?;
+            (snapshot != 0).then_some(snapshot)
+        };
         let rules = self.segment_rules().await?;
         let projection = Arc::clone(&self.projection);
         let chunk = u64::from(self.config.export_chunk_size);
@@ -364,6 +402,7 @@ impl SegmentService for SegmentApi {
             let mut after = String::new();
             loop {
                 let selection = match snapshot {
+                    _ if current_membership => Selection::Members { segment_id: &segment_id },
                     0 => Selection::Rule(&rule, &compiler),
                     cursor => Selection::Snapshot { segment_id: &segment_id, cursor },
                 };
@@ -376,6 +415,126 @@ impl SegmentService for SegmentApi {
                 if !full { break; }
             }
         };
+        let mut response = Response::new(Box::pin(stream) as ExportStream);
+        if let Some(cursor) = membership_cursor {
+            response.metadata_mut().insert(
+                madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER,
+                tonic::metadata::MetadataValue::from(cursor),
+            );
+        }
+        Ok(response)
+    }
+
+    type ExportAudienceChangesStream = BoxStream<pb::ExportAudienceChangesResponse>;
+
+    async fn export_audience_changes(
+        &self,
+        request: Request<pb::ExportAudienceChangesRequest>,
+    ) -> Result<Response<Self::ExportAudienceChangesStream>, Status> {
+        let request = request.into_inner();
+        let segment_id = require("segment_id", &request.segment_id)?;
+        require("destination_id", &request.destination_id)?;
+        validate::policy_name("purpose", &request.purpose)?;
+        let segment_id = self.store.get(segment_id).await?.id;
+        let changes = AudienceChanges {
+            memberships: self.evaluator.memberships(),
+            projection: Arc::clone(&self.projection),
+            segment_id,
+        };
+        if !request.until_head {
+            let appended = changes.memberships.subscribe();
+            let stream = follow(
+                request.after_cursor,
+                appended,
+                self.config.watch_poll_interval,
+                move |cursor| {
+                    let changes = changes.clone();
+                    async move {
+                        let (read_to, page) = changes.after(cursor, u64::MAX).await?;
+                        Ok::<_, Status>(Page {
+                            read_to,
+                            items: page.into_iter().collect(),
+                        })
+                    }
+                },
+            );
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        // Everything recorded before the call, then the end.
+        self.catch_up(Fresh::Memberships).await?;
+        let head = changes.memberships.head().await?;
+        let stream = async_stream::try_stream! {
+            let mut cursor = request.after_cursor;
+            while cursor < head {
+                let (read_to, page) = changes.after(cursor, head).await?;
+                let Some(page) = page else { break };
+                cursor = read_to;
+                yield page;
+            }
+        };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A segment's membership changes with the members as an export sends them.
+#[derive(Clone)]
+struct AudienceChanges {
+    memberships: Arc<crate::store::membership::Memberships>,
+    projection: Arc<Projection>,
+    segment_id: String,
+}
+
+impl AudienceChanges {
+    /// The page of changes after `cursor` up to `head`: how far it read,
+    /// and the page (`None` when there was nothing).
+    async fn after(
+        &self,
+        cursor: u64,
+        head: u64,
+    ) -> Result<(u64, Option<pb::ExportAudienceChangesResponse>), SegmentError> {
+        let mut changes = self
+            .memberships
+            .changes_after(&self.segment_id, cursor, WATCH_PAGE)
+            .await?;
+        changes.retain(|change| change.cursor <= head);
+        let Some(read_to) = changes.last().map(|change| change.cursor) else {
+            return Ok((cursor, None));
+        };
+        let entered: Vec<String> = changes
+            .iter()
+            .filter(|change| change.entered)
+            .map(|change| change.profile_id.clone())
+            .collect();
+        let mut members: std::collections::HashMap<String, pb::AudienceMember> =
+            if entered.is_empty() {
+                Default::default()
+            } else {
+                self.projection
+                    .members(Selection::People(&entered), "", entered.len() as u64)
+                    .await?
+                    .into_iter()
+                    .map(|member| (member.profile_id.clone(), member_to_pb(member)))
+                    .collect()
+            };
+        let changes = changes
+            .into_iter()
+            .map(|change| {
+                // A person erased since entering is no longer anyone's member.
+                let member = change
+                    .entered
+                    .then(|| members.remove(&change.profile_id))
+                    .flatten();
+                pb::AudienceChange {
+                    cursor: change.cursor,
+                    in_audience: member.is_some(),
+                    at: Some(from_micros(change.at_micros)),
+                    member: Some(member.unwrap_or_else(|| pb::AudienceMember {
+                        profile_id: change.profile_id,
+                        ..Default::default()
+                    })),
+                }
+            })
+            .collect();
+        Ok((read_to, Some(pb::ExportAudienceChangesResponse { changes })))
     }
 }

@@ -96,6 +96,7 @@ pub mod sync_run {
         pub batches_rejected: i64,
         pub retries: i64,
         pub policy_version: String,
+        pub full: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -170,6 +171,28 @@ pub mod sync_plan {
         pub identifiers: String,
         pub op: Option<String>,
         pub seq: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sync_baseline {
+    use sea_orm::entity::prelude::*;
+
+    /// Where an activation's last successful sync left its audience: the
+    /// membership cursor it applied everything up to, and the policy
+    /// version and time of its last full sync.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_baselines")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub activation_id: String,
+        pub membership_cursor: i64,
+        pub policy_version: String,
+        pub full_sync_at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

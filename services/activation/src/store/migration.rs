@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(Plans),
             Box::new(Schedules),
             Box::new(RunPolicyVersion),
+            Box::new(Baselines),
         ]
     }
 }
@@ -70,6 +71,7 @@ enum SyncRuns {
     BatchesRejected,
     Retries,
     PolicyVersion,
+    Full,
 }
 
 #[derive(DeriveIden)]
@@ -388,6 +390,51 @@ impl MigrationTrait for RunPolicyVersion {
                 Table::alter()
                     .table(SyncRuns::Table)
                     .add_column(string(SyncRuns::PolicyVersion).default(""))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum SyncBaselines {
+    Table,
+    ActivationId,
+    MembershipCursor,
+    PolicyVersion,
+    FullSyncAt,
+}
+
+/// Incremental syncs: where each activation's audience was last synced up
+/// to, and whether a run was full.
+struct Baselines;
+
+impl MigrationName for Baselines {
+    fn name(&self) -> &str {
+        "m20261201_000007_sync_baselines"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Baselines {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncBaselines::Table)
+                    .if_not_exists()
+                    .col(string(SyncBaselines::ActivationId).primary_key())
+                    .col(big_integer(SyncBaselines::MembershipCursor))
+                    .col(string(SyncBaselines::PolicyVersion))
+                    .col(big_integer(SyncBaselines::FullSyncAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SyncRuns::Table)
+                    .add_column(boolean(SyncRuns::Full).default(true))
                     .to_owned(),
             )
             .await

@@ -1,5 +1,6 @@
 //! Persistence of destinations, activations, sync state and sync runs.
 
+mod baseline;
 mod entities;
 mod migration;
 mod plan;
@@ -12,8 +13,9 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
 };
 
+pub use baseline::Baseline;
 pub use migration::Migrator;
-pub use plan::PlanCounts;
+pub use plan::{PlanCounts, StagedChange};
 
 use crate::destination::{HashedIdentifier, Member, Op, Target};
 use crate::error::ActivationError;
@@ -124,6 +126,9 @@ pub struct SyncRun {
     pub retries: u64,
     /// The gateway's policy version the audience was released under.
     pub policy_version: String,
+    /// The whole audience compared (true), or only its changes since the
+    /// last sync.
+    pub full: bool,
 }
 
 impl SyncRun {
@@ -146,6 +151,7 @@ impl SyncRun {
             batches_rejected: 0,
             retries: 0,
             policy_version: String::new(),
+            full: true,
         }
     }
 
@@ -169,6 +175,7 @@ impl SyncRun {
             batches_rejected: count(row.batches_rejected),
             retries: count(row.retries),
             policy_version: row.policy_version,
+            full: row.full,
         })
     }
 }
@@ -606,6 +613,7 @@ impl ActivationStore {
             batches_rejected: Set(count(run.batches_rejected)),
             retries: Set(count(run.retries)),
             policy_version: Set(run.policy_version.clone()),
+            full: Set(run.full),
         };
         sync_run::Entity::insert(row)
             .on_conflict(
@@ -624,6 +632,7 @@ impl ActivationStore {
                         sync_run::Column::BatchesRejected,
                         sync_run::Column::Retries,
                         sync_run::Column::PolicyVersion,
+                        sync_run::Column::Full,
                     ])
                     .to_owned(),
             )
@@ -1015,6 +1024,110 @@ mod tests {
             assert_eq!((plan.adds, plan.removes), (0, 1));
             store.clear_plans(id).await.expect("clear");
             assert!(batch(Op::Add, 1).await.is_empty());
+        }
+    );
+
+    madtech_common::backend_tests!(
+        incremental_plans_apply_membership_changes,
+        |db: TestDatabase| async move {
+            let store = ActivationStore::new(
+                connect_and_migrate::<Migrator>(&db.config)
+                    .await
+                    .expect("connect"),
+            );
+            let target = Target::File {
+                directory: "out".into(),
+                format: Default::default(),
+            };
+            let destination = store
+                .create_destination("files".into(), target)
+                .await
+                .expect("destination");
+            let activation = store
+                .create_activation("s".into(), destination.id, "ad_targeting".into(), None)
+                .await
+                .expect("activation");
+            let id = activation.id.as_str();
+            assert_eq!(store.baseline(id).await.expect("baseline"), None);
+            let baseline = Baseline {
+                membership_cursor: 41,
+                policy_version: "v1".into(),
+                full_sync_at_micros: 7,
+            };
+            store.save_baseline(id, &baseline).await.expect("save");
+            let moved = Baseline {
+                membership_cursor: 42,
+                ..baseline
+            };
+            store.save_baseline(id, &moved).await.expect("move");
+            assert_eq!(store.baseline(id).await.expect("baseline"), Some(moved));
+
+            // Held: a and b confirmed, c pending.
+            store
+                .acknowledge(id, &[member("a", "1"), member("b", "2")], &[], None)
+                .await
+                .expect("held");
+            store
+                .prepare(id, &[member("c", "3")])
+                .await
+                .expect("pending");
+            let change = |id: &str, sha: &str, in_audience: bool| StagedChange {
+                member: Member {
+                    id: id.into(),
+                    identifiers: if in_audience { hashed(sha) } else { Vec::new() },
+                },
+                in_audience,
+            };
+            let run = SyncRun::start(id, Trigger::Sync);
+            store
+                .stage_changes(
+                    &run.id,
+                    id,
+                    &[
+                        change("a", "", false),
+                        change("b", "2", true),
+                        change("d", "4", true),
+                        change("e", "5", true),
+                        change("c", "", false),
+                    ],
+                )
+                .await
+                .expect("first page");
+            store
+                .stage_changes(
+                    &run.id,
+                    id,
+                    &[
+                        change("e", "", false),
+                        change("x", "", false),
+                        change("f", "6", true),
+                        change("f", "", false),
+                        change("f", "7", true),
+                    ],
+                )
+                .await
+                .expect("second page");
+            let plan = store.plan_changes(&run.id, id, 10).await.expect("plan");
+            assert_eq!(
+                (plan.adds, plan.removes, plan.unchanged),
+                (2, 2, 1),
+                "d and f (last seen entering) are added; a and the pending c are removed; \
+                 b is held as it is; e (never sent) and x (never held) need nothing"
+            );
+            let batch = |op| {
+                let store = &store;
+                let run_id = run.id.clone();
+                async move { store.planned_batch(&run_id, op, 1).await.expect("batch") }
+            };
+            assert_eq!(
+                batch(Op::Add).await,
+                vec![member("d", "4"), member("f", "7")]
+            );
+            assert_eq!(
+                batch(Op::Remove).await,
+                vec![member("a", "1"), member("c", "3")],
+                "removals carry the hashes the destination was given"
+            );
         }
     );
 }

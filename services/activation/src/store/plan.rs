@@ -44,6 +44,14 @@ impl PlanCounts {
     }
 }
 
+/// One membership change of an incremental run: the person, and whether
+/// they are in the audience now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedChange {
+    pub member: Member,
+    pub in_audience: bool,
+}
+
 fn identifiers_json(member: &Member) -> Result<String, ActivationError> {
     serde_json::to_string(&member.identifiers)
         .map_err(|err| ActivationError::Corrupt(format!("identifiers: {err}")))
@@ -111,15 +119,7 @@ impl ActivationStore {
         batch_limit: u64,
     ) -> Result<PlanCounts, ActivationError> {
         let txn = self.db.begin().await?;
-        let mut adds = Sql::new("UPDATE sync_plan SET op = 'add' WHERE run_id = ");
-        adds.bind(run_id.to_string())
-            .push(" AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
-            .bind(activation_id.to_string())
-            .push(
-                " AND s.pseudonymous_id = sync_plan.pseudonymous_id \
-                 AND s.confirmed = TRUE AND s.identifiers = sync_plan.identifiers)",
-            );
-        execute(&txn, &adds).await?;
+        mark_adds(&txn, run_id, activation_id).await?;
         let mut removes = Sql::new(
             "INSERT INTO sync_plan (run_id, pseudonymous_id, activation_id, identifiers, op) \
              SELECT ",
@@ -135,6 +135,95 @@ impl ActivationStore {
             .bind(run_id.to_string())
             .push(" AND p.pseudonymous_id = s.pseudonymous_id)");
         execute(&txn, &removes).await?;
+        number_batches(&txn, run_id, batch_limit).await?;
+        let counts = counts(&txn, run_id, batch_limit).await?;
+        txn.commit().await?;
+        Ok(counts)
+    }
+
+    /// Adds a page of an audience's membership changes to an incremental
+    /// run's plan. A person named twice ends as their last change left
+    /// them; the people who left are staged as removes, to be given the
+    /// hashes the destination holds for them when the run is planned.
+    pub async fn stage_changes(
+        &self,
+        run_id: &str,
+        activation_id: &str,
+        changes: &[StagedChange],
+    ) -> Result<(), ActivationError> {
+        // PostgreSQL refuses a statement that updates one row twice: the
+        // page keeps each person's last change only.
+        let mut last: std::collections::HashMap<&str, &StagedChange> =
+            std::collections::HashMap::with_capacity(changes.len());
+        for change in changes {
+            last.insert(change.member.id.as_str(), change);
+        }
+        let txn = self.db.begin().await?;
+        let latest: Vec<&StagedChange> = last.into_values().collect();
+        for chunk in latest.chunks(1_000) {
+            let rows = chunk
+                .iter()
+                .map(|change| {
+                    let (identifiers, op) = if change.in_audience {
+                        (identifiers_json(&change.member)?, None)
+                    } else {
+                        ("[]".to_string(), Some(Op::Remove.as_str().to_string()))
+                    };
+                    Ok(sync_plan::ActiveModel {
+                        run_id: Set(run_id.to_string()),
+                        pseudonymous_id: Set(change.member.id.clone()),
+                        activation_id: Set(activation_id.to_string()),
+                        identifiers: Set(identifiers),
+                        op: Set(op),
+                        seq: Set(None),
+                    })
+                })
+                .collect::<Result<Vec<_>, ActivationError>>()?;
+            sync_plan::Entity::insert_many(rows)
+                .on_conflict(
+                    OnConflict::columns([
+                        sync_plan::Column::RunId,
+                        sync_plan::Column::PseudonymousId,
+                    ])
+                    .update_columns([sync_plan::Column::Identifiers, sync_plan::Column::Op])
+                    .to_owned(),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Plans an incremental run from its staged changes: people in the
+    /// audience that the destination does not surely hold as they are now
+    /// are adds; people who left are removes when the destination holds or
+    /// may hold them (with the hashes it was given), and nothing otherwise.
+    pub async fn plan_changes(
+        &self,
+        run_id: &str,
+        activation_id: &str,
+        batch_limit: u64,
+    ) -> Result<PlanCounts, ActivationError> {
+        let txn = self.db.begin().await?;
+        mark_adds(&txn, run_id, activation_id).await?;
+        let mut not_held = Sql::new("DELETE FROM sync_plan WHERE run_id = ");
+        not_held
+            .bind(run_id.to_string())
+            .push(" AND op = 'remove' AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
+            .bind(activation_id.to_string())
+            .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id)");
+        execute(&txn, &not_held).await?;
+        let mut hashes = Sql::new(
+            "UPDATE sync_plan SET identifiers = (SELECT s.identifiers FROM sync_state s \
+             WHERE s.activation_id = ",
+        );
+        hashes
+            .bind(activation_id.to_string())
+            .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id) WHERE run_id = ")
+            .bind(run_id.to_string())
+            .push(" AND op = 'remove'");
+        execute(&txn, &hashes).await?;
         number_batches(&txn, run_id, batch_limit).await?;
         let counts = counts(&txn, run_id, batch_limit).await?;
         txn.commit().await?;
@@ -189,6 +278,26 @@ impl ActivationStore {
         members.sort_unstable();
         Ok(members)
     }
+}
+
+/// Marks the staged members the destination does not surely hold as they
+/// are now (not held, held with other identifiers, or an add never
+/// confirmed) as adds.
+async fn mark_adds<C: ConnectionTrait>(
+    db: &C,
+    run_id: &str,
+    activation_id: &str,
+) -> Result<(), ActivationError> {
+    let mut adds = Sql::new("UPDATE sync_plan SET op = 'add' WHERE run_id = ");
+    adds.bind(run_id.to_string())
+        .push(" AND op IS NULL AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
+        .bind(activation_id.to_string())
+        .push(
+            " AND s.pseudonymous_id = sync_plan.pseudonymous_id \
+             AND s.confirmed = TRUE AND s.identifiers = sync_plan.identifiers)",
+        );
+    execute(db, &adds).await?;
+    Ok(())
 }
 
 /// Gives each `add` and each `remove` its batch: the n-th member of an op in

@@ -77,6 +77,10 @@ pub enum Selection<'s, 'c> {
     /// Whoever was a member of the segment at a membership cursor (the
     /// `cursor` a computation ended at), so a sync can be reproduced.
     Snapshot { segment_id: &'s str, cursor: u64 },
+    /// Whoever is a member of the segment now, as recorded.
+    Members { segment_id: &'s str },
+    /// These people, whatever their memberships.
+    People(&'s [String]),
 }
 
 /// A page of an export: its members' documents, concatenated in id order.
@@ -504,6 +508,14 @@ impl Projection {
                     .push(" AND mc.profile_id = people.profile_id AND mc.entered = 1 AND mc.seq = (SELECT max(m2.seq) FROM membership_changes m2 WHERE m2.segment_id = mc.segment_id AND m2.profile_id = mc.profile_id AND m2.seq <= ")
                     .bind(cursor)
                     .push("))");
+            }
+            Selection::Members { segment_id } => {
+                sql.push("EXISTS (SELECT 1 FROM memberships m WHERE m.segment_id = ")
+                    .bind(segment_id.to_string())
+                    .push(" AND m.profile_id = people.profile_id)");
+            }
+            Selection::People(ids) => {
+                sql.push("people.profile_id IN ").bind_list(ids);
             }
         }
         sql.push(" ORDER BY people.profile_id LIMIT ")

@@ -1,0 +1,199 @@
+//! The second audience crossing: `SegmentService/ExportAudienceChanges`, a
+//! segment's membership changes as a sync follows them after exporting the
+//! audience once. Each entered change is decided and minimised exactly as
+//! `ExportAudience` decides and minimises a member (`crossing::Filter`);
+//! a person the policy does not let cross arrives as someone not in the
+//! audience, and every change names the person only by their pseudonymous
+//! id for the destination.
+//!
+//! Each page of changes is audited before any of it is released (the
+//! stream may follow the segment for as long as the caller likes, so it is
+//! audited per page, like the consent releases); nothing is released when
+//! the audit cannot be written.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use madtech_common::error::FieldError;
+use madtech_common::validate::{policy_name, require};
+use madtech_proto::segments::v1 as segments_pb;
+use tonic::{Request, Response, Status};
+
+use crate::audit;
+use crate::crossing::{
+    Audited, Crossing, Filter, deadline_of, name_policy_version, policy_failure, with_deadline,
+};
+use crate::page::MemberView;
+use crate::token::Caller;
+
+/// The gRPC path of this crossing.
+pub const EXPORT_AUDIENCE_CHANGES: &str =
+    "/madtech.segments.v1.SegmentService/ExportAudienceChanges";
+
+type Changes = std::pin::Pin<
+    Box<dyn Stream<Item = Result<segments_pb::ExportAudienceChangesResponse, Status>> + Send>,
+>;
+
+fn validated(request: &segments_pb::ExportAudienceChangesRequest) -> Result<(), FieldError> {
+    require("segment_id", &request.segment_id)?;
+    require("destination_id", &request.destination_id)?;
+    policy_name("purpose", &request.purpose)?;
+    Ok(())
+}
+
+impl Crossing {
+    /// Handles one `ExportAudienceChanges` call at the HTTP level.
+    pub async fn handle_changes(
+        self,
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let codec = tonic_prost::ProstCodec::<
+            segments_pb::ExportAudienceChangesResponse,
+            segments_pb::ExportAudienceChangesRequest,
+        >::default();
+        let mut grpc = tonic::server::Grpc::new(codec);
+        let service = tower::service_fn(move |request| self.clone().changes(request));
+        grpc.server_streaming(service, request).await
+    }
+
+    async fn changes(
+        self,
+        request: Request<segments_pb::ExportAudienceChangesRequest>,
+    ) -> Result<Response<Changes>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let deadline = deadline_of(request.metadata());
+        let mut request = request.into_inner();
+        validated(&request)?;
+        let (policy, kind) = self
+            .settle(&request.destination_id, &request.destination_kind, deadline)
+            .await?;
+        request.destination_kind = kind;
+        let mut segments = self.segments.clone();
+        segments
+            .ready()
+            .await
+            .map_err(|err| Status::unavailable(format!("the segments service: {err}")))?;
+        let codec = tonic_prost::ProstCodec::<
+            segments_pb::ExportAudienceChangesRequest,
+            segments_pb::ExportAudienceChangesResponse,
+        >::default();
+        let mut upstream = segments
+            .server_streaming(
+                with_deadline(request.clone(), deadline)?,
+                http::uri::PathAndQuery::from_static(EXPORT_AUDIENCE_CHANGES),
+                codec,
+            )
+            .await?
+            .into_inner();
+        let base = audit::Crossing {
+            caller: caller.map(|c| c.subject).unwrap_or_default(),
+            method: EXPORT_AUDIENCE_CHANGES.to_string(),
+            segment_id: request.segment_id.clone(),
+            destination_id: request.destination_id.clone(),
+            destination_kind: request.destination_kind.clone(),
+            purpose: request.purpose.clone(),
+            policy_version: policy.version.clone(),
+            ..audit::Crossing::default()
+        };
+        let policy_version = policy.version.clone();
+        let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
+        let crossing = self.clone();
+        let stream = async_stream::try_stream! {
+            let audited = |base: &audit::Crossing| Audited {
+                filter: Filter::new(
+                    Arc::clone(&policy),
+                    crossing.pseudonymiser.clone(),
+                    &request.destination_id,
+                    &request.destination_kind,
+                    &request.purpose,
+                ),
+                log: Arc::clone(&crossing.audit),
+                base: base.clone(),
+                recorded: false,
+            };
+            let mut pages = 0_u64;
+            while let Some(page) = upstream.message().await? {
+                // Consent as it stands when the page crosses: a follower
+                // may run for days.
+                let freshness = crossing.consent.freshness(deadline).await?;
+                let mut page_audit = audited(&base);
+                let crossed = crossing
+                    .cross_changes(&mut page_audit.filter, page.changes, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
+                    .await?;
+                // Released only once its audit record is durable.
+                page_audit.record("released").await?;
+                pages += 1;
+                yield segments_pb::ExportAudienceChangesResponse { changes: crossed };
+            }
+            // A call that released nothing is on record too.
+            if pages == 0 {
+                audited(&base).record("complete").await?;
+            }
+        };
+        let mut response = Response::new(Box::pin(stream) as Changes);
+        name_policy_version(&mut response, &policy_version);
+        Ok(response)
+    }
+
+    /// One page of changes as it crosses: entered members the policy lets
+    /// through, minimised; everyone else as a pseudonymous id not in the
+    /// audience.
+    async fn cross_changes(
+        &self,
+        filter: &mut Filter,
+        changes: Vec<segments_pb::AudienceChange>,
+        purpose: &str,
+        vendor_purpose: Option<&str>,
+        freshness: crate::consent_view::Freshness,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Vec<segments_pb::AudienceChange>, Status> {
+        let entering: Vec<&segments_pb::AudienceMember> = changes
+            .iter()
+            .filter(|change| change.in_audience)
+            .filter_map(|change| change.member.as_ref())
+            .collect();
+        let states = if entering.is_empty() {
+            Vec::new()
+        } else {
+            self.consent_states(&entering, purpose, vendor_purpose, freshness, deadline)
+                .await?
+        };
+        let mut states = states.into_iter();
+        let mut crossed = Vec::with_capacity(changes.len());
+        for change in changes {
+            let Some(member) = change.member else {
+                return Err(Status::internal(
+                    "the segments service sent an audience change without a member",
+                ));
+            };
+            let admitted = if change.in_audience {
+                let state = states
+                    .next()
+                    .ok_or_else(|| Status::internal("consent states do not match the changes"))?;
+                filter
+                    .admit(&MemberView::of(&member), state)
+                    .map_err(policy_failure)?
+                    .cloned()
+            } else {
+                None
+            };
+            let (in_audience, member) = match admitted {
+                Some(member) => (true, member),
+                None => (
+                    false,
+                    segments_pb::AudienceMember {
+                        pseudonymous_id: filter.leave(&member.profile_id),
+                        ..Default::default()
+                    },
+                ),
+            };
+            crossed.push(segments_pb::AudienceChange {
+                cursor: change.cursor,
+                in_audience,
+                at: change.at,
+                member: Some(member),
+            });
+        }
+        Ok(crossed)
+    }
+}
