@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::crossing::{
-    Audited, Crossing, Filter, deadline_of, name_policy_version, policy_failure, with_deadline,
+    Audited, Crossing, Filter, deadline_of, name_policy_version, policy_failure,
 };
 use crate::page::MemberView;
 use crate::token::Caller;
@@ -68,21 +68,12 @@ impl Crossing {
             .settle(&request.destination_id, &request.destination_kind, deadline)
             .await?;
         request.destination_kind = kind;
-        let mut segments = self.segments.clone();
-        segments
-            .ready()
-            .await
-            .map_err(|err| Status::unavailable(format!("the segments service: {err}")))?;
         let codec = tonic_prost::ProstCodec::<
             segments_pb::ExportAudienceChangesRequest,
             segments_pb::ExportAudienceChangesResponse,
         >::default();
-        let mut upstream = segments
-            .server_streaming(
-                with_deadline(request.clone(), deadline)?,
-                http::uri::PathAndQuery::from_static(EXPORT_AUDIENCE_CHANGES),
-                codec,
-            )
+        let mut upstream = self
+            .upstream(EXPORT_AUDIENCE_CHANGES, request.clone(), deadline, codec)
             .await?
             .into_inner();
         let base = audit::Crossing {

@@ -415,6 +415,34 @@ impl Crossing {
         Ok((policy, kind))
     }
 
+    /// Calls the segments service's `path` for a crossing, within the
+    /// caller's deadline.
+    pub(crate) async fn upstream<C>(
+        &self,
+        path: &'static str,
+        message: C::Encode,
+        deadline: Option<tokio::time::Instant>,
+        codec: C,
+    ) -> Result<Response<tonic::Streaming<C::Decode>>, Status>
+    where
+        C: tonic::codec::Codec,
+        C::Encode: Send + Sync + 'static,
+        C::Decode: Send + Sync + 'static,
+    {
+        let mut segments = self.segments.clone();
+        segments
+            .ready()
+            .await
+            .map_err(|err| Status::unavailable(format!("the segments service: {err}")))?;
+        segments
+            .server_streaming(
+                with_deadline(message, deadline)?,
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+    }
+
     /// The consent state each subject crosses under for `purpose` (and, for
     /// a destination that is a TCF vendor, its vendor choice).
     pub(crate) async fn consent_states<M: Subject>(
@@ -454,17 +482,8 @@ impl Crossing {
         request.destination_kind = kind;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
-        let mut segments = self.segments.clone();
-        segments
-            .ready()
-            .await
-            .map_err(|err| Status::unavailable(format!("the segments service: {err}")))?;
-        let upstream = segments
-            .server_streaming(
-                with_deadline(request.clone(), deadline)?,
-                http::uri::PathAndQuery::from_static(EXPORT_AUDIENCE),
-                PageCodec,
-            )
+        let upstream = self
+            .upstream(EXPORT_AUDIENCE, request.clone(), deadline, PageCodec)
             .await?;
         let membership_cursor = upstream
             .metadata()
@@ -780,6 +799,46 @@ mod tests {
         let mut sent = segments_pb::ExportAudienceResponse::decode(page.as_slice()).expect("sent");
         assert_eq!(crossed, sent.members.len() == 1);
         Ok(sent.members.pop())
+    }
+
+    #[tokio::test]
+    async fn a_decoded_member_is_admitted_as_a_page_member_crosses() {
+        let (mut by_page, mut decoded) = (filter().await, filter().await);
+        let granted = consent_pb::ConsentState::Granted;
+        let sent = cross_one(&mut by_page, member("p1", "FR"), granted)
+            .expect("decided")
+            .expect("allowed");
+        let upstream = member("p1", "FR");
+        let admitted = decoded
+            .admit(&MemberView::of(&upstream), granted)
+            .expect("decided")
+            .cloned();
+        assert_eq!(admitted, Some(sent));
+        assert_eq!(by_page.tally, decoded.tally);
+        assert_eq!(by_page.released_digest(), decoded.released_digest());
+        let refused = decoded
+            .admit(&MemberView::of(&upstream), consent_pb::ConsentState::Denied)
+            .expect("decided");
+        assert!(refused.is_none());
+    }
+
+    #[tokio::test]
+    async fn people_who_leave_are_named_by_pseudonym_and_digested() {
+        let mut filter = filter().await;
+        let before = filter.released_digest();
+        let pseudonym = filter.leave("p1");
+        assert_eq!(
+            pseudonym,
+            Pseudonymiser::new(&[7; 32])
+                .expect("key")
+                .pseudonym("dest-1", "p1")
+        );
+        assert_ne!(
+            filter.released_digest(),
+            before,
+            "what was released is digested"
+        );
+        assert_eq!(filter.tally, Tally::default(), "a leaver is not a decision");
     }
 
     #[tokio::test]

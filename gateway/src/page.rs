@@ -231,6 +231,14 @@ mod tests {
     }
 
     #[test]
+    fn a_decoded_member_reads_as_its_page_form() {
+        let decoded = member("p1");
+        let page = segments_pb::ExportAudienceResponse::of(vec![decoded.clone()]).encode_to_vec();
+        let read = read_page(&page).expect("a page");
+        assert_eq!(read, vec![MemberView::of(&decoded)]);
+    }
+
+    #[test]
     fn a_bad_page_is_an_error_never_a_panic() {
         let page = segments_pb::ExportAudienceResponse::of(vec![member("a")]).encode_to_vec();
         for cut in 0..page.len() {

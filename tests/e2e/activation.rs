@@ -823,3 +823,75 @@ async fn the_cli_syncs_and_lists_runs() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("activation not found"));
     suite.stop().await;
 }
+
+/// A sync is incremental while the policy it last ran under in full is in
+/// force; after a policy change, or when asked, it compares the whole
+/// audience again, and a removal by consent withdrawal does not confuse
+/// the changes that follow.
+#[tokio::test]
+async fn syncs_are_incremental_until_the_policy_changes() {
+    let policies = Suite::copy_of_policies();
+    let dir = policies.path().to_path_buf();
+    let suite = Suite::start_with(Backend::Sqlite, move |config| {
+        config.gateway.policy_dir = dir;
+        config.gateway.policy_reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    for email in ["a@example.com", "b@example.com"] {
+        suite.person(email, "US-CA", Default::default()).await;
+    }
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (_, activated) = suite
+        .file_activation(&segment.segment_id, "incremental")
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let id = activated.activation_id.as_str();
+
+    let first = sync(&mut activation, id).await;
+    assert!(first.full, "a first sync is full");
+    assert_eq!(first.added, 2);
+    suite
+        .person("c@example.com", "US-CA", Default::default())
+        .await;
+    let second = sync(&mut activation, id).await;
+    assert!(!second.full);
+    assert_eq!((second.members_received, second.added), (1, 1));
+    assert_eq!(second.policy_version, first.policy_version);
+
+    // A policy change (any change to the files is a new version).
+    let rbac = policies.path().join("rbac_policy.csv");
+    let mut text = std::fs::read_to_string(&rbac).expect("read");
+    text.push_str("# reviewed\n");
+    std::fs::write(&rbac, text).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let third = loop {
+        let run = sync(&mut activation, id).await;
+        if run.policy_version != first.policy_version {
+            break run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(third.full, "a new policy version makes the sync full");
+    assert_eq!(
+        (
+            third.members_received,
+            third.added,
+            third.removed,
+            third.unchanged
+        ),
+        (3, 0, 0, 3)
+    );
+    suite
+        .person("a@example.com", "US-NV", Default::default())
+        .await;
+    let fourth = sync(&mut activation, id).await;
+    assert!(!fourth.full, "incremental again under the new version");
+    assert_eq!((fourth.members_received, fourth.removed), (1, 1));
+    let asked = sync_full(&mut activation, id).await;
+    assert_eq!((asked.added, asked.removed, asked.unchanged), (0, 0, 2));
+    suite.stop().await;
+}

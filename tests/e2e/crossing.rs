@@ -780,15 +780,59 @@ async fn audience_changes_cross_like_exports(backend: Backend) {
     assert!(!text.contains(&leaver) && !text.contains(&unconsented) && !text.contains('@'));
 
     let audit = suite.audit_records().await;
-    let record = audit
+    let page_record = audit
         .iter()
         .rev()
         .find(|r| r.method.ends_with("/ExportAudienceChanges"))
         .expect("the page is on record");
-    assert_eq!((record.allowed, record.outcome.as_str()), (1, "released"));
-    assert_eq!(record.denied.get("consent_unset"), Some(&1));
-    assert_eq!(record.segment_id, segment.segment_id);
-    assert_eq!(record.released_digest.len(), 64);
+    assert_eq!(
+        (page_record.allowed, page_record.outcome.as_str()),
+        (1, "released")
+    );
+    assert_eq!(page_record.denied.get("consent_unset"), Some(&1));
+    assert_eq!(page_record.segment_id, segment.segment_id);
+    assert_eq!(page_record.released_digest.len(), 64);
+
+    // Without `until_head` the stream follows: what happened, then what
+    // happens next.
+    let mut following = segments
+        .export_audience_changes(segments_pb::ExportAudienceChangesRequest {
+            until_head: false,
+            ..changes_request()
+        })
+        .await
+        .expect("follow")
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < changes.len() {
+        let page = following.message().await.expect("page").expect("open");
+        seen.extend(page.changes);
+    }
+    assert_eq!(seen, changes, "the same changes, crossed alike");
+    // Consent first, then into the segment, so the change crosses allowed
+    // whenever the follower reads it.
+    let latecomer = suite
+        .person("latecomer@example.com", "DE", Default::default())
+        .await;
+    record(
+        &mut suite.consent(suite.bearer(&["admin"])),
+        &latecomer,
+        consent_pb::ConsentState::Granted,
+        "FR",
+    )
+    .await;
+    suite
+        .person("latecomer@example.com", "FR", Default::default())
+        .await;
+    let late = tokio::time::timeout(std::time::Duration::from_secs(15), following.message())
+        .await
+        .expect("a new change arrives")
+        .expect("page")
+        .expect("open");
+    assert_eq!(late.changes.len(), 1);
+    assert!(late.changes[0].in_audience);
+    assert!(late.changes[0].cursor > changes[2].cursor);
+    drop(following);
 
     // Only the crossing's callers may ask, and they must name a destination.
     let denied = suite

@@ -404,15 +404,7 @@ async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
 
 #[tokio::test]
 async fn a_policy_change_takes_effect_without_a_restart_and_a_broken_one_is_ignored() {
-    let policies = tempfile::tempdir().expect("policy dir");
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    for entry in std::fs::read_dir(&shipped).expect("policies") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "conf" || e == "csv") {
-            std::fs::copy(&path, policies.path().join(path.file_name().expect("name")))
-                .expect("copy");
-        }
-    }
+    let policies = Suite::copy_of_policies();
     let dir = policies.path().to_path_buf();
     let suite = Suite::start_with(Backend::Sqlite, move |config| {
         config.gateway.policy_dir = dir;

@@ -353,6 +353,21 @@ impl Suite {
         members
     }
 
+    /// A copy of the shipped policy files in a directory of its own, for
+    /// tests that change policy while the suite runs.
+    pub fn copy_of_policies() -> tempfile::TempDir {
+        let policies = tempfile::tempdir().expect("policy dir");
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for entry in std::fs::read_dir(&shipped).expect("policies") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "conf" || e == "csv") {
+                std::fs::copy(&path, policies.path().join(path.file_name().expect("name")))
+                    .expect("copy");
+            }
+        }
+        policies
+    }
+
     /// Stops the suite and waits for every component to drain.
     pub async fn stop(self) {
         self.running.stop().await.expect("suite ran cleanly");

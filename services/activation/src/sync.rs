@@ -227,13 +227,13 @@ impl Syncer {
         progress: &Progress<'_>,
     ) -> Result<Option<Baseline>, ActivationError> {
         self.store.clear_plans(&activation.id).await?;
-        let full_sync_every =
-            i64::try_from(self.config.full_sync_every.as_micros()).unwrap_or(i64::MAX);
         let baseline = match full {
             true => None,
             false => self.store.baseline(&activation.id).await?,
         }
-        .filter(|baseline| run.started_at_micros - baseline.full_sync_at_micros < full_sync_every);
+        .filter(|baseline| {
+            !full_sync_lapsed(baseline, run.started_at_micros, self.config.full_sync_every)
+        });
         let mut next = None;
         if let Some(baseline) = baseline {
             next = self
@@ -702,6 +702,12 @@ impl Syncer {
     }
 }
 
+/// Whether a full sync is due because `every` has passed since the last.
+fn full_sync_lapsed(baseline: &Baseline, now_micros: i64, every: std::time::Duration) -> bool {
+    let every = i64::try_from(every.as_micros()).unwrap_or(i64::MAX);
+    now_micros.saturating_sub(baseline.full_sync_at_micros) >= every
+}
+
 /// A response header's value, when it is text.
 fn header<'r, T>(response: &'r tonic::Response<T>, name: &str) -> Option<&'r str> {
     response
@@ -748,6 +754,53 @@ mod tests {
                 sha256: sha.into(),
             }],
         }
+    }
+
+    #[test]
+    fn a_full_sync_is_due_once_its_interval_has_passed() {
+        let baseline = Baseline {
+            membership_cursor: 1,
+            policy_version: "v".into(),
+            full_sync_at_micros: 1_000_000,
+        };
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(!full_sync_lapsed(&baseline, 1_000_000, hour));
+        assert!(!full_sync_lapsed(&baseline, 3_600_999_999, hour));
+        assert!(full_sync_lapsed(&baseline, 3_601_000_000, hour));
+        assert!(
+            !full_sync_lapsed(&baseline, 0, hour),
+            "a clock that went back"
+        );
+        assert!(!full_sync_lapsed(
+            &baseline,
+            i64::MAX,
+            std::time::Duration::MAX
+        ));
+    }
+
+    #[test]
+    fn crossed_members_need_a_pseudonym_and_keep_sorted_hashes() {
+        let hashed = |kind: &str, sha: &str| segments_pb::HashedIdentifier {
+            kind: kind.into(),
+            sha256: sha.into(),
+            form: "sha256".into(),
+        };
+        let member = crossed(segments_pb::AudienceMember {
+            pseudonymous_id: "p".into(),
+            hashed_identifiers: vec![hashed("phone", "2"), hashed("email", "1")],
+            ..Default::default()
+        })
+        .expect("crossed");
+        let kinds: Vec<&str> = member.identifiers.iter().map(|h| h.kind.as_str()).collect();
+        assert_eq!(kinds, ["email", "phone"]);
+        let unnamed = crossed(segments_pb::AudienceMember::default()).expect_err("no pseudonym");
+        assert!(matches!(
+            unnamed,
+            ActivationError::Gateway {
+                code: tonic::Code::Internal,
+                ..
+            }
+        ));
     }
 
     #[test]

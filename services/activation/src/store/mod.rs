@@ -762,6 +762,28 @@ mod tests {
         }
     }
 
+    /// A store on `db` with one activation to a file destination.
+    async fn store_with_activation(db: &TestDatabase) -> (ActivationStore, Activation) {
+        let store = ActivationStore::new(
+            connect_and_migrate::<Migrator>(&db.config)
+                .await
+                .expect("connect"),
+        );
+        let target = Target::File {
+            directory: "out".into(),
+            format: Default::default(),
+        };
+        let destination = store
+            .create_destination("files".into(), target)
+            .await
+            .expect("destination");
+        let activation = store
+            .create_activation("s".into(), destination.id, "ad_targeting".into(), None)
+            .await
+            .expect("activation");
+        (store, activation)
+    }
+
     madtech_common::backend_tests!(
         sync_state_follows_acknowledgements,
         |db: TestDatabase| async move {
@@ -925,23 +947,7 @@ mod tests {
     madtech_common::backend_tests!(
         plans_send_only_changes_in_numbered_batches,
         |db: TestDatabase| async move {
-            let store = ActivationStore::new(
-                connect_and_migrate::<Migrator>(&db.config)
-                    .await
-                    .expect("connect"),
-            );
-            let target = Target::File {
-                directory: "out".into(),
-                format: Default::default(),
-            };
-            let destination = store
-                .create_destination("files".into(), target)
-                .await
-                .expect("destination");
-            let activation = store
-                .create_activation("s".into(), destination.id, "ad_targeting".into(), None)
-                .await
-                .expect("activation");
+            let (store, activation) = store_with_activation(&db).await;
             let id = activation.id.as_str();
             // Held: a and b confirmed, c changed since, e pending.
             store
@@ -1030,23 +1036,7 @@ mod tests {
     madtech_common::backend_tests!(
         incremental_plans_apply_membership_changes,
         |db: TestDatabase| async move {
-            let store = ActivationStore::new(
-                connect_and_migrate::<Migrator>(&db.config)
-                    .await
-                    .expect("connect"),
-            );
-            let target = Target::File {
-                directory: "out".into(),
-                format: Default::default(),
-            };
-            let destination = store
-                .create_destination("files".into(), target)
-                .await
-                .expect("destination");
-            let activation = store
-                .create_activation("s".into(), destination.id, "ad_targeting".into(), None)
-                .await
-                .expect("activation");
+            let (store, activation) = store_with_activation(&db).await;
             let id = activation.id.as_str();
             assert_eq!(store.baseline(id).await.expect("baseline"), None);
             let baseline = Baseline {

@@ -76,28 +76,40 @@ impl ActivationStore {
         members: &[Member],
         op: Option<Op>,
     ) -> Result<(), ActivationError> {
+        let rows = members
+            .iter()
+            .map(|member| Ok((member.id.as_str(), identifiers_json(member)?, op)))
+            .collect::<Result<Vec<_>, ActivationError>>()?;
+        self.stage_rows(run_id, activation_id, &rows).await
+    }
+
+    /// Writes staged rows (pseudonymous id, identifiers, op) in one
+    /// transaction; a row staged again replaces the earlier one.
+    async fn stage_rows(
+        &self,
+        run_id: &str,
+        activation_id: &str,
+        rows: &[(&str, String, Option<Op>)],
+    ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
-        for chunk in members.chunks(1_000) {
-            let rows = chunk
+        for chunk in rows.chunks(1_000) {
+            let models = chunk
                 .iter()
-                .map(|member| {
-                    Ok(sync_plan::ActiveModel {
-                        run_id: Set(run_id.to_string()),
-                        pseudonymous_id: Set(member.id.clone()),
-                        activation_id: Set(activation_id.to_string()),
-                        identifiers: Set(identifiers_json(member)?),
-                        op: Set(op.map(|op| op.as_str().to_string())),
-                        seq: Set(None),
-                    })
-                })
-                .collect::<Result<Vec<_>, ActivationError>>()?;
-            sync_plan::Entity::insert_many(rows)
+                .map(|(id, identifiers, op)| sync_plan::ActiveModel {
+                    run_id: Set(run_id.to_string()),
+                    pseudonymous_id: Set(id.to_string()),
+                    activation_id: Set(activation_id.to_string()),
+                    identifiers: Set(identifiers.clone()),
+                    op: Set(op.map(|op| op.as_str().to_string())),
+                    seq: Set(None),
+                });
+            sync_plan::Entity::insert_many(models)
                 .on_conflict(
                     OnConflict::columns([
                         sync_plan::Column::RunId,
                         sync_plan::Column::PseudonymousId,
                     ])
-                    .update_column(sync_plan::Column::Identifiers)
+                    .update_columns([sync_plan::Column::Identifiers, sync_plan::Column::Op])
                     .to_owned(),
                 )
                 .exec(&txn)
@@ -158,41 +170,25 @@ impl ActivationStore {
         for change in changes {
             last.insert(change.member.id.as_str(), change);
         }
-        let txn = self.db.begin().await?;
-        let latest: Vec<&StagedChange> = last.into_values().collect();
-        for chunk in latest.chunks(1_000) {
-            let rows = chunk
-                .iter()
-                .map(|change| {
-                    let (identifiers, op) = if change.in_audience {
-                        (identifiers_json(&change.member)?, None)
-                    } else {
-                        ("[]".to_string(), Some(Op::Remove.as_str().to_string()))
-                    };
-                    Ok(sync_plan::ActiveModel {
-                        run_id: Set(run_id.to_string()),
-                        pseudonymous_id: Set(change.member.id.clone()),
-                        activation_id: Set(activation_id.to_string()),
-                        identifiers: Set(identifiers),
-                        op: Set(op),
-                        seq: Set(None),
-                    })
+        let rows = last
+            .into_values()
+            .map(|change| {
+                Ok(if change.in_audience {
+                    (
+                        change.member.id.as_str(),
+                        identifiers_json(&change.member)?,
+                        None,
+                    )
+                } else {
+                    (
+                        change.member.id.as_str(),
+                        "[]".to_string(),
+                        Some(Op::Remove),
+                    )
                 })
-                .collect::<Result<Vec<_>, ActivationError>>()?;
-            sync_plan::Entity::insert_many(rows)
-                .on_conflict(
-                    OnConflict::columns([
-                        sync_plan::Column::RunId,
-                        sync_plan::Column::PseudonymousId,
-                    ])
-                    .update_columns([sync_plan::Column::Identifiers, sync_plan::Column::Op])
-                    .to_owned(),
-                )
-                .exec(&txn)
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(())
+            })
+            .collect::<Result<Vec<_>, ActivationError>>()?;
+        self.stage_rows(run_id, activation_id, &rows).await
     }
 
     /// Plans an incremental run from its staged changes: people in the
