@@ -5,8 +5,10 @@
 //!
 //! `cargo bench --bench profiles`; `MADTECH_BENCH_PROFILES` sets how many
 //! people the lookup measurement loads (default 100,000) and
-//! `MADTECH_BENCH_BACKENDS` which backends run (`sqlite,pg-socket,pg-tcp`).
-//! Results and the machine are in docs/BENCHMARKS.md.
+//! `MADTECH_BENCH_BACKENDS` which backends run (`sqlite,pg-socket,pg-tcp`);
+//! `MADTECH_BENCH_SEGMENTS_FOLLOW=0` keeps the segments service from
+//! following the change stream (and writing its own copy of every event)
+//! on the same two cores. Results and the machine are in docs/BENCHMARKS.md.
 
 mod common;
 
@@ -50,6 +52,7 @@ async fn run() -> anyhow::Result<()> {
 }
 
 async fn measure(backend: &str, database: DatabaseConfig, lookups: u64) -> anyhow::Result<()> {
+    let segments_follow = common::env_u64("MADTECH_BENCH_SEGMENTS_FOLLOW", 1) != 0;
     let data = tempfile::tempdir()?;
     let profiles_db = database.clone();
     let suite = InProcess::start(|config| {
@@ -59,6 +62,12 @@ async fn measure(backend: &str, database: DatabaseConfig, lookups: u64) -> anyho
         // Ingest batches are large; the default limits are for interactive
         // calls.
         config.gateway.max_request_message_bytes = 64 << 20;
+        if !segments_follow {
+            // Nothing listens there: the segments service keeps retrying
+            // with backoff and never follows the change stream, as if it
+            // ran on nodes of its own.
+            config.segments.profiles_url = "http://127.0.0.1:9".into();
+        }
     })
     .await?;
     let direct = ProfileServiceClient::new(channel(suite.config.profiles.listen)?)
