@@ -14,17 +14,12 @@
 use std::sync::Arc;
 
 use futures::Stream;
-use madtech_common::error::FieldError;
-use madtech_common::validate::{policy_name, require};
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::crossing::{
-    Audited, Crossing, Filter, deadline_of, name_policy_version, policy_failure,
-};
+use crate::crossing::{Accepted, Audited, Crossing, Filter, name_policy_version, policy_failure};
 use crate::page::MemberView;
-use crate::token::Caller;
 
 /// The gRPC path of this crossing.
 pub const EXPORT_AUDIENCE_CHANGES: &str =
@@ -33,13 +28,6 @@ pub const EXPORT_AUDIENCE_CHANGES: &str =
 type Changes = std::pin::Pin<
     Box<dyn Stream<Item = Result<segments_pb::ExportAudienceChangesResponse, Status>> + Send>,
 >;
-
-fn validated(request: &segments_pb::ExportAudienceChangesRequest) -> Result<(), FieldError> {
-    require("segment_id", &request.segment_id)?;
-    require("destination_id", &request.destination_id)?;
-    policy_name("purpose", &request.purpose)?;
-    Ok(())
-}
 
 impl Crossing {
     /// Handles one `ExportAudienceChanges` call at the HTTP level.
@@ -60,14 +48,12 @@ impl Crossing {
         self,
         request: Request<segments_pb::ExportAudienceChangesRequest>,
     ) -> Result<Response<Changes>, Status> {
-        let caller = request.extensions().get::<Caller>().cloned();
-        let deadline = deadline_of(request.metadata());
-        let mut request = request.into_inner();
-        validated(&request)?;
-        let (policy, kind) = self
-            .settle(&request.destination_id, &request.destination_kind, deadline)
-            .await?;
-        request.destination_kind = kind;
+        let Accepted {
+            caller,
+            deadline,
+            request,
+            policy,
+        } = self.accept(request).await?;
         let codec = tonic_prost::ProstCodec::<
             segments_pb::ExportAudienceChangesRequest,
             segments_pb::ExportAudienceChangesResponse,
@@ -77,7 +63,7 @@ impl Crossing {
             .await?
             .into_inner();
         let base = audit::Crossing {
-            caller: caller.map(|c| c.subject).unwrap_or_default(),
+            caller,
             method: EXPORT_AUDIENCE_CHANGES.to_string(),
             segment_id: request.segment_id.clone(),
             destination_id: request.destination_id.clone(),

@@ -352,11 +352,52 @@ type Members = std::pin::Pin<
     Box<dyn Stream<Item = Result<segments_pb::ExportAudienceResponse, Status>> + Send>,
 >;
 
-fn validated(request: &segments_pb::ExportAudienceRequest) -> Result<(), FieldError> {
-    require("segment_id", &request.segment_id)?;
-    require("destination_id", &request.destination_id)?;
-    policy_name("purpose", &request.purpose)?;
+/// A request that crosses: it names a segment, a destination (and perhaps
+/// its kind) and a purpose.
+pub(crate) trait CrossingRequest {
+    fn validate(&self) -> Result<(), FieldError>;
+    /// The destination id and the kind the caller named (may be empty).
+    fn destination(&self) -> (&str, &str);
+    fn destination_kind_mut(&mut self) -> &mut String;
+}
+
+/// Checks the fields every crossing request has.
+fn validated(segment_id: &str, destination_id: &str, purpose: &str) -> Result<(), FieldError> {
+    require("segment_id", segment_id)?;
+    require("destination_id", destination_id)?;
+    policy_name("purpose", purpose)?;
     Ok(())
+}
+
+macro_rules! crossing_request {
+    ($message:ty) => {
+        impl CrossingRequest for $message {
+            fn validate(&self) -> Result<(), FieldError> {
+                validated(&self.segment_id, &self.destination_id, &self.purpose)
+            }
+
+            fn destination(&self) -> (&str, &str) {
+                (&self.destination_id, &self.destination_kind)
+            }
+
+            fn destination_kind_mut(&mut self) -> &mut String {
+                &mut self.destination_kind
+            }
+        }
+    };
+}
+
+crossing_request!(segments_pb::ExportAudienceRequest);
+crossing_request!(segments_pb::ExportAudienceChangesRequest);
+
+/// A crossing request accepted by [`Crossing::accept`].
+pub(crate) struct Accepted<R> {
+    /// The caller's subject.
+    pub caller: String,
+    pub deadline: Option<tokio::time::Instant>,
+    /// The request, with the destination's registered kind.
+    pub request: R,
+    pub policy: Arc<PolicySet>,
 }
 
 pub(crate) fn policy_failure(err: PolicyError) -> Status {
@@ -397,22 +438,33 @@ impl Crossing {
         grpc.server_streaming(service, request).await
     }
 
-    /// What every crossing settles before anything crosses: the policy set
-    /// in force (none: nothing crosses) and the destination's registered
-    /// kind, which picks the policy rows (a request naming another kind is
+    /// What every crossing settles before anything crosses: the request
+    /// is valid, a policy set is in force (none: nothing crosses), and the
+    /// destination is registered; its registered kind, which picks the
+    /// policy rows, replaces whatever the request named (another kind is
     /// refused).
-    pub(crate) async fn settle(
+    pub(crate) async fn accept<R: CrossingRequest>(
         &self,
-        destination_id: &str,
-        named_kind: &str,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<(Arc<PolicySet>, String), Status> {
+        request: Request<R>,
+    ) -> Result<Accepted<R>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        // The caller's deadline bounds every call the crossing makes for it.
+        let deadline = deadline_of(request.metadata());
+        let mut request = request.into_inner();
+        request.validate()?;
         let policy = self.policies.current().ok_or_else(|| {
             Status::failed_precondition("no valid policy set is loaded; nothing may cross")
         })?;
+        let (destination_id, named_kind) = request.destination();
         let kind = self.destinations.kind_of(destination_id, deadline).await?;
         check_named_kind(destination_id, named_kind, &kind)?;
-        Ok((policy, kind))
+        *request.destination_kind_mut() = kind;
+        Ok(Accepted {
+            caller: caller.map(|c| c.subject).unwrap_or_default(),
+            deadline,
+            request,
+            policy,
+        })
     }
 
     /// Calls the segments service's `path` for a crossing, within the
@@ -471,15 +523,12 @@ impl Crossing {
         self,
         request: Request<segments_pb::ExportAudienceRequest>,
     ) -> Result<Response<Members>, Status> {
-        let caller = request.extensions().get::<Caller>().cloned();
-        // The caller's deadline bounds every call the crossing makes for it.
-        let deadline = deadline_of(request.metadata());
-        let mut request = request.into_inner();
-        validated(&request)?;
-        let (policy, kind) = self
-            .settle(&request.destination_id, &request.destination_kind, deadline)
-            .await?;
-        request.destination_kind = kind;
+        let Accepted {
+            caller,
+            deadline,
+            request,
+            policy,
+        } = self.accept(request).await?;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
         let upstream = self
@@ -501,7 +550,7 @@ impl Crossing {
             filter,
             log: Arc::clone(&self.audit),
             base: audit::Crossing {
-                caller: caller.map(|c| c.subject).unwrap_or_default(),
+                caller,
                 method: EXPORT_AUDIENCE.to_string(),
                 segment_id: request.segment_id.clone(),
                 destination_id: request.destination_id.clone(),

@@ -147,10 +147,7 @@ impl ActivationStore {
             .bind(run_id.to_string())
             .push(" AND p.pseudonymous_id = s.pseudonymous_id)");
         execute(&txn, &removes).await?;
-        number_batches(&txn, run_id, batch_limit).await?;
-        let counts = counts(&txn, run_id, batch_limit).await?;
-        txn.commit().await?;
-        Ok(counts)
+        numbered(txn, run_id, batch_limit).await
     }
 
     /// Adds a page of an audience's membership changes to an incremental
@@ -220,10 +217,7 @@ impl ActivationStore {
             .bind(run_id.to_string())
             .push(" AND op = 'remove'");
         execute(&txn, &hashes).await?;
-        number_batches(&txn, run_id, batch_limit).await?;
-        let counts = counts(&txn, run_id, batch_limit).await?;
-        txn.commit().await?;
-        Ok(counts)
+        numbered(txn, run_id, batch_limit).await
     }
 
     /// Numbers a removal run's staged members into batches.
@@ -233,10 +227,7 @@ impl ActivationStore {
         batch_limit: u64,
     ) -> Result<PlanCounts, ActivationError> {
         let txn = self.db.begin().await?;
-        number_batches(&txn, run_id, batch_limit).await?;
-        let counts = counts(&txn, run_id, batch_limit).await?;
-        txn.commit().await?;
-        Ok(counts)
+        numbered(txn, run_id, batch_limit).await
     }
 
     /// The plan's counts for a run planned earlier.
@@ -294,6 +285,18 @@ async fn mark_adds<C: ConnectionTrait>(
         );
     execute(db, &adds).await?;
     Ok(())
+}
+
+/// Numbers a planned run's batches and commits the plan; its counts.
+async fn numbered(
+    txn: sea_orm::DatabaseTransaction,
+    run_id: &str,
+    batch_limit: u64,
+) -> Result<PlanCounts, ActivationError> {
+    number_batches(&txn, run_id, batch_limit).await?;
+    let counts = counts(&txn, run_id, batch_limit).await?;
+    txn.commit().await?;
+    Ok(counts)
 }
 
 /// Gives each `add` and each `remove` its batch: the n-th member of an op in
