@@ -176,10 +176,22 @@ impl ProfileStore {
                 self.commit(write).await?;
                 Ok(Some(value))
             }
-            Err(ProfileError::Database(err)) if madtech_common::db::is_unique_violation(&err) => {
-                Ok(None)
+            Err(err) => {
+                // Rolled back before answering: a transaction left to its
+                // drop is rolled back later, and on SQLite the next write
+                // (on another pooled connection) could meet its lock.
+                if let Err(rollback) = write.txn.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed write failed");
+                }
+                match err {
+                    ProfileError::Database(err)
+                        if madtech_common::db::is_unique_violation(&err) =>
+                    {
+                        Ok(None)
+                    }
+                    err => Err(err),
+                }
             }
-            Err(err) => Err(err),
         }
     }
 
