@@ -17,7 +17,6 @@ use futures::Stream;
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::{Request, Response, Status};
 
-use crate::audit;
 use crate::crossing::{Accepted, Audited, Crossing, Filter, name_policy_version, policy_failure};
 use crate::page::MemberView;
 
@@ -48,12 +47,14 @@ impl Crossing {
         self,
         request: Request<segments_pb::ExportAudienceChangesRequest>,
     ) -> Result<Response<Changes>, Status> {
+        let accepted = self.accept(request).await?;
+        let base = accepted.audit_base(EXPORT_AUDIENCE_CHANGES);
         let Accepted {
-            caller,
             deadline,
             request,
             policy,
-        } = self.accept(request).await?;
+            ..
+        } = accepted;
         let codec = tonic_prost::ProstCodec::<
             segments_pb::ExportAudienceChangesRequest,
             segments_pb::ExportAudienceChangesResponse,
@@ -62,21 +63,11 @@ impl Crossing {
             .upstream(EXPORT_AUDIENCE_CHANGES, request.clone(), deadline, codec)
             .await?
             .into_inner();
-        let base = audit::Crossing {
-            caller,
-            method: EXPORT_AUDIENCE_CHANGES.to_string(),
-            segment_id: request.segment_id.clone(),
-            destination_id: request.destination_id.clone(),
-            destination_kind: request.destination_kind.clone(),
-            purpose: request.purpose.clone(),
-            policy_version: policy.version.clone(),
-            ..audit::Crossing::default()
-        };
         let policy_version = policy.version.clone();
         let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
         let crossing = self.clone();
         let stream = async_stream::try_stream! {
-            let audited = |base: &audit::Crossing| Audited {
+            let audited = || Audited {
                 filter: Filter::new(
                     Arc::clone(&policy),
                     crossing.pseudonymiser.clone(),
@@ -93,7 +84,7 @@ impl Crossing {
                 // Consent as it stands when the page crosses: a follower
                 // may run for days.
                 let freshness = crossing.consent.freshness(deadline).await?;
-                let mut page_audit = audited(&base);
+                let mut page_audit = audited();
                 let crossed = crossing
                     .cross_changes(&mut page_audit.filter, page.changes, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
                     .await?;
@@ -104,7 +95,7 @@ impl Crossing {
             }
             // A call that released nothing is on record too.
             if pages == 0 {
-                audited(&base).record("complete").await?;
+                audited().record("complete").await?;
             }
         };
         let mut response = Response::new(Box::pin(stream) as Changes);

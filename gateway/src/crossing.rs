@@ -356,6 +356,8 @@ type Members = std::pin::Pin<
 /// its kind) and a purpose.
 pub(crate) trait CrossingRequest {
     fn validate(&self) -> Result<(), FieldError>;
+    fn segment_id(&self) -> &str;
+    fn purpose(&self) -> &str;
     /// The destination id and the kind the caller named (may be empty).
     fn destination(&self) -> (&str, &str);
     fn destination_kind_mut(&mut self) -> &mut String;
@@ -374,6 +376,14 @@ macro_rules! crossing_request {
         impl CrossingRequest for $message {
             fn validate(&self) -> Result<(), FieldError> {
                 validated(&self.segment_id, &self.destination_id, &self.purpose)
+            }
+
+            fn segment_id(&self) -> &str {
+                &self.segment_id
+            }
+
+            fn purpose(&self) -> &str {
+                &self.purpose
             }
 
             fn destination(&self) -> (&str, &str) {
@@ -398,6 +408,24 @@ pub(crate) struct Accepted<R> {
     /// The request, with the destination's registered kind.
     pub request: R,
     pub policy: Arc<PolicySet>,
+}
+
+impl<R: CrossingRequest> Accepted<R> {
+    /// What every audit record of this call says of it; `method` is its
+    /// gRPC path.
+    pub fn audit_base(&self, method: &str) -> audit::Crossing {
+        let (destination_id, destination_kind) = self.request.destination();
+        audit::Crossing {
+            caller: self.caller.clone(),
+            method: method.to_string(),
+            segment_id: self.request.segment_id().to_string(),
+            destination_id: destination_id.to_string(),
+            destination_kind: destination_kind.to_string(),
+            purpose: self.request.purpose().to_string(),
+            policy_version: self.policy.version.clone(),
+            ..audit::Crossing::default()
+        }
+    }
 }
 
 pub(crate) fn policy_failure(err: PolicyError) -> Status {
@@ -523,12 +551,14 @@ impl Crossing {
         self,
         request: Request<segments_pb::ExportAudienceRequest>,
     ) -> Result<Response<Members>, Status> {
+        let accepted = self.accept(request).await?;
+        let base = accepted.audit_base(EXPORT_AUDIENCE);
         let Accepted {
-            caller,
             deadline,
             request,
             policy,
-        } = self.accept(request).await?;
+            ..
+        } = accepted;
         // Everything recorded before this call is reflected in what crosses.
         let freshness = self.consent.freshness(deadline).await?;
         let upstream = self
@@ -549,16 +579,7 @@ impl Crossing {
         let mut audited = Audited {
             filter,
             log: Arc::clone(&self.audit),
-            base: audit::Crossing {
-                caller,
-                method: EXPORT_AUDIENCE.to_string(),
-                segment_id: request.segment_id.clone(),
-                destination_id: request.destination_id.clone(),
-                destination_kind: request.destination_kind.clone(),
-                purpose: request.purpose.clone(),
-                policy_version: policy.version.clone(),
-                ..audit::Crossing::default()
-            },
+            base,
             recorded: false,
         };
         let crossing = self.clone();

@@ -834,6 +834,28 @@ async fn audience_changes_cross_like_exports(backend: Backend) {
     assert!(late.changes[0].cursor > changes[2].cursor);
     drop(following);
 
+    // The latecomer leaves and comes back: a page holding both their
+    // entries sends each as in the audience.
+    suite
+        .person("latecomer@example.com", "DE", Default::default())
+        .await;
+    suite
+        .person("latecomer@example.com", "FR", Default::default())
+        .await;
+    let mut again = segments
+        .export_audience_changes(segments_pb::ExportAudienceChangesRequest {
+            after_cursor: changes[2].cursor,
+            ..changes_request()
+        })
+        .await
+        .expect("changes again")
+        .into_inner();
+    let mut latecomer_changes = Vec::new();
+    while let Some(page) = again.message().await.expect("page") {
+        latecomer_changes.extend(page.changes.into_iter().map(|c| c.in_audience));
+    }
+    assert_eq!(latecomer_changes, [true, false, true]);
+
     // Only the crossing's callers may ask, and they must name a destination.
     let denied = suite
         .segments(suite.bearer(&["marketer"]))

@@ -227,19 +227,21 @@ impl Syncer {
         progress: &Progress<'_>,
     ) -> Result<Option<Baseline>, ActivationError> {
         self.store.clear_plans(&activation.id).await?;
-        let baseline = match full {
-            true => None,
-            false => self.store.baseline(&activation.id).await?,
+        let baseline = if full {
+            None
+        } else {
+            self.store.baseline(&activation.id).await?
         }
         .filter(|baseline| {
             !full_sync_lapsed(baseline, run.started_at_micros, self.config.full_sync_every)
         });
-        let mut next = None;
-        if let Some(baseline) = baseline {
-            next = self
-                .fetch_changes(run, activation, destination, &baseline, progress)
-                .await?;
-        }
+        let next = match baseline {
+            Some(baseline) => {
+                self.fetch_changes(run, activation, destination, &baseline, progress)
+                    .await?
+            }
+            None => None,
+        };
         let limit = destination.target.batch_limit() as u64;
         let (plan, next) = match next {
             Some(next) => {

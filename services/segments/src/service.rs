@@ -13,11 +13,12 @@ use madtech_proto::segments::v1 as pb;
 use madtech_proto::time::from_micros;
 use pb::segment_service_server::{SegmentService, SegmentServiceServer};
 use profiles_pb::profile_service_client::ProfileServiceClient;
+use prost::Message;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::SegmentsConfig;
-use crate::convert::{member_to_pb, rule_from_request, rule_to_pb};
+use crate::convert::{rule_from_request, rule_to_pb};
 use crate::error::SegmentError;
 use crate::evaluate::Evaluator;
 use crate::rules::{Rule, text};
@@ -360,9 +361,11 @@ impl SegmentService for SegmentApi {
         request: Request<pb::ExportAudienceRequest>,
     ) -> Result<Response<Self::ExportAudienceStream>, Status> {
         let request = request.into_inner();
-        let segment_id = require("segment_id", &request.segment_id)?;
-        require("destination_id", &request.destination_id)?;
-        validate::policy_name("purpose", &request.purpose)?;
+        let segment_id = audience_request(
+            &request.segment_id,
+            &request.destination_id,
+            &request.purpose,
+        )?;
         if request.current_membership && request.snapshot_cursor != 0 {
             return Err(FieldError::new(
                 "snapshot_cursor",
@@ -432,9 +435,11 @@ impl SegmentService for SegmentApi {
         request: Request<pb::ExportAudienceChangesRequest>,
     ) -> Result<Response<Self::ExportAudienceChangesStream>, Status> {
         let request = request.into_inner();
-        let segment_id = require("segment_id", &request.segment_id)?;
-        require("destination_id", &request.destination_id)?;
-        validate::policy_name("purpose", &request.purpose)?;
+        let segment_id = audience_request(
+            &request.segment_id,
+            &request.destination_id,
+            &request.purpose,
+        )?;
         let segment_id = self.store.get(segment_id).await?.id;
         let changes = AudienceChanges {
             memberships: self.evaluator.memberships(),
@@ -476,6 +481,19 @@ impl SegmentService for SegmentApi {
     }
 }
 
+/// Checks what both audience exports name (the segment, the destination,
+/// the purpose); the segment id.
+fn audience_request<'r>(
+    segment_id: &'r str,
+    destination_id: &str,
+    purpose: &str,
+) -> Result<&'r str, FieldError> {
+    let segment_id = require("segment_id", segment_id)?;
+    require("destination_id", destination_id)?;
+    validate::policy_name("purpose", purpose)?;
+    Ok(segment_id)
+}
+
 /// A segment's membership changes with the members as an export sends them.
 #[derive(Clone)]
 struct AudienceChanges {
@@ -505,24 +523,30 @@ impl AudienceChanges {
             .filter(|change| change.entered)
             .map(|change| change.profile_id.clone())
             .collect();
-        let mut members: std::collections::HashMap<String, pb::AudienceMember> =
-            if entered.is_empty() {
-                Default::default()
-            } else {
-                self.projection
-                    .members(Selection::People(&entered), "", entered.len() as u64)
-                    .await?
-                    .into_iter()
-                    .map(|member| (member.profile_id.clone(), member_to_pb(member)))
-                    .collect()
-            };
+        // The stored documents are the members' wire form: decoded as the
+        // message they are, not through the projection's own types.
+        let members: std::collections::HashMap<String, pb::AudienceMember> = if entered.is_empty() {
+            Default::default()
+        } else {
+            let page = self
+                .projection
+                .export_page(Selection::People(&entered), "", entered.len() as u64)
+                .await?;
+            pb::ExportAudienceResponse::decode(page.documents.as_slice())
+                .map_err(|err| SegmentError::Corrupt(format!("an export page: {err}")))?
+                .members
+                .into_iter()
+                .map(|member| (member.profile_id.clone(), member))
+                .collect()
+        };
         let changes = changes
             .into_iter()
             .map(|change| {
-                // A person erased since entering is no longer anyone's member.
+                // A person erased since entering is no longer anyone's
+                // member. One who entered twice in the page is sent twice.
                 let member = change
                     .entered
-                    .then(|| members.remove(&change.profile_id))
+                    .then(|| members.get(&change.profile_id).cloned())
                     .flatten();
                 pb::AudienceChange {
                     cursor: change.cursor,
