@@ -171,6 +171,64 @@ pub async fn writer_for(
     Database::connect(options).await
 }
 
+/// A thread of its own, with a single-threaded runtime, for a store's
+/// writes.
+///
+/// A write holds the store's writer slot across a dozen round trips to the
+/// database driver's thread; run on the shared runtime, each round trip's
+/// wake-up waited behind whatever the busy workers were polling (decoding
+/// and validating other calls' batches), and the slot stood idle while
+/// every other write queued behind it. Here the writing task is alone on its
+/// thread, so it is polled as soon as the driver answers.
+pub struct WriteThread {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread's runtime.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The write thread stopped before a write finished (the service is
+/// shutting down); the write was not committed.
+#[derive(Debug, thiserror::Error)]
+#[error("the write thread stopped before the write finished")]
+pub struct WriteThreadStopped;
+
+impl WriteThread {
+    /// Starts the thread, named `name`.
+    pub fn start(name: &str) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                // Until the owner is dropped; then the runtime is dropped
+                // here, off any async context, cancelling unfinished writes
+                // (whose transactions roll back).
+                let _ = runtime.block_on(stopped);
+            })?;
+        Ok(WriteThread {
+            handle,
+            _stop: stop,
+        })
+    }
+
+    /// Runs `work` to completion on the write thread, even if the caller
+    /// stops waiting for it.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, WriteThreadStopped>
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.handle.spawn(work).await {
+            Ok(done) => Ok(done),
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => Err(WriteThreadStopped),
+        }
+    }
+}
+
 /// Key of the PostgreSQL advisory lock migrations hold, so replicas and
 /// migration jobs starting together apply each migration once, in turn.
 const MIGRATION_LOCK: i64 = 0x6d61_6474_6563_6801;

@@ -24,6 +24,10 @@ pub enum ProfileError {
     Tls(#[from] madtech_common::tls::TlsError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
+    #[error(transparent)]
+    Stopped(#[from] madtech_common::db::WriteThreadStopped),
+    #[error("starting the write thread: {0}")]
+    WriteThread(#[from] std::io::Error),
 }
 
 impl From<ProfileError> for Status {
@@ -40,6 +44,8 @@ impl From<ProfileError> for Status {
             ProfileError::Corrupt(_) => internal("profile data is corrupt", &err),
             ProfileError::Tls(_) => internal("profiles transport", &err),
             ProfileError::Database(ref db) => internal("profiles database", db),
+            ProfileError::Stopped(_) => Status::unavailable("the profiles service is stopping"),
+            ProfileError::WriteThread(_) => internal("profiles write thread", &err),
         }
     }
 }

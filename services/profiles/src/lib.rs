@@ -32,7 +32,7 @@ pub async fn grpc_server(config: &ProfilesConfig) -> Result<GrpcServer, ProfileE
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
     let writer_db = writer_for(&config.database, &db).await?;
     let api = ProfileApi::new(
-        store::ProfileStore::new(db, writer_db, rules),
+        store::ProfileStore::new(db, writer_db, rules)?,
         normaliser,
         config.watch_poll_interval,
     );

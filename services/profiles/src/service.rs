@@ -53,7 +53,7 @@ impl ProfileApi {
 
     async fn ingest(&self, events: Vec<pb::Event>) -> Result<Ingested, Status> {
         let events = convert::events_from(&self.normaliser, events)?;
-        Ok(self.store.ingest(&events).await?)
+        Ok(self.store.ingest(events).await?)
     }
 }
 
@@ -84,7 +84,7 @@ impl ProfileService for ProfileApi {
         request: Request<pb::BatchUpsertProfilesRequest>,
     ) -> Result<Response<pb::BatchUpsertProfilesResponse>, Status> {
         let upserts = convert::upserts_from(&self.normaliser, request.into_inner().upserts)?;
-        let done = self.store.upsert_many(&upserts).await?;
+        let done = self.store.upsert_many(upserts).await?;
         Ok(Response::new(pb::BatchUpsertProfilesResponse {
             results: done.into_iter().map(upserted_to_pb).collect(),
         }))
@@ -152,11 +152,12 @@ impl ProfileService for ProfileApi {
             .event
             .ok_or_else(|| FieldError::required("event"))?;
         let event = convert::event_from(&self.normaliser, "event", event)?;
-        let done = self.store.ingest(std::slice::from_ref(&event)).await?;
+        let message_id = event.message_id.clone();
+        let done = self.store.ingest(vec![event]).await?;
         let profile_id = match done.profile_ids.first() {
             Some(Some(id)) => id.clone(),
             // A duplicate: answer who it was recorded for the first time.
-            _ => self.store.event_owner(&event.message_id).await?,
+            _ => self.store.event_owner(&message_id).await?,
         };
         Ok(Response::new(pb::TrackResponse {
             profile_id,

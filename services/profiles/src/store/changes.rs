@@ -76,6 +76,25 @@ pub(super) async fn lock(txn: &DatabaseTransaction) -> Result<(), ProfileError> 
     Ok(())
 }
 
+/// Whether every change after `cursor` is an append of events, which are
+/// logged without a person (see [`super::events::ingest`]).
+pub(super) async fn only_events_since(
+    txn: &DatabaseTransaction,
+    cursor: u64,
+) -> Result<bool, ProfileError> {
+    let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
+    let other = change::Entity::find()
+        .select_only()
+        .column(change::Column::Seq)
+        .filter(change::Column::Seq.gt(cursor))
+        .filter(change::Column::ProfileId.ne(""))
+        .limit(1)
+        .into_tuple::<i64>()
+        .one(txn)
+        .await?;
+    Ok(other.is_none())
+}
+
 /// Appends a change and returns its sequence number.
 pub(super) async fn append(
     txn: &DatabaseTransaction,

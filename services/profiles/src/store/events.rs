@@ -83,22 +83,35 @@ pub(super) fn recorded_for(backend: DbBackend, profile_ids: &[String]) -> Sql {
     sql
 }
 
-pub(super) async fn ingest(
-    txn: &DatabaseTransaction,
-    rules: &IdentityRules,
+/// What a batch's reads found: which of its message ids are stored, the
+/// live person behind each profile id it names, the owner of each
+/// identifier it carries; and the change-log head they were read after.
+#[derive(Debug)]
+pub(super) struct Lookups {
+    head: u64,
+    fresh: Vec<bool>,
+    live: BTreeMap<String, String>,
+    owners: BTreeMap<String, String>,
+}
+
+/// The batch's reads, on `db`. Run on a reader before the writer slot is
+/// taken, they keep the slot (which ingestion throughput is bound by) for
+/// the writing; [`ingest`] checks under the slot that they still hold.
+pub(super) async fn look_up<C: ConnectionTrait>(
+    db: &C,
     batch: &[NewEvent],
-) -> Result<Ingested, ProfileError> {
-    let now = Utc::now();
-    let stored = stored_message_ids(txn, batch).await?;
+) -> Result<Lookups, ProfileError> {
+    // Read first: whatever committed up to it is visible to the reads below.
+    let head = changes::head(db).await?;
+    let stored = stored_message_ids(db, batch).await?;
     let mut seen = HashSet::with_capacity(batch.len());
     let fresh: Vec<bool> = batch
         .iter()
         .map(|e| !stored.contains(&e.message_id) && seen.insert(e.message_id.as_str()))
         .collect();
-
-    let mut live = live_ids(txn, batch, &fresh).await?;
-    let mut owners = graph::owners(
-        txn,
+    let live = live_ids(db, batch, &fresh).await?;
+    let owners = graph::owners(
+        db,
         batch
             .iter()
             .zip(&fresh)
@@ -111,6 +124,42 @@ pub(super) async fn ingest(
             .collect::<BTreeSet<_>>(),
     )
     .await?;
+    Ok(Lookups {
+        head,
+        fresh,
+        live,
+        owners,
+    })
+}
+
+/// Records `batch` for the people it names, using `early` lookups when
+/// nothing but event appends has been committed since they were made.
+///
+/// Appends of events change no owner and no person, so the lookups still
+/// hold then, except that a message id may have been stored since (a
+/// concurrent retry of the same batch): the unique index refuses the insert
+/// and the write is retried with fresh lookups. Every other change (people
+/// created, merged, erased, identifiers removed) is logged with its person,
+/// and sends the batch to lookups under the slot. An identifier attached by
+/// another batch's event since is merely missing from `early` and resolved
+/// here.
+pub(super) async fn ingest(
+    txn: &DatabaseTransaction,
+    rules: &IdentityRules,
+    batch: &[NewEvent],
+    early: Option<Lookups>,
+) -> Result<Ingested, ProfileError> {
+    let now = Utc::now();
+    let lookups = match early {
+        Some(early) if changes::only_events_since(txn, early.head).await? => early,
+        _ => look_up(txn, batch).await?,
+    };
+    let Lookups {
+        fresh,
+        mut live,
+        mut owners,
+        ..
+    } = lookups;
 
     let mut result = Ingested::default();
     let mut rows = Vec::new();
@@ -231,19 +280,19 @@ fn single_owner(owners: &BTreeMap<String, String>, ids: &BTreeSet<Identifier>) -
 }
 
 /// The message ids of `batch` already stored.
-async fn stored_message_ids(
-    txn: &DatabaseTransaction,
+async fn stored_message_ids<C: ConnectionTrait>(
+    db: &C,
     batch: &[NewEvent],
 ) -> Result<HashSet<String>, ProfileError> {
     let ids: Vec<&str> = batch.iter().map(|e| e.message_id.as_str()).collect();
     let stored: Vec<String> =
-        sql::rows_where_in(txn, &["message_id"], "events", "message_id", &ids).await?;
+        sql::rows_where_in(db, &["message_id"], "events", "message_id", &ids).await?;
     Ok(stored.into_iter().collect())
 }
 
 /// The live profile behind each profile id the fresh events name.
-async fn live_ids(
-    txn: &DatabaseTransaction,
+async fn live_ids<C: ConnectionTrait>(
+    db: &C,
     batch: &[NewEvent],
     fresh: &[bool],
 ) -> Result<BTreeMap<String, String>, ProfileError> {
@@ -258,7 +307,7 @@ async fn live_ids(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    live_profiles(txn, &named).await
+    live_profiles(db, &named).await
 }
 
 /// The live profile behind each of `ids` that exists: itself, or the

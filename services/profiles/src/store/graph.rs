@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 
 use madtech_common::sql;
@@ -38,13 +39,13 @@ impl Resolved {
 
 /// The profile each of `keys` points at: one statement whatever the
 /// number of keys.
-pub(super) async fn owners(
-    txn: &DatabaseTransaction,
+pub(super) async fn owners<C: ConnectionTrait>(
+    db: &C,
     keys: impl IntoIterator<Item = String>,
 ) -> Result<BTreeMap<String, String>, ProfileError> {
     let keys: Vec<String> = keys.into_iter().collect();
     let owners: Vec<(String, String)> = sql::rows_where_in(
-        txn,
+        db,
         &["\"key\"", "profile_id"],
         "identifiers",
         "\"key\"",

@@ -15,6 +15,8 @@ mod privacy;
 mod suppression;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
@@ -29,6 +31,7 @@ pub use events::{Ingested, NewEvent, Who};
 pub use migration::Migrator;
 pub use privacy::Erased;
 
+use madtech_common::db::WriteThread;
 use madtech_common::sql::{self, JsonFunctions, Sql};
 
 use crate::error::ProfileError;
@@ -96,16 +99,16 @@ pub enum Lookup {
 const WRITE_ATTEMPTS: usize = 3;
 
 /// Runs `$attempt` (an async expression using the transaction `$txn`) in a
-/// write, committing on success and retrying a lost race.
+/// write of `$writer`, committing on success and retrying a lost race.
 macro_rules! write_retrying {
-    ($store:ident, |$txn:ident| $attempt:expr) => {{
+    ($writer:expr, |$txn:ident| $attempt:expr) => {{
         for _ in 0..WRITE_ATTEMPTS {
-            let write = $store.begin_write().await?;
+            let write = $writer.begin_write().await?;
             let result = {
                 let $txn = &write.txn;
                 $attempt.await
             };
-            if let Some(done) = $store.finish(write, result).await? {
+            if let Some(done) = $writer.finish(write, result).await? {
                 return Ok(done);
             }
         }
@@ -118,10 +121,18 @@ const MAX_MERGE_HOPS: usize = 32;
 
 pub struct ProfileStore {
     db: DatabaseConnection,
-    /// Where writes go (see [`madtech_common::db::writer_for`]).
-    writer_db: DatabaseConnection,
+    writer: Arc<Writer>,
+    /// Where every write runs (see [`WriteThread`]).
+    write_thread: WriteThread,
+}
+
+/// What writes need: the connection they go through, the identity rules,
+/// and the process's writer slot.
+struct Writer {
+    /// See [`madtech_common::db::writer_for`].
+    db: DatabaseConnection,
     rules: IdentityRules,
-    writer: Mutex<()>,
+    slot: Mutex<()>,
     /// The newest cursor this process appended, for watchers to wake on.
     appended: watch::Sender<u64>,
 }
@@ -134,24 +145,178 @@ struct Write<'a> {
 }
 
 impl ProfileStore {
-    /// A store reading from `db` and writing through `writer_db`.
+    /// A store reading from `db` and writing through `writer_db`, on a
+    /// thread of its own.
     pub fn new(
         db: DatabaseConnection,
         writer_db: DatabaseConnection,
         rules: IdentityRules,
-    ) -> Self {
-        ProfileStore {
+    ) -> Result<Self, ProfileError> {
+        Ok(ProfileStore {
             db,
-            writer_db,
-            rules,
-            writer: Mutex::new(()),
-            appended: watch::Sender::new(0),
+            writer: Arc::new(Writer {
+                db: writer_db,
+                rules,
+                slot: Mutex::new(()),
+                appended: watch::Sender::new(0),
+            }),
+            write_thread: WriteThread::start("profiles-writer")?,
+        })
+    }
+
+    /// Runs `write` on the write thread.
+    async fn write<T, F, Fut>(&self, write: F) -> Result<T, ProfileError>
+    where
+        F: FnOnce(Arc<Writer>) -> Fut,
+        Fut: Future<Output = Result<T, ProfileError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.write_thread.run(write(self.writer.clone())).await?
+    }
+
+    /// Creates the profile the identifiers describe, or updates the one they
+    /// point at; several matching profiles merge unless the identity rules
+    /// keep them apart.
+    pub async fn upsert(&self, request: Upsert) -> Result<Upserted, ProfileError> {
+        self.write(|writer| async move {
+            write_retrying!(writer, |txn| writer.try_upsert(txn, &request))
+        })
+        .await
+    }
+
+    /// Applies `requests` in order in one transaction: all or none.
+    pub async fn upsert_many(&self, requests: Vec<Upsert>) -> Result<Vec<Upserted>, ProfileError> {
+        self.write(|writer| async move {
+            write_retrying!(writer, |txn| writer.try_upsert_many(txn, &requests))
+        })
+        .await
+    }
+
+    /// Detaches `id` from the person it points at.
+    pub async fn remove_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
+        let id = id.clone();
+        self.write(|writer| async move {
+            write_retrying!(writer, |txn| Writer::try_remove_identifier(txn, &id))
+        })
+        .await
+    }
+
+    /// Records events; see [`events`].
+    pub async fn ingest(&self, batch: Vec<NewEvent>) -> Result<Ingested, ProfileError> {
+        // Looked up before the writer slot, on a reader; a retry looks up
+        // under it.
+        let early = events::look_up(&self.db, &batch).await?;
+        self.write(|writer| async move {
+            let mut early = Some(early);
+            write_retrying!(writer, |txn| events::ingest(
+                txn,
+                &writer.rules,
+                &batch,
+                early.take()
+            ))
+        })
+        .await
+    }
+
+    /// Hard-deletes a person; see [`privacy`].
+    /// With `suppress`, the person's identifiers are kept as digests and
+    /// refused from then on, until the suppression is lifted.
+    pub async fn erase(&self, lookup: &Lookup, suppress: bool) -> Result<Erased, ProfileError> {
+        let lookup = lookup.clone();
+        self.write(|writer| async move {
+            write_retrying!(writer, |txn| Writer::try_erase(txn, &lookup, suppress))
+        })
+        .await
+    }
+
+    /// The person an already stored event was recorded for.
+    pub async fn event_owner(&self, message_id: &str) -> Result<String, ProfileError> {
+        let row = event::Entity::find()
+            .filter(event::Column::MessageId.eq(message_id))
+            .one(&self.db)
+            .await?
+            .ok_or(ProfileError::NotFound)?;
+        Ok(live_row(&self.db, &row.profile_id).await?.id)
+    }
+
+    /// Lets an erased person's identifier be used again (they came back
+    /// with new consent); whether it was suppressed.
+    pub async fn lift_suppression(&self, identifier: &Identifier) -> Result<bool, ProfileError> {
+        suppression::lift(&self.db, identifier).await
+    }
+
+    /// Everything held about a person, as JSON.
+    pub async fn export(&self, lookup: &Lookup) -> Result<serde_json::Value, ProfileError> {
+        let id = resolve_lookup(&self.db, lookup).await?;
+        privacy::export(&self.db, &id).await
+    }
+
+    /// Up to `limit` rows of the change log after `cursor`.
+    pub async fn changes_after(&self, cursor: u64, limit: u64) -> Result<Page, ProfileError> {
+        changes::after(&self.db, cursor, limit).await
+    }
+
+    /// The newest cursor (0 before the first change).
+    pub async fn head(&self) -> Result<u64, ProfileError> {
+        changes::head(&self.db).await
+    }
+
+    /// Wakes when this process appends to the change log. Other replicas'
+    /// appends are found by polling.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.writer.appended.subscribe()
+    }
+
+    /// The live profile behind a lookup.
+    pub async fn find(&self, lookup: &Lookup) -> Result<Profile, ProfileError> {
+        match lookup {
+            Lookup::ProfileId(id) => self.get(id).await,
+            Lookup::Identifier(id) => self.find_by_identifier(id).await,
         }
     }
 
+    /// The live profile behind `id`, following merges.
+    pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
+        read_live(&self.db, &Lookup::ProfileId(id.to_string())).await
+    }
+
+    /// The live profile an identifier points at.
+    pub async fn find_by_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
+        read_live(&self.db, &Lookup::Identifier(id.clone())).await
+    }
+
+    /// Up to `limit` live profiles with ids after `after`, in id order.
+    pub async fn list_page(&self, after: &str, limit: u64) -> Result<Vec<Profile>, ProfileError> {
+        let rows = profile::Entity::find()
+            .filter(profile::Column::MergedInto.is_null())
+            .filter(profile::Column::Id.gt(after))
+            .order_by_asc(profile::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
+        let mut identifiers = identifier::Entity::find()
+            .filter(identifier::Column::ProfileId.is_in(ids.clone()))
+            .all(&self.db)
+            .await?;
+        identifiers.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
+        let merged = merged_into(&self.db, &ids).await?;
+        rows.into_iter()
+            .map(|row| {
+                let start = identifiers.partition_point(|i| i.profile_id < row.id);
+                let end = identifiers.partition_point(|i| i.profile_id <= row.id);
+                let m_start = merged.partition_point(|(_, into)| *into < row.id);
+                let m_end = merged.partition_point(|(_, into)| *into <= row.id);
+                assemble(row, &identifiers[start..end], &merged[m_start..m_end])
+            })
+            .collect()
+    }
+}
+
+impl Writer {
     async fn begin_write(&self) -> Result<Write<'_>, ProfileError> {
-        let slot = self.writer.lock().await;
-        let txn = self.writer_db.begin().await?;
+        let slot = self.slot.lock().await;
+        let txn = self.db.begin().await?;
         changes::lock(&txn).await?;
         Ok(Write { _slot: slot, txn })
     }
@@ -193,18 +358,6 @@ impl ProfileStore {
                 }
             }
         }
-    }
-
-    /// Creates the profile the identifiers describe, or updates the one they
-    /// point at; several matching profiles merge unless the identity rules
-    /// keep them apart.
-    pub async fn upsert(&self, request: Upsert) -> Result<Upserted, ProfileError> {
-        write_retrying!(self, |txn| self.try_upsert(txn, &request))
-    }
-
-    /// Applies `requests` in order in one transaction: all or none.
-    pub async fn upsert_many(&self, requests: &[Upsert]) -> Result<Vec<Upserted>, ProfileError> {
-        write_retrying!(self, |txn| self.try_upsert_many(txn, requests))
     }
 
     async fn try_upsert_many(
@@ -256,11 +409,6 @@ impl ProfileStore {
         })
     }
 
-    /// Detaches `id` from the person it points at.
-    pub async fn remove_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
-        write_retrying!(self, |txn| Self::try_remove_identifier(txn, id))
-    }
-
     async fn try_remove_identifier(
         txn: &DatabaseTransaction,
         id: &Identifier,
@@ -283,28 +431,6 @@ impl ProfileStore {
         Ok(profile)
     }
 
-    /// Records events; see [`events`].
-    pub async fn ingest(&self, batch: &[NewEvent]) -> Result<Ingested, ProfileError> {
-        write_retrying!(self, |txn| events::ingest(txn, &self.rules, batch))
-    }
-
-    /// The person an already stored event was recorded for.
-    pub async fn event_owner(&self, message_id: &str) -> Result<String, ProfileError> {
-        let row = event::Entity::find()
-            .filter(event::Column::MessageId.eq(message_id))
-            .one(&self.db)
-            .await?
-            .ok_or(ProfileError::NotFound)?;
-        Ok(live_row(&self.db, &row.profile_id).await?.id)
-    }
-
-    /// Hard-deletes a person; see [`privacy`].
-    /// With `suppress`, the person's identifiers are kept as digests and
-    /// refused from then on, until the suppression is lifted.
-    pub async fn erase(&self, lookup: &Lookup, suppress: bool) -> Result<Erased, ProfileError> {
-        write_retrying!(self, |txn| Self::try_erase(txn, lookup, suppress))
-    }
-
     /// Resolves the person inside the write, so a merge committed just before
     /// cannot leave part of them behind.
     async fn try_erase(
@@ -314,79 +440,6 @@ impl ProfileStore {
     ) -> Result<Erased, ProfileError> {
         let id = resolve_lookup(txn, lookup).await?;
         privacy::erase(txn, &id, suppress).await
-    }
-
-    /// Lets an erased person's identifier be used again (they came back
-    /// with new consent); whether it was suppressed.
-    pub async fn lift_suppression(&self, identifier: &Identifier) -> Result<bool, ProfileError> {
-        suppression::lift(&self.db, identifier).await
-    }
-
-    /// Everything held about a person, as JSON.
-    pub async fn export(&self, lookup: &Lookup) -> Result<serde_json::Value, ProfileError> {
-        let id = resolve_lookup(&self.db, lookup).await?;
-        privacy::export(&self.db, &id).await
-    }
-
-    /// Up to `limit` rows of the change log after `cursor`.
-    pub async fn changes_after(&self, cursor: u64, limit: u64) -> Result<Page, ProfileError> {
-        changes::after(&self.db, cursor, limit).await
-    }
-
-    /// The newest cursor (0 before the first change).
-    pub async fn head(&self) -> Result<u64, ProfileError> {
-        changes::head(&self.db).await
-    }
-
-    /// Wakes when this process appends to the change log. Other replicas'
-    /// appends are found by polling.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.appended.subscribe()
-    }
-
-    /// The live profile behind a lookup.
-    pub async fn find(&self, lookup: &Lookup) -> Result<Profile, ProfileError> {
-        match lookup {
-            Lookup::ProfileId(id) => self.get(id).await,
-            Lookup::Identifier(id) => self.find_by_identifier(id).await,
-        }
-    }
-
-    /// The live profile behind `id`, following merges.
-    pub async fn get(&self, id: &str) -> Result<Profile, ProfileError> {
-        read_live(&self.db, &Lookup::ProfileId(id.to_string())).await
-    }
-
-    /// The live profile an identifier points at.
-    pub async fn find_by_identifier(&self, id: &Identifier) -> Result<Profile, ProfileError> {
-        read_live(&self.db, &Lookup::Identifier(id.clone())).await
-    }
-
-    /// Up to `limit` live profiles with ids after `after`, in id order.
-    pub async fn list_page(&self, after: &str, limit: u64) -> Result<Vec<Profile>, ProfileError> {
-        let rows = profile::Entity::find()
-            .filter(profile::Column::MergedInto.is_null())
-            .filter(profile::Column::Id.gt(after))
-            .order_by_asc(profile::Column::Id)
-            .limit(limit)
-            .all(&self.db)
-            .await?;
-        let ids: Vec<String> = rows.iter().map(|row| row.id.clone()).collect();
-        let mut identifiers = identifier::Entity::find()
-            .filter(identifier::Column::ProfileId.is_in(ids.clone()))
-            .all(&self.db)
-            .await?;
-        identifiers.sort_by(|a, b| a.profile_id.cmp(&b.profile_id));
-        let merged = merged_into(&self.db, &ids).await?;
-        rows.into_iter()
-            .map(|row| {
-                let start = identifiers.partition_point(|i| i.profile_id < row.id);
-                let end = identifiers.partition_point(|i| i.profile_id <= row.id);
-                let m_start = merged.partition_point(|(_, into)| *into < row.id);
-                let m_end = merged.partition_point(|(_, into)| *into <= row.id);
-                assemble(row, &identifiers[start..end], &merged[m_start..m_end])
-            })
-            .collect()
     }
 }
 

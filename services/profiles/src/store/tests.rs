@@ -25,6 +25,7 @@ async fn store(db: &TestDatabase) -> ProfileStore {
         conn,
         IdentityRules::parse(RULES, "FR").expect("rules"),
     )
+    .expect("store")
 }
 
 fn value(profile: &Profile, name: &str) -> TraitValue {
@@ -429,7 +430,7 @@ madtech_common::backend_tests!(
             ),
             event("m1", "purchase", by(&[("customer_id", "K1")])),
         ];
-        let first = store.ingest(&batch).await.expect("ingest");
+        let first = store.ingest(batch.clone()).await.expect("ingest");
         assert_eq!(
             (first.accepted, first.duplicates),
             (4, 1),
@@ -442,7 +443,7 @@ madtech_common::backend_tests!(
         assert_eq!(first.profile_ids[2], first.profile_ids[3]);
         assert_eq!(first.profile_ids[4], None);
 
-        let retry = store.ingest(&batch).await.expect("retry");
+        let retry = store.ingest(batch.clone()).await.expect("retry");
         assert_eq!(
             (retry.accepted, retry.duplicates),
             (0, 5),
@@ -456,7 +457,7 @@ madtech_common::backend_tests!(
         assert_eq!(newcomer.identifiers.len(), 2);
 
         let unknown = store
-            .ingest(&[
+            .ingest(vec![
                 event("m9", "view", by(&[("customer_id", "K1")])),
                 event("m10", "view", Who::ProfileId("nobody".into())),
             ])
@@ -487,7 +488,7 @@ madtech_common::backend_tests!(
             .await
             .expect("b");
         store
-            .ingest(&[
+            .ingest(vec![
                 event("e1", "view", Who::ProfileId(b.profile.id.clone())),
                 // This event merges b into a; e1, before it, follows.
                 event(
@@ -531,7 +532,11 @@ madtech_common::backend_tests!(
                 .await
                 .expect("p");
             store
-                .ingest(&[event("w1", "view", Who::ProfileId(p.profile.id.clone()))])
+                .ingest(vec![event(
+                    "w1",
+                    "view",
+                    Who::ProfileId(p.profile.id.clone()),
+                )])
                 .await
                 .expect("ingest");
             let changes = all_changes(&store, 0).await;
@@ -580,7 +585,7 @@ madtech_common::backend_tests!(
             .expect("alias");
         // Recorded under the id about to be merged away, and filed under it.
         store
-            .ingest(&[event(
+            .ingest(vec![event(
                 "a1",
                 "view",
                 Who::ProfileId(alias.profile.id.clone()),
@@ -596,7 +601,7 @@ madtech_common::backend_tests!(
             .await
             .expect("merge");
         store
-            .ingest(&[
+            .ingest(vec![
                 event("g1", "view", by(&[("email", "gone@example.com")])),
                 event("k1", "view", by(&[("email", "keep@example.com")])),
             ])
@@ -711,7 +716,7 @@ madtech_common::backend_tests!(
                 )
             })
             .collect();
-        let done = store.ingest(&batch).await.expect("ingest");
+        let done = store.ingest(batch.clone()).await.expect("ingest");
         assert_eq!(done.accepted, 2_500);
         let changes = all_changes(&store, 0).await;
         let batches: Vec<usize> = changes
@@ -750,7 +755,7 @@ madtech_common::backend_tests!(
             })
             .collect();
         for batch in all.chunks(1_000) {
-            store.ingest(batch).await.expect("ingest");
+            store.ingest(batch.to_vec()).await.expect("ingest");
         }
         let count = |export: serde_json::Value| export["events"].as_array().map(Vec::len);
         let lookup_a = Lookup::ProfileId(a.profile.id.clone());
@@ -773,7 +778,7 @@ madtech_common::backend_tests!(
     |db: TestDatabase| async move {
         let store = store(&db).await;
         let done = store
-            .upsert_many(&[
+            .upsert_many(vec![
                 upsert(&[("email", "b1@example.com")], &[], "FR"),
                 upsert(&[("email", "b2@example.com")], &[], "DE"),
                 // Links the first two: a merge inside the batch.
@@ -794,7 +799,10 @@ madtech_common::backend_tests!(
             TraitOperation::Increment("s".into(), 1.0),
         ];
         let err = store
-            .upsert_many(&[upsert(&[("email", "b4@example.com")], &[], ""), failing])
+            .upsert_many(vec![
+                upsert(&[("email", "b4@example.com")], &[], ""),
+                failing,
+            ])
             .await
             .expect_err("second fails");
         assert!(err.to_string().starts_with("upserts[1]:"), "{err}");
@@ -832,7 +840,7 @@ madtech_common::backend_tests!(
                 let batch: Vec<NewEvent> = (0..50)
                     .map(|e| event(&format!("g{t}-{e}"), "view", who.clone()))
                     .collect();
-                store.ingest(&batch).await
+                store.ingest(batch).await
             }));
         }
         let mut accepted = 0;
@@ -891,7 +899,11 @@ madtech_common::backend_tests!(
             }
         }
         let refused = store
-            .ingest(&[event("e1", "view", by(&[("email", "ann@example.com")]))])
+            .ingest(vec![event(
+                "e1",
+                "view",
+                by(&[("email", "ann@example.com")]),
+            )])
             .await
             .expect_err("events cannot bring her back either");
         assert!(
@@ -920,5 +932,91 @@ madtech_common::backend_tests!(
             .await
             .expect_err("only the lifted identifier is free");
         assert!(matches!(still, ProfileError::Precondition(_)));
+    }
+);
+
+/// Ingests `batch` with lookups made earlier, as `ProfileStore::ingest`
+/// does when other writes commit between its lookups and its write.
+async fn ingest_with(
+    store: &ProfileStore,
+    batch: Vec<NewEvent>,
+    early: events::Lookups,
+) -> Result<Ingested, ProfileError> {
+    store
+        .write(|writer| async move {
+            let mut early = Some(early);
+            write_retrying!(writer, |txn| events::ingest(
+                txn,
+                &writer.rules,
+                &batch,
+                early.take()
+            ))
+        })
+        .await
+}
+
+madtech_common::backend_tests!(
+    lookups_made_before_an_erasure_are_not_used,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        let gone = store
+            .upsert(upsert(&[("customer_id", "E1")], &[], "FR"))
+            .await
+            .expect("person");
+        let batch = vec![event("late-1", "view", by(&[("customer_id", "E1")]))];
+        let early = events::look_up(&store.db, &batch).await.expect("look up");
+        store
+            .erase(&Lookup::ProfileId(gone.profile.id.clone()), false)
+            .await
+            .expect("erase");
+
+        let done = ingest_with(&store, batch, early).await.expect("ingest");
+        let owner = done.profile_ids[0].clone().expect("accepted");
+        assert_ne!(
+            owner, gone.profile.id,
+            "nothing may be recorded for an erased person"
+        );
+        let now = store
+            .find(&Lookup::Identifier(
+                ids(&[("customer_id", "E1")]).pop_first().expect("id"),
+            ))
+            .await
+            .expect("the identifier's new owner");
+        assert_eq!(now.id, owner);
+    }
+);
+
+madtech_common::backend_tests!(
+    lookups_made_before_another_append_still_refuse_its_duplicates,
+    |db: TestDatabase| async move {
+        let store = store(&db).await;
+        store
+            .upsert(upsert(&[("customer_id", "D1")], &[], "FR"))
+            .await
+            .expect("person");
+        let batch = vec![
+            event("dup-1", "view", by(&[("customer_id", "D1")])),
+            event("dup-2", "view", by(&[("customer_id", "D1")])),
+        ];
+        let early = events::look_up(&store.db, &batch).await.expect("look up");
+        // The same batch (a client's retry) lands first.
+        let first = store.ingest(batch.clone()).await.expect("first");
+        assert_eq!(first.accepted, 2);
+
+        let retry = ingest_with(&store, batch, early).await.expect("retry");
+        assert_eq!(
+            (retry.accepted, retry.duplicates),
+            (0, 2),
+            "the unique index refuses the stale lookups' insert and the retry looks again"
+        );
+        let appended = all_changes(&store, 0)
+            .await
+            .into_iter()
+            .filter_map(|change| match change.kind {
+                ChangeKind::EventsAppended(events) => Some(events.len()),
+                _ => None,
+            })
+            .sum::<usize>();
+        assert_eq!(appended, 2, "each event once on the change stream");
     }
 );
