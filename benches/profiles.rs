@@ -8,7 +8,9 @@
 //! `MADTECH_BENCH_BACKENDS` which backends run (`sqlite,pg-socket,pg-tcp`);
 //! `MADTECH_BENCH_SEGMENTS_FOLLOW=0` keeps the segments service from
 //! following the change stream (and writing its own copy of every event)
-//! on the same two cores. Results and the machine are in docs/BENCHMARKS.md.
+//! on the same two cores; `MADTECH_BENCH_SUSTAINED_SLICES` sets how many
+//! slices of 100,000 events the sustained ingestion sends (default 10).
+//! Results and the machine are in docs/BENCHMARKS.md.
 
 mod common;
 
@@ -88,8 +90,9 @@ async fn measure(backend: &str, database: DatabaseConfig, lookups: u64) -> anyho
     let mut via_direct = Vec::new();
     let mut next_message = 0u64;
     for _ in 0..ROUNDS {
-        via_direct.push(ingest_round(direct.clone(), &mut next_message).await?);
-        via_gateway.push(ingest_round(gateway.clone(), &mut next_message).await?);
+        via_direct.push(ingest_round(direct.clone(), &mut next_message, BATCHES_PER_ROUND).await?);
+        via_gateway
+            .push(ingest_round(gateway.clone(), &mut next_message, BATCHES_PER_ROUND).await?);
     }
     let (g, d) = (median(via_gateway), median(via_direct));
     println!(
@@ -97,13 +100,32 @@ async fn measure(backend: &str, database: DatabaseConfig, lookups: u64) -> anyho
         g / d,
         (1.0 - g / d) * 100.0
     );
-    let events = next_message;
 
     let merges = identify_with_merges(gateway.clone()).await?;
     println!(
         "identify through the gateway (UpsertProfile, {CONCURRENCY} in flight, 1 in 4 merges two people): {:.0} calls/s",
         merges
     );
+
+    // Sustained: the rounds above last about a second each; this keeps the
+    // gateway path busy for slices of 100,000 events, through WAL
+    // checkpoints and a growing table. After the identify calls, which
+    // would otherwise share the cores with the segments service still
+    // catching up with a million events.
+    let sustained_slices = common::env_u64("MADTECH_BENCH_SUSTAINED_SLICES", 10) as usize;
+    let mut slices = Vec::new();
+    for _ in 0..sustained_slices {
+        slices.push(ingest_round(gateway.clone(), &mut next_message, 100).await?);
+    }
+    if !slices.is_empty() {
+        let overall = slices.len() as f64 / slices.iter().map(|rate| 1.0 / rate).sum::<f64>();
+        let slowest = slices.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "sustained through the gateway ({sustained_slices} slices of 100,000 events): {overall:.0} events/s overall, slices: median {:.0}/s, slowest {slowest:.0}/s",
+            median(slices.clone())
+        );
+    }
+    let events = next_message;
 
     match backend {
         "sqlite" => {
@@ -175,10 +197,12 @@ async fn measure(backend: &str, database: DatabaseConfig, lookups: u64) -> anyho
     suite.stop().await
 }
 
-/// One round of `BATCHES_PER_ROUND` IngestEvents calls; events per second.
+/// `batches` IngestEvents calls, `CONCURRENCY` in flight; events per
+/// second.
 async fn ingest_round<T>(
     client: ProfileServiceClient<T>,
     next_message: &mut u64,
+    batches: usize,
 ) -> anyhow::Result<f64>
 where
     T: GrpcService<tonic::body::Body> + Clone + Send + 'static,
@@ -189,9 +213,10 @@ where
 {
     let plan = Plan::new(PEOPLE, 0);
     let first = *next_message;
-    *next_message += (BATCHES_PER_ROUND * BATCH) as u64;
+    *next_message += (batches * BATCH) as u64;
+    let expected = (batches * BATCH) as u64;
     // Built before the clock starts: the round measures the service.
-    let batches: Vec<pb::IngestEventsRequest> = (0..BATCHES_PER_ROUND)
+    let batches: Vec<pb::IngestEventsRequest> = (0..batches)
         .map(|b| pb::IngestEventsRequest {
             events: (0..BATCH)
                 .map(|e| {
@@ -213,10 +238,7 @@ where
     while let Some(done) = futures::StreamExt::next(&mut calls).await {
         accepted += done?.into_inner().accepted;
     }
-    anyhow::ensure!(
-        accepted == (BATCHES_PER_ROUND * BATCH) as u64,
-        "accepted {accepted}"
-    );
+    anyhow::ensure!(accepted == expected, "accepted {accepted}");
     Ok(accepted as f64 / started.elapsed().as_secs_f64())
 }
 
