@@ -206,6 +206,15 @@ impl ProfileStore {
         // Looked up before the writer slot, on a reader; a retry looks up
         // under it.
         let early = events::look_up(&self.db, &batch).await?;
+        self.ingest_looked_up(batch, early).await
+    }
+
+    /// Records `batch` with lookups made before the writer slot.
+    async fn ingest_looked_up(
+        &self,
+        batch: Vec<NewEvent>,
+        early: events::Lookups,
+    ) -> Result<Ingested, ProfileError> {
         self.write(|writer| async move {
             let mut early = Some(early);
             write_retrying!(writer, |txn| events::ingest(

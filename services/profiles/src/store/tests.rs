@@ -935,26 +935,6 @@ madtech_common::backend_tests!(
     }
 );
 
-/// Ingests `batch` with lookups made earlier, as `ProfileStore::ingest`
-/// does when other writes commit between its lookups and its write.
-async fn ingest_with(
-    store: &ProfileStore,
-    batch: Vec<NewEvent>,
-    early: events::Lookups,
-) -> Result<Ingested, ProfileError> {
-    store
-        .write(|writer| async move {
-            let mut early = Some(early);
-            write_retrying!(writer, |txn| events::ingest(
-                txn,
-                &writer.rules,
-                &batch,
-                early.take()
-            ))
-        })
-        .await
-}
-
 madtech_common::backend_tests!(
     lookups_made_before_an_erasure_are_not_used,
     |db: TestDatabase| async move {
@@ -970,7 +950,7 @@ madtech_common::backend_tests!(
             .await
             .expect("erase");
 
-        let done = ingest_with(&store, batch, early).await.expect("ingest");
+        let done = store.ingest_looked_up(batch, early).await.expect("ingest");
         let owner = done.profile_ids[0].clone().expect("accepted");
         assert_ne!(
             owner, gone.profile.id,
@@ -1003,7 +983,7 @@ madtech_common::backend_tests!(
         let first = store.ingest(batch.clone()).await.expect("first");
         assert_eq!(first.accepted, 2);
 
-        let retry = ingest_with(&store, batch, early).await.expect("retry");
+        let retry = store.ingest_looked_up(batch, early).await.expect("retry");
         assert_eq!(
             (retry.accepted, retry.duplicates),
             (0, 2),
