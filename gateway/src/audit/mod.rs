@@ -6,6 +6,7 @@
 mod entities;
 mod migration;
 
+use madtech_common::db::settle;
 use std::collections::BTreeMap;
 
 use sea_orm::ColumnTrait;
@@ -90,40 +91,44 @@ impl AuditLog {
     pub async fn append(&self, crossing: Crossing) -> Result<Record, DbErr> {
         let _writer = self.writer.lock().await;
         let txn = self.db.begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
-                .await?;
+        let result = async {
+            if txn.get_database_backend() == DbBackend::Postgres {
+                txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
+                    .await?;
+            }
+            let previous_hash = record::Entity::find()
+                .order_by_desc(record::Column::Seq)
+                .one(&txn)
+                .await?
+                .map(|last| last.hash)
+                .unwrap_or_default();
+            let recorded_at_micros = crate::policy::now_micros();
+            let hash = chain_hash(&previous_hash, recorded_at_micros, &crossing);
+            let denied = serde_json::to_string(&crossing.denied)
+                .map_err(|err| DbErr::Custom(format!("denied counts: {err}")))?;
+            let row = record::ActiveModel {
+                seq: NotSet,
+                recorded_at: Set(recorded_at_micros),
+                caller: Set(crossing.caller.clone()),
+                method: Set(crossing.method.clone()),
+                segment_id: Set(crossing.segment_id.clone()),
+                destination_id: Set(crossing.destination_id.clone()),
+                destination_kind: Set(crossing.destination_kind.clone()),
+                purpose: Set(crossing.purpose.clone()),
+                policy_version: Set(crossing.policy_version.clone()),
+                outcome: Set(crossing.outcome.clone()),
+                allowed: Set(count(crossing.allowed)),
+                denied: Set(denied),
+                identifiers_stripped: Set(count(crossing.identifiers_stripped)),
+                released_digest: Set(crossing.released_digest.clone()),
+                previous_hash: Set(previous_hash.clone()),
+                hash: Set(hash.clone()),
+            };
+            let seq = record::Entity::insert(row).exec(&txn).await?.last_insert_id;
+            Ok::<_, DbErr>((seq, recorded_at_micros, previous_hash, hash))
         }
-        let previous_hash = record::Entity::find()
-            .order_by_desc(record::Column::Seq)
-            .one(&txn)
-            .await?
-            .map(|last| last.hash)
-            .unwrap_or_default();
-        let recorded_at_micros = crate::policy::now_micros();
-        let hash = chain_hash(&previous_hash, recorded_at_micros, &crossing);
-        let denied = serde_json::to_string(&crossing.denied)
-            .map_err(|err| DbErr::Custom(format!("denied counts: {err}")))?;
-        let row = record::ActiveModel {
-            seq: NotSet,
-            recorded_at: Set(recorded_at_micros),
-            caller: Set(crossing.caller.clone()),
-            method: Set(crossing.method.clone()),
-            segment_id: Set(crossing.segment_id.clone()),
-            destination_id: Set(crossing.destination_id.clone()),
-            destination_kind: Set(crossing.destination_kind.clone()),
-            purpose: Set(crossing.purpose.clone()),
-            policy_version: Set(crossing.policy_version.clone()),
-            outcome: Set(crossing.outcome.clone()),
-            allowed: Set(count(crossing.allowed)),
-            denied: Set(denied),
-            identifiers_stripped: Set(count(crossing.identifiers_stripped)),
-            released_digest: Set(crossing.released_digest.clone()),
-            previous_hash: Set(previous_hash.clone()),
-            hash: Set(hash.clone()),
-        };
-        let seq = record::Entity::insert(row).exec(&txn).await?.last_insert_id;
-        txn.commit().await?;
+        .await;
+        let (seq, recorded_at_micros, previous_hash, hash) = settle(txn, result).await?;
         // The chain's head in the logs, which are shipped elsewhere: an anchor
         // for `VerifyAuditChain` that the audit database cannot rewrite.
         tracing::info!(target: "madtech::audit", seq, hash = %hash, "audit chain head");

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr,
+};
 use sea_orm_migration::MigratorTrait;
 use serde::{Deserialize, Serialize};
 
@@ -169,6 +172,34 @@ pub async fn writer_for(
     let mut options = connect_options(config)?;
     options.max_connections(1);
     Database::connect(options).await
+}
+
+/// Ends a write: commits `txn` when `result` is Ok, otherwise rolls it back
+/// before handing the error on. A transaction left to its drop is rolled
+/// back later, and on SQLite the next write (on another pooled connection)
+/// can meet its lock in the meantime and fail with "database is locked".
+pub async fn settle<T, E>(txn: DatabaseTransaction, result: Result<T, E>) -> Result<T, E>
+where
+    E: From<DbErr>,
+{
+    match result {
+        Ok(value) => {
+            txn.commit().await?;
+            Ok(value)
+        }
+        Err(err) => {
+            roll_back(txn).await;
+            Err(err)
+        }
+    }
+}
+
+/// Rolls back a failed write now (see [`settle`]); a failure to roll back
+/// is logged, the write's own error being the one to answer.
+pub async fn roll_back(txn: DatabaseTransaction) {
+    if let Err(err) = txn.rollback().await {
+        tracing::warn!(error = %err, "rolling back a failed write failed");
+    }
 }
 
 /// A thread of its own, with a single-threaded runtime, for a store's

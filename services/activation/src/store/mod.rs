@@ -5,6 +5,7 @@ mod entities;
 mod migration;
 mod plan;
 
+use madtech_common::db::settle;
 use std::collections::HashMap;
 
 use chrono::Utc;
@@ -559,9 +560,12 @@ impl ActivationStore {
         added: &[Member],
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
-        upsert_members(&txn, activation_id, added, false).await?;
-        txn.commit().await?;
-        Ok(())
+        let result = async {
+            upsert_members(&txn, activation_id, added, false).await?;
+            Ok::<_, ActivationError>(())
+        }
+        .await;
+        settle(txn, result).await
     }
 
     /// Records what the destination acknowledged, in one transaction with
@@ -575,22 +579,25 @@ impl ActivationStore {
         batch: Option<&BatchRecord>,
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
-        if let Some(batch) = batch {
-            insert_batch(&txn, batch).await?;
+        let result = async {
+            if let Some(batch) = batch {
+                insert_batch(&txn, batch).await?;
+            }
+            for chunk in removed.chunks(500) {
+                sync_state::Entity::delete_many()
+                    .filter(sync_state::Column::ActivationId.eq(activation_id))
+                    .filter(
+                        sync_state::Column::PseudonymousId
+                            .is_in(chunk.iter().map(|member| member.id.clone())),
+                    )
+                    .exec(&txn)
+                    .await?;
+            }
+            upsert_members(&txn, activation_id, added, true).await?;
+            Ok::<_, ActivationError>(())
         }
-        for chunk in removed.chunks(500) {
-            sync_state::Entity::delete_many()
-                .filter(sync_state::Column::ActivationId.eq(activation_id))
-                .filter(
-                    sync_state::Column::PseudonymousId
-                        .is_in(chunk.iter().map(|member| member.id.clone())),
-                )
-                .exec(&txn)
-                .await?;
-        }
-        upsert_members(&txn, activation_id, added, true).await?;
-        txn.commit().await?;
-        Ok(())
+        .await;
+        settle(txn, result).await
     }
 
     /// Inserts or replaces a sync run's row.

@@ -6,6 +6,7 @@
 //! again after a crash is the same batch (same session, same sequence
 //! number, same idempotency key).
 
+use madtech_common::db::settle;
 use madtech_common::sql::{Sql, execute};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
@@ -92,31 +93,34 @@ impl ActivationStore {
         rows: &[(&str, String, Option<Op>)],
     ) -> Result<(), ActivationError> {
         let txn = self.db.begin().await?;
-        for chunk in rows.chunks(1_000) {
-            let models = chunk
-                .iter()
-                .map(|(id, identifiers, op)| sync_plan::ActiveModel {
-                    run_id: Set(run_id.to_string()),
-                    pseudonymous_id: Set(id.to_string()),
-                    activation_id: Set(activation_id.to_string()),
-                    identifiers: Set(identifiers.clone()),
-                    op: Set(op.map(|op| op.as_str().to_string())),
-                    seq: Set(None),
-                });
-            sync_plan::Entity::insert_many(models)
-                .on_conflict(
-                    OnConflict::columns([
-                        sync_plan::Column::RunId,
-                        sync_plan::Column::PseudonymousId,
-                    ])
-                    .update_columns([sync_plan::Column::Identifiers, sync_plan::Column::Op])
-                    .to_owned(),
-                )
-                .exec(&txn)
-                .await?;
+        let result = async {
+            for chunk in rows.chunks(1_000) {
+                let models = chunk
+                    .iter()
+                    .map(|(id, identifiers, op)| sync_plan::ActiveModel {
+                        run_id: Set(run_id.to_string()),
+                        pseudonymous_id: Set(id.to_string()),
+                        activation_id: Set(activation_id.to_string()),
+                        identifiers: Set(identifiers.clone()),
+                        op: Set(op.map(|op| op.as_str().to_string())),
+                        seq: Set(None),
+                    });
+                sync_plan::Entity::insert_many(models)
+                    .on_conflict(
+                        OnConflict::columns([
+                            sync_plan::Column::RunId,
+                            sync_plan::Column::PseudonymousId,
+                        ])
+                        .update_columns([sync_plan::Column::Identifiers, sync_plan::Column::Op])
+                        .to_owned(),
+                    )
+                    .exec(&txn)
+                    .await?;
+            }
+            Ok::<_, ActivationError>(())
         }
-        txn.commit().await?;
-        Ok(())
+        .await;
+        settle(txn, result).await
     }
 
     /// Compares a sync run's staged audience with what the destination
@@ -131,23 +135,27 @@ impl ActivationStore {
         batch_limit: u64,
     ) -> Result<PlanCounts, ActivationError> {
         let txn = self.db.begin().await?;
-        mark_adds(&txn, run_id, activation_id).await?;
-        let mut removes = Sql::new(
-            "INSERT INTO sync_plan (run_id, pseudonymous_id, activation_id, identifiers, op) \
-             SELECT ",
-        );
-        removes
-            .bind(run_id.to_string())
-            .push(
-                ", s.pseudonymous_id, s.activation_id, s.identifiers, 'remove' \
-                 FROM sync_state s WHERE s.activation_id = ",
-            )
-            .bind(activation_id.to_string())
-            .push(" AND NOT EXISTS (SELECT 1 FROM sync_plan p WHERE p.run_id = ")
-            .bind(run_id.to_string())
-            .push(" AND p.pseudonymous_id = s.pseudonymous_id)");
-        execute(&txn, &removes).await?;
-        numbered(txn, run_id, batch_limit).await
+        let result = async {
+            mark_adds(&txn, run_id, activation_id).await?;
+            let mut removes = Sql::new(
+                "INSERT INTO sync_plan (run_id, pseudonymous_id, activation_id, identifiers, op) \
+                 SELECT ",
+            );
+            removes
+                .bind(run_id.to_string())
+                .push(
+                    ", s.pseudonymous_id, s.activation_id, s.identifiers, 'remove' \
+                     FROM sync_state s WHERE s.activation_id = ",
+                )
+                .bind(activation_id.to_string())
+                .push(" AND NOT EXISTS (SELECT 1 FROM sync_plan p WHERE p.run_id = ")
+                .bind(run_id.to_string())
+                .push(" AND p.pseudonymous_id = s.pseudonymous_id)");
+            execute(&txn, &removes).await?;
+            numbered(&txn, run_id, batch_limit).await
+        }
+        .await;
+        settle(txn, result).await
     }
 
     /// Adds a page of an audience's membership changes to an incremental
@@ -199,25 +207,29 @@ impl ActivationStore {
         batch_limit: u64,
     ) -> Result<PlanCounts, ActivationError> {
         let txn = self.db.begin().await?;
-        mark_adds(&txn, run_id, activation_id).await?;
-        let mut not_held = Sql::new("DELETE FROM sync_plan WHERE run_id = ");
-        not_held
-            .bind(run_id.to_string())
-            .push(" AND op = 'remove' AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
-            .bind(activation_id.to_string())
-            .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id)");
-        execute(&txn, &not_held).await?;
-        let mut hashes = Sql::new(
-            "UPDATE sync_plan SET identifiers = (SELECT s.identifiers FROM sync_state s \
-             WHERE s.activation_id = ",
-        );
-        hashes
-            .bind(activation_id.to_string())
-            .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id) WHERE run_id = ")
-            .bind(run_id.to_string())
-            .push(" AND op = 'remove'");
-        execute(&txn, &hashes).await?;
-        numbered(txn, run_id, batch_limit).await
+        let result = async {
+            mark_adds(&txn, run_id, activation_id).await?;
+            let mut not_held = Sql::new("DELETE FROM sync_plan WHERE run_id = ");
+            not_held
+                .bind(run_id.to_string())
+                .push(" AND op = 'remove' AND NOT EXISTS (SELECT 1 FROM sync_state s WHERE s.activation_id = ")
+                .bind(activation_id.to_string())
+                .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id)");
+            execute(&txn, &not_held).await?;
+            let mut hashes = Sql::new(
+                "UPDATE sync_plan SET identifiers = (SELECT s.identifiers FROM sync_state s \
+                 WHERE s.activation_id = ",
+            );
+            hashes
+                .bind(activation_id.to_string())
+                .push(" AND s.pseudonymous_id = sync_plan.pseudonymous_id) WHERE run_id = ")
+                .bind(run_id.to_string())
+                .push(" AND op = 'remove'");
+            execute(&txn, &hashes).await?;
+            numbered(&txn, run_id, batch_limit).await
+        }
+        .await;
+        settle(txn, result).await
     }
 
     /// Numbers a removal run's staged members into batches.
@@ -227,7 +239,8 @@ impl ActivationStore {
         batch_limit: u64,
     ) -> Result<PlanCounts, ActivationError> {
         let txn = self.db.begin().await?;
-        numbered(txn, run_id, batch_limit).await
+        let result = numbered(&txn, run_id, batch_limit).await;
+        settle(txn, result).await
     }
 
     /// The plan's counts for a run planned earlier.
@@ -287,16 +300,14 @@ async fn mark_adds<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Numbers a planned run's batches and commits the plan; its counts.
+/// Numbers a planned run's batches; its counts.
 async fn numbered(
-    txn: sea_orm::DatabaseTransaction,
+    txn: &sea_orm::DatabaseTransaction,
     run_id: &str,
     batch_limit: u64,
 ) -> Result<PlanCounts, ActivationError> {
-    number_batches(&txn, run_id, batch_limit).await?;
-    let counts = counts(&txn, run_id, batch_limit).await?;
-    txn.commit().await?;
-    Ok(counts)
+    number_batches(txn, run_id, batch_limit).await?;
+    counts(txn, run_id, batch_limit).await
 }
 
 /// Gives each `add` and each `remove` its batch: the n-th member of an op in

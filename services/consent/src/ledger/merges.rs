@@ -5,6 +5,7 @@
 //! stream is followed from a stored cursor, and each merge is applied with
 //! that cursor in one transaction, so a merge is applied exactly once.
 
+use madtech_common::db::settle;
 use std::collections::BTreeMap;
 
 use chrono::Utc;
@@ -69,10 +70,13 @@ impl Ledger {
     pub async fn advance_profile_cursor(&self, cursor: u64) -> Result<(), ConsentError> {
         let _writer = self.writer.lock().await;
         let txn = self.db.begin().await?;
-        lock_appends(&txn).await?;
-        store_cursor(&txn, cursor).await?;
-        txn.commit().await?;
-        Ok(())
+        let result = async {
+            lock_appends(&txn).await?;
+            store_cursor(&txn, cursor).await?;
+            Ok::<_, ConsentError>(())
+        }
+        .await;
+        settle(txn, result).await
     }
 
     /// Applies the merge of `absorbed` into `survivor` that the profiles
@@ -86,118 +90,123 @@ impl Ledger {
     ) -> Result<Vec<Entry>, ConsentError> {
         let _writer = self.writer.lock().await;
         let txn = self.db.begin().await?;
-        lock_appends(&txn).await?;
-        let applied = follow::Entity::find_by_id(PROFILE_CHANGES.to_string())
-            .one(&txn)
-            .await?
-            .map_or(Ok(0), |row| cursor_of(row.cursor))?;
-        if cursor <= applied {
-            return Ok(Vec::new());
-        }
-        let now = Utc::now().timestamp_micros();
-        let absorbed: Vec<String> = absorbed
-            .iter()
-            .filter(|id| id.as_str() != survivor)
-            .cloned()
-            .collect();
-
-        // Ids merged into an absorbed profile earlier now belong to the
-        // survivor too.
-        merge::Entity::update_many()
-            .col_expr(merge::Column::SurvivorId, Expr::value(survivor.to_string()))
-            .filter(merge::Column::SurvivorId.is_in(absorbed.iter().cloned()))
-            .exec(&txn)
-            .await?;
-        for id in &absorbed {
-            merge::Entity::insert(merge::ActiveModel {
-                absorbed_id: Set(id.clone()),
-                survivor_id: Set(survivor.to_string()),
-                merged_at: Set(now),
-            })
-            .on_conflict(
-                OnConflict::column(merge::Column::AbsorbedId)
-                    .update_columns([merge::Column::SurvivorId, merge::Column::MergedAt])
-                    .to_owned(),
-            )
-            .exec(&txn)
-            .await?;
-        }
-
-        let people: Vec<String> = std::iter::once(survivor.to_string())
-            .chain(absorbed.iter().cloned())
-            .collect();
-        let rows = current::Entity::find()
-            .filter(current::Column::ProfileId.is_in(people.iter().cloned()))
-            .all(&txn)
-            .await?;
-        // purpose → person → (state now, the entry behind it)
-        let mut states: BTreeMap<String, BTreeMap<String, (State, i64)>> = BTreeMap::new();
-        for row in rows {
-            let state = state_at(&row, now)?;
-            states
-                .entry(row.purpose)
-                .or_default()
-                .insert(row.profile_id, (state, row.seq));
-        }
-
-        let mut written = Vec::new();
-        for (purpose, by_person) in states {
-            let state_of = |person: &str| by_person.get(person).map_or(State::Unset, |(s, _)| *s);
-            let survivor_state = state_of(survivor);
-            let decider = people
-                .iter()
-                .min_by_key(|person| restrictiveness(state_of(person)))
-                .map(String::as_str)
-                .unwrap_or(survivor);
-            let combined = state_of(decider);
-            if restrictiveness(combined) >= restrictiveness(survivor_state) {
-                continue;
+        let result = async {
+            lock_appends(&txn).await?;
+            let applied = follow::Entity::find_by_id(PROFILE_CHANGES.to_string())
+                .one(&txn)
+                .await?
+                .map_or(Ok(0), |row| cursor_of(row.cursor))?;
+            if cursor <= applied {
+                return Ok(Vec::new());
             }
-            let evidence = match by_person.get(decider) {
-                Some((_, seq)) => Some(entry_by_seq(&txn, *seq).await?),
-                None => None,
-            };
-            let others: Vec<String> = people
+            let now = Utc::now().timestamp_micros();
+            let absorbed: Vec<String> = absorbed
                 .iter()
-                .filter(|p| p.as_str() != survivor)
-                .map(|p| format!("{p} {}", state_of(p)))
+                .filter(|id| id.as_str() != survivor)
+                .cloned()
                 .collect();
-            let mut entry = Entry {
-                cursor: 0,
-                profile_id: survivor.to_string(),
-                purpose: purpose.clone(),
-                state: combined,
-                legal_basis: evidence
-                    .as_ref()
-                    .map_or(LegalBasis::Consent, |e| e.legal_basis),
-                source: Source::Merge,
-                region: evidence
-                    .as_ref()
-                    .map(|e| e.region.clone())
-                    .unwrap_or_default(),
-                notice_version: evidence
-                    .as_ref()
-                    .map(|e| e.notice_version.clone())
-                    .unwrap_or_default(),
-                signal: None,
-                cmp: None,
-                derived_from: format!(
-                    "merge: the most restrictive of {survivor} {survivor_state} and {}",
-                    others.join(", ")
-                ),
-                conflict: Some(format!(
-                    "{survivor_state} ({survivor}) overridden by the merge"
-                )),
-                collected_at_micros: now,
-                recorded_at_micros: now,
-                expires_at_micros: evidence.as_ref().and_then(|e| e.expires_at_micros),
-                effective: true,
-            };
-            entry.cursor = append(&txn, &entry).await?;
-            written.push(entry);
+
+            // Ids merged into an absorbed profile earlier now belong to the
+            // survivor too.
+            merge::Entity::update_many()
+                .col_expr(merge::Column::SurvivorId, Expr::value(survivor.to_string()))
+                .filter(merge::Column::SurvivorId.is_in(absorbed.iter().cloned()))
+                .exec(&txn)
+                .await?;
+            for id in &absorbed {
+                merge::Entity::insert(merge::ActiveModel {
+                    absorbed_id: Set(id.clone()),
+                    survivor_id: Set(survivor.to_string()),
+                    merged_at: Set(now),
+                })
+                .on_conflict(
+                    OnConflict::column(merge::Column::AbsorbedId)
+                        .update_columns([merge::Column::SurvivorId, merge::Column::MergedAt])
+                        .to_owned(),
+                )
+                .exec(&txn)
+                .await?;
+            }
+
+            let people: Vec<String> = std::iter::once(survivor.to_string())
+                .chain(absorbed.iter().cloned())
+                .collect();
+            let rows = current::Entity::find()
+                .filter(current::Column::ProfileId.is_in(people.iter().cloned()))
+                .all(&txn)
+                .await?;
+            // purpose → person → (state now, the entry behind it)
+            let mut states: BTreeMap<String, BTreeMap<String, (State, i64)>> = BTreeMap::new();
+            for row in rows {
+                let state = state_at(&row, now)?;
+                states
+                    .entry(row.purpose)
+                    .or_default()
+                    .insert(row.profile_id, (state, row.seq));
+            }
+
+            let mut written = Vec::new();
+            for (purpose, by_person) in states {
+                let state_of =
+                    |person: &str| by_person.get(person).map_or(State::Unset, |(s, _)| *s);
+                let survivor_state = state_of(survivor);
+                let decider = people
+                    .iter()
+                    .min_by_key(|person| restrictiveness(state_of(person)))
+                    .map(String::as_str)
+                    .unwrap_or(survivor);
+                let combined = state_of(decider);
+                if restrictiveness(combined) >= restrictiveness(survivor_state) {
+                    continue;
+                }
+                let evidence = match by_person.get(decider) {
+                    Some((_, seq)) => Some(entry_by_seq(&txn, *seq).await?),
+                    None => None,
+                };
+                let others: Vec<String> = people
+                    .iter()
+                    .filter(|p| p.as_str() != survivor)
+                    .map(|p| format!("{p} {}", state_of(p)))
+                    .collect();
+                let mut entry = Entry {
+                    cursor: 0,
+                    profile_id: survivor.to_string(),
+                    purpose: purpose.clone(),
+                    state: combined,
+                    legal_basis: evidence
+                        .as_ref()
+                        .map_or(LegalBasis::Consent, |e| e.legal_basis),
+                    source: Source::Merge,
+                    region: evidence
+                        .as_ref()
+                        .map(|e| e.region.clone())
+                        .unwrap_or_default(),
+                    notice_version: evidence
+                        .as_ref()
+                        .map(|e| e.notice_version.clone())
+                        .unwrap_or_default(),
+                    signal: None,
+                    cmp: None,
+                    derived_from: format!(
+                        "merge: the most restrictive of {survivor} {survivor_state} and {}",
+                        others.join(", ")
+                    ),
+                    conflict: Some(format!(
+                        "{survivor_state} ({survivor}) overridden by the merge"
+                    )),
+                    collected_at_micros: now,
+                    recorded_at_micros: now,
+                    expires_at_micros: evidence.as_ref().and_then(|e| e.expires_at_micros),
+                    effective: true,
+                };
+                entry.cursor = append(&txn, &entry).await?;
+                written.push(entry);
+            }
+            store_cursor(&txn, cursor).await?;
+            Ok::<_, ConsentError>(written)
         }
-        store_cursor(&txn, cursor).await?;
-        txn.commit().await?;
+        .await;
+        let written = settle(txn, result).await?;
         self.appended(&written);
         Ok(written)
     }

@@ -7,6 +7,7 @@ mod entities;
 mod merges;
 mod migration;
 
+use madtech_common::db::settle;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -232,54 +233,58 @@ impl Ledger {
         let now = Utc::now().timestamp_micros();
         let collected_at = record.collected_at_micros.unwrap_or(now);
         let txn = self.db.begin().await?;
-        lock_appends(&txn).await?;
-        let subject = merges::survivor_of(&txn, &record.profile_id).await?;
-        let copies = merges::absorbed_by(&txn, &subject).await?;
-        let mut written = Vec::with_capacity(record.choices.len() * (1 + copies.len()));
-        for choice in &record.choices {
-            let known = current_row(&txn, &subject, &choice.purpose).await?;
-            if let Some(known) = &known {
-                refuse_if_held(known, choice, now)?;
-            }
-            let entry = Entry {
-                cursor: 0,
-                profile_id: subject.clone(),
-                purpose: choice.purpose.clone(),
-                state: choice.state,
-                legal_basis: choice.legal_basis,
-                source: record.source,
-                region: record.region.clone(),
-                notice_version: record.notice_version.clone(),
-                signal: choice.signal.clone(),
-                cmp: record.cmp,
-                derived_from: choice.derived_from.clone(),
-                conflict: choice.conflict.clone(),
-                collected_at_micros: collected_at,
-                recorded_at_micros: now,
-                expires_at_micros: choice
-                    .lifetime_micros
-                    .map(|life| collected_at.saturating_add(life)),
-                effective: known.is_none_or(|known| known.collected_at <= collected_at),
-            };
-            for copy_for in &copies {
-                let known = current_row(&txn, copy_for, &choice.purpose).await?;
-                let mut copy = Entry {
-                    profile_id: copy_for.clone(),
-                    derived_from: format!(
-                        "{} (the choice of {subject}, which {copy_for} was merged into)",
-                        entry.derived_from
-                    ),
+        let result = async {
+            lock_appends(&txn).await?;
+            let subject = merges::survivor_of(&txn, &record.profile_id).await?;
+            let copies = merges::absorbed_by(&txn, &subject).await?;
+            let mut written = Vec::with_capacity(record.choices.len() * (1 + copies.len()));
+            for choice in &record.choices {
+                let known = current_row(&txn, &subject, &choice.purpose).await?;
+                if let Some(known) = &known {
+                    refuse_if_held(known, choice, now)?;
+                }
+                let entry = Entry {
+                    cursor: 0,
+                    profile_id: subject.clone(),
+                    purpose: choice.purpose.clone(),
+                    state: choice.state,
+                    legal_basis: choice.legal_basis,
+                    source: record.source,
+                    region: record.region.clone(),
+                    notice_version: record.notice_version.clone(),
+                    signal: choice.signal.clone(),
+                    cmp: record.cmp,
+                    derived_from: choice.derived_from.clone(),
+                    conflict: choice.conflict.clone(),
+                    collected_at_micros: collected_at,
+                    recorded_at_micros: now,
+                    expires_at_micros: choice
+                        .lifetime_micros
+                        .map(|life| collected_at.saturating_add(life)),
                     effective: known.is_none_or(|known| known.collected_at <= collected_at),
-                    ..entry.clone()
                 };
-                copy.cursor = append(&txn, &copy).await?;
-                written.push(copy);
+                for copy_for in &copies {
+                    let known = current_row(&txn, copy_for, &choice.purpose).await?;
+                    let mut copy = Entry {
+                        profile_id: copy_for.clone(),
+                        derived_from: format!(
+                            "{} (the choice of {subject}, which {copy_for} was merged into)",
+                            entry.derived_from
+                        ),
+                        effective: known.is_none_or(|known| known.collected_at <= collected_at),
+                        ..entry.clone()
+                    };
+                    copy.cursor = append(&txn, &copy).await?;
+                    written.push(copy);
+                }
+                let mut entry = entry;
+                entry.cursor = append(&txn, &entry).await?;
+                written.push(entry);
             }
-            let mut entry = entry;
-            entry.cursor = append(&txn, &entry).await?;
-            written.push(entry);
+            Ok::<_, ConsentError>(written)
         }
-        txn.commit().await?;
+        .await;
+        let written = settle(txn, result).await?;
         self.appended(&written);
         Ok(written)
     }
@@ -368,22 +373,26 @@ impl Ledger {
         }
         let _writer = self.writer.lock().await;
         let txn = self.db.begin().await?;
-        lock_appends(&txn).await?;
-        let ids = || profile_ids.iter().cloned();
-        let deleted = entry::Entity::delete_many()
-            .filter(entry::Column::ProfileId.is_in(ids()))
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        current::Entity::delete_many()
-            .filter(current::Column::ProfileId.is_in(ids()))
-            .exec(&txn)
-            .await?;
-        entities::merge::Entity::delete_many()
-            .filter(merges_naming(profile_ids))
-            .exec(&txn)
-            .await?;
-        txn.commit().await?;
+        let result = async {
+            lock_appends(&txn).await?;
+            let ids = || profile_ids.iter().cloned();
+            let deleted = entry::Entity::delete_many()
+                .filter(entry::Column::ProfileId.is_in(ids()))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            current::Entity::delete_many()
+                .filter(current::Column::ProfileId.is_in(ids()))
+                .exec(&txn)
+                .await?;
+            entities::merge::Entity::delete_many()
+                .filter(merges_naming(profile_ids))
+                .exec(&txn)
+                .await?;
+            Ok::<_, ConsentError>(deleted)
+        }
+        .await;
+        let deleted = settle(txn, result).await?;
         Ok(deleted)
     }
 

@@ -351,12 +351,8 @@ impl Writer {
                 Ok(Some(value))
             }
             Err(err) => {
-                // Rolled back before answering: a transaction left to its
-                // drop is rolled back later, and on SQLite the next write
-                // (on another pooled connection) could meet its lock.
-                if let Err(rollback) = write.txn.rollback().await {
-                    tracing::warn!(error = %rollback, "rolling back a failed write failed");
-                }
+                // Rolled back before answering (see `db::settle`).
+                madtech_common::db::roll_back(write.txn).await;
                 match err {
                     ProfileError::Database(err)
                         if madtech_common::db::is_unique_violation(&err) =>

@@ -3,6 +3,7 @@
 //! one page of evaluated people at a time; the projection makes people who
 //! were erased or merged away leave every segment.
 
+use madtech_common::db::settle;
 use std::collections::BTreeSet;
 
 use sea_orm::{
@@ -123,73 +124,77 @@ impl Memberships {
         }
         let _writing = self.writes.lock().await;
         let txn = self.db.begin().await?;
-        lock(&txn).await?;
-        let ids: Vec<String> = evaluated.iter().map(|(id, _)| id.clone()).collect();
-        let mut current = BTreeSet::new();
-        for chunk in ids.chunks(MAX_BINDS) {
-            let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
-            sql.bind(segment_id.to_string())
-                .push(" AND profile_id IN ")
-                .bind_list(chunk);
-            for row in txn
-                .query_all_raw(sql.statement(txn.get_database_backend()))
-                .await?
-            {
-                current.insert(row.try_get::<String>("", "profile_id")?);
+        let result = async {
+            lock(&txn).await?;
+            let ids: Vec<String> = evaluated.iter().map(|(id, _)| id.clone()).collect();
+            let mut current = BTreeSet::new();
+            for chunk in ids.chunks(MAX_BINDS) {
+                let mut sql = Sql::new("SELECT profile_id FROM memberships WHERE segment_id = ");
+                sql.bind(segment_id.to_string())
+                    .push(" AND profile_id IN ")
+                    .bind_list(chunk);
+                for row in txn
+                    .query_all_raw(sql.statement(txn.get_database_backend()))
+                    .await?
+                {
+                    current.insert(row.try_get::<String>("", "profile_id")?);
+                }
             }
-        }
-        let entering: Vec<&String> = evaluated
-            .iter()
-            .filter(|(id, matches)| *matches && !current.contains(id))
-            .map(|(id, _)| id)
-            .collect();
-        let leaving: Vec<&String> = evaluated
-            .iter()
-            .filter(|(id, matches)| !*matches && current.contains(id))
-            .map(|(id, _)| id)
-            .collect();
-        // A page's changes in a few statements, not a few per person: the
-        // log in the order evaluated, entries before exits.
-        let segment = || sea_orm::Value::from(segment_id.to_string());
-        insert_rows(
-            &txn,
-            "memberships (segment_id, profile_id, entered_at)",
-            "",
-            entering
+            let entering: Vec<&String> = evaluated
                 .iter()
-                .map(|id| vec![segment(), (*id).clone().into(), at.into()])
-                .collect(),
-        )
-        .await?;
-        for chunk in leaving.chunks(MAX_BINDS) {
-            let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
-            delete
-                .bind(segment_id.to_string())
-                .push(" AND profile_id IN ")
-                .bind_list(chunk.iter().copied());
-            execute(&txn, &delete).await?;
-        }
-        insert_rows(
-            &txn,
-            "membership_changes (segment_id, profile_id, entered, at)",
-            "",
-            entering
+                .filter(|(id, matches)| *matches && !current.contains(id))
+                .map(|(id, _)| id)
+                .collect();
+            let leaving: Vec<&String> = evaluated
                 .iter()
-                .map(|id| (id, true))
-                .chain(leaving.iter().map(|id| (id, false)))
-                .map(|(id, entered)| {
-                    vec![
-                        segment(),
-                        (*id).clone().into(),
-                        i64::from(entered).into(),
-                        at.into(),
-                    ]
-                })
-                .collect(),
-        )
-        .await?;
-        let (entered, exited) = (entering.len() as u64, leaving.len() as u64);
-        txn.commit().await?;
+                .filter(|(id, matches)| !*matches && current.contains(id))
+                .map(|(id, _)| id)
+                .collect();
+            // A page's changes in a few statements, not a few per person: the
+            // log in the order evaluated, entries before exits.
+            let segment = || sea_orm::Value::from(segment_id.to_string());
+            insert_rows(
+                &txn,
+                "memberships (segment_id, profile_id, entered_at)",
+                "",
+                entering
+                    .iter()
+                    .map(|id| vec![segment(), (*id).clone().into(), at.into()])
+                    .collect(),
+            )
+            .await?;
+            for chunk in leaving.chunks(MAX_BINDS) {
+                let mut delete = Sql::new("DELETE FROM memberships WHERE segment_id = ");
+                delete
+                    .bind(segment_id.to_string())
+                    .push(" AND profile_id IN ")
+                    .bind_list(chunk.iter().copied());
+                execute(&txn, &delete).await?;
+            }
+            insert_rows(
+                &txn,
+                "membership_changes (segment_id, profile_id, entered, at)",
+                "",
+                entering
+                    .iter()
+                    .map(|id| (id, true))
+                    .chain(leaving.iter().map(|id| (id, false)))
+                    .map(|(id, entered)| {
+                        vec![
+                            segment(),
+                            (*id).clone().into(),
+                            i64::from(entered).into(),
+                            at.into(),
+                        ]
+                    })
+                    .collect(),
+            )
+            .await?;
+            let (entered, exited) = (entering.len() as u64, leaving.len() as u64);
+            Ok::<_, SegmentError>((entered, exited))
+        }
+        .await;
+        let (entered, exited) = settle(txn, result).await?;
         if entered + exited > 0 {
             self.statistics
                 .wrote(&self.db, 2 * (entered + exited))

@@ -4,6 +4,7 @@
 //! properties. Each page of changes is applied in one transaction with the
 //! cursor it ends at, so a restart resumes exactly after it.
 
+use madtech_common::db::settle;
 use std::collections::BTreeMap;
 
 use sea_orm::{
@@ -331,58 +332,62 @@ impl Projection {
             return Ok(());
         };
         let (_writing, txn) = self.begin_writing().await?;
-        let applied = number(
-            &txn,
-            &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
-        )
-        .await?;
-        // Consecutive upserts and consecutive event batches are written
-        // together, a few hundred rows per statement; merges and erasures
-        // in between keep their place in the order.
-        let mut run = Run {
-            birth_date_trait: &self.birth_date_trait,
-            people: Vec::new(),
-            events: Vec::new(),
-        };
-        let mut rows = 0;
-        for (cursor, change) in changes {
-            if *cursor <= applied {
-                continue;
-            }
-            match change {
-                Change::Upserted(person) => {
-                    if !run.events.is_empty() {
-                        run.flush(&txn).await?;
+        let result = async {
+            let applied = number(
+                &txn,
+                &Sql::new("SELECT cursor AS n FROM projection_state WHERE id = 1"),
+            )
+            .await?;
+            // Consecutive upserts and consecutive event batches are written
+            // together, a few hundred rows per statement; merges and erasures
+            // in between keep their place in the order.
+            let mut run = Run {
+                birth_date_trait: &self.birth_date_trait,
+                people: Vec::new(),
+                events: Vec::new(),
+            };
+            let mut rows = 0;
+            for (cursor, change) in changes {
+                if *cursor <= applied {
+                    continue;
+                }
+                match change {
+                    Change::Upserted(person) => {
+                        if !run.events.is_empty() {
+                            run.flush(&txn).await?;
+                        }
+                        run.people.push(person);
+                        rows += 1;
                     }
-                    run.people.push(person);
-                    rows += 1;
-                }
-                Change::Events(events) => {
-                    if !run.people.is_empty() {
-                        run.flush(&txn).await?;
+                    Change::Events(events) => {
+                        if !run.people.is_empty() {
+                            run.flush(&txn).await?;
+                        }
+                        run.events.extend(events);
+                        rows += events.len() as u64;
                     }
-                    run.events.extend(events);
-                    rows += events.len() as u64;
-                }
-                Change::Merged { survivor, merged } => {
-                    run.flush(&txn).await?;
-                    absorb(&txn, survivor, merged).await?;
-                }
-                Change::Erased { profile_ids } => {
-                    run.flush(&txn).await?;
-                    forget(&txn, profile_ids, false).await?;
-                    membership::leave_everything(&txn, profile_ids, now()).await?;
+                    Change::Merged { survivor, merged } => {
+                        run.flush(&txn).await?;
+                        absorb(&txn, survivor, merged).await?;
+                    }
+                    Change::Erased { profile_ids } => {
+                        run.flush(&txn).await?;
+                        forget(&txn, profile_ids, false).await?;
+                        membership::leave_everything(&txn, profile_ids, now()).await?;
+                    }
                 }
             }
+            run.flush(&txn).await?;
+            let cursor = i64::try_from((*last).max(applied)).unwrap_or(i64::MAX);
+            let mut upsert = Sql::new("INSERT INTO projection_state (id, cursor) VALUES (1, ");
+            upsert
+                .bind(cursor)
+                .push(") ON CONFLICT (id) DO UPDATE SET cursor = excluded.cursor");
+            execute(&txn, &upsert).await?;
+            Ok::<_, SegmentError>(rows)
         }
-        run.flush(&txn).await?;
-        let cursor = i64::try_from((*last).max(applied)).unwrap_or(i64::MAX);
-        let mut upsert = Sql::new("INSERT INTO projection_state (id, cursor) VALUES (1, ");
-        upsert
-            .bind(cursor)
-            .push(") ON CONFLICT (id) DO UPDATE SET cursor = excluded.cursor");
-        execute(&txn, &upsert).await?;
-        txn.commit().await?;
+        .await;
+        let rows = settle(txn, result).await?;
         self.statistics.wrote(&self.db, rows).await;
         Ok(())
     }
@@ -557,47 +562,57 @@ impl Projection {
         let key = export_doc::key(&self.birth_date_trait);
         {
             let (_writing, txn) = self.begin_writing().await?;
-            let row = txn
-                .query_one_raw(
-                    Sql::new("SELECT export_docs FROM projection_state WHERE id = 1")
-                        .statement(txn.get_database_backend()),
-                )
-                .await?;
-            let stored: Option<String> = match row {
-                Some(row) => row.try_get("", "export_docs")?,
-                None => None,
-            };
-            if stored.as_deref() != Some(key.as_str()) {
-                execute(&txn, &Sql::new("UPDATE people SET export_doc = NULL")).await?;
-                let mut upsert = Sql::new(
-                    "INSERT INTO projection_state (id, cursor, export_docs) VALUES (1, 0, ",
-                );
-                upsert
-                    .bind(key)
-                    .push(") ON CONFLICT (id) DO UPDATE SET export_docs = excluded.export_docs");
-                execute(&txn, &upsert).await?;
+            let result = async {
+                let row = txn
+                    .query_one_raw(
+                        Sql::new("SELECT export_docs FROM projection_state WHERE id = 1")
+                            .statement(txn.get_database_backend()),
+                    )
+                    .await?;
+                let stored: Option<String> = match row {
+                    Some(row) => row.try_get("", "export_docs")?,
+                    None => None,
+                };
+                if stored.as_deref() != Some(key.as_str()) {
+                    execute(&txn, &Sql::new("UPDATE people SET export_doc = NULL")).await?;
+                    let mut upsert = Sql::new(
+                        "INSERT INTO projection_state (id, cursor, export_docs) VALUES (1, 0, ",
+                    );
+                    upsert.bind(key).push(
+                        ") ON CONFLICT (id) DO UPDATE SET export_docs = excluded.export_docs",
+                    );
+                    execute(&txn, &upsert).await?;
+                }
+                Ok::<_, SegmentError>(())
             }
-            txn.commit().await?;
+            .await;
+            settle(txn, result).await?;
         }
         let mut built = 0;
         loop {
             // Under the write lock, so a newer document that `apply` writes
             // is never overwritten with an older state.
             let (_writing, txn) = self.begin_writing().await?;
-            let members = self.assembled_without_docs(&txn).await?;
-            if members.is_empty() {
-                return Ok(built);
+            let result = async {
+                let members = self.assembled_without_docs(&txn).await?;
+                if members.is_empty() {
+                    return Ok(None);
+                }
+                let page = members.len() as u64;
+                // Everyone here has a row: the upsert only fills their document.
+                insert_rows(
+                    &txn,
+                    PEOPLE_COLUMNS,
+                    " ON CONFLICT (profile_id) DO UPDATE SET export_doc = excluded.export_doc",
+                    members.into_iter().map(people_row).collect(),
+                )
+                .await?;
+                Ok::<_, SegmentError>(Some(page))
             }
-            let page = members.len() as u64;
-            // Everyone here has a row: the upsert only fills their document.
-            insert_rows(
-                &txn,
-                PEOPLE_COLUMNS,
-                " ON CONFLICT (profile_id) DO UPDATE SET export_doc = excluded.export_doc",
-                members.into_iter().map(people_row).collect(),
-            )
-            .await?;
-            txn.commit().await?;
+            .await;
+            let Some(page) = settle(txn, result).await? else {
+                return Ok(built);
+            };
             built += page;
             // A large projection takes a while; say how far it is.
             if built % 100_000 < page {
