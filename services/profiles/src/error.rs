@@ -27,7 +27,7 @@ pub enum ProfileError {
     #[error(transparent)]
     Stopped(#[from] madtech_common::db::WriteThreadStopped),
     #[error("starting the write thread: {0}")]
-    WriteThread(#[from] std::io::Error),
+    WriteThread(std::io::Error),
 }
 
 impl From<ProfileError> for Status {

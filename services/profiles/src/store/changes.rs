@@ -256,9 +256,14 @@ async fn events_between<C: ConnectionTrait>(
 
 /// The newest cursor, 0 when nothing was ever written.
 pub(super) async fn head<C: ConnectionTrait>(db: &C) -> Result<u64, ProfileError> {
-    let last = change::Entity::find()
+    // The sequence alone: every write reads it, and a change's payload can
+    // be a whole profile.
+    let last: Option<i64> = change::Entity::find()
+        .select_only()
+        .column(change::Column::Seq)
         .order_by_desc(change::Column::Seq)
+        .into_tuple()
         .one(db)
         .await?;
-    Ok(last.map_or(0, |row| u64::try_from(row.seq).unwrap_or(0)))
+    Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
 }

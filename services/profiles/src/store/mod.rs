@@ -160,7 +160,8 @@ impl ProfileStore {
                 slot: Mutex::new(()),
                 appended: watch::Sender::new(0),
             }),
-            write_thread: WriteThread::start("profiles-writer")?,
+            write_thread: WriteThread::start("profiles-writer")
+                .map_err(ProfileError::WriteThread)?,
         })
     }
 
@@ -251,7 +252,11 @@ impl ProfileStore {
     /// Lets an erased person's identifier be used again (they came back
     /// with new consent); whether it was suppressed.
     pub async fn lift_suppression(&self, identifier: &Identifier) -> Result<bool, ProfileError> {
-        suppression::lift(&self.db, identifier).await
+        // One statement, outside the slot: it moves no owner and logs no
+        // change, but it is a write, so it goes where writes go.
+        let identifier = identifier.clone();
+        self.write(|writer| async move { suppression::lift(&writer.db, &identifier).await })
+            .await
     }
 
     /// Everything held about a person, as JSON.
