@@ -21,8 +21,8 @@ use segments_pb::segment_service_client::SegmentServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
 use common::{
-    LOAD_BATCH, LOAD_CONCURRENCY, bearer, channel, export_rate, growth_during, load_people, median,
-    peak_rss_mib, tmpfs_dir,
+    LOAD_BATCH, LOAD_CONCURRENCY, bearer, channel, export_cost, export_rate, growth_during,
+    load_people, median, peak_rss_mib, tmpfs_dir,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -134,18 +134,33 @@ async fn measure(
 
     let before = peak_rss_mib();
     let cold = export_rate(gateway.clone(), request.clone(), audience).await?;
-    let (mut d_rate, mut g_rate) = (Vec::new(), Vec::new());
+    let (mut d_rate, mut g_rate, mut d_cpu, mut g_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        d_rate.push(export_rate(direct.clone(), request.clone(), audience).await?);
-        g_rate.push(export_rate(gateway.clone(), request.clone(), audience).await?);
+        let direct = export_cost(direct.clone(), request.clone(), audience).await?;
+        d_rate.push(direct.rate);
+        d_cpu.push(direct.cpu_us_per_member);
+        let crossed = export_cost(gateway.clone(), request.clone(), audience).await?;
+        g_rate.push(crossed.rate);
+        g_cpu.push(crossed.cpu_us_per_member);
     }
     let after = peak_rss_mib();
     let (d_rate, g_rate) = (median(d_rate), median(g_rate));
-    println!("\n| path | members/s |");
-    println!("|---|---|");
-    println!("| direct from segments (projection, unfiltered) | {d_rate:.0} |");
-    println!("| through the gateway, consent view cold (every member looked up) | {cold:.0} |");
-    println!("| through the gateway, consent view warm | {g_rate:.0} |");
+    let (d_cpu, g_cpu) = (median(d_cpu), median(g_cpu));
+    // CPU per member times members per second: how many of the machine's
+    // cores the export kept busy.
+    let busy = |cpu_us: f64, rate: f64| cpu_us * rate / 1e6;
+    println!("\n| path | members/s | CPU per member (whole process) | cores busy |");
+    println!("|---|---|---|---|");
+    println!(
+        "| direct from segments (projection, unfiltered) | {d_rate:.0} | {d_cpu:.2} µs | {:.2} |",
+        busy(d_cpu, d_rate)
+    );
+    println!("| through the gateway, consent view cold (every member looked up) | {cold:.0} | | |");
+    println!(
+        "| through the gateway, consent view warm | {g_rate:.0} | {g_cpu:.2} µs | {:.2} |",
+        busy(g_cpu, g_rate)
+    );
     println!(
         "\ngateway / direct: {:.2} warm, {:.2} cold",
         g_rate / d_rate,

@@ -233,6 +233,40 @@ where
     Ok(members as f64 / start.elapsed().as_secs_f64())
 }
 
+/// CPU time every thread of this process has used so far, in seconds.
+pub fn process_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// An export read to the end: members per second, and the CPU time the
+/// whole process (server, gateway and reader alike) spent per member.
+pub struct ExportCost {
+    pub rate: f64,
+    pub cpu_us_per_member: f64,
+}
+
+/// [`export_rate`], with the process's CPU time per member.
+pub async fn export_cost<S>(
+    client: madtech_proto::segments::v1::segment_service_client::SegmentServiceClient<S>,
+    request: madtech_proto::segments::v1::ExportAudienceRequest,
+    expected: u64,
+) -> anyhow::Result<ExportCost>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let cpu = process_cpu_seconds();
+    let rate = export_rate(client, request, expected).await?;
+    let cpu_us_per_member = (process_cpu_seconds() - cpu) * 1e6 / expected.max(1) as f64;
+    Ok(ExportCost {
+        rate,
+        cpu_us_per_member,
+    })
+}
+
 /// People per BatchUpsertProfiles call while loading.
 pub const LOAD_BATCH: u64 = 500;
 /// Calls in flight while loading.
