@@ -401,7 +401,7 @@ impl ConsentView {
             };
             let known: Vec<Option<Known>> = people
                 .iter()
-                .map(|person| cached.and_then(|by_person| by_person.get(*person)).copied())
+                .map(|person| cached.and_then(|by_person| by_person.get(person)).copied())
                 .collect();
             (known, cache.generation)
         };
