@@ -137,10 +137,18 @@ async fn measure(
     let (mut d_rate, mut g_rate, mut d_cpu, mut g_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let direct = export_cost(direct.clone(), request.clone(), audience).await?;
+        let direct = export_cost(
+            audience,
+            export_rate(direct.clone(), request.clone(), audience),
+        )
+        .await?;
         d_rate.push(direct.rate);
         d_cpu.push(direct.cpu_us_per_member);
-        let crossed = export_cost(gateway.clone(), request.clone(), audience).await?;
+        let crossed = export_cost(
+            audience,
+            export_rate(gateway.clone(), request.clone(), audience),
+        )
+        .await?;
         g_rate.push(crossed.rate);
         g_cpu.push(crossed.cpu_us_per_member);
     }

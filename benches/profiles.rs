@@ -213,8 +213,8 @@ where
 {
     let plan = Plan::new(PEOPLE, 0);
     let first = *next_message;
-    *next_message += (batches * BATCH) as u64;
     let expected = (batches * BATCH) as u64;
+    *next_message += expected;
     // Built before the clock starts: the round measures the service.
     let batches: Vec<pb::IngestEventsRequest> = (0..batches)
         .map(|b| pb::IngestEventsRequest {

@@ -246,20 +246,14 @@ pub struct ExportCost {
     pub cpu_us_per_member: f64,
 }
 
-/// [`export_rate`], with the process's CPU time per member.
-pub async fn export_cost<S>(
-    client: madtech_proto::segments::v1::segment_service_client::SegmentServiceClient<S>,
-    request: madtech_proto::segments::v1::ExportAudienceRequest,
+/// An export (`export_rate` of `expected` members) with the process's CPU
+/// time per member.
+pub async fn export_cost(
     expected: u64,
-) -> anyhow::Result<ExportCost>
-where
-    S: tonic::client::GrpcService<tonic::body::Body>,
-    S::Error: Into<tonic::codegen::StdError>,
-    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+    export: impl std::future::Future<Output = anyhow::Result<f64>>,
+) -> anyhow::Result<ExportCost> {
     let cpu = process_cpu_seconds();
-    let rate = export_rate(client, request, expected).await?;
+    let rate = export.await?;
     let cpu_us_per_member = (process_cpu_seconds() - cpu) * 1e6 / expected.max(1) as f64;
     Ok(ExportCost {
         rate,

@@ -6,9 +6,9 @@
 mod entities;
 mod migration;
 
-use madtech_common::db::settle;
 use std::collections::BTreeMap;
 
+use madtech_common::db::settle;
 use sea_orm::ColumnTrait;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
