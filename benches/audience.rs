@@ -8,8 +8,9 @@
 //! backends (`sqlite`, the default, and `pg-socket`; the other services stay
 //! on SQLite), `MADTECH_BENCH_ROUNDS` the rounds per path (default 3; a
 //! 100k-member export is over in a tenth of a second, so small audiences
-//! want more). SQLite files on tmpfs. Results and the machine are in
-//! docs/BENCHMARKS.md.
+//! want more), `MADTECH_BENCH_CROSSING_WORKERS` the pages the gateway
+//! filters at once (`gateway.crossing_workers`; default 0, one per core).
+//! SQLite files on tmpfs. Results and the machine are in docs/BENCHMARKS.md.
 
 mod common;
 
@@ -49,7 +50,9 @@ async fn measure(
     segments_db: Option<madtech_common::db::DatabaseConfig>,
 ) -> anyhow::Result<()> {
     let data = tmpfs_dir()?;
+    let crossing_workers = usize::try_from(common::env_u64("MADTECH_BENCH_CROSSING_WORKERS", 0))?;
     let suite = InProcess::start(|config| {
+        config.gateway.crossing_workers = crossing_workers;
         config.data_dir = data.path().to_path_buf();
         if let Some(database) = segments_db {
             config.segments.database = database;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{bearer, channel, export_rate, median, peak_rss_mib, percentile};
 use madtech::suite::InProcess;
-use madtech_gateway::crossing::{Filter, Pseudonymiser};
+use madtech_gateway::crossing::{Filter, Ledger, Pseudonymiser};
 use madtech_gateway::hashing::sha256_hex;
 use madtech_gateway::page::read_page;
 use madtech_gateway::policy::PolicySet;
@@ -109,6 +109,7 @@ async fn filter_throughput() -> anyhow::Result<()> {
             "file",
             "ad_targeting",
         );
+        let mut ledger = Ledger::default();
         let start = Instant::now();
         for (upstream, states) in &pages {
             let mut page = Vec::with_capacity(upstream.len() * 2);
@@ -117,8 +118,10 @@ async fn filter_throughput() -> anyhow::Result<()> {
                     allowed += 1;
                 }
             }
+            ledger.record(filter.settle());
             std::hint::black_box(page);
         }
+        std::hint::black_box(ledger.released_digest());
         filtered.push(FILTER_MEMBERS as f64 / start.elapsed().as_secs_f64());
     }
     // What the filter costs per member beyond hashing: the same members, only

@@ -17,7 +17,9 @@ use futures::Stream;
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::{Request, Response, Status};
 
-use crate::crossing::{Accepted, Audited, Crossing, Filter, name_policy_version, policy_failure};
+use crate::crossing::{
+    Accepted, Audited, Crossing, Filter, Ledger, name_policy_version, policy_failure,
+};
 use crate::page::MemberView;
 
 /// The gRPC path of this crossing.
@@ -68,13 +70,7 @@ impl Crossing {
         let crossing = self.clone();
         let stream = async_stream::try_stream! {
             let audited = || Audited {
-                filter: Filter::new(
-                    Arc::clone(&policy),
-                    crossing.pseudonymiser.clone(),
-                    &request.destination_id,
-                    &request.destination_kind,
-                    &request.purpose,
-                ),
+                ledger: Ledger::default(),
                 log: Arc::clone(&crossing.audit),
                 base: base.clone(),
                 recorded: false,
@@ -84,10 +80,20 @@ impl Crossing {
                 // Consent as it stands when the page crosses: a follower
                 // may run for days.
                 let freshness = crossing.consent.freshness(deadline).await?;
-                let mut page_audit = audited();
+                // A new filter per page: its age bands are for the day the
+                // page crosses.
+                let mut filter = Filter::new(
+                    Arc::clone(&policy),
+                    crossing.pseudonymiser.clone(),
+                    &request.destination_id,
+                    &request.destination_kind,
+                    &request.purpose,
+                );
                 let crossed = crossing
-                    .cross_changes(&mut page_audit.filter, page.changes, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
+                    .cross_changes(&mut filter, page.changes, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
                     .await?;
+                let mut page_audit = audited();
+                page_audit.ledger.record(filter.settle());
                 // Released only once its audit record is durable.
                 page_audit.record("released").await?;
                 pages += 1;

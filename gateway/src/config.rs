@@ -47,6 +47,10 @@ pub struct GatewayConfig {
     /// Calls per second per caller role on each gateway replica, e.g.
     /// `{ marketer = 50 }`; roles not named are not limited.
     pub rate_limits: std::collections::BTreeMap<String, u32>,
+    /// Pages of one audience export filtered at once, each on its own task
+    /// (they are sent in their order all the same); 0, the default, is one
+    /// per core the gateway may use.
+    pub crossing_workers: usize,
 }
 
 /// Where each service listens.
@@ -96,6 +100,7 @@ impl Default for GatewayConfig {
             max_request_message_bytes: 4 * 1024 * 1024,
             rate_limits: Default::default(),
             consent_view: Default::default(),
+            crossing_workers: 0,
         }
     }
 }
@@ -121,6 +126,20 @@ impl Default for AuthConfig {
             audience: "madtech".into(),
             leeway: Duration::from_secs(30),
         }
+    }
+}
+
+impl GatewayConfig {
+    /// The most a crossing's pages may be spread over.
+    pub const MAX_CROSSING_WORKERS: usize = 64;
+
+    /// How many pages of one export are filtered at once.
+    pub fn crossing_workers(&self) -> usize {
+        match self.crossing_workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            workers => workers,
+        }
+        .min(Self::MAX_CROSSING_WORKERS)
     }
 }
 
@@ -187,6 +206,12 @@ impl Validate for GatewayConfig {
                 "gateway.rate_limits.{role} must be at least 1 call per second"
             )));
         }
+        if self.crossing_workers > Self::MAX_CROSSING_WORKERS {
+            return Err(ConfigError::Invalid(format!(
+                "gateway.crossing_workers must be at most {}",
+                Self::MAX_CROSSING_WORKERS
+            )));
+        }
         if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
             return Err(ConfigError::Invalid(
                 "gateway.auth.issuer and gateway.auth.audience are required".into(),
@@ -203,5 +228,40 @@ impl Validate for GatewayConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> GatewayConfig {
+        GatewayConfig {
+            pseudonym_key_file: "pseudonym.key".into(),
+            audit_database: DatabaseConfig {
+                url: "sqlite://audit.db?mode=rwc".into(),
+                ..DatabaseConfig::default()
+            },
+            auth: AuthConfig {
+                public_key_file: "jwt.pem".into(),
+                ..AuthConfig::default()
+            },
+            ..GatewayConfig::default()
+        }
+    }
+
+    #[test]
+    fn crossing_workers_default_to_the_cores_and_are_bounded() {
+        let mut config = valid();
+        config.validate().expect("a valid config");
+        assert!(config.crossing_workers() >= 1, "0 means one per core");
+        config.crossing_workers = 3;
+        assert_eq!(config.crossing_workers(), 3);
+        config.crossing_workers = GatewayConfig::MAX_CROSSING_WORKERS + 1;
+        let refused = config.validate().expect_err("too many workers");
+        assert!(
+            refused.to_string().contains("gateway.crossing_workers"),
+            "{refused}"
+        );
     }
 }

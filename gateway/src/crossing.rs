@@ -24,6 +24,7 @@ use crate::audit::{self, AuditLog};
 use crate::consent_view::{ConsentView, Freshness, Subject};
 use crate::destinations::{DestinationRegistry, check_named_kind};
 use crate::hashing::Form;
+use crate::ordered::Ordered;
 use crate::page::{MemberView, PageCodec, read_page};
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
@@ -162,6 +163,49 @@ pub struct Tally {
     pub identifiers_stripped: u64,
 }
 
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.allowed += other.allowed;
+        self.identifiers_stripped += other.identifiers_stripped;
+        for (reason, count) in other.denied {
+            *self.denied.entry(reason).or_default() += count;
+        }
+    }
+}
+
+/// What a filter decided and released since it was last settled
+/// ([`Filter::settle`]), typically one page: its counts, and the SHA-256 of
+/// what it released.
+#[derive(Debug, Default, PartialEq)]
+pub struct Settlement {
+    pub tally: Tally,
+    released: [u8; 32],
+}
+
+/// An export's account of what crossed, for its audit record: the counts
+/// over all its pages, and the released digest: SHA-256 over each page's
+/// SHA-256 of what it released, in the order pages were sent. Digested per
+/// page, the pages of one export can be filtered at the same time.
+#[derive(Clone, Default)]
+pub struct Ledger {
+    pub tally: Tally,
+    released: Sha256,
+}
+
+impl Ledger {
+    /// Adds a page's settlement; pages must be recorded in the order they
+    /// are released.
+    pub fn record(&mut self, settlement: Settlement) {
+        self.tally.add(settlement.tally);
+        self.released.update(settlement.released);
+    }
+
+    /// Hex SHA-256 over the released pages' digests so far, in order.
+    pub fn released_digest(&self) -> String {
+        hex::encode(self.released.clone().finalize())
+    }
+}
+
 /// The per-export decision maker. Decisions depend only on (region, consent
 /// state, age band) for a fixed destination and purpose, and identifier
 /// decisions only on the kind, so each distinct input is evaluated once per
@@ -178,7 +222,8 @@ pub struct Filter {
     decisions: HashMap<String, Vec<Option<bool>>>,
     /// The form each identifier kind crosses in, `None` when it may not.
     forms: HashMap<String, Option<Form>>,
-    /// Running SHA-256 over everything released, for the audit record.
+    /// SHA-256 over what was released since the last settlement, member
+    /// by member, for the export's [`Ledger`].
     released: Sha256,
     /// The member being written out, kept between members so its strings'
     /// allocations are reused.
@@ -321,9 +366,13 @@ impl Filter {
         pseudonym
     }
 
-    /// Hex SHA-256 over what was released so far, in order.
-    pub fn released_digest(&self) -> String {
-        hex::encode(self.released.clone().finalize())
+    /// What was decided and released since the last settlement, taken out
+    /// of the filter for the export's [`Ledger`].
+    pub fn settle(&mut self) -> Settlement {
+        Settlement {
+            tally: std::mem::take(&mut self.tally),
+            released: std::mem::take(&mut self.released).finalize().into(),
+        }
     }
 
     fn form_of(&mut self, kind: &str) -> Result<Option<Form>, PolicyError> {
@@ -346,6 +395,8 @@ pub struct Crossing {
     pub(crate) segments: tonic::client::Grpc<Channel>,
     pub(crate) consent: Arc<ConsentView>,
     destinations: DestinationRegistry,
+    /// Pages of one export filtered at once, each by its own task.
+    workers: usize,
 }
 
 type Members = std::pin::Pin<
@@ -441,6 +492,7 @@ impl Crossing {
         segments: Channel,
         consent: Arc<ConsentView>,
         destinations: DestinationRegistry,
+        workers: usize,
     ) -> Self {
         Crossing {
             policies,
@@ -449,6 +501,7 @@ impl Crossing {
             segments: tonic::client::Grpc::new(segments),
             consent,
             destinations,
+            workers: workers.max(1),
         }
     }
 
@@ -568,59 +621,57 @@ impl Crossing {
             .metadata()
             .get(madtech_proto::segments::MEMBERSHIP_CURSOR_HEADER)
             .cloned();
-        let upstream = upstream.into_inner();
-        let filter = Filter::new(
-            Arc::clone(&policy),
-            self.pseudonymiser.clone(),
-            &request.destination_id,
-            &request.destination_kind,
-            &request.purpose,
-        );
+        let filters = (0..self.workers)
+            .map(|_| {
+                Filter::new(
+                    Arc::clone(&policy),
+                    self.pseudonymiser.clone(),
+                    &request.destination_id,
+                    &request.destination_kind,
+                    &request.purpose,
+                )
+            })
+            .collect();
+        let work = Arc::new(PageWork {
+            crossing: self.clone(),
+            purpose: request.purpose.clone(),
+            vendor_purpose: policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose),
+            freshness,
+            deadline,
+        });
+        // Pages are filtered on several tasks and sent in the order they came.
+        let mut pages = Ordered::spawn(upstream.into_inner(), filters, move |mut filter, page| {
+            let work = Arc::clone(&work);
+            async move {
+                let crossed = match page {
+                    Ok(page) => work.cross(&mut filter, &page).await,
+                    Err(status) => Err(status),
+                };
+                (filter, crossed)
+            }
+        });
         let mut audited = Audited {
-            filter,
+            ledger: Ledger::default(),
             log: Arc::clone(&self.audit),
             base,
             recorded: false,
         };
-        let crossing = self.clone();
-        let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
         let policy_version = policy.version.clone();
         let stream = async_stream::stream! {
-            let mut upstream = upstream;
             let outcome: Result<(), Status> = loop {
-                let chunk = match upstream.message().await {
-                    Ok(Some(chunk)) => chunk,
-                    Ok(None) => break Ok(()),
-                    Err(status) => break Err(status),
-                };
-                let members = match read_page(&chunk) {
-                    Ok(members) => members,
-                    Err(err) => {
-                        tracing::error!(error = %err, "the segments service sent a malformed export page; nothing crosses");
-                        break Err(Status::internal("the segments service sent a malformed export page"));
+                match pages.next().await {
+                    None => break Ok(()),
+                    Some(Ok(Ok((page, settlement)))) => {
+                        audited.ledger.record(settlement);
+                        if !page.is_empty() {
+                            yield Ok(segments_pb::ExportAudienceResponse::encoded(page.into()));
+                        }
                     }
-                };
-                let states = match crossing
-                    .consent_states(&members, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
-                    .await
-                {
-                    Ok(states) => states,
-                    Err(status) => break Err(status),
-                };
-                // Crossed members are written straight into the page sent on.
-                let mut page = Vec::with_capacity(chunk.len() * 2);
-                let mut failed = None;
-                for (member, state) in members.iter().zip(states) {
-                    if let Err(err) = audited.filter.cross(member, state, &mut page) {
-                        failed = Some(policy_failure(err));
-                        break;
+                    Some(Ok(Err(status))) => break Err(status),
+                    Some(Err(stopped)) => {
+                        tracing::error!(error = %stopped, "a crossing's filter stopped; nothing more crosses");
+                        break Err(Status::internal("the crossing's filter stopped"));
                     }
-                }
-                if let Some(status) = failed {
-                    break Err(status);
-                }
-                if !page.is_empty() {
-                    yield Ok(segments_pb::ExportAudienceResponse::encoded(page.into()));
                 }
             };
             // The export succeeds only once its audit record is durable.
@@ -716,11 +767,54 @@ pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// The filter of one export and the audit record it owes. The record is
+/// What each of an export's filtering workers needs besides its filter.
+struct PageWork {
+    crossing: Crossing,
+    purpose: String,
+    vendor_purpose: Option<String>,
+    freshness: Freshness,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl PageWork {
+    /// One upstream page as it crosses: its members read in place, their
+    /// consent looked up, each decided on and minimised, the crossed ones
+    /// written straight into the page sent on. Answers that page and what
+    /// the filter settled for it.
+    async fn cross(
+        &self,
+        filter: &mut Filter,
+        upstream: &[u8],
+    ) -> Result<(Vec<u8>, Settlement), Status> {
+        let members = read_page(upstream).map_err(|err| {
+            tracing::error!(error = %err, "the segments service sent a malformed export page; nothing crosses");
+            Status::internal("the segments service sent a malformed export page")
+        })?;
+        let states = self
+            .crossing
+            .consent_states(
+                &members,
+                &self.purpose,
+                self.vendor_purpose.as_deref(),
+                self.freshness,
+                self.deadline,
+            )
+            .await?;
+        let mut page = Vec::with_capacity(upstream.len() * 2);
+        for (member, state) in members.iter().zip(states) {
+            filter
+                .cross(member, state, &mut page)
+                .map_err(policy_failure)?;
+        }
+        Ok((page, filter.settle()))
+    }
+}
+
+/// The account of one export and the audit record it owes. The record is
 /// written when the export ends, and also when the caller goes away midway
 /// (outcome `aborted`): no crossing goes unrecorded.
 pub(crate) struct Audited {
-    pub(crate) filter: Filter,
+    pub(crate) ledger: Ledger,
     pub(crate) log: Arc<AuditLog>,
     pub(crate) base: audit::Crossing,
     pub(crate) recorded: bool,
@@ -728,13 +822,13 @@ pub(crate) struct Audited {
 
 impl Audited {
     fn crossing(&self, outcome: &str) -> audit::Crossing {
-        let tally = &self.filter.tally;
+        let tally = &self.ledger.tally;
         audit::Crossing {
             outcome: outcome.to_string(),
             allowed: tally.allowed,
             denied: tally.denied.clone(),
             identifiers_stripped: tally.identifiers_stripped,
-            released_digest: self.filter.released_digest(),
+            released_digest: self.ledger.released_digest(),
             ..self.base.clone()
         }
     }
@@ -884,8 +978,7 @@ mod tests {
             .expect("decided")
             .cloned();
         assert_eq!(admitted, Some(sent));
-        assert_eq!(by_page.tally, decoded.tally);
-        assert_eq!(by_page.released_digest(), decoded.released_digest());
+        assert_eq!(by_page.settle(), decoded.settle());
         let refused = decoded
             .admit(&MemberView::of(&upstream), consent_pb::ConsentState::Denied)
             .expect("decided");
@@ -895,7 +988,6 @@ mod tests {
     #[tokio::test]
     async fn people_who_leave_are_named_by_pseudonym_and_digested() {
         let mut filter = filter().await;
-        let before = filter.released_digest();
         let pseudonym = filter.leave("p1");
         assert_eq!(
             pseudonym,
@@ -903,12 +995,52 @@ mod tests {
                 .expect("key")
                 .pseudonym("dest-1", "p1")
         );
+        let settled = filter.settle();
+        assert_eq!(
+            settled.tally,
+            Tally::default(),
+            "a leaver is not a decision"
+        );
+        let mut ledger = Ledger::default();
+        let before = ledger.released_digest();
+        ledger.record(settled);
         assert_ne!(
-            filter.released_digest(),
+            ledger.released_digest(),
             before,
             "what was released is digested"
         );
-        assert_eq!(filter.tally, Tally::default(), "a leaver is not a decision");
+    }
+
+    #[tokio::test]
+    async fn pages_filtered_apart_settle_as_if_filtered_by_one() {
+        use consent_pb::ConsentState::{Denied, Granted};
+        let pages: Vec<Vec<_>> = (0..4)
+            .map(|page| {
+                (0..3)
+                    .map(|i| {
+                        let state = if i == 1 { Denied } else { Granted };
+                        (member(&format!("p{page}-{i}"), "FR"), state)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut one = filter().await;
+        let mut alternating = [filter().await, filter().await];
+        let (mut by_one, mut by_two) = (Ledger::default(), Ledger::default());
+        for (n, page) in pages.into_iter().enumerate() {
+            for (member, state) in page {
+                cross_one(&mut one, member.clone(), state).expect("decided");
+                cross_one(&mut alternating[n % 2], member, state).expect("decided");
+            }
+            by_one.record(one.settle());
+            by_two.record(alternating[n % 2].settle());
+        }
+        assert_eq!(by_one.tally, by_two.tally);
+        assert_eq!(
+            (by_one.tally.allowed, by_one.tally.denied["consent_denied"]),
+            (8, 4)
+        );
+        assert_eq!(by_one.released_digest(), by_two.released_digest());
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub mod hashing;
 pub mod keys;
 pub mod limit;
 pub mod observe;
+pub mod ordered;
 pub mod page;
 pub mod policy;
 pub mod ratelimit;
@@ -179,6 +180,7 @@ impl Gateway {
             segments_channel,
             Arc::clone(&consent_view),
             destinations,
+            config.crossing_workers(),
         );
         let router = Router::new(crossing, upstream_channels, local);
 
