@@ -31,6 +31,11 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # nginx's errors outlive the run: a stall is explained there.
+  if [ -s "$work/nginx-error.log" ]; then
+    cp "$work/nginx-error.log" "${TMPDIR:-/tmp}/madtech-h2load-nginx-error.log"
+    echo "nginx logged errors: ${TMPDIR:-/tmp}/madtech-h2load-nginx-error.log" >&2
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -72,7 +77,11 @@ error_log $work/nginx-error.log;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream profiles { server 127.0.0.1:50052; keepalive 64; }
+  # nginx closes a connection (HTTP/2: GOAWAY) after 1,000 requests by
+  # default, towards callers and upstreams alike; h2load does not reconnect,
+  # so the default ends each of its connections early and looks like a stall.
+  keepalive_requests 1000000;
+  upstream profiles { server 127.0.0.1:50052; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:50090 http2;
     location / { grpc_pass grpc://profiles; }

@@ -175,11 +175,12 @@ impl Tally {
 
 /// What a filter decided and released since it was last settled
 /// ([`Filter::settle`]), typically one page: its counts, and the SHA-256 of
-/// what it released.
+/// what it released (`None` when it released nothing: such a page is never
+/// sent, so its receiver could not digest it).
 #[derive(Debug, Default, PartialEq)]
 pub struct Settlement {
     pub tally: Tally,
-    released: [u8; 32],
+    released: Option<[u8; 32]>,
 }
 
 /// An export's account of what crossed, for its audit record: the counts
@@ -197,7 +198,9 @@ impl Ledger {
     /// are released.
     pub fn record(&mut self, settlement: Settlement) {
         self.tally.add(settlement.tally);
-        self.released.update(settlement.released);
+        if let Some(page) = settlement.released {
+            self.released.update(page);
+        }
     }
 
     /// Hex SHA-256 over the released pages' digests so far, in order.
@@ -223,8 +226,8 @@ pub struct Filter {
     /// The form each identifier kind crosses in, `None` when it may not.
     forms: HashMap<String, Option<Form>>,
     /// SHA-256 over what was released since the last settlement, member
-    /// by member, for the export's [`Ledger`].
-    released: Sha256,
+    /// by member, for the export's [`Ledger`]; `None` until something is.
+    released: Option<Sha256>,
     /// The member being written out, kept between members so its strings'
     /// allocations are reused.
     crossed: segments_pb::AudienceMember,
@@ -248,7 +251,7 @@ impl Filter {
             today: chrono::Utc::now().date_naive(),
             decisions: HashMap::new(),
             forms: HashMap::new(),
-            released: Sha256::new(),
+            released: None,
             crossed: segments_pb::AudienceMember::default(),
             tally: Tally::default(),
         }
@@ -341,14 +344,15 @@ impl Filter {
         // Everything else (profile id, raw identifiers, merged ids, birth
         // date) stays empty: decided on, never released.
         self.tally.allowed += 1;
-        self.released.update(crossed.pseudonymous_id.as_bytes());
+        let released = self.released.get_or_insert_with(Sha256::new);
+        released.update(crossed.pseudonymous_id.as_bytes());
         for identifier in &crossed.hashed_identifiers {
-            self.released.update(b"\x1f");
-            self.released.update(identifier.kind.as_bytes());
-            self.released.update(b"=");
-            self.released.update(identifier.sha256.as_bytes());
+            released.update(b"\x1f");
+            released.update(identifier.kind.as_bytes());
+            released.update(b"=");
+            released.update(identifier.sha256.as_bytes());
         }
-        self.released.update(b"\n");
+        released.update(b"\n");
         self.crossed = crossed;
         Ok(Some(&self.crossed))
     }
@@ -360,9 +364,10 @@ impl Filter {
         let pseudonym = self
             .pseudonymiser
             .pseudonym(&self.destination_id, profile_id);
-        self.released.update(b"-");
-        self.released.update(pseudonym.as_bytes());
-        self.released.update(b"\n");
+        let released = self.released.get_or_insert_with(Sha256::new);
+        released.update(b"-");
+        released.update(pseudonym.as_bytes());
+        released.update(b"\n");
         pseudonym
     }
 
@@ -371,7 +376,7 @@ impl Filter {
     pub fn settle(&mut self) -> Settlement {
         Settlement {
             tally: std::mem::take(&mut self.tally),
-            released: std::mem::take(&mut self.released).finalize().into(),
+            released: self.released.take().map(|page| page.finalize().into()),
         }
     }
 

@@ -487,6 +487,94 @@ async fn postgres_only_consenting_people_cross_and_withdrawal_removes() {
     only_consenting_people_cross_and_withdrawal_removes(Backend::Postgres).await;
 }
 
+/// A long export's pages are filtered by several workers at once and still
+/// reach the caller in the segment's order, and the audit record's digest
+/// is what the caller can compute from the pages it received.
+#[tokio::test]
+async fn pages_filtered_by_several_workers_cross_in_order_and_as_audited() {
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.gateway.crossing_workers = 3;
+        config.segments.export_chunk_size = 2;
+    })
+    .await;
+    let mut consent = suite.consent(suite.bearer(&["admin"]));
+    let mut crossing = Vec::new();
+    for n in 0..13 {
+        let id = suite
+            .person(&format!("p{n}@example.com"), "US-CA", Default::default())
+            .await;
+        // Every third person opts out of sale: some pages lose members,
+        // some are left with nobody and are not sent at all.
+        if n % 3 == 0 {
+            record(&mut consent, &id, consent_pb::ConsentState::Denied, "US-CA").await;
+        } else {
+            crossing.push(id);
+        }
+    }
+    crossing.sort();
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let destination_id = suite.destination_of_kind("file").await;
+
+    let mut stream = suite
+        .segments(suite.bearer(&["activation"]))
+        .export_audience(segments_pb::ExportAudienceRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination_id.clone(),
+            purpose: "ad_targeting".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let (mut pages, mut received) = (0, Vec::new());
+    let mut released = Sha256::new();
+    while let Some(page) = stream.message().await.expect("page") {
+        pages += 1;
+        let mut digest = Sha256::new();
+        for member in &page.members {
+            digest.update(member.pseudonymous_id.as_bytes());
+            for identifier in &member.hashed_identifiers {
+                digest.update(format!("\x1f{}={}", identifier.kind, identifier.sha256));
+            }
+            digest.update(b"\n");
+        }
+        released.update(digest.finalize());
+        received.extend(page.members);
+    }
+
+    let key = madtech_gateway::crossing::Pseudonymiser::from_hex_file(
+        &suite.config.gateway.pseudonym_key_file,
+    )
+    .expect("the suite's pseudonym key");
+    let expected: Vec<String> = crossing
+        .iter()
+        .map(|id| key.pseudonym(&destination_id, id))
+        .collect();
+    let got: Vec<String> = received.into_iter().map(|m| m.pseudonymous_id).collect();
+    assert_eq!(
+        got, expected,
+        "every consenting person, in profile-id order"
+    );
+    assert!(pages > 3, "the export spans many pages ({pages})");
+
+    let audit = suite.audit_records().await;
+    let record = audit
+        .iter()
+        .rev()
+        .find(|r| r.method.ends_with("/ExportAudience"))
+        .expect("the export is on record");
+    assert_eq!(
+        (record.allowed, record.denied.get("consent_denied")),
+        (crossing.len() as u64, Some(&5))
+    );
+    assert_eq!(
+        record.released_digest,
+        hex::encode(released.finalize()),
+        "the digest covers exactly the pages received, in order"
+    );
+    suite.stop().await;
+}
+
 #[tokio::test]
 async fn a_merge_never_widens_consent() {
     let suite = Suite::start(Backend::Sqlite).await;
