@@ -165,8 +165,8 @@ load() {
   out=$(h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$DURATION" --warm-up-time=1 "$@" \
     "${grpc_headers[@]}" -H "$(auth_for "$path")" -d "$work/$BODY.bin" --log-file="$log" \
     "$(path_url "$path" GetProfile)")
-  # No request finished at all: the path stalled (seen with nginx when the
-  # service answers trailers-only).
+  # No request finished at all: the path stalled (seen with nginx before
+  # keepalive_requests was raised: its GOAWAY after 1,000 calls).
   if [ ! -s "$log" ]; then
     echo "0 0 0 stalled"
     return
