@@ -80,6 +80,9 @@ impl Crossing {
                 // Consent as it stands when the page crosses: a follower
                 // may run for days.
                 let freshness = crossing.consent.freshness(deadline).await?;
+                // Owed before the page is decided on: a page that fails
+                // is recorded as aborted.
+                let mut page_audit = audited();
                 // A new filter per page: its age bands are for the day the
                 // page crosses.
                 let mut filter = Filter::new(
@@ -92,7 +95,6 @@ impl Crossing {
                 let crossed = crossing
                     .cross_changes(&mut filter, page.changes, &request.purpose, vendor_purpose.as_deref(), freshness, deadline)
                     .await?;
-                let mut page_audit = audited();
                 page_audit.ledger.record(filter.settle());
                 // Released only once its audit record is durable.
                 page_audit.record("released").await?;
