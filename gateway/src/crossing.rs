@@ -970,6 +970,76 @@ mod tests {
         Ok(sent.members.pop())
     }
 
+    /// A page that fails after its audit record is owed (the consent
+    /// service gone, a policy error) drops its `Audited`: the record is
+    /// written all the same, as `aborted`, with what had been tallied.
+    #[tokio::test]
+    async fn an_account_dropped_unrecorded_is_recorded_as_aborted() {
+        let db = madtech_common::testing::TestDatabase::sqlite();
+        let conn = madtech_common::db::connect_and_migrate::<audit::Migrator>(&db.config)
+            .await
+            .expect("audit database");
+        let log = Arc::new(AuditLog::new(conn));
+        let base = audit::Crossing {
+            caller: "activation".into(),
+            method: "/madtech.segments.v1.SegmentService/ExportAudienceChanges".into(),
+            destination_id: "dest-1".into(),
+            ..audit::Crossing::default()
+        };
+        let mut filter = filter().await;
+        cross_one(
+            &mut filter,
+            member("p1", "FR"),
+            consent_pb::ConsentState::Denied,
+        )
+        .expect("decided");
+        let mut ledger = Ledger::default();
+        ledger.record(filter.settle());
+        drop(Audited {
+            ledger,
+            log: Arc::clone(&log),
+            base,
+            recorded: false,
+        });
+
+        // The write runs on a task of its own; wait for it.
+        let mut records = Vec::new();
+        for _ in 0..200 {
+            records = log.list(0, 10).await.expect("list");
+            if !records.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(records.len(), 1, "exactly one record");
+        let crossing = &records[0].crossing;
+        assert_eq!(crossing.outcome, "aborted");
+        assert_eq!(crossing.destination_id, "dest-1");
+        assert_eq!(crossing.allowed, 0);
+        assert_eq!(crossing.denied.values().sum::<u64>(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_account_is_not_recorded_again_when_dropped() {
+        let db = madtech_common::testing::TestDatabase::sqlite();
+        let conn = madtech_common::db::connect_and_migrate::<audit::Migrator>(&db.config)
+            .await
+            .expect("audit database");
+        let log = Arc::new(AuditLog::new(conn));
+        let mut audited = Audited {
+            ledger: Ledger::default(),
+            log: Arc::clone(&log),
+            base: audit::Crossing::default(),
+            recorded: false,
+        };
+        audited.record("released").await.expect("recorded");
+        drop(audited);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let records = log.list(0, 10).await.expect("list");
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].crossing.outcome, "released");
+    }
+
     #[tokio::test]
     async fn a_decoded_member_is_admitted_as_a_page_member_crosses() {
         let (mut by_page, mut decoded) = (filter().await, filter().await);
