@@ -970,16 +970,22 @@ mod tests {
         Ok(sent.members.pop())
     }
 
+    /// An audit log on a fresh SQLite database, kept while the first half
+    /// of the pair lives.
+    async fn audit_log() -> (madtech_common::testing::TestDatabase, Arc<AuditLog>) {
+        let db = madtech_common::testing::TestDatabase::sqlite();
+        let conn = madtech_common::db::connect_and_migrate::<audit::Migrator>(&db.config)
+            .await
+            .expect("audit database");
+        (db, Arc::new(AuditLog::new(conn)))
+    }
+
     /// A page that fails after its audit record is owed (the consent
     /// service gone, a policy error) drops its `Audited`: the record is
     /// written all the same, as `aborted`, with what had been tallied.
     #[tokio::test]
     async fn an_account_dropped_unrecorded_is_recorded_as_aborted() {
-        let db = madtech_common::testing::TestDatabase::sqlite();
-        let conn = madtech_common::db::connect_and_migrate::<audit::Migrator>(&db.config)
-            .await
-            .expect("audit database");
-        let log = Arc::new(AuditLog::new(conn));
+        let (_db, log) = audit_log().await;
         let base = audit::Crossing {
             caller: "activation".into(),
             method: "/madtech.segments.v1.SegmentService/ExportAudienceChanges".into(),
@@ -1021,11 +1027,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_recorded_account_is_not_recorded_again_when_dropped() {
-        let db = madtech_common::testing::TestDatabase::sqlite();
-        let conn = madtech_common::db::connect_and_migrate::<audit::Migrator>(&db.config)
-            .await
-            .expect("audit database");
-        let log = Arc::new(AuditLog::new(conn));
+        let (_db, log) = audit_log().await;
         let mut audited = Audited {
             ledger: Ledger::default(),
             log: Arc::clone(&log),

@@ -7,6 +7,8 @@
 use sea_orm::DbBackend;
 use sea_orm::{ConnectionTrait, DbErr, Statement, Value};
 
+use crate::error::json_error;
+
 /// SQL text with `?` placeholders and their values.
 #[derive(Debug, Default, Clone)]
 pub struct Sql {
@@ -193,9 +195,8 @@ where
         None => None,
     };
     match page {
-        Some(page) => {
-            serde_json::from_str(&page).map_err(|err| DbErr::Custom(format!("a JSON page: {err}")))
-        }
+        Some(page) => serde_json::from_str(&page)
+            .map_err(|err| DbErr::Custom(format!("a JSON page: {}", json_error(&err)))),
         None => Ok(Vec::new()),
     }
 }

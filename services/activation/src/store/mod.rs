@@ -6,6 +6,7 @@ mod migration;
 mod plan;
 
 use madtech_common::db::settle;
+use madtech_common::error::json_error;
 use std::collections::HashMap;
 
 use chrono::Utc;
@@ -664,8 +665,9 @@ fn activation_from(row: activation::Model) -> Activation {
 }
 
 fn identifiers_from(json: &str) -> Result<Vec<HashedIdentifier>, ActivationError> {
-    serde_json::from_str(json)
-        .map_err(|err| ActivationError::Corrupt(format!("sync state identifiers: {err}")))
+    serde_json::from_str(json).map_err(|err| {
+        ActivationError::Corrupt(format!("sync state identifiers: {}", json_error(&err)))
+    })
 }
 
 /// Records a batch's outcome (again, for a batch sent again).

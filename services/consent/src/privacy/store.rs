@@ -11,6 +11,7 @@ use sea_orm::{
 
 use super::{Found, Kind, PrivacyRequest, Status, Step};
 use crate::error::ConsentError;
+use madtech_common::error::json_error;
 
 pub mod request {
     use sea_orm::entity::prelude::*;
@@ -89,16 +90,18 @@ fn to_json<T: serde::Serialize>(what: &str, value: &T) -> Result<String, Consent
 }
 
 fn from_row(row: request::Model) -> Result<PrivacyRequest, ConsentError> {
-    let steps: Vec<Step> = serde_json::from_str(&row.steps).map_err(|err| corrupt("steps", err))?;
+    let steps: Vec<Step> =
+        serde_json::from_str(&row.steps).map_err(|err| corrupt("steps", json_error(&err)))?;
     let found: Option<Found> = row
         .found
         .as_deref()
         .map(serde_json::from_str)
         .transpose()
-        .map_err(|err| corrupt("found", err))?;
-    let remaining: BTreeMap<String, u64> =
-        serde_json::from_str(&row.remaining).map_err(|err| corrupt("remaining", err))?;
-    let export = serde_json::from_str(&row.export).map_err(|err| corrupt("export", err))?;
+        .map_err(|err| corrupt("found", json_error(&err)))?;
+    let remaining: BTreeMap<String, u64> = serde_json::from_str(&row.remaining)
+        .map_err(|err| corrupt("remaining", json_error(&err)))?;
+    let export =
+        serde_json::from_str(&row.export).map_err(|err| corrupt("export", json_error(&err)))?;
     Ok(PrivacyRequest {
         kind: Kind::parse(&row.kind).ok_or_else(|| corrupt("kind", &row.kind))?,
         status: match row.status.as_str() {

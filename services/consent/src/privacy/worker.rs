@@ -11,6 +11,7 @@ use activation_pb::activation_service_client::ActivationServiceClient;
 use chrono::Utc;
 use gateway_pb::audit_service_client::AuditServiceClient;
 use madtech_common::CancellationToken;
+use madtech_common::error::json_error;
 use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
@@ -349,7 +350,7 @@ impl Worker {
             .await;
         match answer {
             Ok(answer) => serde_json::from_slice(&answer.into_inner().json)
-                .map_err(|err| format!("profiles export is not JSON: {err}")),
+                .map_err(|err| format!("profiles export is not JSON: {}", json_error(&err))),
             Err(status) if status.code() == Code::NotFound => Ok(Value::Null),
             Err(status) => Err(failed("profiles", &status)),
         }

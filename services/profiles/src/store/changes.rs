@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::entities::change;
 use super::{Profile, StoredEvent, decode_properties, events};
 use crate::error::ProfileError;
+use madtech_common::error::json_error;
 use madtech_common::sql::{JsonFunctions, Sql, json_page};
 
 /// Key of the PostgreSQL advisory lock that serialises appends across
@@ -140,8 +141,9 @@ pub(super) async fn after<C: ConnectionTrait>(
     let records = rows
         .into_iter()
         .map(|row| {
-            let record: ChangeRecord = serde_json::from_str(&row.payload)
-                .map_err(|err| ProfileError::Corrupt(format!("change {}: {err}", row.seq)))?;
+            let record: ChangeRecord = serde_json::from_str(&row.payload).map_err(|err| {
+                ProfileError::Corrupt(format!("change {}: {}", row.seq, json_error(&err)))
+            })?;
             Ok((row, record))
         })
         .collect::<Result<Vec<_>, ProfileError>>()?;

@@ -32,6 +32,7 @@ pub use migration::Migrator;
 pub use privacy::Erased;
 
 use madtech_common::db::WriteThread;
+use madtech_common::error::json_error;
 use madtech_common::sql::{self, JsonFunctions, Sql};
 
 use crate::error::ProfileError;
@@ -630,7 +631,8 @@ fn stored_identifier(kind: &str, value: String) -> Identifier {
 }
 
 fn decode_traits(json: &str) -> Result<Traits, ProfileError> {
-    serde_json::from_str(json).map_err(|err| ProfileError::Corrupt(format!("traits: {err}")))
+    serde_json::from_str(json)
+        .map_err(|err| ProfileError::Corrupt(format!("traits: {}", json_error(&err))))
 }
 
 fn decode_properties(
@@ -638,7 +640,7 @@ fn decode_properties(
     json: &str,
 ) -> Result<BTreeMap<String, TraitValue>, ProfileError> {
     serde_json::from_str(json)
-        .map_err(|err| ProfileError::Corrupt(format!("event {message_id}: {err}")))
+        .map_err(|err| ProfileError::Corrupt(format!("event {message_id}: {}", json_error(&err))))
 }
 
 fn encode_traits(traits: &Traits) -> Result<String, ProfileError> {
