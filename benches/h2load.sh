@@ -89,7 +89,8 @@ http {
 }
 EOF
 nginx -c "$work/nginx.conf" -g 'daemon off;' &
-pids+=("$!")
+nginx_pid=$!
+pids+=("$nginx_pid")
 sleep 0.5
 
 admin=$("$madtech" token --data-dir "$work/data" --role admin)
@@ -182,6 +183,13 @@ print(sys.argv[2], pick(0.50), pick(0.99), sys.argv[3])
 EOF
 }
 
+# The process that proxies a path (nginx: its one worker), none for direct.
+proxy_pid() {
+  case $1 in
+    gateway|denied) echo "$gateway_pid" ;;
+    nginx) pgrep -P "$nginx_pid" | head -1 ;;
+  esac
+}
 # User + system CPU of a process so far, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU µs per call between two tick readings (the warm-up second included in
@@ -198,15 +206,28 @@ measure() {
   declare -A full
   echo
   echo "# $TITLE ($ROUNDS rounds, ${DURATION}s each, $CLIENTS connections x $STREAMS streams)"
+  # The CPU each process spends per call at full load: what a proxy's hop
+  # costs, next to what the service spends answering.
+  declare -A full_suite_cpu full_proxy_cpu
   for round in $(seq 1 "$ROUNDS"); do
     for path in "${paths[@]}"; do
-      full[$path]+="$(load "$path")"$'\n'
+      local proxy s0 p0 row calls
+      proxy=$(proxy_pid "$path")
+      s0=$(cpu_ticks "$suite_pid")
+      [ -n "$proxy" ] && p0=$(cpu_ticks "$proxy")
+      row=$(load "$path")
+      calls=$(echo "$row" | awk -v d="$DURATION" '{print $1 * (d + 1)}')
+      full[$path]+="$row"$'\n'
+      full_suite_cpu[$path]+="$(cpu_us_per_call "$s0" "$(cpu_ticks "$suite_pid")" "$calls")"$'\n'
+      if [ -n "$proxy" ]; then
+        full_proxy_cpu[$path]+="$(cpu_us_per_call "$p0" "$(cpu_ticks "$proxy")" "$calls")"$'\n'
+      fi
     done
   done
   echo
   echo "## Full load"
-  echo "| path | req/s | p50 µs | p99 µs | failed |"
-  echo "|---|---|---|---|---|"
+  echo "| path | req/s | p50 µs | p99 µs | failed | CPU µs/call, services | CPU µs/call, proxy |"
+  echo "|---|---|---|---|---|---|---|"
   declare -A best
   for path in "${paths[@]}"; do
     rps=$(column_median "${full[$path]}" 1)
@@ -214,7 +235,9 @@ measure() {
     p99=$(column_median "${full[$path]}" 3)
     failed=$(echo -n "${full[$path]}" | awk '$4 == "stalled" {st=1} {s+=$4} END {print (st ? "stalled" : s)}')
     best[$path]=$rps
-    echo "| $path | $rps | $p50 | $p99 | $failed |"
+    proxy_cpu="—"
+    [ -n "${full_proxy_cpu[$path]:-}" ] && proxy_cpu=$(echo -n "${full_proxy_cpu[$path]}" | median)
+    echo "| $path | $rps | $p50 | $p99 | $failed | $(echo -n "${full_suite_cpu[$path]}" | median) | $proxy_cpu |"
   done
   ratio() { python3 -c "print(f'{float($1)/float($2):.2f}' if float($2) else 'n/a')"; }
   echo
