@@ -197,6 +197,19 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 cpu_us_per_call() {
   python3 -c "import os; print(int(($2 - $1) * 1e6 / os.sysconf('SC_CLK_TCK') / max(1.0, $3)))"
 }
+# load() with the CPU per call that the services and the path's proxy (0
+# without one) spent meanwhile: "req/s p50_us p99_us failed services proxy".
+load_with_cpu() {
+  local path=$1; shift
+  local proxy s0 p0=0 p1=0 row calls
+  proxy=$(proxy_pid "$path")
+  s0=$(cpu_ticks "$suite_pid")
+  if [ -n "$proxy" ]; then p0=$(cpu_ticks "$proxy"); fi
+  row=$(load "$path" "$@")
+  if [ -n "$proxy" ]; then p1=$(cpu_ticks "$proxy"); fi
+  calls=$(echo "$row" | awk -v d="$DURATION" '{print $1 * (d + 1)}')
+  echo "$row $(cpu_us_per_call "$s0" "$(cpu_ticks "$suite_pid")" "$calls") $(cpu_us_per_call "$p0" "$p1" "$calls")"
+}
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # The median of column N over the rounds' rows of load() output.
 column_median() { echo -n "$1" | awk -v n="$2" '{print $n}' | median; }
@@ -206,22 +219,11 @@ measure() {
   declare -A full
   echo
   echo "# $TITLE ($ROUNDS rounds, ${DURATION}s each, $CLIENTS connections x $STREAMS streams)"
-  # The CPU each process spends per call at full load: what a proxy's hop
-  # costs, next to what the service spends answering.
-  declare -A full_suite_cpu full_proxy_cpu
+  # With the CPU each process spends per call at full load: what a proxy's
+  # hop costs, next to what the service spends answering.
   for round in $(seq 1 "$ROUNDS"); do
     for path in "${paths[@]}"; do
-      local proxy s0 p0 row calls
-      proxy=$(proxy_pid "$path")
-      s0=$(cpu_ticks "$suite_pid")
-      [ -n "$proxy" ] && p0=$(cpu_ticks "$proxy")
-      row=$(load "$path")
-      calls=$(echo "$row" | awk -v d="$DURATION" '{print $1 * (d + 1)}')
-      full[$path]+="$row"$'\n'
-      full_suite_cpu[$path]+="$(cpu_us_per_call "$s0" "$(cpu_ticks "$suite_pid")" "$calls")"$'\n'
-      if [ -n "$proxy" ]; then
-        full_proxy_cpu[$path]+="$(cpu_us_per_call "$p0" "$(cpu_ticks "$proxy")" "$calls")"$'\n'
-      fi
+      full[$path]+="$(load_with_cpu "$path")"$'\n'
     done
   done
   echo
@@ -236,8 +238,8 @@ measure() {
     failed=$(echo -n "${full[$path]}" | awk '$4 == "stalled" {st=1} {s+=$4} END {print (st ? "stalled" : s)}')
     best[$path]=$rps
     proxy_cpu="—"
-    [ -n "${full_proxy_cpu[$path]:-}" ] && proxy_cpu=$(echo -n "${full_proxy_cpu[$path]}" | median)
-    echo "| $path | $rps | $p50 | $p99 | $failed | $(echo -n "${full_suite_cpu[$path]}" | median) | $proxy_cpu |"
+    [ "$path" != direct ] && proxy_cpu=$(column_median "${full[$path]}" 6)
+    echo "| $path | $rps | $p50 | $p99 | $failed | $(column_median "${full[$path]}" 5) | $proxy_cpu |"
   done
   ratio() { python3 -c "print(f'{float($1)/float($2):.2f}' if float($2) else 'n/a')"; }
   echo
@@ -250,16 +252,10 @@ measure() {
   # is left out: with one stream, a request it leaves hanging stops the run;
   # the same stalls are the "failed" requests under load.)
   # The CPU each process spends per call shows where the added time goes.
-  declare -A single suite_cpu gateway_cpu
+  declare -A single
   for round in $(seq 1 "$ROUNDS"); do
     for path in direct gateway; do
-      local s0 g0 row calls
-      s0=$(cpu_ticks "$suite_pid"); g0=$(cpu_ticks "$gateway_pid")
-      row=$(CLIENTS=1 STREAMS=1 load "$path")
-      calls=$(echo "$row" | awk -v d="$DURATION" '{print $1 * (d + 1)}')
-      single[$path]+="$row"$'\n'
-      suite_cpu[$path]+="$(cpu_us_per_call "$s0" "$(cpu_ticks "$suite_pid")" "$calls")"$'\n'
-      gateway_cpu[$path]+="$(cpu_us_per_call "$g0" "$(cpu_ticks "$gateway_pid")" "$calls")"$'\n'
+      single[$path]+="$(CLIENTS=1 STREAMS=1 load_with_cpu "$path")"$'\n'
     done
   done
   echo
@@ -272,7 +268,7 @@ measure() {
     rps=$(column_median "${single[$path]}" 1)
     p50=$(column_median "${single[$path]}" 2)
     p99=$(column_median "${single[$path]}" 3)
-    echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") | $(echo -n "${suite_cpu[$path]}" | median) | $(echo -n "${gateway_cpu[$path]}" | median) |"
+    echo "| $path | $rps | $p50 | $p99 | $(python3 -c "print(int($p50 - $s50))") | $(python3 -c "print(int($p99 - $s99))") | $(column_median "${single[$path]}" 5) | $(column_median "${single[$path]}" 6) |"
   done
 
   # Half of each proxy's own maximum, offered to it and, in the same round,
