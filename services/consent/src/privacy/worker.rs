@@ -42,8 +42,34 @@ const HISTORY_PAGE: u64 = 1_000;
 /// The longest wait between attempts of a failing step.
 const LONGEST_BACKOFF: Duration = Duration::from_secs(300);
 
-/// Why a step did not finish; kept on the request for the operator.
-type StepError = String;
+/// Why a step did not finish. The summary is ours; the detail is what
+/// another service answered, which may quote a person's values, so it is
+/// kept on the request for the operator (the request holds the person's data
+/// anyway) and never written to a log line.
+#[derive(Debug)]
+struct StepError {
+    summary: String,
+    detail: Option<String>,
+}
+
+impl From<String> for StepError {
+    fn from(summary: String) -> Self {
+        StepError {
+            summary,
+            detail: None,
+        }
+    }
+}
+
+impl StepError {
+    /// The whole reason, as the request keeps it.
+    fn into_recorded(self) -> String {
+        match self.detail {
+            Some(detail) => format!("{}: {detail}", self.summary),
+            None => self.summary,
+        }
+    }
+}
 
 pub struct Worker {
     store: Arc<RequestStore>,
@@ -131,9 +157,9 @@ impl Worker {
                     self.store.save(&request).await?;
                 }
                 Err(reason) => {
-                    tracing::info!(request = %request.id, step = name.as_str(), reason = %reason, "privacy request step not done yet");
+                    tracing::info!(request = %request.id, step = name.as_str(), reason = %reason.summary, "privacy request step not done yet");
                     let wait = backoff(step.attempts);
-                    step.last_error = reason;
+                    step.last_error = reason.into_recorded();
                     request.next_attempt_micros = now.saturating_add(duration_micros(wait));
                     self.store.save(&request).await?;
                     return Ok(());
@@ -236,7 +262,8 @@ impl Worker {
                 if held > 0 {
                     return Err(format!(
                         "segments still holds {held} rows about the person (it erases them when the profiles change stream reaches the erasure)"
-                    ));
+                    )
+                    .into());
                 }
             }
             (Kind::Erasure, StepName::Consent) => {
@@ -260,7 +287,8 @@ impl Worker {
                     return Err(format!(
                         "the completeness check still finds {:?}",
                         request.remaining
-                    ));
+                    )
+                    .into());
                 }
             }
             (Kind::OptOutOfSaleSharing, StepName::Consent) => {
@@ -269,7 +297,7 @@ impl Worker {
                 }
             }
             (kind, step) => {
-                return Err(format!("{} has no step {}", kind.as_str(), step.as_str()));
+                return Err(format!("{} has no step {}", kind.as_str(), step.as_str()).into());
             }
         }
         Ok(())
@@ -350,7 +378,7 @@ impl Worker {
             .await;
         match answer {
             Ok(answer) => serde_json::from_slice(&answer.into_inner().json)
-                .map_err(|err| format!("profiles export is not JSON: {}", json_error(&err))),
+                .map_err(|err| format!("profiles export is not JSON: {}", json_error(&err)).into()),
             Err(status) if status.code() == Code::NotFound => Ok(Value::Null),
             Err(status) => Err(failed("profiles", &status)),
         }
@@ -596,7 +624,7 @@ impl Worker {
             })
             .await
             .map(|_| ())
-            .map_err(|err| format!("consent ledger: {err}"))
+            .map_err(|err| format!("consent ledger: {err}").into())
     }
 }
 
@@ -609,7 +637,10 @@ fn authed<T>(message: T, bearer: &MetadataValue<Ascii>) -> Request<T> {
 }
 
 fn failed(service: &str, status: &Status) -> StepError {
-    format!("{service}: {:?}: {}", status.code(), status.message())
+    StepError {
+        summary: format!("{service}: {:?}", status.code()),
+        detail: Some(status.message().to_string()).filter(|m| !m.is_empty()),
+    }
 }
 
 /// 1 s doubling per attempt, at most five minutes.
@@ -657,5 +688,18 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(2), Duration::from_secs(2));
         assert_eq!(backoff(40), LONGEST_BACKOFF);
+    }
+
+    #[test]
+    fn what_another_service_said_is_recorded_but_not_in_the_summary_that_is_logged() {
+        let answer = Status::invalid_argument("email alice@example.com is not allowed");
+        let reason = failed("profiles", &answer);
+        assert_eq!(reason.summary, "profiles: InvalidArgument");
+        assert_eq!(
+            reason.into_recorded(),
+            "profiles: InvalidArgument: email alice@example.com is not allowed"
+        );
+        let ours = StepError::from("segments still holds 2 rows".to_string());
+        assert_eq!(ours.into_recorded(), "segments still holds 2 rows");
     }
 }
