@@ -46,8 +46,6 @@ use tonic::service::Routes;
 use tonic::transport::Channel;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
@@ -187,31 +185,16 @@ impl Gateway {
         let stack = ServiceBuilder::new()
             // Tonic hands axum's body type in; everything below speaks tonic's.
             .map_request(|request: Request<axum::body::Body>| request.map(Body::new))
+            // The request id, the call's span, its failure log line and its
+            // metrics, for every call the gateway answers (denials, panics
+            // and overload included).
+            .layer(ObserveLayer)
             // A bug that panics fails its own call with INTERNAL, never the
             // connection that other callers' calls share.
             .layer(CatchPanicLayer::custom(panic_status))
-            // A request id on every call (kept when the caller sent one), so a
-            // denial can be found in the logs from what the caller saw.
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            // One span per call, named by gRPC method, carrying the request id.
-            .layer(
-                TraceLayer::new_for_grpc().make_span_with(|request: &Request<Body>| {
-                    let id = request
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!("grpc", method = %request.uri().path(), request_id = %id)
-                })
-                .on_failure(log_failure),
-            )
             // Failures of the layers below (deadline, overload) become gRPC
             // statuses here, so no call ever fails the connection.
             .layer(RescueLayer)
-            // Calls, statuses and latency per method, for every call the
-            // gateway answers (denials included).
-            .layer(ObserveLayer)
             // A call whose response has not started in time gets
             // DEADLINE_EXCEEDED rather than holding a slot forever.
             .timeout(config.request_timeout)
@@ -268,37 +251,6 @@ impl Gateway {
         }
         served?;
         Ok(())
-    }
-}
-
-/// Logs a failed call by whose fault it is: a caller's mistake (invalid
-/// argument, not found, denied) is routine and counted by the observe layer,
-/// so it is logged at debug; the gateway's or a service's failure is a
-/// warning. Logging every refusal at error would cost more than the call.
-fn log_failure(
-    class: tower_http::classify::GrpcFailureClass,
-    latency: std::time::Duration,
-    _span: &tracing::Span,
-) {
-    use tonic::Code;
-    use tower_http::classify::GrpcFailureClass;
-    let latency_ms = latency.as_millis();
-    match class {
-        GrpcFailureClass::Code(code) => {
-            let code = Code::from_i32(code.get());
-            match code {
-                Code::Unknown
-                | Code::Internal
-                | Code::Unavailable
-                | Code::DataLoss
-                | Code::DeadlineExceeded
-                | Code::Unimplemented => {
-                    tracing::warn!(?code, latency_ms, "call failed")
-                }
-                _ => tracing::debug!(?code, latency_ms, "call refused"),
-            }
-        }
-        GrpcFailureClass::Error(error) => tracing::warn!(%error, latency_ms, "call failed"),
     }
 }
 

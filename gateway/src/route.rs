@@ -105,11 +105,13 @@ impl Service<Request<Body>> for Router {
         };
         if path == EXPORT_AUDIENCE {
             let crossing = self.crossing.clone();
-            return Box::pin(async move { Ok(crossing.handle(request).await) });
+            return Box::pin(async move { Ok(crossing.handle(request).await.map(in_call_span)) });
         }
         if path == EXPORT_AUDIENCE_CHANGES {
             let crossing = self.crossing.clone();
-            return Box::pin(async move { Ok(crossing.handle_changes(request).await) });
+            return Box::pin(async move {
+                Ok(crossing.handle_changes(request).await.map(in_call_span))
+            });
         }
         if let Some(local) = self.local.get(service) {
             return Box::pin(local.clone().oneshot(request));
@@ -130,6 +132,12 @@ impl Service<Request<Body>> for Router {
             }
         })
     }
+}
+
+/// A crossing's body does its work, and logs, as it is polled: inside the
+/// call's span, so those lines name the call.
+fn in_call_span(body: Body) -> Body {
+    Body::new(crate::observe::in_span(body))
 }
 
 #[cfg(test)]
