@@ -1,9 +1,10 @@
 //! The crossing end to end: consent recorded, profiles upserted, a segment
 //! activated to a file destination and synced, all through the gateway; only
 //! the people whose consent allows it reach the file, hashed, and a withdrawal
-//! becomes a removal.
+//! becomes a removal. Nothing the run logs carries a raw email or phone.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use madtech_common::testing::Backend;
 use madtech_proto::activation::v1 as activation_pb;
@@ -205,7 +206,53 @@ async fn activation_database_text(suite: &Suite) -> String {
     text
 }
 
+/// Everything the suite logs on the test's thread (where a current-thread
+/// runtime runs every component's tasks), at the level production runs at
+/// and at debug for MadTech's own crates.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let filter = tracing_subscriber::EnvFilter::new(
+            "info,madtech=debug,madtech_common=debug,madtech_profiles=debug,madtech_consent=debug,\
+             madtech_segments=debug,madtech_activation=debug,madtech_gateway=debug",
+        );
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
+    }
+}
+
+/// A raw phone number, in the form a caller sent and the form profiles
+/// keeps it in.
+const PHONE: (&str, &str) = ("+44 20 7031 3000", "+442070313000");
+
 async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
+    let logs = CapturedLogs::default();
+    let _logging = logs.install();
     let suite = Suite::start(backend).await;
     let admin = suite.bearer(&["admin"]);
     let mut consent = suite.consent(admin.clone());
@@ -221,6 +268,33 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
         }
         ids.push(id);
     }
+    // Someone with a phone number, outside the audience, and a phone number
+    // refused: neither may reach a log line.
+    let mut profiles = suite.profiles(suite.bearer(&["ingest"]));
+    let identifier = |kind: &str, value: &str| profiles_pb::Identifier {
+        kind: kind.into(),
+        value: value.into(),
+    };
+    profiles
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![
+                identifier("email", "de.phone@example.com"),
+                identifier("phone", PHONE.0),
+            ],
+            region: "DE".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a person with a phone");
+    let refused = profiles
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![identifier("phone", "+44 999 refused 12")],
+            region: "DE".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not a phone number");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
     let segment = suite.region_segment("everyone", &["FR", "US-CA"]).await;
     let (_, activated) = suite
@@ -475,6 +549,30 @@ async fn only_consenting_people_cross_and_withdrawal_removes(backend: Backend) {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
     suite.stop().await;
+    let logged = logs.text();
+    assert!(
+        logged
+            .lines()
+            .any(|line| line.contains("madtech::audit") && line.contains("request_id=")),
+        "the crossings' audit lines are logged, naming their calls: {logged}"
+    );
+    let mut personal: Vec<String> = PEOPLE
+        .iter()
+        .flat_map(|p| [p.email.trim().to_string(), normalised(p.email)])
+        .collect();
+    personal.extend(
+        [
+            "de.phone@example.com",
+            PHONE.0,
+            PHONE.1,
+            "442070313000",
+            "+44 999 refused 12",
+        ]
+        .map(String::from),
+    );
+    for value in &personal {
+        assert!(!logged.contains(value.as_str()), "{value:?} in a log line");
+    }
 }
 
 #[tokio::test]
