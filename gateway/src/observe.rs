@@ -4,7 +4,8 @@
 //!   else a new UUID; it goes upstream with the call and back on the
 //!   response, so a caller can name the call they saw fail. A caller's id
 //!   that is anything else (an email, say) is replaced, never logged.
-//! - **Span.** One `grpc` span per call, with the path and request id,
+//! - **Span.** One `grpc` span per call, with the method (the same label as
+//!   the metrics', so a path a caller made up is never logged) and request id,
 //!   entered while the layers below take the call and answer it. A
 //!   pass-through body is forwarded outside it; the crossings, whose bodies
 //!   log (the audit line among them), carry it into their streams with
@@ -143,14 +144,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let path = request.uri().path();
-        let method = method_label(path);
+        let method = method_label(request.uri().path());
         let id = request_id(request.headers());
-        let span = tracing::info_span!(
-            "grpc",
-            method = path,
-            request_id = id.to_str().unwrap_or_default()
-        );
+        let span =
+            tracing::info_span!("grpc", method, request_id = id.to_str().unwrap_or_default());
         request.headers_mut().insert(REQUEST_ID, id.clone());
         let started = Instant::now();
         let future = {

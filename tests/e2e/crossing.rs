@@ -230,7 +230,8 @@ impl CapturedLogs {
     fn install(&self) -> tracing::subscriber::DefaultGuard {
         let filter = tracing_subscriber::EnvFilter::new(
             "info,madtech=debug,madtech_common=debug,madtech_profiles=debug,madtech_consent=debug,\
-             madtech_segments=debug,madtech_activation=debug,madtech_gateway=debug",
+             madtech_segments=debug,madtech_activation=debug,madtech_gateway=debug,\
+             madtech_signals=debug",
         );
         let writer = self.clone();
         let subscriber = tracing_subscriber::fmt()
