@@ -16,6 +16,8 @@ pub enum GatewayError {
     Key(#[from] KeyError),
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
     #[error("audit database: {0}")]
     Database(#[from] sea_orm::DbErr),
     #[error(transparent)]

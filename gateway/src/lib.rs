@@ -28,6 +28,7 @@ pub mod release;
 pub mod rescue;
 pub mod route;
 pub mod token;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +62,7 @@ use crate::ratelimit::RateLimits;
 use crate::rescue::RescueLayer;
 use crate::route::Router;
 use crate::token::Verifier;
+use crate::upstream::Upstream;
 
 /// A gateway ready to serve.
 pub struct Gateway {
@@ -109,27 +111,29 @@ impl Gateway {
         let segments_channel = channel(&config.upstream_tls, &upstreams.segments)?;
         let consent_channel = channel(&config.upstream_tls, &upstreams.consent)?;
         let activation_channel = channel(&config.upstream_tls, &upstreams.activation)?;
-        let destinations = DestinationRegistry::new(activation_channel.clone());
-        let upstream_channels = HashMap::from([
+        let destinations = DestinationRegistry::new(activation_channel);
+        let pass_through = |url: &str| Upstream::new(&config.upstream_tls, url);
+        let consent_upstream = pass_through(&upstreams.consent)?;
+        let upstream_services = HashMap::from([
             (
                 profiles::v1::profile_service_server::SERVICE_NAME,
-                channel(&config.upstream_tls, &upstreams.profiles)?,
+                pass_through(&upstreams.profiles)?,
             ),
             (
                 consent::v1::consent_service_server::SERVICE_NAME,
-                consent_channel.clone(),
+                consent_upstream.clone(),
             ),
             (
                 consent::v1::privacy_request_service_server::SERVICE_NAME,
-                consent_channel.clone(),
+                consent_upstream,
             ),
             (
                 segments::v1::segment_service_server::SERVICE_NAME,
-                segments_channel.clone(),
+                pass_through(&upstreams.segments)?,
             ),
             (
                 activation::v1::activation_service_server::SERVICE_NAME,
-                activation_channel,
+                pass_through(&upstreams.activation)?,
             ),
         ]);
         let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([
@@ -157,11 +161,11 @@ impl Gateway {
         ]);
 
         let mut server = GrpcServer::new().with_tls(config.tls.load()?);
-        for name in upstream_channels.keys().chain(local.keys()) {
+        for name in upstream_services.keys().chain(local.keys()) {
             server = server.advertise(name);
         }
         if config.reflection_requires_token {
-            let names: Vec<&'static str> = upstream_channels
+            let names: Vec<&'static str> = upstream_services
                 .keys()
                 .chain(local.keys())
                 .copied()
@@ -180,7 +184,7 @@ impl Gateway {
             destinations,
             config.crossing_workers(),
         );
-        let router = Router::new(crossing, upstream_channels, local);
+        let router = Router::new(crossing, upstream_services, local);
 
         let stack = ServiceBuilder::new()
             // Tonic hands axum's body type in; everything below speaks tonic's.

@@ -13,11 +13,11 @@ use http::{Request, Response};
 use madtech_common::server::BoxedGrpcService as HttpService;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tower::{Service, ServiceExt};
 
 use crate::changes::EXPORT_AUDIENCE_CHANGES;
 use crate::crossing::{Crossing, EXPORT_AUDIENCE};
+use crate::upstream::Upstream;
 
 /// Splits a gRPC path `/pkg.Service/Method` into service and method, or
 /// `None` when it is anything else. Only this exact shape is accepted, so no
@@ -65,7 +65,7 @@ pub fn api_methods() -> &'static BTreeSet<String> {
 #[derive(Clone)]
 pub struct Router {
     crossing: Crossing,
-    upstreams: Arc<HashMap<&'static str, Channel>>,
+    upstreams: Arc<HashMap<&'static str, Upstream>>,
     local: Arc<HashMap<&'static str, HttpService>>,
 }
 
@@ -74,7 +74,7 @@ impl Router {
     /// served.
     pub fn new(
         crossing: Crossing,
-        upstreams: HashMap<&'static str, Channel>,
+        upstreams: HashMap<&'static str, Upstream>,
         local: HashMap<&'static str, HttpService>,
     ) -> Self {
         Router {
@@ -116,18 +116,18 @@ impl Service<Request<Body>> for Router {
         if let Some(local) = self.local.get(service) {
             return Box::pin(local.clone().oneshot(request));
         }
-        let Some(channel) = self.upstreams.get(service) else {
+        let Some(upstream) = self.upstreams.get(service) else {
             let status = Status::unimplemented(format!("unknown service {service:?}"));
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
-        let channel = channel.clone();
-        let upstream = service.to_string();
+        let upstream = upstream.clone();
+        let service = service.to_string();
         Box::pin(async move {
-            match channel.oneshot(request).await {
+            match upstream.call(request).await {
                 Ok(response) => Ok(response),
                 Err(err) => {
-                    tracing::warn!(upstream, error = %err, "upstream unreachable");
-                    Ok(Status::unavailable(format!("{upstream} is unavailable")).into_http())
+                    tracing::warn!(upstream = service, error = %err, "upstream unreachable");
+                    Ok(Status::unavailable(format!("{service} is unavailable")).into_http())
                 }
             }
         })

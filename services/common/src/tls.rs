@@ -21,6 +21,8 @@ pub enum TlsError {
     },
     #[error("invalid URL {url}: {reason}")]
     Url { url: String, reason: String },
+    #[error("{path} is not usable PEM: {reason}")]
+    Pem { path: PathBuf, reason: String },
 }
 
 /// Several crates in the build bring rustls with different cryptography
@@ -129,6 +131,52 @@ impl ClientTls {
             reason: err.to_string(),
         })
     }
+
+    /// The same settings as a rustls client configuration, for a client
+    /// that drives its connections itself (the gateway's pass-through):
+    /// servers are trusted only when `ca_file` signed them, as with
+    /// [`ClientTls::endpoint`], and `alpn` names the protocols offered.
+    pub fn rustls_client_config(
+        &self,
+        alpn: &[&str],
+    ) -> Result<std::sync::Arc<rustls::ClientConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        choose_crypto_provider();
+        let invalid = |path: &Path, reason: String| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &self.ca_file {
+            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let cert = cert.map_err(|err| invalid(ca, err.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|err| invalid(ca, err.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(ca, "no certificate in it".into()));
+            }
+        }
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let mut config = match (&self.cert_file, &self.key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| invalid(cert_file, err.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
+                    .map_err(|err| invalid(key_file, err.to_string()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|err| invalid(cert_file, err.to_string()))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(std::sync::Arc::new(config))
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +277,52 @@ mod tests {
         assert!(refused, "no client certificate, no call");
         shutdown.cancel();
         serving.await.expect("task").expect("served");
+    }
+
+    #[test]
+    fn a_rustls_client_configuration_needs_usable_pem() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (ca, _server, client) = pki();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let good = ClientTls {
+            ca_file: Some(write("ca.pem", &ca)),
+            cert_file: Some(write("client.pem", &client.cert)),
+            key_file: Some(write("client.key", &client.key)),
+            domain: None,
+        };
+        let config = good.rustls_client_config(&["h2"]).expect("config");
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        assert!(config.client_auth_cert_resolver.has_certs());
+
+        let no_certificate = ClientTls {
+            ca_file: Some(write("empty.pem", "not a certificate")),
+            ..ClientTls::default()
+        };
+        let not_a_key = ClientTls {
+            key_file: Some(write("wrong.key", &client.cert)),
+            ..good.clone()
+        };
+        let missing = ClientTls {
+            ca_file: Some(dir.path().join("absent.pem")),
+            ..ClientTls::default()
+        };
+        for (what, tls) in [
+            ("a CA file without a certificate", no_certificate),
+            ("a key file holding a certificate", not_a_key),
+        ] {
+            assert!(
+                matches!(tls.rustls_client_config(&["h2"]), Err(TlsError::Pem { .. })),
+                "{what}"
+            );
+        }
+        assert!(matches!(
+            missing.rustls_client_config(&["h2"]),
+            Err(TlsError::Read { .. })
+        ));
     }
 
     #[test]
