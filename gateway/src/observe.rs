@@ -60,6 +60,16 @@ pub struct Observe<S> {
 /// `-_.:`, at most 64 of them), else a new one. Anything else could carry
 /// what must not reach a log line.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let mut id = caller_or_new_id(headers);
+    // Every id is new, so HPACK indexing it (upstream and back to the
+    // caller) would only churn both connections' header tables: each call
+    // would evict an entry and compare its id with every id still there.
+    // A never-indexed literal costs neither.
+    id.set_sensitive(true);
+    id
+}
+
+fn caller_or_new_id(headers: &HeaderMap) -> HeaderValue {
     let plain = |id: &&HeaderValue| {
         let id = id.as_bytes();
         !id.is_empty()
