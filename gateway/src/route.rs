@@ -116,18 +116,17 @@ impl Service<Request<Body>> for Router {
         if let Some(local) = self.local.get(service) {
             return Box::pin(local.clone().oneshot(request));
         }
-        let Some(upstream) = self.upstreams.get(service) else {
+        let Some((&service, upstream)) = self.upstreams.get_key_value(service) else {
             let status = Status::unimplemented(format!("unknown service {service:?}"));
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
         let upstream = upstream.clone();
-        let service = service.to_string();
         Box::pin(async move {
             match upstream.call(request).await {
                 Ok(response) => Ok(response),
                 Err(err) => {
-                    tracing::warn!(upstream = service, error = %err, "upstream unreachable");
-                    Ok(Status::unavailable(format!("{service} is unavailable")).into_http())
+                    tracing::warn!(upstream = service, error = %err, "upstream call failed");
+                    Ok(err.status(service).into_http())
                 }
             }
         })

@@ -9,17 +9,22 @@
 //! (docs/BENCHMARKS.md). Here the call's own task opens the stream and
 //! writes the body that has already arrived, which for unary and
 //! server-streaming calls is all of it; only a body still arriving gets a
-//! task to copy it on.
+//! task to copy it on. What hyper did besides is done here too: a call
+//! dropped before it ends cancels its upstream stream, and the connection
+//! is checked with pings so a vanished upstream fails calls rather than
+//! holding them.
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
+use h2::client::{Connection, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri};
 use http_body::Frame;
@@ -27,15 +32,45 @@ use http_body_util::BodyExt;
 use madtech_common::tls::ClientTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
+use tonic::Status;
 use tonic::body::Body;
+use tracing::Instrument;
 
 /// The windows hyper's HTTP/2 client opens with (a tonic channel's
 /// defaults), rather than the protocol's 64 KiB: a streamed export would
 /// otherwise wait on window updates every few pages.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// How much of a request body is written when the call begins without
+/// waiting for the upstream's window; the rest is copied as the window
+/// admits it.
+const EAGER_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long connecting (TCP, TLS, the HTTP/2 preface) and keeping a
+/// connection may take.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    connect: Duration,
+    /// A ping after this long, and the connection is closed when its answer
+    /// takes longer than `ping_timeout`.
+    ping_interval: Duration,
+    ping_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        // The same ping interval the services' servers use towards their
+        // callers (`madtech_common::server`).
+        Timing {
+            connect: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -53,10 +88,33 @@ pub enum UpstreamError {
         address: String,
         source: std::io::Error,
     },
+    #[error("{address} did not agree to HTTP/2 over TLS (ALPN h2)")]
+    NotHttp2 { address: String },
+    #[error("connecting to {address} took longer than {timeout:?}")]
+    ConnectTimedOut { address: String, timeout: Duration },
     #[error("HTTP/2: {0}")]
     Http2(#[from] h2::Error),
     #[error("the caller's request body failed: {0}")]
-    RequestBody(tonic::Status),
+    RequestBody(Status),
+}
+
+impl UpstreamError {
+    /// What the caller of `service` hears. Only a failure that shows the
+    /// upstream never took the call, or lost its connection, is
+    /// `UNAVAILABLE` (which callers may retry); a stream the upstream reset
+    /// is `INTERNAL`, since the call may have had its effect.
+    pub fn status(&self, service: &str) -> Status {
+        let unavailable = || Status::unavailable(format!("{service} is unavailable"));
+        match self {
+            UpstreamError::Http2(err) if !err.is_io() && !err.is_go_away() => match err.reason() {
+                Some(Reason::REFUSED_STREAM) | None => unavailable(),
+                Some(Reason::CANCEL) => Status::cancelled(format!("{service} cancelled the call")),
+                Some(_) => Status::internal(format!("{service} reset the call")),
+            },
+            UpstreamError::RequestBody(status) => status.clone(),
+            _ => unavailable(),
+        }
+    }
 }
 
 /// Where an upstream is and how to reach it.
@@ -66,6 +124,7 @@ struct Target {
     /// `host:port` to connect to.
     address: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    timing: Timing,
 }
 
 /// One upstream service's connection; clones share it.
@@ -79,14 +138,22 @@ struct Inner {
     /// The open connection's sender, with the number of the connection it
     /// belongs to, so a closed connection clears only itself.
     current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Connection attempts so far; an attempt's number names its
+    /// connection.
+    attempts: AtomicU64,
     /// Held while connecting, so concurrent calls open one connection; it
-    /// counts the connections opened.
-    connecting: tokio::sync::Mutex<u64>,
+    /// keeps the last attempt's failure, which the calls that waited on that
+    /// attempt share instead of each trying again in turn.
+    connecting: tokio::sync::Mutex<Option<String>>,
 }
 
 impl Upstream {
     /// An upstream at `url` (`http://` or `https://`), not yet connected.
     pub fn new(tls: &ClientTls, url: &str) -> Result<Upstream, UpstreamError> {
+        Upstream::with_timing(tls, url, Timing::default())
+    }
+
+    fn with_timing(tls: &ClientTls, url: &str, timing: Timing) -> Result<Upstream, UpstreamError> {
         let invalid = |reason: &str| UpstreamError::Url {
             url: url.to_string(),
             reason: reason.to_string(),
@@ -94,9 +161,17 @@ impl Upstream {
         let uri: Uri = url.parse().map_err(|_| invalid("not a URL"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("user information is not sent to an upstream"));
+        }
         let secure = scheme == Scheme::HTTPS;
         if !secure && scheme != Scheme::HTTP {
             return Err(invalid("the scheme must be http or https"));
+        }
+        if secure && tls.ca_file.is_none() {
+            return Err(invalid(
+                "https needs the CA that signed the upstream's certificate (upstream_tls.ca_file)",
+            ));
         }
         let port = authority
             .port_u16()
@@ -122,32 +197,43 @@ impl Upstream {
                     address: format!("{host}:{port}"),
                     authority,
                     tls,
+                    timing,
                 },
                 current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(0),
+                attempts: AtomicU64::new(0),
+                connecting: tokio::sync::Mutex::new(None),
             }),
         })
     }
 
     /// Forwards `request` as it is, path, metadata and deadline included,
     /// and answers the upstream's response as it streams in. An error means
-    /// the call never reached the upstream or its connection failed before
-    /// the response began.
+    /// the response never began: the call did not reach the upstream, its
+    /// connection failed, or the upstream reset the stream (see
+    /// [`UpstreamError::status`]).
     pub async fn call(&self, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
-        let mut sender = self.ready_sender().await?;
         let (mut head, mut body) = request.into_parts();
         head.uri = self.inner.target.uri_for(&head.uri);
+        // HTTP/2 names the origin in `:authority` alone (RFC 9113, 8.3.1).
+        head.headers.remove(http::header::HOST);
         let arrived = Arrived::take(&mut body).map_err(UpstreamError::RequestBody)?;
         let empty = arrived.complete && arrived.data.is_empty() && arrived.trailers.is_none();
+        let mut sender = self.ready_sender().await?;
         let (response, mut stream) = sender.send_request(Request::from_parts(head, ()), empty)?;
+        let mut copying = CancelOnDrop(None);
         if !empty {
             arrived.send(&mut stream)?;
             if !arrived.complete {
-                tokio::spawn(copy_body(body, stream));
+                let task = tokio::spawn(copy_body(body, stream).in_current_span());
+                copying = CancelOnDrop(Some(task.abort_handle()));
             }
         }
+        // Dropped before the response (the caller gone, the gateway's
+        // timeout), `copying` stops the copy, and with its last handle on
+        // the stream gone h2 resets it: the upstream stops working for no
+        // one, and its answer does not sit in the connection's window.
         let response = response.await?;
-        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv))))
+        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, copying))))
     }
 
     /// A sender ready for one more stream: the open connection's, or a new
@@ -162,71 +248,103 @@ impl Upstream {
                 }
             }
         }
-        let sender = self.connect().await?;
-        Ok(sender.ready().await?)
+        let (number, sender) = self.connect().await?;
+        sender.ready().await.map_err(|err| {
+            self.inner.forget(number);
+            err.into()
+        })
     }
 
-    async fn connect(&self) -> Result<SendRequest<Bytes>, UpstreamError> {
-        let mut opened = self.inner.connecting.lock().await;
-        // Another call may have connected while this one waited.
-        if let Some((_, sender)) = self.inner.open() {
-            return Ok(sender);
+    async fn connect(&self) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
+        let attempts_seen = self.inner.attempts.load(Ordering::Acquire);
+        let mut last_failure = self.inner.connecting.lock().await;
+        // Another call may have connected, or failed to, while this one
+        // waited.
+        if let Some(open) = self.inner.open() {
+            return Ok(open);
         }
-        *opened += 1;
-        let number = *opened;
-        let target = &self.inner.target;
-        let tcp = TcpStream::connect(&target.address)
+        if self.inner.attempts.load(Ordering::Acquire) != attempts_seen
+            && let Some(failure) = last_failure.as_ref()
+        {
+            return Err(UpstreamError::Connect {
+                address: self.inner.target.address.clone(),
+                source: std::io::Error::other(failure.clone()),
+            });
+        }
+        // Counted when it ends, so every call that waited on it shares
+        // its outcome.
+        let number = self.inner.attempts.load(Ordering::Acquire) + 1;
+        let timing = self.inner.target.timing;
+        let opened = tokio::time::timeout(timing.connect, self.inner.target.open())
             .await
-            .map_err(|source| UpstreamError::Connect {
-                address: target.address.clone(),
-                source,
-            })?;
-        // Small gRPC frames go out at once rather than waiting on the
-        // previous segment's acknowledgement.
-        let _ = tcp.set_nodelay(true);
-        let sender = match &target.tls {
-            None => self.handshake(tcp, number).await?,
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        address: target.address.clone(),
-                        source,
-                    })?;
-                self.handshake(tls, number).await?
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::ConnectTimedOut {
+                    address: self.inner.target.address.clone(),
+                    timeout: timing.connect,
+                })
+            });
+        self.inner.attempts.store(number, Ordering::Release);
+        let (sender, connection) = match opened {
+            Ok(opened) => opened,
+            Err(err) => {
+                *last_failure = Some(err.to_string());
+                return Err(err);
             }
         };
+        *last_failure = None;
         *self
             .inner
             .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some((number, sender.clone()));
-        Ok(sender)
+        tokio::spawn(drive(
+            connection,
+            Arc::downgrade(&self.inner),
+            number,
+            timing,
+        ));
+        Ok((number, sender))
     }
+}
 
-    async fn handshake<T>(&self, io: T, number: u64) -> Result<SendRequest<Bytes>, UpstreamError>
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .enable_push(false)
-            .handshake(io)
-            .await?;
-        // The connection is driven on its own task; when it ends, the next
-        // call opens another.
-        let inner = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
+/// Drives a connection, pinging it while it is idle or busy alike, until it
+/// ends or a ping goes unanswered; then the next call opens another.
+async fn drive<T>(
+    mut connection: Connection<T, Bytes>,
+    inner: std::sync::Weak<Inner>,
+    number: u64,
+    timing: Timing,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let ping_pong = connection.ping_pong();
+    let keepalive = async move {
+        let Some(mut ping_pong) = ping_pong else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(timing.ping_interval).await;
+            let answered =
+                tokio::time::timeout(timing.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await;
+            if !matches!(answered, Ok(Ok(_))) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        ended = &mut connection => {
+            if let Err(err) = ended {
                 tracing::debug!(error = %err, "upstream connection ended");
             }
-            if let Some(inner) = inner.upgrade() {
-                inner.forget(number);
-            }
-        });
-        Ok(sender)
+        }
+        () = keepalive => {
+            tracing::warn!("an upstream did not answer a ping in time; closing its connection");
+        }
+    }
+    // Dropping the connection fails the calls still on it.
+    drop(connection);
+    if let Some(inner) = inner.upgrade() {
+        inner.forget(number);
     }
 }
 
@@ -259,9 +377,73 @@ impl Target {
         );
         Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
     }
+
+    /// A new HTTP/2 connection, plain or TLS.
+    async fn open(
+        &self,
+    ) -> Result<(SendRequest<Bytes>, Connection<BoxedIo, Bytes>), UpstreamError> {
+        let tcp =
+            TcpStream::connect(&self.address)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
+        // Small gRPC frames go out at once rather than waiting on the
+        // previous segment's acknowledgement.
+        let _ = tcp.set_nodelay(true);
+        let io: BoxedIo = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        address: self.address.clone(),
+                        source,
+                    })?;
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(UpstreamError::NotHttp2 {
+                        address: self.address.clone(),
+                    });
+                }
+                Box::new(tls)
+            }
+        };
+        Ok(h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .enable_push(false)
+            .handshake(io)
+            .await?)
+    }
 }
 
-/// The part of a request body that had arrived when the call began.
+/// A connection's transport, plain or TLS: one type, so one connection
+/// driver.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type BoxedIo = Box<dyn Io>;
+
+/// Stops a request body's copying task when dropped while armed.
+struct CancelOnDrop(Option<AbortHandle>);
+
+impl CancelOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The part of a request body that had arrived when the call began (at
+/// most [`EAGER_BODY_BYTES`] of it).
 struct Arrived {
     data: Vec<Bytes>,
     trailers: Option<HeaderMap>,
@@ -270,19 +452,26 @@ struct Arrived {
 }
 
 impl Arrived {
-    fn take(body: &mut Body) -> Result<Arrived, tonic::Status> {
+    fn take(body: &mut Body) -> Result<Arrived, Status> {
         let mut arrived = Arrived {
             data: Vec::new(),
             trailers: None,
             complete: false,
         };
-        while let Some(frame) = body.frame().now_or_never() {
+        let mut taken = 0;
+        while taken < EAGER_BODY_BYTES {
+            let Some(frame) = body.frame().now_or_never() else {
+                break;
+            };
             let Some(frame) = frame else {
                 arrived.complete = true;
                 break;
             };
             match frame?.into_data() {
-                Ok(data) => arrived.data.push(data),
+                Ok(data) => {
+                    taken += data.len();
+                    arrived.data.push(data);
+                }
                 Err(frame) => {
                     arrived.trailers = frame.into_trailers().ok();
                     arrived.complete = true;
@@ -294,9 +483,9 @@ impl Arrived {
     }
 
     /// Writes what arrived, ending the stream when it is the whole body.
-    /// The body was accepted under the gateway's message size limit, so it
-    /// is sent without waiting for the upstream's window: h2 holds what the
-    /// window does not yet admit.
+    /// It is bounded by [`EAGER_BODY_BYTES`], so it is sent without waiting
+    /// for the upstream's window: h2 holds what the window does not yet
+    /// admit.
     fn send(&self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
         let last = self.data.len().saturating_sub(1);
         for (index, data) in self.data.iter().enumerate() {
@@ -335,7 +524,7 @@ async fn copy_body(mut body: Body, mut stream: SendStream<Bytes>) {
                 }
             },
             Some(Err(_)) => {
-                stream.send_reset(h2::Reason::CANCEL);
+                stream.send_reset(Reason::CANCEL);
                 return;
             }
         };
@@ -366,10 +555,12 @@ async fn send_within_window(
 /// An upstream response body as the gateway's server sends it on: data as
 /// it arrives (its window released as it is passed on, so a slow caller
 /// slows the upstream rather than filling the gateway), then the trailers
-/// that carry the gRPC status.
+/// that carry the gRPC status. Dropped before its end (the caller gone), it
+/// stops the request body's copy too.
 struct UpstreamBody {
     recv: RecvStream,
     state: BodyState,
+    copying: CancelOnDrop,
 }
 
 #[derive(PartialEq)]
@@ -380,13 +571,23 @@ enum BodyState {
 }
 
 impl UpstreamBody {
-    fn new(recv: RecvStream) -> Self {
+    fn new(recv: RecvStream, mut copying: CancelOnDrop) -> Self {
         let state = if recv.is_end_stream() {
+            copying.disarm();
             BodyState::Done
         } else {
             BodyState::Data
         };
-        UpstreamBody { recv, state }
+        UpstreamBody {
+            recv,
+            state,
+            copying,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        self.copying.disarm();
     }
 }
 
@@ -406,7 +607,7 @@ impl http_body::Body for UpstreamBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(err)) => {
-                    this.state = BodyState::Done;
+                    this.finish();
                     return Poll::Ready(Some(Err(err)));
                 }
                 None => this.state = BodyState::Trailers,
@@ -414,7 +615,7 @@ impl http_body::Body for UpstreamBody {
         }
         if this.state == BodyState::Trailers {
             let trailers = ready!(this.recv.poll_trailers(cx));
-            this.state = BodyState::Done;
+            this.finish();
             return Poll::Ready(trailers.map(|t| t.map(Frame::trailers)).transpose());
         }
         Poll::Ready(None)
@@ -467,6 +668,9 @@ mod tests {
             if let Some(probe) = request.headers().get("x-probe") {
                 trailers.insert("x-probe", probe.clone());
             }
+            if let Some(host) = request.headers().get(http::header::HOST) {
+                trailers.insert("x-host", host.clone());
+            }
             let body = request
                 .into_body()
                 .with_trailers(async move { Some(Ok(trailers)) });
@@ -474,11 +678,59 @@ mod tests {
         }
     }
 
+    /// An upstream that reads a call's whole request body and tells the
+    /// test whether it ended well or was reset. `/test.Drain/Late` answers
+    /// once the body has ended; `/test.Drain/Early` answers at once with a
+    /// response that stays open.
+    #[derive(Clone)]
+    struct Drain(mpsc::UnboundedSender<bool>);
+
+    impl NamedService for Drain {
+        const NAME: &'static str = "test.Drain";
+    }
+
+    impl tower::Service<Request<Body>> for Drain {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = futures::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let report = self.0.clone();
+            let early = request.uri().path().ends_with("/Early");
+            let drained = async move {
+                let ended_well = request.into_body().collect().await.is_ok();
+                let _ = report.send(ended_well);
+            };
+            Box::pin(async move {
+                if early {
+                    tokio::spawn(drained);
+                    let open = futures::stream::pending::<Result<Frame<Bytes>, Status>>();
+                    Ok(Response::new(Body::new(StreamBody::new(open))))
+                } else {
+                    drained.await;
+                    Ok(Response::new(Body::empty()))
+                }
+            })
+        }
+    }
+
     async fn serve_echo(listener: TcpListener) -> CancellationToken {
+        serve(listener, mpsc::unbounded_channel().0).await
+    }
+
+    async fn serve(
+        listener: TcpListener,
+        drained: mpsc::UnboundedSender<bool>,
+    ) -> CancellationToken {
         let shutdown = CancellationToken::new();
         let server = madtech_common::server::GrpcServer::new()
             .without_reflection()
-            .add_service(Echo);
+            .add_service(Echo)
+            .add_service(Drain(drained));
         tokio::spawn(server.serve(listener, shutdown.clone()));
         shutdown
     }
@@ -493,10 +745,18 @@ mod tests {
     }
 
     fn request(body: Body) -> Request<Body> {
+        request_to("/test.Echo/Call", body)
+    }
+
+    fn request_to(path: &str, body: Body) -> Request<Body> {
         let mut request = Request::new(body);
-        *request.uri_mut() = "http://gateway.example/test.Echo/Call"
+        *request.uri_mut() = format!("http://gateway.example{path}")
             .parse()
             .expect("uri");
+        request.headers_mut().insert(
+            http::header::HOST,
+            HeaderValue::from_static("gateway.example"),
+        );
         request
             .headers_mut()
             .insert("x-probe", HeaderValue::from_static("kept"));
@@ -523,6 +783,10 @@ mod tests {
         assert_eq!(data, b"\0\0\0\0\x03abc");
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(trailers["x-probe"], "kept");
+        assert!(
+            !trailers.contains_key("x-host"),
+            "the caller's host header is not sent"
+        );
         assert_eq!(
             trailers["x-seen"],
             format!("/test.Echo/Call Some({addr})").as_str(),
@@ -618,7 +882,13 @@ mod tests {
 
     #[test]
     fn upstream_urls_are_checked() {
-        for url in ["localhost:50051", "ftp://localhost:21", "not a url"] {
+        for url in [
+            "localhost:50051",
+            "ftp://localhost:21",
+            "not a url",
+            "http://user:secret@localhost:50051",
+            "https://localhost:50051",
+        ] {
             assert!(
                 matches!(
                     Upstream::new(&ClientTls::default(), url),
@@ -627,5 +897,169 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    /// A streaming body whose sender the test keeps: it never ends.
+    fn endless_body() -> (mpsc::Sender<Result<Frame<Bytes>, Status>>, Body) {
+        let (frames, receiver) = mpsc::channel(4);
+        (
+            frames,
+            Body::new(StreamBody::new(ReceiverStream::new(receiver))),
+        )
+    }
+
+    async fn drain_upstream() -> (Upstream, mpsc::UnboundedReceiver<bool>, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (drained, reports) = mpsc::unbounded_channel();
+        let shutdown = serve(listener, drained).await;
+        let upstream =
+            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        (upstream, reports, shutdown)
+    }
+
+    async fn next_report(reports: &mut mpsc::UnboundedReceiver<bool>) -> Option<bool> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), reports.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_its_answer_resets_the_upstream_stream() {
+        let (upstream, mut reports, _shutdown) = drain_upstream().await;
+        let (frames, body) = endless_body();
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .expect("send");
+        let calling = tokio::spawn({
+            let upstream = upstream.clone();
+            async move { upstream.call(request_to("/test.Drain/Late", body)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // As the gateway's timeout drops a call whose answer is late.
+        calling.abort();
+        assert_eq!(
+            next_report(&mut reports).await,
+            Some(false),
+            "the upstream sees its request reset while the caller still holds the body open"
+        );
+        drop(frames);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_resets_the_upstream_stream() {
+        let (upstream, mut reports, _shutdown) = drain_upstream().await;
+        let (frames, body) = endless_body();
+        let response = upstream
+            .call(request_to("/test.Drain/Early", body))
+            .await
+            .expect("answered");
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .expect("send");
+        // The caller goes away.
+        drop(response);
+        assert_eq!(next_report(&mut reports).await, Some(false));
+        drop(frames);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_stops_answering_fails_its_calls_by_the_pings() {
+        // Connections are accepted (by the kernel) and never answered.
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let timing = Timing {
+            connect: std::time::Duration::from_secs(5),
+            ping_interval: std::time::Duration::from_millis(100),
+            ping_timeout: std::time::Duration::from_millis(200),
+        };
+        let upstream =
+            Upstream::with_timing(&ClientTls::default(), &format!("http://{addr}"), timing)
+                .expect("upstream");
+        let failed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            upstream.call(request(Body::empty())),
+        )
+        .await
+        .expect("the unanswered ping ends the call");
+        let err = failed.expect_err("no answer");
+        assert!(matches!(err, UpstreamError::Http2(_)), "{err:?}");
+        assert_eq!(err.status("test.Echo").code(), tonic::Code::Unavailable);
+        drop(silent);
+    }
+
+    #[test]
+    fn only_failures_before_the_upstream_took_the_call_are_unavailable() {
+        let reset = |reason| {
+            UpstreamError::Http2(h2::Error::from(reason))
+                .status("s")
+                .code()
+        };
+        assert_eq!(reset(Reason::REFUSED_STREAM), tonic::Code::Unavailable);
+        assert_eq!(reset(Reason::CANCEL), tonic::Code::Cancelled);
+        assert_eq!(reset(Reason::INTERNAL_ERROR), tonic::Code::Internal);
+        let refused = UpstreamError::Connect {
+            address: "profiles:50052".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert_eq!(refused.status("s").code(), tonic::Code::Unavailable);
+        let oversized = UpstreamError::RequestBody(Status::resource_exhausted("too large"));
+        assert_eq!(oversized.status("s").code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_on_a_connection_attempt_share_its_failure() {
+        // A TLS upstream that accepts connections and never answers the
+        // handshake: each attempt takes the whole connect timeout.
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+                let _ = accepted_tx.send(());
+            }
+        });
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&ca_key)
+            .expect("ca");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write");
+        let tls = ClientTls {
+            ca_file: Some(ca_file),
+            ..ClientTls::default()
+        };
+        let timing = Timing {
+            connect: std::time::Duration::from_millis(300),
+            ..Timing::default()
+        };
+        let upstream =
+            Upstream::with_timing(&tls, &format!("https://localhost:{}", addr.port()), timing)
+                .expect("upstream");
+
+        let calls = (0..3).map(|_| upstream.call(request(Body::empty())));
+        for failed in futures::future::join_all(calls).await {
+            let err = failed.expect_err("no handshake");
+            assert_eq!(
+                err.status("test.Echo").code(),
+                tonic::Code::Unavailable,
+                "{err:?}"
+            );
+        }
+        let mut connections = 0;
+        while accepted.try_recv().is_ok() {
+            connections += 1;
+        }
+        assert_eq!(
+            connections, 1,
+            "one attempt for the three calls that waited on it"
+        );
     }
 }

@@ -166,6 +166,9 @@ impl ClientTls {
                 let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|err| invalid(cert_file, err.to_string()))?;
+                if chain.is_empty() {
+                    return Err(invalid(cert_file, "no certificate in it".into()));
+                }
                 let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
                     .map_err(|err| invalid(key_file, err.to_string()))?;
                 builder
@@ -302,6 +305,10 @@ mod tests {
             ca_file: Some(write("empty.pem", "not a certificate")),
             ..ClientTls::default()
         };
+        let no_chain = ClientTls {
+            cert_file: Some(write("nothing.pem", "not a certificate")),
+            ..good.clone()
+        };
         let not_a_key = ClientTls {
             key_file: Some(write("wrong.key", &client.cert)),
             ..good.clone()
@@ -313,6 +320,7 @@ mod tests {
         for (what, tls) in [
             ("a CA file without a certificate", no_certificate),
             ("a key file holding a certificate", not_a_key),
+            ("a certificate file without a certificate", no_chain),
         ] {
             assert!(
                 matches!(tls.rustls_client_config(&["h2"]), Err(TlsError::Pem { .. })),
