@@ -214,15 +214,20 @@ mod tests {
         (ca.pem(), issue("localhost"), issue("gateway"))
     }
 
+    /// Writes PEM text to a named file in `dir`, answering its path.
+    fn writer(dir: &Path) -> impl Fn(&str, &str) -> PathBuf + '_ {
+        move |name, text| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        }
+    }
+
     #[tokio::test]
     async fn a_mutual_tls_server_refuses_callers_without_a_client_certificate() {
         let dir = tempfile::tempdir().expect("dir");
         let (ca, server, client) = pki();
-        let write = |name: &str, text: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).expect("write");
-            path
-        };
+        let write = writer(dir.path());
         let ca_file = write("ca.pem", &ca);
         let tls = ServerTls {
             cert_file: Some(write("server.pem", &server.cert)),
@@ -286,11 +291,7 @@ mod tests {
     fn a_rustls_client_configuration_needs_usable_pem() {
         let dir = tempfile::tempdir().expect("dir");
         let (ca, _server, client) = pki();
-        let write = |name: &str, text: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).expect("write");
-            path
-        };
+        let write = writer(dir.path());
         let good = ClientTls {
             ca_file: Some(write("ca.pem", &ca)),
             cert_file: Some(write("client.pem", &client.cert)),
