@@ -62,11 +62,9 @@ struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        // The same ping interval the services' servers use towards their
-        // callers (`madtech_common::server`).
         Timing {
             connect: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(30),
+            ping_interval: madtech_common::server::KEEPALIVE_INTERVAL,
             ping_timeout: Duration::from_secs(10),
         }
     }
@@ -222,8 +220,9 @@ impl Upstream {
         let (response, mut stream) = sender.send_request(Request::from_parts(head, ()), empty)?;
         let mut copying = CancelOnDrop(None);
         if !empty {
+            let complete = arrived.complete;
             arrived.send(&mut stream)?;
-            if !arrived.complete {
+            if !complete {
                 let task = tokio::spawn(copy_body(body, stream).in_current_span());
                 copying = CancelOnDrop(Some(task.abort_handle()));
             }
@@ -309,14 +308,12 @@ impl Upstream {
 
 /// Drives a connection, pinging it while it is idle or busy alike, until it
 /// ends or a ping goes unanswered; then the next call opens another.
-async fn drive<T>(
-    mut connection: Connection<T, Bytes>,
+async fn drive(
+    mut connection: Connection<BoxedIo, Bytes>,
     inner: std::sync::Weak<Inner>,
     number: u64,
     timing: Timing,
-) where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let ping_pong = connection.ping_pong();
     let keepalive = async move {
         let Some(mut ping_pong) = ping_pong else {
@@ -486,16 +483,17 @@ impl Arrived {
     /// It is bounded by [`EAGER_BODY_BYTES`], so it is sent without waiting
     /// for the upstream's window: h2 holds what the window does not yet
     /// admit.
-    fn send(&self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+    /// (A complete body with nothing in it never comes here: its stream
+    /// ends with the request's headers.)
+    fn send(self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
         let last = self.data.len().saturating_sub(1);
-        for (index, data) in self.data.iter().enumerate() {
-            let end = self.complete && self.trailers.is_none() && index == last;
-            stream.send_data(data.clone(), end)?;
+        let ends_with_data = self.complete && self.trailers.is_none();
+        for (index, data) in self.data.into_iter().enumerate() {
+            stream.send_data(data, ends_with_data && index == last)?;
         }
-        match (&self.trailers, self.complete) {
-            (Some(trailers), _) => stream.send_trailers(trailers.clone()),
-            (None, true) if self.data.is_empty() => stream.send_data(Bytes::new(), true),
-            _ => Ok(()),
+        match self.trailers {
+            Some(trailers) => stream.send_trailers(trailers),
+            None => Ok(()),
         }
     }
 }

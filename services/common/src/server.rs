@@ -173,6 +173,11 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// (Kubernetes' default grace period is 30 s; this leaves room to exit).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often an idle HTTP/2 connection is pinged, by servers towards their
+/// callers and by the gateway towards its upstreams, so a peer that
+/// vanished is noticed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
 /// A gRPC service behind a box, for routing tables keyed by service name.
 pub type BoxedGrpcService = tower::util::BoxCloneSyncService<
     http::Request<tonic::body::Body>,
@@ -251,7 +256,7 @@ pub async fn serve_routes(
     // frames wait for Nagle.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let serving = builder
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .add_routes(routes.prepare())
         .serve_with_incoming_shutdown(incoming, async move {
             draining.cancelled().await;

@@ -148,27 +148,28 @@ impl ClientTls {
             path: path.to_path_buf(),
             reason,
         };
+        // Every certificate in a PEM file; a file with none is an error.
+        let certificates = |path: &Path| {
+            let found = CertificateDer::pem_slice_iter(&read(path)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| invalid(path, err.to_string()))?;
+            if found.is_empty() {
+                return Err(invalid(path, "no certificate in it".into()));
+            }
+            Ok(found)
+        };
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &self.ca_file {
-            for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
-                let cert = cert.map_err(|err| invalid(ca, err.to_string()))?;
+            for cert in certificates(ca)? {
                 roots
                     .add(cert)
                     .map_err(|err| invalid(ca, err.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(invalid(ca, "no certificate in it".into()));
             }
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
         let mut config = match (&self.cert_file, &self.key_file) {
             (Some(cert_file), Some(key_file)) => {
-                let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|err| invalid(cert_file, err.to_string()))?;
-                if chain.is_empty() {
-                    return Err(invalid(cert_file, "no certificate in it".into()));
-                }
+                let chain = certificates(cert_file)?;
                 let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
                     .map_err(|err| invalid(key_file, err.to_string()))?;
                 builder
