@@ -19,6 +19,11 @@ pub struct GatewayConfig {
     /// for `https://` upstream URLs.
     pub upstream_tls: ClientTls,
     pub upstreams: Upstreams,
+    /// How often each upstream's name is resolved again: the gateway keeps
+    /// a connection to every address (every pod, behind a headless
+    /// Service) and spreads calls over them. IP addresses are not resolved.
+    #[serde(with = "humantime_serde")]
+    pub upstream_resolve_interval: Duration,
     /// The directory holding the casbin policy files.
     pub policy_dir: PathBuf,
     /// How often the policy directory is checked for a new set.
@@ -89,6 +94,7 @@ impl Default for GatewayConfig {
             tls: ServerTls::default(),
             upstream_tls: ClientTls::default(),
             upstreams: Upstreams::default(),
+            upstream_resolve_interval: Duration::from_secs(5),
             policy_dir: PathBuf::from("policies"),
             policy_reload_interval: Duration::from_secs(2),
             auth: AuthConfig::default(),
@@ -160,6 +166,11 @@ impl Validate for GatewayConfig {
                     "gateway.upstreams.{name} must be an http:// or https:// URL"
                 )));
             }
+        }
+        if self.upstream_resolve_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "gateway.upstream_resolve_interval must be positive".into(),
+            ));
         }
         let required = [
             ("gateway.policy_dir", &self.policy_dir),

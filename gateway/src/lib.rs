@@ -112,7 +112,8 @@ impl Gateway {
         let consent_channel = channel(&config.upstream_tls, &upstreams.consent)?;
         let activation_channel = channel(&config.upstream_tls, &upstreams.activation)?;
         let destinations = DestinationRegistry::new(activation_channel);
-        let pass_through = |url: &str| Upstream::new(&config.upstream_tls, url);
+        let pass_through =
+            |url: &str| Upstream::new(&config.upstream_tls, url, config.upstream_resolve_interval);
         let consent_upstream = pass_through(&upstreams.consent)?;
         let upstream_services = HashMap::from([
             (

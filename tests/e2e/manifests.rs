@@ -239,20 +239,74 @@ fn services_point_at_ports_their_pods_declare() {
         let dir = file.parent().expect("dir");
         let deployment = documents(&dir.join("deployment.yaml")).remove(0);
         let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-        let names: BTreeSet<&str> = items(&container["ports"])
+        let declared: BTreeMap<&str, i64> = items(&container["ports"])
             .iter()
-            .filter_map(|p| p["name"].as_str())
+            .filter_map(|p| Some((p["name"].as_str()?, p["containerPort"].as_i64()?)))
             .collect();
         for service in documents(file) {
+            let headless = service["spec"]["clusterIP"].as_str() == Some("None");
             for port in items(&service["spec"]["ports"]) {
                 let target = port["targetPort"].as_str().expect("named target port");
-                assert!(
-                    names.contains(target),
-                    "{}: no container port {target}",
-                    file.display()
-                );
+                let Some(container_port) = declared.get(target) else {
+                    panic!("{}: no container port {target}", file.display());
+                };
+                // Nothing translates a headless Service's port: callers
+                // connect to the pod at the port they were given.
+                if headless {
+                    assert_eq!(
+                        port["port"].as_i64(),
+                        Some(*container_port),
+                        "{}: a headless Service's port is the pod's",
+                        file.display()
+                    );
+                }
             }
         }
+    }
+}
+
+#[test]
+fn the_gateways_upstreams_are_headless_services() {
+    let mut files = Vec::new();
+    yaml_files(&repo().join("k8s/base"), &mut files);
+    let services: BTreeMap<String, Yaml> = files
+        .iter()
+        .filter(|f| f.ends_with("service.yaml"))
+        .flat_map(|f| documents(f))
+        .map(|doc| {
+            (
+                doc["metadata"]["name"].as_str().expect("name").to_string(),
+                doc,
+            )
+        })
+        .collect();
+    let gateway = madtech_containers()
+        .into_iter()
+        .find(|c| c.args == ["serve", "gateway"])
+        .expect("the gateway's container");
+    let upstreams: Vec<&String> = gateway
+        .env
+        .iter()
+        .filter(|(name, _)| name.starts_with("MADTECH_GATEWAY__UPSTREAMS__"))
+        .map(|(_, url)| url)
+        .collect();
+    assert_eq!(upstreams.len(), 4, "{upstreams:?}");
+    for url in upstreams {
+        let host = url
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .expect("host");
+        let service = services
+            .get(host)
+            .unwrap_or_else(|| panic!("no Service {host}"));
+        // The gateway spreads calls over the addresses a name resolves to;
+        // a virtual IP would give it one.
+        assert_eq!(
+            service["spec"]["clusterIP"].as_str(),
+            Some("None"),
+            "{host} must be headless"
+        );
     }
 }
 

@@ -1,6 +1,6 @@
-//! Pass-through calls to an upstream service: one multiplexed HTTP/2
-//! connection per upstream, driven with `h2` directly, opened on first use
-//! and again after it closes.
+//! Pass-through calls to an upstream service: an HTTP/2 connection to each
+//! address the upstream's name resolves to, driven with `h2` directly, and
+//! each call on the less busy of two of them.
 //!
 //! Why not a tonic `Channel`, as the gateway's own clients use: a channel
 //! hands every call to a buffer task, and hyper hands the request body to
@@ -14,59 +14,58 @@
 //! is checked with pings so a vanished upstream fails calls rather than
 //! holding them.
 
-use std::future::poll_fn;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+mod addresses;
+mod body;
+mod connection;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
-use h2::client::{Connection, SendRequest};
-use h2::{Reason, RecvStream, SendStream};
+use h2::Reason;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri};
-use http_body::Frame;
-use http_body_util::BodyExt;
+use http::{Request, Response, Uri};
 use madtech_common::tls::ClientTls;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio::task::AbortHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tonic::Status;
 use tonic::body::Body;
 use tracing::Instrument;
 
-/// The windows hyper's HTTP/2 client opens with (a tonic channel's
-/// defaults), rather than the protocol's 64 KiB: a streamed export would
-/// otherwise wait on window updates every few pages.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// How much of a request body is written when the call begins without
-/// waiting for the upstream's window; the rest is copied as the window
-/// admits it.
-const EAGER_BODY_BYTES: usize = 1024 * 1024;
+use self::addresses::{Addresses, choose, instead_of};
+pub use self::addresses::{Resolve, SystemResolver};
+use self::body::{Arrived, CancelOnDrop, UpstreamBody, copy_body};
+use self::connection::{Endpoint, Load};
 
 /// How long connecting (TCP, TLS, the HTTP/2 preface) and keeping a
-/// connection may take.
+/// connection may take, and how often a name is resolved again.
 #[derive(Debug, Clone, Copy)]
-struct Timing {
+pub struct Timing {
     connect: Duration,
     /// A ping after this long, and the connection is closed when its answer
     /// takes longer than `ping_timeout`.
     ping_interval: Duration,
     ping_timeout: Duration,
+    /// How often an upstream's name is resolved again, to follow its
+    /// pods.
+    resolve_interval: Duration,
 }
 
-impl Default for Timing {
-    fn default() -> Self {
+impl Timing {
+    /// The defaults, resolving names every `resolve_interval`.
+    pub fn resolving_every(resolve_interval: Duration) -> Timing {
         Timing {
             connect: Duration::from_secs(5),
             ping_interval: madtech_common::server::KEEPALIVE_INTERVAL,
             ping_timeout: Duration::from_secs(10),
+            resolve_interval,
         }
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing::resolving_every(Duration::from_secs(5))
     }
 }
 
@@ -76,6 +75,8 @@ pub enum UpstreamError {
     Url { url: String, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
     #[error("cannot connect to {address}: {source}")]
     Connect {
         address: String,
@@ -113,45 +114,61 @@ impl UpstreamError {
             _ => unavailable(),
         }
     }
+
+    /// Whether the failure was reaching the address at all, so the call was
+    /// never sent and may go to another.
+    fn is_connecting(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::Handshake { .. }
+                | UpstreamError::NotHttp2 { .. }
+                | UpstreamError::ConnectTimedOut { .. }
+        )
+    }
 }
 
-/// Where an upstream is and how to reach it.
-struct Target {
+/// What every address of an upstream shares: the origin calls are made
+/// to, and how to reach it.
+struct Origin {
     scheme: Scheme,
     authority: Authority,
-    /// `host:port` to connect to.
-    address: String,
+    /// The name certificates are checked against, under TLS.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     timing: Timing,
 }
 
-/// One upstream service's connection; clones share it.
+/// One upstream service: its addresses and their connections; clones
+/// share them.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    target: Target,
-    /// The open connection's sender, with the number of the connection it
-    /// belongs to, so a closed connection clears only itself.
-    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
-    /// Connection attempts so far; an attempt's number names its
-    /// connection.
-    attempts: AtomicU64,
-    /// Held while connecting, so concurrent calls open one connection; it
-    /// keeps the last attempt's failure, which the calls that waited on that
-    /// attempt share instead of each trying again in turn.
-    connecting: tokio::sync::Mutex<Option<String>>,
+    origin: Arc<Origin>,
+    addresses: Arc<Addresses>,
 }
 
 impl Upstream {
-    /// An upstream at `url` (`http://` or `https://`), not yet connected.
-    pub fn new(tls: &ClientTls, url: &str) -> Result<Upstream, UpstreamError> {
-        Upstream::with_timing(tls, url, Timing::default())
+    /// An upstream at `url` (`http://` or `https://`), not yet resolved or
+    /// connected; a name is resolved with the system's resolver every
+    /// `resolve_interval`.
+    pub fn new(
+        tls: &ClientTls,
+        url: &str,
+        resolve_interval: Duration,
+    ) -> Result<Upstream, UpstreamError> {
+        Upstream::with(
+            tls,
+            url,
+            Timing::resolving_every(resolve_interval),
+            Arc::new(SystemResolver),
+        )
     }
 
-    fn with_timing(tls: &ClientTls, url: &str, timing: Timing) -> Result<Upstream, UpstreamError> {
+    fn with(
+        tls: &ClientTls,
+        url: &str,
+        timing: Timing,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Upstream, UpstreamError> {
         let invalid = |reason: &str| UpstreamError::Url {
             url: url.to_string(),
             reason: reason.to_string(),
@@ -174,32 +191,32 @@ impl Upstream {
         let port = authority
             .port_u16()
             .unwrap_or(if secure { 443 } else { 80 });
-        let host = authority.host();
+        // A bracketed IPv6 literal is named without its brackets.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let tls = if secure {
             let config = tls.rustls_client_config(&["h2"])?;
-            let name = tls.domain.clone().unwrap_or_else(|| {
-                // A bracketed IPv6 literal is named without its brackets.
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string()
-            });
+            let name = tls.domain.clone().unwrap_or_else(|| host.clone());
             let name = ServerName::try_from(name).map_err(|_| invalid("not a TLS server name"))?;
             Some((TlsConnector::from(config), name))
         } else {
             None
         };
         Ok(Upstream {
-            inner: Arc::new(Inner {
-                target: Target {
-                    scheme,
-                    address: format!("{host}:{port}"),
-                    authority,
-                    tls,
-                    timing,
-                },
-                current: Mutex::new(None),
-                attempts: AtomicU64::new(0),
-                connecting: tokio::sync::Mutex::new(None),
+            addresses: Arc::new(Addresses::new(
+                &host,
+                port,
+                resolver,
+                timing.resolve_interval,
+            )),
+            origin: Arc::new(Origin {
+                scheme,
+                authority,
+                tls,
+                timing,
             }),
         })
     }
@@ -211,12 +228,12 @@ impl Upstream {
     /// [`UpstreamError::status`]).
     pub async fn call(&self, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         let (mut head, mut body) = request.into_parts();
-        head.uri = self.inner.target.uri_for(&head.uri);
+        head.uri = self.origin.uri_for(&head.uri);
         // HTTP/2 names the origin in `:authority` alone (RFC 9113, 8.3.1).
         head.headers.remove(http::header::HOST);
         let arrived = Arrived::take(&mut body).map_err(UpstreamError::RequestBody)?;
         let empty = arrived.complete && arrived.data.is_empty() && arrived.trailers.is_none();
-        let mut sender = self.ready_sender().await?;
+        let (load, mut sender) = self.ready_sender().await?;
         let (response, mut stream) = sender.send_request(Request::from_parts(head, ()), empty)?;
         let mut copying = CancelOnDrop(None);
         if !empty {
@@ -232,136 +249,43 @@ impl Upstream {
         // the stream gone h2 resets it: the upstream stops working for no
         // one, and its answer does not sit in the connection's window.
         let response = response.await?;
-        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, copying))))
+        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, copying, load))))
     }
 
-    /// A sender ready for one more stream: the open connection's, or a new
-    /// connection's when there is none or it has closed.
-    async fn ready_sender(&self) -> Result<SendRequest<Bytes>, UpstreamError> {
-        if let Some((number, sender)) = self.inner.open() {
-            match sender.ready().await {
-                Ok(sender) => return Ok(sender),
-                Err(err) => {
-                    tracing::debug!(error = %err, "upstream connection closed; reconnecting");
-                    self.inner.forget(number);
+    /// A connection ready for one more stream, on the endpoint chosen for
+    /// the call, or on another when that one cannot be reached.
+    async fn ready_sender(&self) -> Result<(Load, h2::client::SendRequest<Bytes>), UpstreamError> {
+        let endpoints = self.addresses.current().await?;
+        let Some(chosen) = choose(&endpoints) else {
+            return Err(UpstreamError::Resolve {
+                host: self.origin.authority.host().to_string(),
+                reason: "no addresses".into(),
+            });
+        };
+        let tried = self.try_endpoint(chosen).await;
+        match tried {
+            Err(err) if err.is_connecting() => {
+                self.addresses.resolve_soon();
+                match instead_of(&endpoints, chosen) {
+                    Some(other) => self.try_endpoint(other).await,
+                    None => Err(err),
                 }
             }
+            tried => tried,
         }
-        let (number, sender) = self.connect().await?;
-        sender.ready().await.map_err(|err| {
-            self.inner.forget(number);
-            err.into()
-        })
     }
 
-    async fn connect(&self) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
-        let attempts_seen = self.inner.attempts.load(Ordering::Acquire);
-        let mut last_failure = self.inner.connecting.lock().await;
-        // Another call may have connected, or failed to, while this one
-        // waited.
-        if let Some(open) = self.inner.open() {
-            return Ok(open);
-        }
-        if self.inner.attempts.load(Ordering::Acquire) != attempts_seen
-            && let Some(failure) = last_failure.as_ref()
-        {
-            return Err(UpstreamError::Connect {
-                address: self.inner.target.address.clone(),
-                source: std::io::Error::other(failure.clone()),
-            });
-        }
-        // Counted when it ends, so every call that waited on it shares
-        // its outcome.
-        let number = self.inner.attempts.load(Ordering::Acquire) + 1;
-        let timing = self.inner.target.timing;
-        let opened = tokio::time::timeout(timing.connect, self.inner.target.open())
-            .await
-            .unwrap_or_else(|_| {
-                Err(UpstreamError::ConnectTimedOut {
-                    address: self.inner.target.address.clone(),
-                    timeout: timing.connect,
-                })
-            });
-        self.inner.attempts.store(number, Ordering::Release);
-        let (sender, connection) = match opened {
-            Ok(opened) => opened,
-            Err(err) => {
-                *last_failure = Some(err.to_string());
-                return Err(err);
-            }
-        };
-        *last_failure = None;
-        *self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((number, sender.clone()));
-        tokio::spawn(drive(
-            connection,
-            Arc::downgrade(&self.inner),
-            number,
-            timing,
-        ));
-        Ok((number, sender))
+    async fn try_endpoint(
+        &self,
+        endpoint: &Arc<Endpoint>,
+    ) -> Result<(Load, h2::client::SendRequest<Bytes>), UpstreamError> {
+        let load = Load::new(endpoint);
+        let sender = endpoint.ready_sender(&self.origin).await?;
+        Ok((load, sender))
     }
 }
 
-/// Drives a connection, pinging it while it is idle or busy alike, until it
-/// ends or a ping goes unanswered; then the next call opens another.
-async fn drive(
-    mut connection: Connection<BoxedIo, Bytes>,
-    inner: std::sync::Weak<Inner>,
-    number: u64,
-    timing: Timing,
-) {
-    let ping_pong = connection.ping_pong();
-    let keepalive = async move {
-        let Some(mut ping_pong) = ping_pong else {
-            return std::future::pending().await;
-        };
-        loop {
-            tokio::time::sleep(timing.ping_interval).await;
-            let answered =
-                tokio::time::timeout(timing.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await;
-            if !matches!(answered, Ok(Ok(_))) {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        ended = &mut connection => {
-            if let Err(err) = ended {
-                tracing::debug!(error = %err, "upstream connection ended");
-            }
-        }
-        () = keepalive => {
-            tracing::warn!("an upstream did not answer a ping in time; closing its connection");
-        }
-    }
-    // Dropping the connection fails the calls still on it.
-    drop(connection);
-    if let Some(inner) = inner.upgrade() {
-        inner.forget(number);
-    }
-}
-
-impl Inner {
-    fn open(&self) -> Option<(u64, SendRequest<Bytes>)> {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn forget(&self, number: u64) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.as_ref().is_some_and(|(open, _)| *open == number) {
-            *current = None;
-        }
-    }
-}
-
-impl Target {
+impl Origin {
     /// The caller's path on the upstream's origin.
     fn uri_for(&self, uri: &Uri) -> Uri {
         let mut parts = http::uri::Parts::default();
@@ -374,260 +298,17 @@ impl Target {
         );
         Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
     }
-
-    /// A new HTTP/2 connection, plain or TLS.
-    async fn open(
-        &self,
-    ) -> Result<(SendRequest<Bytes>, Connection<BoxedIo, Bytes>), UpstreamError> {
-        let tcp =
-            TcpStream::connect(&self.address)
-                .await
-                .map_err(|source| UpstreamError::Connect {
-                    address: self.address.clone(),
-                    source,
-                })?;
-        // Small gRPC frames go out at once rather than waiting on the
-        // previous segment's acknowledgement.
-        let _ = tcp.set_nodelay(true);
-        let io: BoxedIo = match &self.tls {
-            None => Box::new(tcp),
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        address: self.address.clone(),
-                        source,
-                    })?;
-                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(UpstreamError::NotHttp2 {
-                        address: self.address.clone(),
-                    });
-                }
-                Box::new(tls)
-            }
-        };
-        Ok(h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .enable_push(false)
-            .handshake(io)
-            .await?)
-    }
-}
-
-/// A connection's transport, plain or TLS: one type, so one connection
-/// driver.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-type BoxedIo = Box<dyn Io>;
-
-/// Stops a request body's copying task when dropped while armed.
-struct CancelOnDrop(Option<AbortHandle>);
-
-impl CancelOnDrop {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-        }
-    }
-}
-
-/// The part of a request body that had arrived when the call began (at
-/// most [`EAGER_BODY_BYTES`] of it).
-struct Arrived {
-    data: Vec<Bytes>,
-    trailers: Option<HeaderMap>,
-    /// Whether that is the whole body.
-    complete: bool,
-}
-
-impl Arrived {
-    fn take(body: &mut Body) -> Result<Arrived, Status> {
-        let mut arrived = Arrived {
-            data: Vec::new(),
-            trailers: None,
-            complete: false,
-        };
-        let mut taken = 0;
-        while taken < EAGER_BODY_BYTES {
-            let Some(frame) = body.frame().now_or_never() else {
-                break;
-            };
-            let Some(frame) = frame else {
-                arrived.complete = true;
-                break;
-            };
-            match frame?.into_data() {
-                Ok(data) => {
-                    taken += data.len();
-                    arrived.data.push(data);
-                }
-                Err(frame) => {
-                    arrived.trailers = frame.into_trailers().ok();
-                    arrived.complete = true;
-                    break;
-                }
-            }
-        }
-        Ok(arrived)
-    }
-
-    /// Writes what arrived, ending the stream when it is the whole body.
-    /// It is bounded by [`EAGER_BODY_BYTES`], so it is sent without waiting
-    /// for the upstream's window: h2 holds what the window does not yet
-    /// admit.
-    /// (A complete body with nothing in it never comes here: its stream
-    /// ends with the request's headers.)
-    fn send(self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
-        let last = self.data.len().saturating_sub(1);
-        let ends_with_data = self.complete && self.trailers.is_none();
-        for (index, data) in self.data.into_iter().enumerate() {
-            stream.send_data(data, ends_with_data && index == last)?;
-        }
-        match self.trailers {
-            Some(trailers) => stream.send_trailers(trailers),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Copies the rest of a streaming request body upstream, as fast as the
-/// upstream's window admits it, until the body ends or either side stops.
-async fn copy_body(mut body: Body, mut stream: SendStream<Bytes>) {
-    loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
-        };
-        let sent = match frame {
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => send_within_window(&mut stream, data).await,
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = stream.send_trailers(trailers);
-                        return;
-                    }
-                    Ok(())
-                }
-            },
-            Some(Err(_)) => {
-                stream.send_reset(Reason::CANCEL);
-                return;
-            }
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-}
-
-async fn send_within_window(
-    stream: &mut SendStream<Bytes>,
-    mut data: Bytes,
-) -> Result<(), h2::Error> {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            // The stream is closed; there is nowhere to send.
-            None => return Ok(()),
-        };
-        if granted > 0 {
-            stream.send_data(data.split_to(granted.min(data.len())), false)?;
-        }
-    }
-    Ok(())
-}
-
-/// An upstream response body as the gateway's server sends it on: data as
-/// it arrives (its window released as it is passed on, so a slow caller
-/// slows the upstream rather than filling the gateway), then the trailers
-/// that carry the gRPC status. Dropped before its end (the caller gone), it
-/// stops the request body's copy too.
-struct UpstreamBody {
-    recv: RecvStream,
-    state: BodyState,
-    copying: CancelOnDrop,
-}
-
-#[derive(PartialEq)]
-enum BodyState {
-    Data,
-    Trailers,
-    Done,
-}
-
-impl UpstreamBody {
-    fn new(recv: RecvStream, mut copying: CancelOnDrop) -> Self {
-        let state = if recv.is_end_stream() {
-            copying.disarm();
-            BodyState::Done
-        } else {
-            BodyState::Data
-        };
-        UpstreamBody {
-            recv,
-            state,
-            copying,
-        }
-    }
-
-    fn finish(&mut self) {
-        self.state = BodyState::Done;
-        self.copying.disarm();
-    }
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if this.state == BodyState::Data {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(err)) => {
-                    this.finish();
-                    return Poll::Ready(Some(Err(err)));
-                }
-                None => this.state = BodyState::Trailers,
-            }
-        }
-        if this.state == BodyState::Trailers {
-            let trailers = ready!(this.recv.poll_trailers(cx));
-            this.finish();
-            return Poll::Ready(trailers.map(|t| t.map(Frame::trailers)).transpose());
-        }
-        Poll::Ready(None)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state == BodyState::Done
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
+    use std::task::{Context, Poll};
+
+    use http::HeaderMap;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
 
     use http::HeaderValue;
     use http_body_util::StreamBody;
@@ -641,9 +322,10 @@ mod tests {
 
     /// An upstream that answers any call with the request's body, frame
     /// by frame as it arrives, then trailers naming the path and authority
-    /// it saw and echoing the caller's `x-probe` metadata.
+    /// it saw and the port it listens on, and echoing the caller's
+    /// `x-probe` metadata.
     #[derive(Clone)]
-    struct Echo;
+    struct Echo(u16);
 
     impl NamedService for Echo {
         const NAME: &'static str = "test.Echo";
@@ -663,6 +345,7 @@ mod tests {
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             let seen = format!("{} {:?}", request.uri().path(), request.uri().authority());
             trailers.insert("x-seen", HeaderValue::from_str(&seen).expect("header"));
+            trailers.insert("x-server", HeaderValue::from(self.0));
             if let Some(probe) = request.headers().get("x-probe") {
                 trailers.insert("x-probe", probe.clone());
             }
@@ -725,9 +408,10 @@ mod tests {
         drained: mpsc::UnboundedSender<bool>,
     ) -> CancellationToken {
         let shutdown = CancellationToken::new();
+        let port = listener.local_addr().expect("addr").port();
         let server = madtech_common::server::GrpcServer::new()
             .without_reflection()
-            .add_service(Echo)
+            .add_service(Echo(port))
             .add_service(Drain(drained));
         tokio::spawn(server.serve(listener, shutdown.clone()));
         shutdown
@@ -737,9 +421,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = serve_echo(listener).await;
-        let upstream =
-            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        let upstream = plain_upstream(addr);
         (upstream, addr, shutdown)
+    }
+
+    fn plain_upstream(addr: SocketAddr) -> Upstream {
+        Upstream::new(
+            &ClientTls::default(),
+            &format!("http://{addr}"),
+            Duration::from_secs(5),
+        )
+        .expect("upstream")
     }
 
     fn request(body: Body) -> Request<Body> {
@@ -855,8 +547,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let upstream =
-            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        let upstream = plain_upstream(addr);
         let down = upstream.call(request(Body::empty())).await;
         assert!(
             matches!(down, Err(UpstreamError::Connect { .. })),
@@ -889,7 +580,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    Upstream::new(&ClientTls::default(), url),
+                    Upstream::new(&ClientTls::default(), url, Duration::from_secs(5)),
                     Err(UpstreamError::Url { .. })
                 ),
                 "{url}"
@@ -911,8 +602,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let (drained, reports) = mpsc::unbounded_channel();
         let shutdown = serve(listener, drained).await;
-        let upstream =
-            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        let upstream = plain_upstream(addr);
         (upstream, reports, shutdown)
     }
 
@@ -970,13 +660,17 @@ mod tests {
         let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = silent.local_addr().expect("addr");
         let timing = Timing {
-            connect: std::time::Duration::from_secs(5),
             ping_interval: std::time::Duration::from_millis(100),
             ping_timeout: std::time::Duration::from_millis(200),
+            ..Timing::default()
         };
-        let upstream =
-            Upstream::with_timing(&ClientTls::default(), &format!("http://{addr}"), timing)
-                .expect("upstream");
+        let upstream = Upstream::with(
+            &ClientTls::default(),
+            &format!("http://{addr}"),
+            timing,
+            Arc::new(SystemResolver),
+        )
+        .expect("upstream");
         let failed = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             upstream.call(request(Body::empty())),
@@ -1032,15 +726,20 @@ mod tests {
         std::fs::write(&ca_file, ca.pem()).expect("write");
         let tls = ClientTls {
             ca_file: Some(ca_file),
+            domain: Some("localhost".into()),
             ..ClientTls::default()
         };
         let timing = Timing {
             connect: std::time::Duration::from_millis(300),
             ..Timing::default()
         };
-        let upstream =
-            Upstream::with_timing(&tls, &format!("https://localhost:{}", addr.port()), timing)
-                .expect("upstream");
+        let upstream = Upstream::with(
+            &tls,
+            &format!("https://{addr}"),
+            timing,
+            Arc::new(SystemResolver),
+        )
+        .expect("upstream");
 
         let calls = (0..3).map(|_| upstream.call(request(Body::empty())));
         for failed in futures::future::join_all(calls).await {
@@ -1059,5 +758,160 @@ mod tests {
             connections, 1,
             "one attempt for the three calls that waited on it"
         );
+    }
+
+    /// A resolver the test moves between addresses.
+    struct Moving(std::sync::Mutex<Vec<SocketAddr>>);
+
+    impl Resolve for Moving {
+        fn resolve(
+            &self,
+            _: &str,
+            _: u16,
+        ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+            let addresses = self.0.lock().expect("lock").clone();
+            Box::pin(async move { Ok(addresses) })
+        }
+    }
+
+    async fn echo_server() -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (addr, serve_echo(listener).await)
+    }
+
+    /// An upstream named `profiles.test`, resolving to what `resolver` says.
+    fn named_upstream(resolver: Arc<Moving>, resolve_interval: Duration) -> Upstream {
+        Upstream::with(
+            &ClientTls::default(),
+            "http://profiles.test:50052",
+            Timing::resolving_every(resolve_interval),
+            resolver,
+        )
+        .expect("upstream")
+    }
+
+    /// The port of the server that answered a unary call.
+    async fn server_of(upstream: &Upstream) -> u16 {
+        let response = upstream.call(request(Body::empty())).await.expect("call");
+        let (_, trailers) = read_all(response.into_body()).await;
+        assert_eq!(trailers["grpc-status"], "0");
+        trailers["x-server"]
+            .to_str()
+            .expect("port")
+            .parse()
+            .expect("port")
+    }
+
+    #[tokio::test]
+    async fn calls_are_spread_over_every_address_of_the_name() {
+        let (a, _a) = echo_server().await;
+        let (b, _b) = echo_server().await;
+        let upstream = named_upstream(
+            Arc::new(Moving(std::sync::Mutex::new(vec![a, b]))),
+            Duration::from_secs(60),
+        );
+        // Calls that stay open load their address, so the next goes to
+        // the other.
+        let mut open = Vec::new();
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            let (frames, body) = endless_body();
+            frames
+                .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                .await
+                .expect("send");
+            let response = upstream.call(request(body)).await.expect("call");
+            bodies.push(frames);
+            open.push(response);
+        }
+        drop(bodies);
+        let mut ports = Vec::new();
+        for response in open {
+            let (_, trailers) = read_all(response.into_body()).await;
+            ports.push(
+                trailers["x-server"]
+                    .to_str()
+                    .expect("port")
+                    .parse::<u16>()
+                    .expect("port"),
+            );
+        }
+        ports.sort_unstable();
+        let mut expected = vec![a.port(), a.port(), b.port(), b.port()];
+        expected.sort_unstable();
+        assert_eq!(ports, expected, "two calls on each address");
+    }
+
+    #[tokio::test]
+    async fn calls_follow_the_name_to_new_addresses() {
+        let (a, _a) = echo_server().await;
+        let (b, _b) = echo_server().await;
+        let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![a])));
+        let upstream = named_upstream(resolver.clone(), Duration::from_millis(50));
+        assert_eq!(server_of(&upstream).await, a.port());
+
+        // The pod behind `a` is replaced by `b`.
+        *resolver.0.lock().expect("lock") = vec![b];
+        let moved = async {
+            while server_of(&upstream).await != b.port() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), moved)
+            .await
+            .expect("calls reach the new address after a resolution");
+        for _ in 0..10 {
+            assert_eq!(
+                server_of(&upstream).await,
+                b.port(),
+                "the old address is left"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_to_an_address_that_refuses_goes_to_another() {
+        let (live, _live) = echo_server().await;
+        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead = gone.local_addr().expect("addr");
+        drop(gone);
+        // Each new upstream's first call picks either address.
+        for _ in 0..10 {
+            let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead, live])));
+            let upstream = named_upstream(resolver.clone(), Duration::from_secs(60));
+            assert_eq!(server_of(&upstream).await, live.port());
+            assert_eq!(server_of(&upstream).await, live.port());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_address_that_refuses_has_the_name_resolved_again_soon() {
+        let (live, _live) = echo_server().await;
+        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead = gone.local_addr().expect("addr");
+        drop(gone);
+        let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead])));
+        let upstream = named_upstream(resolver.clone(), Duration::from_secs(600));
+        let refused = upstream.call(request(Body::empty())).await;
+        assert!(
+            matches!(refused, Err(UpstreamError::Connect { .. })),
+            "{refused:?}"
+        );
+        // The pod was replaced; the name says so long before the interval.
+        *resolver.0.lock().expect("lock") = vec![live];
+        let recovered = async {
+            loop {
+                if let Ok(response) = upstream.call(request(Body::empty())).await {
+                    let (_, trailers) = read_all(response.into_body()).await;
+                    assert_eq!(trailers["grpc-status"], "0");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), recovered)
+            .await
+            .expect("resolved again within seconds of the refusal");
     }
 }

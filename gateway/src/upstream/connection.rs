@@ -1,0 +1,251 @@
+//! One address of an upstream and its HTTP/2 connection: opened on first
+//! use, kept alive with pings, and opened again after it closes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::{Origin, Timing, UpstreamError};
+
+/// The windows hyper's HTTP/2 client opens with (a tonic channel's
+/// defaults), rather than the protocol's 64 KiB: a streamed export would
+/// otherwise wait on window updates every few pages.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// One address an upstream's name resolved to (a pod, behind a headless
+/// Service), with its connection and the calls it is carrying.
+pub(super) struct Endpoint {
+    pub(super) address: SocketAddr,
+    /// Calls begun on this address whose response has not ended.
+    in_flight: AtomicUsize,
+    /// Whether the last attempt to connect here failed.
+    failing: AtomicBool,
+    /// The open connection's sender, with the number of the connection it
+    /// belongs to, so a closed connection clears only itself.
+    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Connection attempts so far; an attempt's number names its
+    /// connection.
+    attempts: AtomicU64,
+    /// Held while connecting, so concurrent calls open one connection; it
+    /// keeps the last attempt's failure, which the calls that waited on that
+    /// attempt share instead of each trying again in turn.
+    connecting: tokio::sync::Mutex<Option<String>>,
+}
+
+/// Counts a call against its endpoint while it lives.
+pub(super) struct Load(Arc<Endpoint>);
+
+impl Load {
+    pub(super) fn new(endpoint: &Arc<Endpoint>) -> Load {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Load(Arc::clone(endpoint))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Endpoint {
+    pub(super) fn new(address: SocketAddr) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            address,
+            in_flight: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
+            current: Mutex::new(None),
+            attempts: AtomicU64::new(0),
+            connecting: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// How busy the endpoint is, for choosing between two: one that failed
+    /// to connect comes after every one that did not, then fewer calls
+    /// first.
+    pub(super) fn load(&self) -> (bool, usize) {
+        (
+            self.failing.load(Ordering::Relaxed),
+            self.in_flight.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A sender ready for one more stream: the open connection's, or a new
+    /// connection's when there is none or it has closed.
+    pub(super) async fn ready_sender(
+        self: &Arc<Self>,
+        origin: &Origin,
+    ) -> Result<SendRequest<Bytes>, UpstreamError> {
+        if let Some((number, sender)) = self.open() {
+            match sender.ready().await {
+                Ok(sender) => return Ok(sender),
+                Err(err) => {
+                    tracing::debug!(error = %err, "upstream connection closed; reconnecting");
+                    self.forget(number);
+                }
+            }
+        }
+        let (number, sender) = self.connect(origin).await?;
+        sender.ready().await.map_err(|err| {
+            self.forget(number);
+            err.into()
+        })
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        origin: &Origin,
+    ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
+        let attempts_seen = self.attempts.load(Ordering::Acquire);
+        let mut last_failure = self.connecting.lock().await;
+        // Another call may have connected, or failed to, while this one
+        // waited.
+        if let Some(open) = self.open() {
+            return Ok(open);
+        }
+        if self.attempts.load(Ordering::Acquire) != attempts_seen
+            && let Some(failure) = last_failure.as_ref()
+        {
+            return Err(UpstreamError::Connect {
+                address: self.address.to_string(),
+                source: std::io::Error::other(failure.clone()),
+            });
+        }
+        // Counted when it ends, so every call that waited on it shares
+        // its outcome.
+        let number = self.attempts.load(Ordering::Acquire) + 1;
+        let timing = origin.timing;
+        let opened = tokio::time::timeout(timing.connect, origin.open(self.address))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::ConnectTimedOut {
+                    address: self.address.to_string(),
+                    timeout: timing.connect,
+                })
+            });
+        self.attempts.store(number, Ordering::Release);
+        self.failing.store(opened.is_err(), Ordering::Relaxed);
+        let (sender, connection) = match opened {
+            Ok(opened) => opened,
+            Err(err) => {
+                *last_failure = Some(err.to_string());
+                return Err(err);
+            }
+        };
+        *last_failure = None;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((number, sender.clone()));
+        tokio::spawn(drive(connection, Arc::downgrade(self), number, timing));
+        Ok((number, sender))
+    }
+
+    fn open(&self) -> Option<(u64, SendRequest<Bytes>)> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn forget(&self, number: u64) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|(open, _)| *open == number) {
+            *current = None;
+        }
+    }
+}
+
+/// Drives a connection, pinging it while it is idle or busy alike, until it
+/// ends or a ping goes unanswered; then the next call opens another. An
+/// endpoint dropped from its upstream's addresses lets go of its sender, and
+/// the connection ends once its last call has.
+async fn drive(
+    mut connection: Connection<BoxedIo, Bytes>,
+    endpoint: Weak<Endpoint>,
+    number: u64,
+    timing: Timing,
+) {
+    let ping_pong = connection.ping_pong();
+    let keepalive = async move {
+        let Some(mut ping_pong) = ping_pong else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(timing.ping_interval).await;
+            let answered =
+                tokio::time::timeout(timing.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await;
+            if !matches!(answered, Ok(Ok(_))) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        ended = &mut connection => {
+            if let Err(err) = ended {
+                tracing::debug!(error = %err, "upstream connection ended");
+            }
+        }
+        () = keepalive => {
+            tracing::warn!("an upstream did not answer a ping in time; closing its connection");
+        }
+    }
+    // Dropping the connection fails the calls still on it.
+    drop(connection);
+    if let Some(endpoint) = endpoint.upgrade() {
+        endpoint.forget(number);
+    }
+}
+
+impl Origin {
+    /// A new HTTP/2 connection to one of the origin's addresses, plain or
+    /// TLS (the certificate checked against the origin's name).
+    async fn open(
+        &self,
+        address: SocketAddr,
+    ) -> Result<(SendRequest<Bytes>, Connection<BoxedIo, Bytes>), UpstreamError> {
+        let tcp = TcpStream::connect(address)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                address: address.to_string(),
+                source,
+            })?;
+        // Small gRPC frames go out at once rather than waiting on the
+        // previous segment's acknowledgement.
+        let _ = tcp.set_nodelay(true);
+        let io: BoxedIo = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        address: address.to_string(),
+                        source,
+                    })?;
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(UpstreamError::NotHttp2 {
+                        address: address.to_string(),
+                    });
+                }
+                Box::new(tls)
+            }
+        };
+        Ok(h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .enable_push(false)
+            .handshake(io)
+            .await?)
+    }
+}
+
+/// A connection's transport, plain or TLS: one type, so one connection
+/// driver.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type BoxedIo = Box<dyn Io>;
