@@ -544,9 +544,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_that_is_down_fails_the_call_and_one_that_returns_is_reconnected() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
+        let addr = closed_address().await;
         let upstream = plain_upstream(addr);
         let down = upstream.call(request(Body::empty())).await;
         assert!(
@@ -774,6 +772,12 @@ mod tests {
         }
     }
 
+    /// An address nothing listens on.
+    async fn closed_address() -> SocketAddr {
+        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        gone.local_addr().expect("addr")
+    }
+
     async fn echo_server() -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -873,9 +877,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_to_an_address_that_refuses_goes_to_another() {
         let (live, _live) = echo_server().await;
-        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let dead = gone.local_addr().expect("addr");
-        drop(gone);
+        let dead = closed_address().await;
         // Each new upstream's first call picks either address.
         for _ in 0..10 {
             let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead, live])));
@@ -888,9 +890,7 @@ mod tests {
     #[tokio::test]
     async fn an_address_that_refuses_has_the_name_resolved_again_soon() {
         let (live, _live) = echo_server().await;
-        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let dead = gone.local_addr().expect("addr");
-        drop(gone);
+        let dead = closed_address().await;
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead])));
         let upstream = named_upstream(resolver.clone(), Duration::from_secs(600));
         let refused = upstream.call(request(Body::empty())).await;
