@@ -262,6 +262,20 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_are_resolved_again_at_a_positive_interval() {
+        let mut config = valid();
+        assert_eq!(config.upstream_resolve_interval, Duration::from_secs(5));
+        config.upstream_resolve_interval = Duration::ZERO;
+        let refused = config.validate().expect_err("never resolved again");
+        assert!(
+            refused
+                .to_string()
+                .contains("gateway.upstream_resolve_interval"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn crossing_workers_default_to_the_cores_and_are_bounded() {
         let mut config = valid();
         config.validate().expect("a valid config");

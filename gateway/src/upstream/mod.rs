@@ -848,6 +848,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_name_is_resolved_by_the_system_resolver() {
+        let (addr, _shutdown) = echo_server().await;
+        let upstream = Upstream::new(
+            &ClientTls::default(),
+            &format!("http://localhost:{}", addr.port()),
+            Duration::from_secs(5),
+        )
+        .expect("upstream");
+        // Whichever loopback addresses `localhost` has, the call reaches the
+        // one listening.
+        assert_eq!(server_of(&upstream).await, addr.port());
+    }
+
+    #[tokio::test]
     async fn calls_follow_the_name_to_new_addresses() {
         let (a, _a) = echo_server().await;
         let (b, _b) = echo_server().await;
