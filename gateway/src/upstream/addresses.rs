@@ -10,13 +10,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
 
-use super::UpstreamError;
 use super::connection::Endpoint;
+use super::{UpstreamError, now_millis};
 
 /// Turns a host name into addresses. Injectable, so tests can move an
 /// upstream between addresses.
@@ -42,6 +42,15 @@ impl Resolve for SystemResolver {
     }
 }
 
+/// How long a name that never resolved answers its last failure before it
+/// is looked up again.
+const NEGATIVE_ANSWER: Duration = Duration::from_secs(1);
+
+/// `now` (see [`now_millis`]) plus `interval`.
+fn after(now: u64, interval: Duration) -> u64 {
+    now.saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The endpoints calls may go to.
 pub(super) type Endpoints = Arc<Vec<Arc<Endpoint>>>;
 
@@ -53,10 +62,13 @@ pub(super) struct Addresses {
     /// `None` for an IP address, which never changes.
     resolver: Option<Arc<dyn Resolve>>,
     interval: Duration,
+    /// The longest a lookup may take.
+    timeout: Duration,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
-    /// When the next resolution is due, in milliseconds since `epoch`.
+    /// When the next resolution is due (see [`now_millis`]); while there
+    /// are no endpoints, until when the last failure is answered without
+    /// looking again.
     due: AtomicU64,
-    epoch: Instant,
     /// Resolutions so far, and (held while resolving) the last one's
     /// failure, shared by the calls that waited on it as with connecting.
     resolutions: AtomicU64,
@@ -69,18 +81,19 @@ impl Addresses {
         port: u16,
         resolver: Arc<dyn Resolve>,
         interval: Duration,
+        timeout: Duration,
     ) -> Addresses {
         let fixed = host.parse::<IpAddr>().ok();
         let endpoints = fixed.map_or_else(Vec::new, |ip| vec![Endpoint::new((ip, port).into())]);
-        record_count(host, endpoints.len());
+        record_count(host, port, endpoints.len());
         Addresses {
             host: host.to_string(),
             port,
             resolver: fixed.is_none().then_some(resolver),
             interval,
+            timeout,
             endpoints: ArcSwap::from_pointee(endpoints),
             due: AtomicU64::new(0),
-            epoch: Instant::now(),
             resolutions: AtomicU64::new(0),
             resolving: tokio::sync::Mutex::new(None),
         }
@@ -94,34 +107,48 @@ impl Addresses {
         if self.resolver.is_none() {
             return Ok(endpoints);
         }
-        if endpoints.is_empty() {
-            return self.resolve().await;
+        let due = self.due.load(Ordering::Relaxed);
+        let now = now_millis();
+        if !endpoints.is_empty() {
+            // One call claims a due resolution; the others go on.
+            if now >= due
+                && self
+                    .due
+                    .compare_exchange(
+                        due,
+                        after(now, self.interval),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                let addresses = Arc::clone(self);
+                tokio::spawn(async move {
+                    let _ = addresses.resolve().await;
+                });
+            }
+            return Ok(endpoints);
         }
-        if self.now() >= self.due.load(Ordering::Relaxed) {
-            // Not due again while this resolution runs.
-            self.postpone(self.interval);
-            let addresses = Arc::clone(self);
-            tokio::spawn(async move {
-                let _ = addresses.resolve().await;
-            });
+        // A name that just failed to resolve answers its failure for a
+        // while rather than being looked up for every call.
+        if now < due
+            && let Ok(last_failure) = self.resolving.try_lock()
+            && let Some(failure) = last_failure.as_ref()
+        {
+            return Err(self.failure(failure.clone()));
         }
-        Ok(endpoints)
+        // On a task of its own: the calls waiting share it, and a call
+        // that gives up (its deadline) does not leave it to start again.
+        let addresses = Arc::clone(self);
+        tokio::spawn(async move { addresses.resolve().await })
+            .await
+            .unwrap_or_else(|_| Err(self.failure("the resolution stopped".into())))
     }
 
-    /// Has the next call resolve again soon, as when an address refused a
-    /// connection (its pod may be gone), yet not more than once a second.
+    /// Has the next call resolve again soon, as when an address could not
+    /// be reached (its pod may be gone), yet not more than once a second.
     pub(super) fn resolve_soon(&self) {
-        self.due.fetch_min(self.now() + 1000, Ordering::Relaxed);
-    }
-
-    fn postpone(&self, by: Duration) {
-        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.due
-            .store(self.now().saturating_add(by), Ordering::Relaxed);
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.due.fetch_min(now_millis() + 1000, Ordering::Relaxed);
     }
 
     /// Resolves the name and keeps the endpoints of the addresses that
@@ -140,9 +167,19 @@ impl Addresses {
                 _ => Ok(endpoints),
             };
         }
-        let resolved = resolver.resolve(&self.host, self.port).await;
+        // Due again after the interval, unless an unreachable address
+        // asks for sooner while this lookup runs.
+        self.due
+            .store(after(now_millis(), self.interval), Ordering::Relaxed);
+        let resolved = tokio::time::timeout(self.timeout, resolver.resolve(&self.host, self.port))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ))
+            });
         self.resolutions.fetch_add(1, Ordering::Release);
-        self.postpone(self.interval);
         let mut addresses = match resolved {
             Ok(addresses) if !addresses.is_empty() => addresses,
             failed => {
@@ -155,6 +192,8 @@ impl Addresses {
                 }
                 *last_failure = Some(failure.clone());
                 return if endpoints.is_empty() {
+                    self.due
+                        .store(after(now_millis(), NEGATIVE_ANSWER), Ordering::Relaxed);
                     Err(self.failure(failure))
                 } else {
                     Ok(endpoints)
@@ -184,9 +223,15 @@ impl Addresses {
                 .collect(),
         );
         tracing::info!(host = %self.host, addresses = ?addresses, "upstream addresses");
-        record_count(&self.host, renewed.len());
+        record_count(&self.host, self.port, renewed.len());
         self.endpoints.store(Arc::clone(&renewed));
         Ok(renewed)
+    }
+
+    /// Each endpoint's load, in address order.
+    #[cfg(test)]
+    pub(super) fn loads(&self) -> Vec<(bool, usize)> {
+        self.endpoints.load().iter().map(|e| e.load()).collect()
     }
 
     fn failure(&self, reason: String) -> UpstreamError {
@@ -197,10 +242,10 @@ impl Addresses {
     }
 }
 
-/// `madtech_gateway_upstream_addresses{upstream}`: how many addresses
+/// `madtech_gateway_upstream_addresses{upstream="host:port"}`: how many addresses
 /// (pods) each upstream's calls are spread over.
-fn record_count(host: &str, count: usize) {
-    metrics::gauge!("madtech_gateway_upstream_addresses", "upstream" => host.to_string())
+fn record_count(host: &str, port: u16, count: usize) {
+    metrics::gauge!("madtech_gateway_upstream_addresses", "upstream" => format!("{host}:{port}"))
         .set(count as f64);
 }
 
@@ -259,6 +304,7 @@ mod tests {
 
     #[test]
     fn calls_spread_over_many_endpoints() {
+        fastrand::seed(7);
         let endpoints = endpoints(5);
         let mut held = Vec::new();
         for _ in 0..50 {
@@ -271,6 +317,18 @@ mod tests {
             loads.iter().all(|load| (6..=14).contains(load)),
             "{loads:?}"
         );
+    }
+
+    #[test]
+    fn an_endpoint_that_failed_is_passed_over_for_a_while() {
+        let endpoints = endpoints(2);
+        let _busy = Load::new(&endpoints[1]);
+        endpoints[0].pass_over(Duration::from_secs(60));
+        let chosen = choose(&endpoints).expect("one");
+        assert_eq!(chosen.address, endpoints[1].address, "busy beats failing");
+        endpoints[0].pass_over(Duration::ZERO);
+        let chosen = choose(&endpoints).expect("one");
+        assert_eq!(chosen.address, endpoints[0].address, "and then it is back");
     }
 
     #[test]
@@ -295,6 +353,17 @@ mod tests {
         }
     }
 
+    /// Addresses of `host`, resolved again each minute.
+    fn named(host: &str, resolver: Arc<dyn Resolve>, timeout: Duration) -> Arc<Addresses> {
+        Arc::new(Addresses::new(
+            host,
+            50052,
+            resolver,
+            Duration::from_secs(60),
+            timeout,
+        ))
+    }
+
     fn addr(last: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, last], 50052))
     }
@@ -302,12 +371,7 @@ mod tests {
     #[tokio::test]
     async fn resolving_keeps_the_endpoints_that_remain_and_the_last_good_set() {
         let resolver = Arc::new(Moving(Mutex::new(Ok(vec![addr(2), addr(1), addr(1)]))));
-        let addresses = Arc::new(Addresses::new(
-            "profiles",
-            50052,
-            resolver.clone(),
-            Duration::from_secs(60),
-        ));
+        let addresses = named("profiles", resolver.clone(), Duration::from_secs(5));
         let first = addresses.current().await.expect("resolved");
         let found: Vec<_> = first.iter().map(|e| e.address).collect();
         assert_eq!(found, [addr(1), addr(2)], "sorted, without repeats");
@@ -332,12 +396,7 @@ mod tests {
     #[tokio::test]
     async fn a_name_that_never_resolved_fails_the_call() {
         let resolver = Arc::new(Moving(Mutex::new(Err(std::io::ErrorKind::NotFound.into()))));
-        let addresses = Arc::new(Addresses::new(
-            "nowhere",
-            50052,
-            resolver,
-            Duration::from_secs(60),
-        ));
+        let addresses = named("nowhere", resolver, Duration::from_secs(5));
         let Err(err) = addresses.current().await else {
             panic!("resolved nothing, yet answered endpoints");
         };
@@ -345,10 +404,46 @@ mod tests {
         assert_eq!(err.status("s").code(), tonic::Code::Unavailable);
     }
 
+    /// A resolver that never answers, counting the lookups begun.
+    struct Silent(AtomicU64);
+
+    impl Resolve for Silent {
+        fn resolve(&self, _: &str, _: u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_never_answers_fails_in_time_and_is_not_repeated_per_call() {
+        let resolver = Arc::new(Silent(AtomicU64::new(0)));
+        let addresses = named("profiles", resolver.clone(), Duration::from_millis(100));
+        let calls = (0..5).map(|_| addresses.current());
+        for answer in futures::future::join_all(calls).await {
+            let Err(err) = answer else {
+                panic!("nothing resolved, yet endpoints");
+            };
+            assert!(err.to_string().contains("timed out"), "{err}");
+        }
+        // Calls right after the failure hear it without a new lookup.
+        assert!(addresses.current().await.is_err());
+        assert_eq!(
+            resolver.0.load(Ordering::Relaxed),
+            1,
+            "one lookup for them all"
+        );
+    }
+
     #[tokio::test]
     async fn an_ip_address_is_never_resolved() {
         let resolver = Arc::new(Moving(Mutex::new(Ok(vec![addr(9)]))));
-        let addresses = Arc::new(Addresses::new("::1", 50052, resolver, Duration::ZERO));
+        let addresses = Arc::new(Addresses::new(
+            "::1",
+            50052,
+            resolver,
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
         let endpoints = addresses.current().await.expect("fixed");
         let found: Vec<_> = endpoints.iter().map(|e| e.address).collect();
         assert_eq!(found, ["[::1]:50052".parse::<SocketAddr>().expect("addr")]);

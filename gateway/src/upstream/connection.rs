@@ -2,15 +2,16 @@
 //! use, kept alive with pings, and opened again after it closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Origin, Timing, UpstreamError};
+use super::{Origin, Timing, UpstreamError, now_millis};
 
 /// The windows hyper's HTTP/2 client opens with (a tonic channel's
 /// defaults), rather than the protocol's 64 KiB: a streamed export would
@@ -24,8 +25,9 @@ pub(super) struct Endpoint {
     pub(super) address: SocketAddr,
     /// Calls begun on this address whose response has not ended.
     in_flight: AtomicUsize,
-    /// Whether the last attempt to connect here failed.
-    failing: AtomicBool,
+    /// Until when (see [`now_millis`]) the address is passed over, after an
+    /// attempt to connect to it failed; 0 when the last one did not.
+    failing_until: AtomicU64,
     /// The open connection's sender, with the number of the connection it
     /// belongs to, so a closed connection clears only itself.
     current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
@@ -59,21 +61,29 @@ impl Endpoint {
         Arc::new(Endpoint {
             address,
             in_flight: AtomicUsize::new(0),
-            failing: AtomicBool::new(false),
+            failing_until: AtomicU64::new(0),
             current: Mutex::new(None),
             attempts: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// How busy the endpoint is, for choosing between two: one that failed
-    /// to connect comes after every one that did not, then fewer calls
-    /// first.
+    /// How busy the endpoint is, for choosing between two: one that lately
+    /// failed to connect comes after every one that did not, then fewer
+    /// calls first.
     pub(super) fn load(&self) -> (bool, usize) {
+        let until = self.failing_until.load(Ordering::Relaxed);
         (
-            self.failing.load(Ordering::Relaxed),
+            until != 0 && now_millis() < until,
             self.in_flight.load(Ordering::Relaxed),
         )
+    }
+
+    /// Passes the endpoint over for `period`, as after a failed connect.
+    pub(super) fn pass_over(&self, period: Duration) {
+        let period = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+        self.failing_until
+            .store(now_millis().saturating_add(period), Ordering::Relaxed);
     }
 
     /// A sender ready for one more stream: the open connection's, or a new
@@ -130,7 +140,10 @@ impl Endpoint {
                 })
             });
         self.attempts.store(number, Ordering::Release);
-        self.failing.store(opened.is_err(), Ordering::Relaxed);
+        match &opened {
+            Ok(_) => self.failing_until.store(0, Ordering::Relaxed),
+            Err(_) => self.pass_over(timing.pass_over),
+        }
         let (sender, connection) = match opened {
             Ok(opened) => opened,
             Err(err) => {

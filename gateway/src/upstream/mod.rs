@@ -33,14 +33,15 @@ use tonic::body::Body;
 use tracing::Instrument;
 
 use self::addresses::{Addresses, choose, instead_of};
-pub use self::addresses::{Resolve, SystemResolver};
+pub(crate) use self::addresses::{Resolve, SystemResolver};
 use self::body::{Arrived, CancelOnDrop, UpstreamBody, copy_body};
 use self::connection::{Endpoint, Load};
 
-/// How long connecting (TCP, TLS, the HTTP/2 preface) and keeping a
-/// connection may take, and how often a name is resolved again.
+/// How long connecting (TCP, TLS, the HTTP/2 preface), resolving a name
+/// and keeping a connection may take, and how often a name is resolved
+/// again.
 #[derive(Debug, Clone, Copy)]
-pub struct Timing {
+pub(crate) struct Timing {
     connect: Duration,
     /// A ping after this long, and the connection is closed when its answer
     /// takes longer than `ping_timeout`.
@@ -49,16 +50,21 @@ pub struct Timing {
     /// How often an upstream's name is resolved again, to follow its
     /// pods.
     resolve_interval: Duration,
+    /// How long an address that could not be reached is passed over for
+    /// the others; then it is tried again (a restarted pod keeps its
+    /// address).
+    pass_over: Duration,
 }
 
 impl Timing {
     /// The defaults, resolving names every `resolve_interval`.
-    pub fn resolving_every(resolve_interval: Duration) -> Timing {
+    pub(crate) fn resolving_every(resolve_interval: Duration) -> Timing {
         Timing {
             connect: Duration::from_secs(5),
             ping_interval: madtech_common::server::KEEPALIVE_INTERVAL,
             ping_timeout: Duration::from_secs(10),
             resolve_interval,
+            pass_over: Duration::from_secs(5),
         }
     }
 }
@@ -126,6 +132,14 @@ impl UpstreamError {
                 | UpstreamError::ConnectTimedOut { .. }
         )
     }
+}
+
+/// Milliseconds on a clock shared by an upstream's parts, for deadlines
+/// kept in atomics.
+fn now_millis() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What every address of an upstream shares: the origin calls are made
@@ -211,6 +225,7 @@ impl Upstream {
                 port,
                 resolver,
                 timing.resolve_interval,
+                timing.connect,
             )),
             origin: Arc::new(Origin {
                 scheme,
@@ -544,13 +559,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_that_is_down_fails_the_call_and_one_that_returns_is_reconnected() {
-        let addr = closed_address().await;
+        let (addr, reserved) = closed_address();
         let upstream = plain_upstream(addr);
         let down = upstream.call(request(Body::empty())).await;
         assert!(
             matches!(down, Err(UpstreamError::Connect { .. })),
             "{down:?}"
         );
+        drop(reserved);
 
         for _restart in 0..2 {
             let listener = TcpListener::bind(addr).await.expect("rebind");
@@ -772,10 +788,14 @@ mod tests {
         }
     }
 
-    /// An address nothing listens on.
-    async fn closed_address() -> SocketAddr {
-        let gone = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        gone.local_addr().expect("addr")
+    /// An address that refuses connections, kept from other tests while
+    /// the socket lives (bound, not listening).
+    fn closed_address() -> (SocketAddr, tokio::net::TcpSocket) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        (socket.local_addr().expect("addr"), socket)
     }
 
     async fn echo_server() -> (SocketAddr, CancellationToken) {
@@ -891,7 +911,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_to_an_address_that_refuses_goes_to_another() {
         let (live, _live) = echo_server().await;
-        let dead = closed_address().await;
+        let (dead, _reserved) = closed_address();
         // Each new upstream's first call picks either address.
         for _ in 0..10 {
             let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead, live])));
@@ -904,7 +924,7 @@ mod tests {
     #[tokio::test]
     async fn an_address_that_refuses_has_the_name_resolved_again_soon() {
         let (live, _live) = echo_server().await;
-        let dead = closed_address().await;
+        let (dead, _reserved) = closed_address();
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead])));
         let upstream = named_upstream(resolver.clone(), Duration::from_secs(600));
         let refused = upstream.call(request(Body::empty())).await;
@@ -927,5 +947,73 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), recovered)
             .await
             .expect("resolved again within seconds of the refusal");
+    }
+
+    #[tokio::test]
+    async fn calls_count_against_their_address_until_their_response_ends() {
+        let (a, _a) = echo_server().await;
+        let upstream = named_upstream(
+            Arc::new(Moving(std::sync::Mutex::new(vec![a]))),
+            Duration::from_secs(60),
+        );
+        server_of(&upstream).await;
+        assert_eq!(upstream.addresses.loads(), [(false, 0)]);
+        let (frames, body) = endless_body();
+        let response = upstream.call(request(body)).await.expect("call");
+        assert_eq!(upstream.addresses.loads(), [(false, 1)]);
+        drop(response);
+        drop(frames);
+        assert_eq!(upstream.addresses.loads(), [(false, 0)]);
+    }
+
+    #[tokio::test]
+    async fn an_address_that_failed_takes_calls_again_once_it_answers() {
+        let (a, _a) = echo_server().await;
+        let (b, reserved) = closed_address();
+        let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![b])));
+        let timing = Timing {
+            pass_over: Duration::from_millis(200),
+            ..Timing::resolving_every(Duration::from_millis(50))
+        };
+        let upstream = Upstream::with(
+            &ClientTls::default(),
+            "http://profiles.test:50052",
+            timing,
+            resolver.clone(),
+        )
+        .expect("upstream");
+        assert!(upstream.call(request(Body::empty())).await.is_err());
+        // The name lists another address too; calls go there.
+        *resolver.0.lock().expect("lock") = vec![a, b];
+        let resolved = async {
+            while upstream.addresses.loads().len() < 2 {
+                let _ = upstream.call(request(Body::empty())).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), resolved)
+            .await
+            .expect("resolved again");
+        // The pod behind `b` restarts at the same address.
+        let _b = serve_echo(reserved.listen(64).expect("listen")).await;
+        let spread = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Two calls held open go one to each address once `b` is
+                // no longer passed over.
+                let mut held = Vec::new();
+                for _ in 0..2 {
+                    let (frames, body) = endless_body();
+                    let response = upstream.call(request(body)).await.expect("call");
+                    held.push((frames, response));
+                }
+                if upstream.addresses.loads() == [(false, 1), (false, 1)] {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), spread)
+            .await
+            .expect("the address takes calls again");
     }
 }
