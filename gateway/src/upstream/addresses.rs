@@ -234,6 +234,16 @@ impl Addresses {
         self.endpoints.load().iter().map(|e| e.load()).collect()
     }
 
+    /// How many ended streams each endpoint holds, in address order.
+    #[cfg(test)]
+    pub(super) fn ended_counts(&self) -> Vec<usize> {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| e.ended_count())
+            .collect()
+    }
+
     fn failure(&self, reason: String) -> UpstreamError {
         UpstreamError::Resolve {
             host: self.host.clone(),

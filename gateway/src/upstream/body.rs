@@ -156,12 +156,15 @@ async fn send_within_window(
 /// that carry the gRPC status. Dropped before its end (the caller gone), it
 /// stops the request body's copy too.
 pub(super) struct UpstreamBody {
-    recv: RecvStream,
+    /// Taken only when the body is dropped.
+    recv: Option<RecvStream>,
+    /// The request's stream, when the call's task wrote all of it.
+    send: Option<SendStream<Bytes>>,
     state: BodyState,
     copying: CancelOnDrop,
     /// Counts the call against its upstream address until the response
     /// ends.
-    _load: Load,
+    load: Load,
 }
 
 #[derive(PartialEq)]
@@ -172,7 +175,12 @@ enum BodyState {
 }
 
 impl UpstreamBody {
-    pub(super) fn new(recv: RecvStream, mut copying: CancelOnDrop, load: Load) -> Self {
+    pub(super) fn new(
+        recv: RecvStream,
+        send: Option<SendStream<Bytes>>,
+        mut copying: CancelOnDrop,
+        load: Load,
+    ) -> Self {
         let state = if recv.is_end_stream() {
             copying.disarm();
             BodyState::Done
@@ -180,10 +188,11 @@ impl UpstreamBody {
             BodyState::Data
         };
         UpstreamBody {
-            recv,
+            recv: Some(recv),
+            send,
             state,
             copying,
-            _load: load,
+            load,
         }
     }
 
@@ -202,10 +211,13 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        let Some(recv) = this.recv.as_mut() else {
+            return Poll::Ready(None);
+        };
         if this.state == BodyState::Data {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(err)) => {
@@ -216,7 +228,7 @@ impl http_body::Body for UpstreamBody {
             }
         }
         if this.state == BodyState::Trailers {
-            let trailers = ready!(this.recv.poll_trailers(cx));
+            let trailers = ready!(recv.poll_trailers(cx));
             this.finish();
             return Poll::Ready(trailers.map(|t| t.map(Frame::trailers)).transpose());
         }
@@ -225,5 +237,18 @@ impl http_body::Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         self.state == BodyState::Done
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// A response that ended leaves its stream to the endpoint (see
+    /// `Endpoint::ended`); one dropped before its end lets go here, so h2
+    /// resets the upstream stream at once.
+    fn drop(&mut self) {
+        if self.state == BodyState::Done
+            && let Some(recv) = self.recv.take()
+        {
+            self.load.keep_ended(recv, self.send.take());
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
+use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -38,6 +39,23 @@ pub(super) struct Endpoint {
     /// keeps the last attempt's failure, which the calls that waited on that
     /// attempt share instead of each trying again in turn.
     connecting: tokio::sync::Mutex<Option<String>>,
+    /// The streams of calls that ended, let go by the next call on this
+    /// address (or the next keepalive tick) rather than where they ended.
+    /// Why: h2 wakes the connection's task when a closed stream's last
+    /// handle goes, and where a response ends, that poll also wakes the
+    /// caller's connection to send it; two tasks woken in one poll make
+    /// tokio wake a second, idle worker thread, a futex round trip per call
+    /// for work the first thread then does itself (docs/BENCHMARKS.md,
+    /// session 21). Let go as the next call starts, the wake-up coincides
+    /// with the one sending that call makes anyway.
+    ended: Mutex<Vec<EndedStream>>,
+}
+
+/// The handles of an ended call's stream: the response's, and the
+/// request's when the call's own task still held it.
+pub(super) struct EndedStream {
+    _recv: RecvStream,
+    _send: Option<SendStream<Bytes>>,
 }
 
 /// Counts a call against its endpoint while it lives.
@@ -47,6 +65,24 @@ impl Load {
     pub(super) fn new(endpoint: &Arc<Endpoint>) -> Load {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Load(Arc::clone(endpoint))
+    }
+
+    /// Lets go of the streams of the calls that ended on this endpoint.
+    pub(super) fn release_ended(&self) {
+        self.0.release_ended();
+    }
+
+    /// Hands the stream of a call that ended to its endpoint, to be let go
+    /// by the next call there (see [`Endpoint::ended`]).
+    pub(super) fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
+        self.0
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(EndedStream {
+                _recv: recv,
+                _send: send,
+            });
     }
 }
 
@@ -65,7 +101,22 @@ impl Endpoint {
             current: Mutex::new(None),
             attempts: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(None),
+            ended: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Lets go of the streams of the calls that ended since the last time.
+    pub(super) fn release_ended(&self) {
+        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(ended);
+    }
+
+    #[cfg(test)]
+    pub(super) fn ended_count(&self) -> usize {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// How busy the endpoint is, for choosing between two: one that lately
@@ -184,12 +235,18 @@ async fn drive(
     timing: Timing,
 ) {
     let ping_pong = connection.ping_pong();
+    let idle_endpoint = endpoint.clone();
     let keepalive = async move {
         let Some(mut ping_pong) = ping_pong else {
             return std::future::pending().await;
         };
         loop {
             tokio::time::sleep(timing.ping_interval).await;
+            // An address no call has used lately lets its ended streams go
+            // here.
+            if let Some(endpoint) = idle_endpoint.upgrade() {
+                endpoint.release_ended();
+            }
             let answered =
                 tokio::time::timeout(timing.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await;
             if !matches!(answered, Ok(Ok(_))) {

@@ -250,21 +250,29 @@ impl Upstream {
         let empty = arrived.complete && arrived.data.is_empty() && arrived.trailers.is_none();
         let (load, mut sender) = self.ready_sender().await?;
         let (response, mut stream) = sender.send_request(Request::from_parts(head, ()), empty)?;
-        let mut copying = CancelOnDrop(None);
+        let complete = arrived.complete;
         if !empty {
-            let complete = arrived.complete;
             arrived.send(&mut stream)?;
-            if !complete {
-                let task = tokio::spawn(copy_body(body, stream).in_current_span());
-                copying = CancelOnDrop(Some(task.abort_handle()));
-            }
         }
+        // A body still arriving is copied on by a task of its own; a whole
+        // one leaves the request's stream with the response's.
+        let mut copying = CancelOnDrop(None);
+        let written = if complete {
+            Some(stream)
+        } else {
+            let task = tokio::spawn(copy_body(body, stream).in_current_span());
+            copying = CancelOnDrop(Some(task.abort_handle()));
+            None
+        };
+        // After the call has woken its connection's task, which then has
+        // nothing left to wake.
+        load.release_ended();
         // Dropped before the response (the caller gone, the gateway's
         // timeout), `copying` stops the copy, and with its last handle on
         // the stream gone h2 resets it: the upstream stops working for no
         // one, and its answer does not sit in the connection's window.
         let response = response.await?;
-        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, copying, load))))
+        Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, written, copying, load))))
     }
 
     /// A connection ready for one more stream, on the endpoint chosen for
@@ -964,6 +972,59 @@ mod tests {
         drop(response);
         drop(frames);
         assert_eq!(upstream.addresses.loads(), [(false, 0)]);
+    }
+
+    #[tokio::test]
+    async fn an_ended_calls_stream_is_let_go_by_the_next_call_and_an_abandoned_one_at_once() {
+        let (upstream, _addr, _shutdown) = echo_upstream().await;
+        for _ in 0..3 {
+            let whole = Body::new(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")));
+            let response = upstream.call(request(whole)).await.expect("call");
+            let (_, trailers) = read_all(response.into_body()).await;
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(
+                upstream.addresses.ended_counts(),
+                [1],
+                "each call lets go of the one before"
+            );
+        }
+        let (frames, body) = endless_body();
+        let response = upstream.call(request(body)).await.expect("call");
+        assert_eq!(upstream.addresses.ended_counts(), [0]);
+        drop(response);
+        drop(frames);
+        assert_eq!(
+            upstream.addresses.ended_counts(),
+            [0],
+            "a response dropped before its end is not kept: its stream is reset"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_address_lets_its_ended_streams_go_at_the_next_ping() {
+        let (addr, _shutdown) = echo_server().await;
+        let timing = Timing {
+            ping_interval: Duration::from_millis(50),
+            ..Timing::default()
+        };
+        let upstream = Upstream::with(
+            &ClientTls::default(),
+            &format!("http://{addr}"),
+            timing,
+            Arc::new(SystemResolver),
+        )
+        .expect("upstream");
+        let response = upstream.call(request(Body::empty())).await.expect("call");
+        read_all(response.into_body()).await;
+        assert_eq!(upstream.addresses.ended_counts(), [1]);
+        let let_go = async {
+            while upstream.addresses.ended_counts() != [0] {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), let_go)
+            .await
+            .expect("let go by the keepalive");
     }
 
     #[tokio::test]
