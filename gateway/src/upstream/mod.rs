@@ -457,6 +457,16 @@ mod tests {
         .expect("upstream")
     }
 
+    fn timed_upstream(addr: SocketAddr, timing: Timing) -> Upstream {
+        Upstream::with(
+            &ClientTls::default(),
+            &format!("http://{addr}"),
+            timing,
+            Arc::new(SystemResolver),
+        )
+        .expect("upstream")
+    }
+
     fn request(body: Body) -> Request<Body> {
         request_to("/test.Echo/Call", body)
     }
@@ -686,13 +696,7 @@ mod tests {
             ping_timeout: std::time::Duration::from_millis(200),
             ..Timing::default()
         };
-        let upstream = Upstream::with(
-            &ClientTls::default(),
-            &format!("http://{addr}"),
-            timing,
-            Arc::new(SystemResolver),
-        )
-        .expect("upstream");
+        let upstream = timed_upstream(addr, timing);
         let failed = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             upstream.call(request(Body::empty())),
@@ -1007,13 +1011,7 @@ mod tests {
             ping_interval: Duration::from_millis(50),
             ..Timing::default()
         };
-        let upstream = Upstream::with(
-            &ClientTls::default(),
-            &format!("http://{addr}"),
-            timing,
-            Arc::new(SystemResolver),
-        )
-        .expect("upstream");
+        let upstream = timed_upstream(addr, timing);
         let response = upstream.call(request(Body::empty())).await.expect("call");
         read_all(response.into_body()).await;
         assert_eq!(upstream.addresses.ended_counts(), [1]);
