@@ -158,7 +158,10 @@ async fn send_within_window(
 pub(super) struct UpstreamBody {
     /// Taken only when the body is dropped.
     recv: Option<RecvStream>,
-    /// The request's stream, when the call's task wrote all of it.
+    /// The request's stream, when the call's task wrote all of it. Kept
+    /// here because it may be the stream's last handle: tonic drops a
+    /// body that has already ended (a trailers-only answer) as soon as it
+    /// is wrapped.
     send: Option<SendStream<Bytes>>,
     state: BodyState,
     copying: CancelOnDrop,
@@ -243,7 +246,8 @@ impl http_body::Body for UpstreamBody {
 impl Drop for UpstreamBody {
     /// A response that ended leaves its stream to the endpoint (see
     /// `Endpoint::ended`); one dropped before its end lets go here, so h2
-    /// resets the upstream stream at once.
+    /// resets the upstream stream (at once for a whole request; a request
+    /// still streaming is reset when its aborted copy lets go).
     fn drop(&mut self) {
         if self.state == BodyState::Done
             && let Some(recv) = self.recv.take()

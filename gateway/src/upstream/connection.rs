@@ -39,15 +39,16 @@ pub(super) struct Endpoint {
     /// keeps the last attempt's failure, which the calls that waited on that
     /// attempt share instead of each trying again in turn.
     connecting: tokio::sync::Mutex<Option<String>>,
-    /// The streams of calls that ended, let go by the next call on this
-    /// address (or the next keepalive tick) rather than where they ended.
-    /// Why: h2 wakes the connection's task when a closed stream's last
-    /// handle goes, and where a response ends, that poll also wakes the
-    /// caller's connection to send it; two tasks woken in one poll make
-    /// tokio wake a second, idle worker thread, a futex round trip per call
-    /// for work the first thread then does itself (docs/BENCHMARKS.md,
-    /// session 21). Let go as the next call starts, the wake-up coincides
-    /// with the one sending that call makes anyway.
+    /// The streams of calls that ended (all of them closed both ways), let
+    /// go once the next call on this address has written its request, at
+    /// the connection's next ping, or with the endpoint, rather than where
+    /// they ended. Why: h2 wakes the connection's task when a closed
+    /// stream's last handle goes, and where a response ends, that poll
+    /// also wakes the caller's connection to send it; two tasks woken in
+    /// one poll make tokio wake a second, idle worker thread, a futex round
+    /// trip per call for work the first thread then does itself
+    /// (docs/BENCHMARKS.md, session 21). After the next call's request,
+    /// the connection's task has been woken already and nothing is.
     ended: Mutex<Vec<EndedStream>>,
 }
 
@@ -73,7 +74,7 @@ impl Load {
     }
 
     /// Hands the stream of a call that ended to its endpoint, to be let go
-    /// by the next call there (see [`Endpoint::ended`]).
+    /// later (see [`Endpoint::ended`]).
     pub(super) fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
         self.0
             .ended
@@ -242,8 +243,8 @@ async fn drive(
         };
         loop {
             tokio::time::sleep(timing.ping_interval).await;
-            // An address no call has used lately lets its ended streams go
-            // here.
+            // An address that takes no more calls lets its ended streams
+            // go here too.
             if let Some(endpoint) = idle_endpoint.upgrade() {
                 endpoint.release_ended();
             }

@@ -404,6 +404,7 @@ mod tests {
 
         fn call(&mut self, request: Request<Body>) -> Self::Future {
             let report = self.0.clone();
+            let report_reset = self.0.clone();
             let early = request.uri().path().ends_with("/Early");
             let drained = async move {
                 let ended_well = request.into_body().collect().await.is_ok();
@@ -412,13 +413,27 @@ mod tests {
             Box::pin(async move {
                 if early {
                     tokio::spawn(drained);
-                    let open = futures::stream::pending::<Result<Frame<Bytes>, Status>>();
+                    // Reports `false` when the server lets go of the open
+                    // response: the caller reset the stream.
+                    let reset = ReportOnDrop(report_reset);
+                    let open = futures::stream::poll_fn(move |_| {
+                        let _held = &reset;
+                        Poll::<Option<Result<Frame<Bytes>, Status>>>::Pending
+                    });
                     Ok(Response::new(Body::new(StreamBody::new(open))))
                 } else {
                     drained.await;
                     Ok(Response::new(Body::empty()))
                 }
             })
+        }
+    }
+
+    struct ReportOnDrop(mpsc::UnboundedSender<bool>);
+
+    impl Drop for ReportOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(false);
         }
     }
 
@@ -684,6 +699,28 @@ mod tests {
         drop(response);
         assert_eq!(next_report(&mut reports).await, Some(false));
         drop(frames);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_resets_a_whole_requests_stream() {
+        let (upstream, mut reports, _shutdown) = drain_upstream().await;
+        let whole = Body::new(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")));
+        let response = upstream
+            .call(request_to("/test.Drain/Early", whole))
+            .await
+            .expect("answered");
+        assert_eq!(
+            next_report(&mut reports).await,
+            Some(true),
+            "the request ended"
+        );
+        drop(response);
+        assert_eq!(
+            next_report(&mut reports).await,
+            Some(false),
+            "the upstream's open response is reset with the caller gone"
+        );
+        assert_eq!(upstream.addresses.ended_counts(), [0]);
     }
 
     #[tokio::test]
@@ -1000,7 +1037,7 @@ mod tests {
         assert_eq!(
             upstream.addresses.ended_counts(),
             [0],
-            "a response dropped before its end is not kept: its stream is reset"
+            "a response dropped before its end is not kept"
         );
     }
 
