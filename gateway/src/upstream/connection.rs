@@ -76,14 +76,7 @@ impl Load {
     /// Hands the stream of a call that ended to its endpoint, to be let go
     /// later (see [`Endpoint::ended`]).
     pub(super) fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
-        self.0
-            .ended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(EndedStream {
-                _recv: recv,
-                _send: send,
-            });
+        self.0.keep_ended(recv, send);
     }
 }
 
@@ -106,9 +99,21 @@ impl Endpoint {
         })
     }
 
+    fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(EndedStream {
+                _recv: recv,
+                _send: send,
+            });
+    }
+
     /// Lets go of the streams of the calls that ended since the last time.
     pub(super) fn release_ended(&self) {
         let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        // Outside the lock: each drop takes h2's own lock and may wake the
+        // connection's task.
         drop(ended);
     }
 
@@ -236,16 +241,16 @@ async fn drive(
     timing: Timing,
 ) {
     let ping_pong = connection.ping_pong();
-    let idle_endpoint = endpoint.clone();
+    let pinged = endpoint.clone();
     let keepalive = async move {
         let Some(mut ping_pong) = ping_pong else {
             return std::future::pending().await;
         };
         loop {
             tokio::time::sleep(timing.ping_interval).await;
-            // An address that takes no more calls lets its ended streams
-            // go here too.
-            if let Some(endpoint) = idle_endpoint.upgrade() {
+            // Every ping lets ended streams go too, so an address that
+            // takes no more calls does not hold them.
+            if let Some(endpoint) = pinged.upgrade() {
                 endpoint.release_ended();
             }
             let answered =
