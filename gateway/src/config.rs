@@ -94,7 +94,7 @@ impl Default for GatewayConfig {
             tls: ServerTls::default(),
             upstream_tls: ClientTls::default(),
             upstreams: Upstreams::default(),
-            upstream_resolve_interval: Duration::from_secs(5),
+            upstream_resolve_interval: madtech_common::upstream::DEFAULT_RESOLVE_INTERVAL,
             policy_dir: PathBuf::from("policies"),
             policy_reload_interval: Duration::from_secs(2),
             auth: AuthConfig::default(),
@@ -161,11 +161,11 @@ impl Validate for GatewayConfig {
             ("activation", &self.upstreams.activation),
         ];
         for (name, url) in urls {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "gateway.upstreams.{name} must be an http:// or https:// URL"
-                )));
-            }
+            self.upstream_tls.validate_url(
+                "gateway.upstream_tls",
+                &format!("gateway.upstreams.{name}"),
+                url,
+            )?;
         }
         if self.upstream_resolve_interval.is_zero() {
             return Err(ConfigError::Invalid(

@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use consent_pb::consent_service_client::ConsentServiceClient;
+use madtech_common::upstream::Upstream;
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::crossing::with_deadline;
 use crate::policy::now_micros;
@@ -217,7 +217,7 @@ pub struct ConsentView {
     freshness_timeout: Duration,
     /// The last ledger cursor the change stream delivered.
     seen: watch::Sender<u64>,
-    client: ConsentServiceClient<Channel>,
+    client: ConsentServiceClient<Upstream>,
 }
 
 /// How one crossing reads consent, decided when it starts.
@@ -230,7 +230,7 @@ pub enum Freshness {
 }
 
 impl ConsentView {
-    pub fn new(config: &ConsentViewConfig, consent: Channel) -> Arc<Self> {
+    pub fn new(config: &ConsentViewConfig, consent: Upstream) -> Arc<Self> {
         Arc::new(ConsentView {
             cache: Mutex::new(Cache::default()),
             capacity: config.capacity.max(1),

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use futures::Stream;
 use hmac::{Hmac, Mac};
 use madtech_common::error::FieldError;
+use madtech_common::upstream::Upstream;
 use madtech_common::validate::{policy_name, require};
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::segments::v1 as segments_pb;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditLog};
@@ -397,7 +397,7 @@ pub struct Crossing {
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) pseudonymiser: Pseudonymiser,
     /// Pages come back as bytes (`PageCodec`), read in place.
-    pub(crate) segments: tonic::client::Grpc<Channel>,
+    pub(crate) segments: tonic::client::Grpc<Upstream>,
     pub(crate) consent: Arc<ConsentView>,
     destinations: DestinationRegistry,
     /// Pages of one export filtered at once, each by its own task.
@@ -494,7 +494,7 @@ impl Crossing {
         policies: Policies,
         audit: Arc<AuditLog>,
         pseudonymiser: Pseudonymiser,
-        segments: Channel,
+        segments: Upstream,
         consent: Arc<ConsentView>,
         destinations: DestinationRegistry,
         workers: usize,

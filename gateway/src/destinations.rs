@@ -8,19 +8,19 @@
 use std::collections::BTreeMap;
 
 use activation_pb::activation_service_client::ActivationServiceClient;
+use madtech_common::upstream::Upstream;
 use madtech_proto::activation::v1 as activation_pb;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::crossing::with_deadline;
 
 #[derive(Clone)]
 pub struct DestinationRegistry {
-    activation: ActivationServiceClient<Channel>,
+    activation: ActivationServiceClient<Upstream>,
 }
 
 impl DestinationRegistry {
-    pub fn new(activation: Channel) -> Self {
+    pub fn new(activation: Upstream) -> Self {
         DestinationRegistry {
             activation: ActivationServiceClient::new(activation),
         }
@@ -143,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_registry_lets_nothing_cross() {
         // Port 9 (discard) on loopback: nothing listens.
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = Upstream::new(&Default::default(), "http://127.0.0.1:9").expect("upstream");
         let registry = DestinationRegistry::new(channel);
         let refused = registry
             .kind_of("d1", None)

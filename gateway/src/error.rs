@@ -17,7 +17,7 @@ pub enum GatewayError {
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
     #[error("upstream: {0}")]
-    Upstream(#[from] crate::upstream::UpstreamError),
+    Upstream(#[from] madtech_common::upstream::UpstreamError),
     #[error("audit database: {0}")]
     Database(#[from] sea_orm::DbErr),
     #[error(transparent)]

@@ -28,7 +28,6 @@ pub mod release;
 pub mod rescue;
 pub mod route;
 pub mod token;
-pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,12 +38,10 @@ use madtech_common::db::connect_and_migrate;
 use madtech_common::server::{
     BoxedGrpcService, GrpcServer, ServingHealth, boxed_reflection, serve_routes,
 };
-use madtech_common::tls::ClientTls;
 use madtech_proto::{activation, consent, gateway as gateway_pb, profiles, segments};
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::service::Routes;
-use tonic::transport::Channel;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -62,7 +59,7 @@ use crate::ratelimit::RateLimits;
 use crate::rescue::RescueLayer;
 use crate::route::Router;
 use crate::token::Verifier;
-use crate::upstream::Upstream;
+use madtech_common::upstream::Upstream;
 
 /// A gateway ready to serve.
 pub struct Gateway {
@@ -107,18 +104,22 @@ impl Gateway {
             connect_and_migrate::<audit::Migrator>(&config.audit_database).await?,
         ));
 
+        // One upstream per service, shared by the calls forwarded to it and
+        // the gateway's own clients of it (the crossing's export, the
+        // consent view, the destination registry).
         let upstreams = &config.upstreams;
-        let segments_channel = channel(&config.upstream_tls, &upstreams.segments)?;
-        let consent_channel = channel(&config.upstream_tls, &upstreams.consent)?;
-        let activation_channel = channel(&config.upstream_tls, &upstreams.activation)?;
-        let destinations = DestinationRegistry::new(activation_channel);
-        let pass_through =
-            |url: &str| Upstream::new(&config.upstream_tls, url, config.upstream_resolve_interval);
-        let consent_upstream = pass_through(&upstreams.consent)?;
+        let upstream = |url: &str| {
+            Upstream::resolving_every(&config.upstream_tls, url, config.upstream_resolve_interval)
+        };
+        let profiles_upstream = upstream(&upstreams.profiles)?;
+        let consent_upstream = upstream(&upstreams.consent)?;
+        let segments_upstream = upstream(&upstreams.segments)?;
+        let activation_upstream = upstream(&upstreams.activation)?;
+        let destinations = DestinationRegistry::new(activation_upstream.clone());
         let upstream_services = HashMap::from([
             (
                 profiles::v1::profile_service_server::SERVICE_NAME,
-                pass_through(&upstreams.profiles)?,
+                profiles_upstream,
             ),
             (
                 consent::v1::consent_service_server::SERVICE_NAME,
@@ -126,15 +127,15 @@ impl Gateway {
             ),
             (
                 consent::v1::privacy_request_service_server::SERVICE_NAME,
-                consent_upstream,
+                consent_upstream.clone(),
             ),
             (
                 segments::v1::segment_service_server::SERVICE_NAME,
-                pass_through(&upstreams.segments)?,
+                segments_upstream.clone(),
             ),
             (
                 activation::v1::activation_service_server::SERVICE_NAME,
-                pass_through(&upstreams.activation)?,
+                activation_upstream,
             ),
         ]);
         let mut local: HashMap<&'static str, BoxedGrpcService> = HashMap::from([
@@ -151,7 +152,7 @@ impl Gateway {
                 BoxedGrpcService::new(
                     release::ConsentReleaseApi::new(
                         pseudonymiser.clone(),
-                        consent_channel.clone(),
+                        consent_upstream.clone(),
                         Arc::clone(&audit),
                         policies.clone(),
                         destinations.clone(),
@@ -175,12 +176,12 @@ impl Gateway {
             server = server.without_reflection();
         }
 
-        let consent_view = ConsentView::new(&config.consent_view, consent_channel);
+        let consent_view = ConsentView::new(&config.consent_view, consent_upstream);
         let crossing = Crossing::new(
             policies.clone(),
             audit,
             pseudonymiser,
-            segments_channel,
+            segments_upstream,
             Arc::clone(&consent_view),
             destinations,
             config.crossing_workers(),
@@ -262,8 +263,4 @@ impl Gateway {
 fn panic_status(_panic: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
     tracing::error!("a gateway call panicked");
     tonic::Status::internal("internal error").into_http()
-}
-
-fn channel(tls: &ClientTls, url: &str) -> Result<Channel, GatewayError> {
-    Ok(tls.endpoint(url)?.connect_lazy())
 }

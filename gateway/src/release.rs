@@ -15,11 +15,11 @@ use std::sync::Arc;
 use consent_pb::consent_service_client::ConsentServiceClient;
 use futures::{Stream, StreamExt};
 use madtech_common::error::FieldError;
+use madtech_common::upstream::Upstream;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as consent_pb;
 use madtech_proto::gateway::v1 as pb;
 use pb::consent_release_service_server::{ConsentReleaseService, ConsentReleaseServiceServer};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use sha2::{Digest, Sha256};
@@ -41,7 +41,7 @@ const WATCH_CONSENT_RELEASES: &str =
 #[derive(Clone)]
 pub struct ConsentReleaseApi {
     pseudonymiser: Pseudonymiser,
-    consent: ConsentServiceClient<Channel>,
+    consent: ConsentServiceClient<Upstream>,
     audit: Arc<AuditLog>,
     policies: Policies,
     destinations: DestinationRegistry,
@@ -50,7 +50,7 @@ pub struct ConsentReleaseApi {
 impl ConsentReleaseApi {
     pub fn new(
         pseudonymiser: Pseudonymiser,
-        consent: Channel,
+        consent: Upstream,
         audit: Arc<AuditLog>,
         policies: Policies,
         destinations: DestinationRegistry,
@@ -244,7 +244,7 @@ mod tests {
     use super::*;
 
     async fn api() -> ConsentReleaseApi {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = Upstream::new(&Default::default(), "http://127.0.0.1:9").expect("upstream");
         let db = sea_orm::Database::connect("sqlite::memory:")
             .await
             .expect("in-memory audit database");

@@ -17,7 +17,7 @@ use tower::{Service, ServiceExt};
 
 use crate::changes::EXPORT_AUDIENCE_CHANGES;
 use crate::crossing::{Crossing, EXPORT_AUDIENCE};
-use crate::upstream::Upstream;
+use madtech_common::upstream::Upstream;
 
 /// Splits a gRPC path `/pkg.Service/Method` into service and method, or
 /// `None` when it is anything else. Only this exact shape is accepted, so no

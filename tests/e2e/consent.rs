@@ -122,11 +122,12 @@ async fn the_gateway_consent_view_follows_the_ledger() {
         .await
         .expect("grant before the view starts");
 
-    let channel =
-        tonic::transport::Endpoint::from_shared(suite.config.gateway.upstreams.consent.clone())
-            .expect("consent url")
-            .connect_lazy();
-    let view = ConsentView::new(&ConsentViewConfig::default(), channel);
+    let upstream = madtech_common::upstream::Upstream::new(
+        &Default::default(),
+        &suite.config.gateway.upstreams.consent,
+    )
+    .expect("consent url");
+    let view = ConsentView::new(&ConsentViewConfig::default(), upstream);
     let shutdown = madtech_common::CancellationToken::new();
     let following = tokio::spawn(std::sync::Arc::clone(&view).follow(shutdown.clone()));
 

@@ -266,7 +266,7 @@ fn services_point_at_ports_their_pods_declare() {
 }
 
 #[test]
-fn the_gateways_upstreams_are_headless_services() {
+fn every_component_calls_the_others_through_headless_services() {
     let mut files = Vec::new();
     yaml_files(&repo().join("k8s/base"), &mut files);
     let services: BTreeMap<String, Yaml> = files
@@ -280,18 +280,17 @@ fn the_gateways_upstreams_are_headless_services() {
             )
         })
         .collect();
-    let gateway = madtech_containers()
+    // The URLs components call each other at: the gateway's four
+    // upstreams, segments' and consent's profiles, consent's and
+    // activation's gateway.
+    let urls: Vec<(String, String)> = madtech_containers()
         .into_iter()
-        .find(|c| c.args == ["serve", "gateway"])
-        .expect("the gateway's container");
-    let upstreams: Vec<&String> = gateway
-        .env
-        .iter()
-        .filter(|(name, _)| name.starts_with("MADTECH_GATEWAY__UPSTREAMS__"))
-        .map(|(_, url)| url)
+        .flat_map(|c| c.env)
+        .filter(|(name, _)| name.ends_with("_URL") || name.contains("__UPSTREAMS__"))
+        .filter(|(name, _)| !name.contains("DATABASE"))
         .collect();
-    assert_eq!(upstreams.len(), 4, "{upstreams:?}");
-    for url in upstreams {
+    assert_eq!(urls.len(), 8, "{urls:?}");
+    for (name, url) in urls {
         let host = url
             .trim_start_matches("http://")
             .split(':')
@@ -299,13 +298,13 @@ fn the_gateways_upstreams_are_headless_services() {
             .expect("host");
         let service = services
             .get(host)
-            .unwrap_or_else(|| panic!("no Service {host}"));
-        // The gateway spreads calls over the addresses a name resolves to;
-        // a virtual IP would give it one.
+            .unwrap_or_else(|| panic!("{name}: no Service {host}"));
+        // A client spreads its calls over the addresses a name resolves
+        // to; a virtual IP would give it one.
         assert_eq!(
             service["spec"]["clusterIP"].as_str(),
             Some("None"),
-            "{host} must be headless"
+            "{name}: {host} must be headless"
         );
     }
 }

@@ -75,6 +75,7 @@ async fn the_suite_runs_on_mutual_tls_and_services_refuse_strangers() {
         config.segments.profiles_tls = client(Some(&pki.segments));
         config.consent.profiles_tls = client(Some(&pki.consent));
         config.activation.gateway_tls = client(None);
+        config.consent.gateway_tls = client(None);
     })
     .await;
     assert!(

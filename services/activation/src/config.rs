@@ -61,11 +61,11 @@ impl Validate for ActivationConfig {
         self.database.validate("activation")?;
         self.tls.validate("activation")?;
         self.gateway_tls.validate("activation.gateway_tls")?;
-        if !(self.gateway_url.starts_with("http://") || self.gateway_url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(
-                "activation.gateway_url must be an http:// or https:// URL".into(),
-            ));
-        }
+        self.gateway_tls.validate_url(
+            "activation.gateway_tls",
+            "activation.gateway_url",
+            &self.gateway_url,
+        )?;
         if self.gateway_token_file.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "activation.gateway_token_file is required".into(),

@@ -29,6 +29,8 @@ pub enum ActivationError {
     Corrupt(String),
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] madtech_common::upstream::UpstreamError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -78,7 +80,8 @@ impl ActivationError {
             ActivationError::Token(_)
             | ActivationError::Delivery(_)
             | ActivationError::Corrupt(_)
-            | ActivationError::Tls(_) => internal("activation", err),
+            | ActivationError::Tls(_)
+            | ActivationError::Upstream(_) => internal("activation", err),
             ActivationError::Database(db) => internal("activation database", db),
         }
     }

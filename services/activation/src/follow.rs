@@ -13,10 +13,10 @@ use std::sync::Arc;
 use gateway_pb::consent_release_service_client::ConsentReleaseServiceClient;
 use madtech_common::CancellationToken;
 use madtech_common::changelog::{Backoff, keep_following};
+use madtech_common::upstream::Upstream;
 use madtech_proto::consent::v1::ConsentState;
 use madtech_proto::gateway::v1 as gateway_pb;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 
 use crate::config::ActivationConfig;
 use crate::error::ActivationError;
@@ -29,7 +29,7 @@ pub const CONSENT_RELEASES: &str = "consent_releases";
 pub struct ConsentFollower {
     pub store: Arc<ActivationStore>,
     pub syncer: Arc<Syncer>,
-    pub gateway: Channel,
+    pub gateway: Upstream,
     pub config: ActivationConfig,
     /// Woken when an activation is created: its destination is followed too.
     pub activations_changed: Arc<Notify>,

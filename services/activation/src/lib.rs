@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
+use madtech_common::upstream::Upstream;
 use tokio::sync::Notify;
 
 /// Adds this service's bearer token for the gateway to every call. The
@@ -51,10 +52,7 @@ pub(crate) async fn bearer_interceptor(
 /// serve. The gateway connection is lazy, so start order does not matter.
 pub async fn grpc_server(config: &ActivationConfig) -> Result<GrpcServer, ActivationError> {
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
-    let gateway = config
-        .gateway_tls
-        .endpoint(&config.gateway_url)?
-        .connect_lazy();
+    let gateway = Upstream::new(&config.gateway_tls, &config.gateway_url)?;
     let store = Arc::new(store::ActivationStore::new(db));
     let syncer = Arc::new(sync::Syncer::new(
         Arc::clone(&store),

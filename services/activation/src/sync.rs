@@ -19,12 +19,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
+use madtech_common::upstream::Upstream;
 use madtech_proto::segments::v1 as segments_pb;
 use segments_pb::segment_service_client::SegmentServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::service::{Interceptor, interceptor::InterceptedService};
-use tonic::transport::Channel;
 
 use crate::config::ActivationConfig;
 use crate::destination::{Batch, Delivery, DeliveryError, HashedIdentifier, Member, Op};
@@ -59,7 +59,7 @@ fn digest(members: &[Member]) -> String {
 /// Runs syncs and removals, one at a time per activation.
 pub struct Syncer {
     store: Arc<ActivationStore>,
-    gateway: Channel,
+    gateway: Upstream,
     config: ActivationConfig,
     delivery: Delivery,
     /// One holder at a time per activation: a sync, a removal or a recovery.
@@ -97,7 +97,7 @@ impl Progress<'_> {
 impl Syncer {
     pub fn new(
         store: Arc<ActivationStore>,
-        gateway: Channel,
+        gateway: Upstream,
         config: ActivationConfig,
     ) -> Result<Self, ActivationError> {
         let delivery = Delivery::new(config.retry.clone(), config.file_root.clone())?;
@@ -557,7 +557,7 @@ impl Syncer {
     /// The segments API through the gateway, with the service's token.
     async fn segments_client(
         &self,
-    ) -> Result<SegmentServiceClient<InterceptedService<Channel, impl Interceptor>>, ActivationError>
+    ) -> Result<SegmentServiceClient<InterceptedService<Upstream, impl Interceptor>>, ActivationError>
     {
         Ok(SegmentServiceClient::with_interceptor(
             self.gateway.clone(),

@@ -15,6 +15,7 @@ pub mod server;
 pub mod sql;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 pub mod validate;
 
 #[cfg(any(test, feature = "testing"))]

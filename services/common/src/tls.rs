@@ -106,6 +106,25 @@ impl ClientTls {
         Ok(())
     }
 
+    /// Whether `url` (the setting `url_field`) can be called with these
+    /// settings (`field`): an `http://` or `https://` URL, and for
+    /// `https://` the CA that signed the server's certificate, since no
+    /// system roots are trusted.
+    pub fn validate_url(&self, field: &str, url_field: &str, url: &str) -> Result<(), ConfigError> {
+        let secure = url.starts_with("https://");
+        if !(secure || url.starts_with("http://")) {
+            return Err(ConfigError::Invalid(format!(
+                "{url_field} must be an http:// or https:// URL"
+            )));
+        }
+        if secure && self.ca_file.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "{url_field} is https://, so {field}.ca_file must name the CA that signed its certificate"
+            )));
+        }
+        Ok(())
+    }
+
     /// A lazily connecting endpoint for `url`; TLS when the URL is `https://`.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
         let endpoint = Endpoint::from_shared(url.to_string()).map_err(|err| TlsError::Url {
@@ -347,6 +366,31 @@ mod tests {
             ..ClientTls::default()
         };
         assert!(client.validate("gateway.upstream_tls").is_err());
+    }
+
+    #[test]
+    fn a_url_is_http_or_https_and_https_needs_a_ca() {
+        let plain = ClientTls::default();
+        let url_field = "segments.profiles_url";
+        let field = "segments.profiles_tls";
+        plain
+            .validate_url(field, url_field, "http://profiles:50052")
+            .expect("plain http");
+        let wrong = plain
+            .validate_url(field, url_field, "grpc://profiles:50052")
+            .expect_err("not http");
+        assert!(wrong.to_string().contains(url_field));
+        let no_ca = plain
+            .validate_url(field, url_field, "https://profiles:50052")
+            .expect_err("https without a CA");
+        assert!(no_ca.to_string().contains("segments.profiles_tls.ca_file"));
+        let trusted = ClientTls {
+            ca_file: Some("ca.pem".into()),
+            ..ClientTls::default()
+        };
+        trusted
+            .validate_url(field, url_field, "https://profiles:50052")
+            .expect("https with a CA");
         assert!(ServerTls::default().load().expect("plain").is_none());
     }
 }

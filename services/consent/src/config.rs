@@ -74,16 +74,16 @@ impl Validate for ConsentConfig {
         self.tls.validate("consent")?;
         self.profiles_tls.validate("consent.profiles_tls")?;
         self.gateway_tls.validate("consent.gateway_tls")?;
-        for (key, url) in [
-            ("profiles_url", &self.profiles_url),
-            ("gateway_url", &self.gateway_url),
-        ] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "consent.{key} must be an http:// or https:// URL"
-                )));
-            }
-        }
+        self.profiles_tls.validate_url(
+            "consent.profiles_tls",
+            "consent.profiles_url",
+            &self.profiles_url,
+        )?;
+        self.gateway_tls.validate_url(
+            "consent.gateway_tls",
+            "consent.gateway_url",
+            &self.gateway_url,
+        )?;
         if self.gateway_token_file.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "consent.gateway_token_file is required (a token with the compliance role)".into(),

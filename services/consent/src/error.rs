@@ -19,6 +19,8 @@ pub enum ConsentError {
     Profiles(tonic::Status),
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] madtech_common::upstream::UpstreamError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -31,7 +33,7 @@ impl From<ConsentError> for Status {
             ConsentError::Policy(_) => internal("consent policy", &err),
             ConsentError::Corrupt(_) => internal("consent data is corrupt", &err),
             ConsentError::Profiles(_) => internal("consent following profiles", &err),
-            ConsentError::Tls(_) => internal("consent transport", &err),
+            ConsentError::Tls(_) | ConsentError::Upstream(_) => internal("consent transport", &err),
             ConsentError::Database(ref db) => internal("consent database", db),
         }
     }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use futures::StreamExt;
 use madtech_common::CancellationToken;
 use madtech_common::changelog::{Backoff, keep_following};
+use madtech_common::upstream::Upstream;
 use madtech_proto::profiles::v1 as profiles_pb;
 use profiles_pb::profile_change::Change;
 use profiles_pb::profile_service_client::ProfileServiceClient;
-use tonic::transport::Channel;
 
 use crate::error::ConsentError;
 use crate::ledger::Ledger;
@@ -21,7 +21,7 @@ const PAGE: usize = 512;
 /// Follows the stream until `shutdown`.
 pub async fn follow(
     ledger: Arc<Ledger>,
-    client: ProfileServiceClient<Channel>,
+    client: ProfileServiceClient<Upstream>,
     shutdown: CancellationToken,
 ) {
     keep_following("profile changes", shutdown, |backoff| {
@@ -33,7 +33,7 @@ pub async fn follow(
 
 async fn follow_once(
     ledger: &Ledger,
-    mut client: ProfileServiceClient<Channel>,
+    mut client: ProfileServiceClient<Upstream>,
     backoff: &Backoff,
 ) -> Result<(), ConsentError> {
     let after_cursor = ledger.profile_cursor().await?;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
+use madtech_common::upstream::Upstream;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 
 /// Connects to the database, migrates it and returns the service ready to
@@ -30,21 +31,14 @@ pub async fn grpc_server(config: &ConsentConfig) -> Result<GrpcServer, ConsentEr
     let db = connect_and_migrate::<ledger::Migrator>(&config.database).await?;
     let rules = Arc::new(rules::ConsentRules::load(&config.policy_dir).await?);
     let ledger = Arc::new(ledger::Ledger::new(db.clone()));
-    let profiles = ProfileServiceClient::new(
-        config
-            .profiles_tls
-            .endpoint(&config.profiles_url)?
-            .connect_lazy(),
-    );
+    let profiles =
+        ProfileServiceClient::new(Upstream::new(&config.profiles_tls, &config.profiles_url)?);
     let requests = Arc::new(privacy::store::RequestStore::new(db));
     let worker = Arc::new(privacy::worker::Worker::new(
         Arc::clone(&requests),
         Arc::clone(&ledger),
         Arc::clone(&rules),
-        config
-            .gateway_tls
-            .endpoint(&config.gateway_url)?
-            .connect_lazy(),
+        Upstream::new(&config.gateway_tls, &config.gateway_url)?,
         config.gateway_token_file.clone(),
         config.privacy_retry_interval,
     ));

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use futures::Stream;
 use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
+use madtech_common::upstream::Upstream;
 use madtech_common::validate;
 use madtech_proto::consent::v1 as pb;
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::time::{from_micros, to_micros};
 use pb::consent_service_server::{ConsentService, ConsentServiceServer};
 use profiles_pb::profile_service_client::ProfileServiceClient;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::ConsentConfig;
@@ -42,7 +42,7 @@ pub struct ConsentApi {
     ledger: Arc<Ledger>,
     rules: Arc<ConsentRules>,
     /// For requests that name the person by an identifier.
-    profiles: ProfileServiceClient<Channel>,
+    profiles: ProfileServiceClient<Upstream>,
     config: ConsentConfig,
 }
 
@@ -50,7 +50,7 @@ impl ConsentApi {
     pub fn new(
         ledger: Arc<Ledger>,
         rules: Arc<ConsentRules>,
-        profiles: ProfileServiceClient<Channel>,
+        profiles: ProfileServiceClient<Upstream>,
         config: ConsentConfig,
     ) -> Self {
         ConsentApi {

@@ -60,12 +60,11 @@ impl Validate for SegmentsConfig {
         self.database.validate("segments")?;
         self.tls.validate("segments")?;
         self.profiles_tls.validate("segments.profiles_tls")?;
-        if !(self.profiles_url.starts_with("http://") || self.profiles_url.starts_with("https://"))
-        {
-            return Err(ConfigError::Invalid(
-                "segments.profiles_url must be an http:// or https:// URL".into(),
-            ));
-        }
+        self.profiles_tls.validate_url(
+            "segments.profiles_tls",
+            "segments.profiles_url",
+            &self.profiles_url,
+        )?;
         if self.birth_date_trait.trim().is_empty() {
             return Err(ConfigError::Invalid(
                 "segments.birth_date_trait must name a trait".into(),

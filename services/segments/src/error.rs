@@ -15,6 +15,8 @@ pub enum SegmentError {
     Corrupt(String),
     #[error("tls: {0}")]
     Tls(#[from] madtech_common::tls::TlsError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] madtech_common::upstream::UpstreamError),
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
 }
@@ -29,7 +31,9 @@ impl From<SegmentError> for Status {
                 tracing::warn!(code = ?status.code(), "profiles service failed during export");
                 Status::unavailable("the profiles service is unavailable")
             }
-            SegmentError::Corrupt(_) | SegmentError::Tls(_) => internal("segments", &err),
+            SegmentError::Corrupt(_) | SegmentError::Tls(_) | SegmentError::Upstream(_) => {
+                internal("segments", &err)
+            }
             SegmentError::Database(ref db) => internal("segments database", db),
         }
     }

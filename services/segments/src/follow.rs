@@ -10,9 +10,9 @@ use std::sync::Arc;
 use futures::StreamExt;
 use madtech_common::CancellationToken;
 use madtech_common::changelog::{Backoff, keep_following};
+use madtech_common::upstream::Upstream;
 use madtech_proto::profiles::v1 as profiles_pb;
 use profiles_pb::profile_service_client::ProfileServiceClient;
-use tonic::transport::Channel;
 
 use crate::convert::change_from_pb;
 use crate::error::SegmentError;
@@ -26,7 +26,7 @@ const PAGE: usize = 512;
 pub async fn follow(
     projection: Arc<Projection>,
     evaluator: Evaluator,
-    client: ProfileServiceClient<Channel>,
+    client: ProfileServiceClient<Upstream>,
     shutdown: CancellationToken,
 ) {
     keep_following("profile changes", shutdown, |backoff| {
@@ -40,7 +40,7 @@ pub async fn follow(
 async fn follow_once(
     projection: &Projection,
     evaluator: &Evaluator,
-    client: &mut ProfileServiceClient<Channel>,
+    client: &mut ProfileServiceClient<Upstream>,
     backoff: &Backoff,
 ) -> Result<(), SegmentError> {
     let cursor = projection.cursor().await?;

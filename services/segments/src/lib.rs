@@ -23,17 +23,15 @@ use std::sync::Arc;
 
 use madtech_common::db::connect_and_migrate;
 use madtech_common::server::GrpcServer;
+use madtech_common::upstream::Upstream;
 use madtech_proto::profiles::v1::profile_service_client::ProfileServiceClient;
 
 /// Connects to the database, migrates it and returns the service ready to
 /// serve. The profiles connection is lazy, so start order does not matter.
 pub async fn grpc_server(config: &SegmentsConfig) -> Result<GrpcServer, SegmentError> {
     let db = connect_and_migrate::<store::Migrator>(&config.database).await?;
-    let channel = config
-        .profiles_tls
-        .endpoint(&config.profiles_url)?
-        .connect_lazy();
-    let profiles = ProfileServiceClient::new(channel);
+    let profiles =
+        ProfileServiceClient::new(Upstream::new(&config.profiles_tls, &config.profiles_url)?);
     let writes = store::WriteLock::default();
     let projection = Arc::new(
         store::projection::Projection::new(db.clone(), Arc::clone(&writes))

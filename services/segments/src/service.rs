@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use madtech_common::changelog::{Page, follow};
 use madtech_common::error::FieldError;
+use madtech_common::upstream::Upstream;
 use madtech_common::validate::{self, require};
 use madtech_proto::profiles::v1 as profiles_pb;
 use madtech_proto::segments::v1 as pb;
@@ -14,7 +15,6 @@ use madtech_proto::time::from_micros;
 use pb::segment_service_server::{SegmentService, SegmentServiceServer};
 use profiles_pb::profile_service_client::ProfileServiceClient;
 use prost::Message;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::config::SegmentsConfig;
@@ -36,7 +36,7 @@ pub struct SegmentApi {
     store: Arc<SegmentStore>,
     projection: Arc<Projection>,
     evaluator: Evaluator,
-    profiles: ProfileServiceClient<Channel>,
+    profiles: ProfileServiceClient<Upstream>,
     config: SegmentsConfig,
 }
 
@@ -45,7 +45,7 @@ impl SegmentApi {
         store: Arc<SegmentStore>,
         projection: Arc<Projection>,
         evaluator: Evaluator,
-        profiles: ProfileServiceClient<Channel>,
+        profiles: ProfileServiceClient<Upstream>,
         config: SegmentsConfig,
     ) -> Self {
         SegmentApi {

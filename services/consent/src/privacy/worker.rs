@@ -12,6 +12,7 @@ use chrono::Utc;
 use gateway_pb::audit_service_client::AuditServiceClient;
 use madtech_common::CancellationToken;
 use madtech_common::error::json_error;
+use madtech_common::upstream::Upstream;
 use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
@@ -22,7 +23,6 @@ use segments_pb::segment_service_client::SegmentServiceClient;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::store::RequestStore;
@@ -75,7 +75,7 @@ pub struct Worker {
     store: Arc<RequestStore>,
     ledger: Arc<Ledger>,
     rules: Arc<ConsentRules>,
-    gateway: Channel,
+    gateway: Upstream,
     token_file: PathBuf,
     interval: Duration,
     wake: Notify,
@@ -86,7 +86,7 @@ impl Worker {
         store: Arc<RequestStore>,
         ledger: Arc<Ledger>,
         rules: Arc<ConsentRules>,
-        gateway: Channel,
+        gateway: Upstream,
         token_file: PathBuf,
         interval: Duration,
     ) -> Self {

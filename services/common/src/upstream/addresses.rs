@@ -252,10 +252,10 @@ impl Addresses {
     }
 }
 
-/// `madtech_gateway_upstream_addresses{upstream="host:port"}`: how many addresses
+/// `madtech_upstream_addresses{upstream="host:port"}`: how many addresses
 /// (pods) each upstream's calls are spread over.
 fn record_count(host: &str, port: u16, count: usize) {
-    metrics::gauge!("madtech_gateway_upstream_addresses", "upstream" => format!("{host}:{port}"))
+    metrics::gauge!("madtech_upstream_addresses", "upstream" => format!("{host}:{port}"))
         .set(count as f64);
 }
 

@@ -1,35 +1,45 @@
-//! Pass-through calls to an upstream service: an HTTP/2 connection to each
-//! address the upstream's name resolves to, driven with `h2` directly, and
-//! each call on the less busy of two of them.
+//! Calls to another component: an HTTP/2 connection to each address the
+//! component's name resolves to, driven with `h2` directly, and each call
+//! on the less busy of two of them.
 //!
-//! Why not a tonic `Channel`, as the gateway's own clients use: a channel
-//! hands every call to a buffer task, and hyper hands the request body to
-//! a pipe task of its own, before HTTP/2 sees either. For a call the
-//! gateway only forwards, those hops were a measurable share of its CPU
-//! (docs/BENCHMARKS.md). Here the call's own task opens the stream and
-//! writes the body that has already arrived, which for unary and
-//! server-streaming calls is all of it; only a body still arriving gets a
-//! task to copy it on. What hyper did besides is done here too: a call
-//! dropped before it ends cancels its upstream stream, and the connection
-//! is checked with pings so a vanished upstream fails calls rather than
-//! holding them.
+//! Two kinds of caller use it. The gateway forwards calls through
+//! [`Upstream::call`] without decoding them; every component's tonic
+//! clients use an [`Upstream`] as their transport
+//! (`ProfileServiceClient::new(upstream)`), so that a component with
+//! several pods behind a headless Service gets calls on all of them.
+//!
+//! Why not a tonic `Channel`: a channel connects to one address its name
+//! resolves to and keeps it, so every call a client makes goes to one pod,
+//! and its balancing alternative holds calls while it has no endpoints
+//! and evicts a failed one for good. A channel also hands every call to a
+//! buffer task, and hyper hands the request body to a pipe task of its
+//! own, before HTTP/2 sees either; for a call the gateway only forwards,
+//! those hops were a measurable share of its CPU (docs/BENCHMARKS.md).
+//! Here the call's own task opens the stream and writes the body that has
+//! already arrived, which for unary and server-streaming calls is all of
+//! it; only a body still arriving gets a task to copy it on. What hyper
+//! did besides is done here too: a call dropped before it ends cancels its
+//! upstream stream, and the connection is checked with pings so a vanished
+//! upstream fails calls rather than holding them.
 
 mod addresses;
 mod body;
 mod connection;
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::tls::ClientTls;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use h2::Reason;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use madtech_common::tls::ClientTls;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tonic::Status;
 use tonic::body::Body;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 use self::addresses::{Addresses, choose, instead_of};
@@ -61,7 +71,7 @@ impl Timing {
     pub(crate) fn resolving_every(resolve_interval: Duration) -> Timing {
         Timing {
             connect: Duration::from_secs(5),
-            ping_interval: madtech_common::server::KEEPALIVE_INTERVAL,
+            ping_interval: crate::server::KEEPALIVE_INTERVAL,
             ping_timeout: Duration::from_secs(10),
             resolve_interval,
             pass_over: Duration::from_secs(5),
@@ -69,9 +79,14 @@ impl Timing {
     }
 }
 
+/// How often a name is resolved again unless configured otherwise: pods
+/// that come and go are followed within seconds, and a lookup every five
+/// seconds costs the cluster DNS nothing.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
 impl Default for Timing {
     fn default() -> Self {
-        Timing::resolving_every(Duration::from_secs(5))
+        Timing::resolving_every(DEFAULT_RESOLVE_INTERVAL)
     }
 }
 
@@ -80,7 +95,7 @@ pub enum UpstreamError {
     #[error("invalid upstream URL {url}: {reason}")]
     Url { url: String, reason: String },
     #[error("TLS configuration: {0}")]
-    Tls(#[from] madtech_common::tls::TlsError),
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot resolve {host}: {reason}")]
     Resolve { host: String, reason: String },
     #[error("cannot connect to {address}: {source}")]
@@ -104,21 +119,35 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// What the caller of `service` hears. Only a failure that shows the
-    /// upstream never took the call, or lost its connection, is
-    /// `UNAVAILABLE` (which callers may retry); a stream the upstream reset
-    /// is `INTERNAL`, since the call may have had its effect.
-    pub fn status(&self, service: &str) -> Status {
-        let unavailable = || Status::unavailable(format!("{service} is unavailable"));
+    /// The code a caller hears. Only a failure that shows the upstream
+    /// never took the call, or lost its connection, is `UNAVAILABLE` (which
+    /// callers may retry); a stream the upstream reset is `INTERNAL`, since
+    /// the call may have had its effect.
+    pub fn code(&self) -> Code {
         match self {
             UpstreamError::Http2(err) if !err.is_io() && !err.is_go_away() => match err.reason() {
-                Some(Reason::REFUSED_STREAM) | None => unavailable(),
-                Some(Reason::CANCEL) => Status::cancelled(format!("{service} cancelled the call")),
-                Some(_) => Status::internal(format!("{service} reset the call")),
+                Some(Reason::REFUSED_STREAM) | None => Code::Unavailable,
+                Some(Reason::CANCEL) => Code::Cancelled,
+                Some(_) => Code::Internal,
             },
-            UpstreamError::RequestBody(status) => status.clone(),
-            _ => unavailable(),
+            UpstreamError::RequestBody(status) => status.code(),
+            _ => Code::Unavailable,
         }
+    }
+
+    /// What a caller outside the suite hears of `service`: the code, and
+    /// nothing of addresses or reasons.
+    pub fn status(&self, service: &str) -> Status {
+        if let UpstreamError::RequestBody(status) = self {
+            return status.clone();
+        }
+        let code = self.code();
+        let message = match code {
+            Code::Cancelled => format!("{service} cancelled the call"),
+            Code::Internal => format!("{service} reset the call"),
+            _ => format!("{service} is unavailable"),
+        };
+        Status::new(code, message)
     }
 
     /// Whether the failure was reaching the address at all, so the call was
@@ -163,8 +192,13 @@ pub struct Upstream {
 impl Upstream {
     /// An upstream at `url` (`http://` or `https://`), not yet resolved or
     /// connected; a name is resolved with the system's resolver every
-    /// `resolve_interval`.
-    pub fn new(
+    /// [`DEFAULT_RESOLVE_INTERVAL`].
+    pub fn new(tls: &ClientTls, url: &str) -> Result<Upstream, UpstreamError> {
+        Upstream::resolving_every(tls, url, DEFAULT_RESOLVE_INTERVAL)
+    }
+
+    /// As [`Upstream::new`], resolving a name every `resolve_interval`.
+    pub fn resolving_every(
         tls: &ClientTls,
         url: &str,
         resolve_interval: Duration,
@@ -199,7 +233,7 @@ impl Upstream {
         }
         if secure && tls.ca_file.is_none() {
             return Err(invalid(
-                "https needs the CA that signed the upstream's certificate (upstream_tls.ca_file)",
+                "https needs the CA that signed the upstream's certificate (ca_file)",
             ));
         }
         let port = authority
@@ -308,6 +342,32 @@ impl Upstream {
     }
 }
 
+/// An upstream as a tonic client's transport. A call that fails before its
+/// response is logged with its detail (the address, the reason) and
+/// answered with [`UpstreamError::status`], which names neither: the
+/// caller's own callers may hear it.
+impl tower::Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Status;
+    type Future = BoxFuture<'static, Result<Response<Body>, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        // Calls wait for a connection in `call`, each on its own address.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let upstream = self.clone();
+        Box::pin(async move {
+            let service = upstream.origin.authority.as_str();
+            upstream.call(request).await.map_err(|err| {
+                tracing::warn!(upstream = service, error = %err, "a call failed before its response");
+                err.status(service)
+            })
+        })
+    }
+}
+
 impl Origin {
     /// The caller's path on the upstream's origin.
     fn uri_for(&self, uri: &Uri) -> Uri {
@@ -327,15 +387,14 @@ impl Origin {
 mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
-    use std::task::{Context, Poll};
 
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::BodyExt;
 
+    use crate::CancellationToken;
     use http::HeaderValue;
     use http_body_util::StreamBody;
-    use madtech_common::CancellationToken;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
@@ -447,7 +506,7 @@ mod tests {
     ) -> CancellationToken {
         let shutdown = CancellationToken::new();
         let port = listener.local_addr().expect("addr").port();
-        let server = madtech_common::server::GrpcServer::new()
+        let server = crate::server::GrpcServer::new()
             .without_reflection()
             .add_service(Echo(port))
             .add_service(Drain(drained));
@@ -464,12 +523,7 @@ mod tests {
     }
 
     fn plain_upstream(addr: SocketAddr) -> Upstream {
-        Upstream::new(
-            &ClientTls::default(),
-            &format!("http://{addr}"),
-            Duration::from_secs(5),
-        )
-        .expect("upstream")
+        Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream")
     }
 
     fn timed_upstream(addr: SocketAddr, timing: Timing) -> Upstream {
@@ -627,7 +681,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    Upstream::new(&ClientTls::default(), url, Duration::from_secs(5)),
+                    Upstream::new(&ClientTls::default(), url),
                     Err(UpstreamError::Url { .. })
                 ),
                 "{url}"
@@ -824,7 +878,7 @@ mod tests {
     }
 
     /// A resolver the test moves between addresses.
-    struct Moving(std::sync::Mutex<Vec<SocketAddr>>);
+    pub(super) struct Moving(pub(super) std::sync::Mutex<Vec<SocketAddr>>);
 
     impl Resolve for Moving {
         fn resolve(
@@ -847,7 +901,7 @@ mod tests {
         (socket.local_addr().expect("addr"), socket)
     }
 
-    async fn echo_server() -> (SocketAddr, CancellationToken) {
+    pub(super) async fn echo_server() -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         (addr, serve_echo(listener).await)
@@ -922,7 +976,6 @@ mod tests {
         let upstream = Upstream::new(
             &ClientTls::default(),
             &format!("http://localhost:{}", addr.port()),
-            Duration::from_secs(5),
         )
         .expect("upstream");
         // Whichever loopback addresses `localhost` has, the call reaches the
@@ -1111,5 +1164,83 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), spread)
             .await
             .expect("the address takes calls again");
+    }
+}
+
+/// The upstream as the transport of tonic's clients, as every component's
+/// clients of the others use it.
+#[cfg(test)]
+mod client_tests {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use http::uri::PathAndQuery;
+    use tokio::net::TcpListener;
+    use tonic::client::Grpc;
+    use tonic_prost::ProstCodec;
+
+    use super::tests::{Moving, echo_server};
+    use super::*;
+
+    /// One unary call with an empty message through a tonic client; the
+    /// echo upstream names its port in the trailers, which tonic merges
+    /// into the answer's metadata.
+    async fn echo(client: &mut Grpc<Upstream>) -> Result<u16, Status> {
+        client.ready().await?;
+        let answer = client
+            .unary(
+                tonic::Request::new(()),
+                PathAndQuery::from_static("/test.Echo/Call"),
+                ProstCodec::<(), ()>::default(),
+            )
+            .await?;
+        Ok(answer
+            .metadata()
+            .get("x-server")
+            .expect("the answering server")
+            .to_str()
+            .expect("port")
+            .parse()
+            .expect("port"))
+    }
+
+    #[tokio::test]
+    async fn a_tonic_clients_calls_are_spread_over_every_address_of_the_name() {
+        let (a, _a) = echo_server().await;
+        let (b, _b) = echo_server().await;
+        let resolver = Arc::new(Moving(Mutex::new(vec![a, b])));
+        let upstream = Upstream::with(
+            &ClientTls::default(),
+            "http://profiles.test:50052",
+            Timing::default(),
+            resolver,
+        )
+        .expect("upstream");
+        let mut client = Grpc::new(upstream);
+        let mut answered = Vec::new();
+        // Idle addresses are chosen at random: 32 calls all on one would
+        // happen once in two billion runs.
+        for _ in 0..32 {
+            answered.push(echo(&mut client).await.expect("call"));
+        }
+        answered.sort_unstable();
+        answered.dedup();
+        let mut expected = vec![a.port(), b.port()];
+        expected.sort_unstable();
+        assert_eq!(answered, expected);
+    }
+
+    #[tokio::test]
+    async fn a_tonic_client_hears_unavailable_without_the_address_when_nothing_answers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("addr");
+        drop(listener);
+        let upstream =
+            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        let mut client = Grpc::new(upstream);
+        let refused = echo(&mut client).await.expect_err("nothing listens");
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert_eq!(refused.message(), format!("{addr} is unavailable"));
+        assert!(!refused.message().contains("refused"));
     }
 }
