@@ -85,16 +85,24 @@ impl Arrived {
     /// admit.
     /// (A complete body with nothing in it never comes here: its stream
     /// ends with the request's headers.)
-    pub(super) fn send(self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+    /// (Sending shares the data's buffers, so a call sent again costs no
+    /// copy.)
+    pub(super) fn send(&self, stream: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
         let last = self.data.len().saturating_sub(1);
         let ends_with_data = self.complete && self.trailers.is_none();
-        for (index, data) in self.data.into_iter().enumerate() {
-            stream.send_data(data, ends_with_data && index == last)?;
+        for (index, data) in self.data.iter().enumerate() {
+            stream.send_data(data.clone(), ends_with_data && index == last)?;
         }
-        match self.trailers {
-            Some(trailers) => stream.send_trailers(trailers),
+        match &self.trailers {
+            Some(trailers) => stream.send_trailers(trailers.clone()),
             None => Ok(()),
         }
+    }
+
+    /// Whether the request is whole and has nothing in it, so its stream
+    /// ends with its headers.
+    pub(super) fn is_empty(&self) -> bool {
+        self.complete && self.data.is_empty() && self.trailers.is_none()
     }
 }
 

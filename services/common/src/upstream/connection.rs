@@ -68,6 +68,10 @@ impl Load {
         Load(Arc::clone(endpoint))
     }
 
+    pub(super) fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+
     /// Lets go of the streams of the calls that ended on this endpoint.
     pub(super) fn release_ended(&self) {
         self.0.release_ended();
@@ -143,15 +147,16 @@ impl Endpoint {
             .store(now_millis().saturating_add(period), Ordering::Relaxed);
     }
 
-    /// A sender ready for one more stream: the open connection's, or a new
-    /// connection's when there is none or it has closed.
+    /// A sender ready for one more stream, with the number of its
+    /// connection: the open connection's, or a new connection's when there
+    /// is none or it has closed.
     pub(super) async fn ready_sender(
         self: &Arc<Self>,
         origin: &Origin,
-    ) -> Result<SendRequest<Bytes>, UpstreamError> {
+    ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
         if let Some((number, sender)) = self.open() {
             match sender.ready().await {
-                Ok(sender) => return Ok(sender),
+                Ok(sender) => return Ok((number, sender)),
                 Err(err) => {
                     tracing::debug!(error = %err, "upstream connection closed; reconnecting");
                     self.forget(number);
@@ -159,10 +164,13 @@ impl Endpoint {
             }
         }
         let (number, sender) = self.connect(origin).await?;
-        sender.ready().await.map_err(|err| {
-            self.forget(number);
-            err.into()
-        })
+        match sender.ready().await {
+            Ok(sender) => Ok((number, sender)),
+            Err(err) => {
+                self.forget(number);
+                Err(err.into())
+            }
+        }
     }
 
     async fn connect(
@@ -222,7 +230,9 @@ impl Endpoint {
             .clone()
     }
 
-    fn forget(&self, number: u64) {
+    /// Stops handing out connection `number` to new calls (it closed, or
+    /// the upstream said it is going away); calls already on it go on.
+    pub(super) fn forget(&self, number: u64) {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.as_ref().is_some_and(|(open, _)| *open == number) {
             *current = None;
