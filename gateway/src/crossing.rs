@@ -715,7 +715,7 @@ pub(crate) fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<tok
     metadata
         .get("grpc-timeout")
         .and_then(|value| value.to_str().ok())
-        .and_then(parse_grpc_timeout)
+        .and_then(madtech_common::upstream::parse_grpc_timeout)
         .map(|timeout| tokio::time::Instant::now() + timeout)
 }
 
@@ -747,29 +747,6 @@ pub(crate) fn with_deadline<T>(
         request.set_timeout(left);
     }
     Ok(request)
-}
-
-/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m,
-/// u, n), per the gRPC over HTTP/2 protocol.
-pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
-    use std::time::Duration;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 /// What each of an export's filtering workers needs besides its filter.
@@ -1216,17 +1193,6 @@ mod tests {
             Pseudonymiser::new(&[1; 16]).is_none(),
             "short keys are refused"
         );
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_per_the_protocol() {
-        use std::time::Duration;
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        for bad in ["", "m", "5", "5x", "-5S", "123456789S", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
     }
 
     #[test]

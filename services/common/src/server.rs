@@ -174,8 +174,8 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often an idle HTTP/2 connection is pinged, by servers towards their
-/// callers and by the gateway towards its upstreams, so a peer that
-/// vanished is noticed.
+/// callers and by every component's clients (`crate::upstream`) towards the
+/// components they call, so a peer that vanished is noticed.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A gRPC service behind a box, for routing tables keyed by service name.

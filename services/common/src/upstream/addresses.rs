@@ -3,9 +3,9 @@
 //!
 //! Why resolve here rather than connect to the Service's one virtual IP:
 //! kube-proxy balances connections, not HTTP/2 streams, so one connection
-//! per upstream sent all of a gateway replica's calls to a single pod. A
-//! headless Service's name resolves to every ready pod instead; the
-//! gateway keeps a connection to each and re-resolves as pods come and go.
+//! per upstream sent all of a caller's calls to a single pod. A headless
+//! Service's name resolves to every ready pod instead; the caller keeps a
+//! connection to each and re-resolves as pods come and go.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

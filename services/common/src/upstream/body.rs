@@ -158,10 +158,11 @@ async fn send_within_window(
     Ok(())
 }
 
-/// An upstream response body as the gateway's server sends it on: data as
-/// it arrives (its window released as it is passed on, so a slow caller
-/// slows the upstream rather than filling the gateway), then the trailers
-/// that carry the gRPC status. Dropped before its end (the caller gone), it
+/// An upstream response body as the caller reads it (the gateway's server
+/// sending it on, or a tonic client decoding it): data as it arrives (its
+/// window released as it is passed on, so a slow reader slows the upstream
+/// rather than filling memory), then the trailers that carry the gRPC
+/// status. Dropped before its end (the caller gone), it
 /// stops the request body's copy too.
 pub(super) struct UpstreamBody {
     /// Taken only when the body is dropped.

@@ -24,8 +24,11 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Service), with its connection and the calls it is carrying.
 pub(super) struct Endpoint {
     pub(super) address: SocketAddr,
-    /// Calls begun on this address whose response has not ended.
-    in_flight: AtomicUsize,
+    /// Calls sent to this address whose response has not begun: the work
+    /// waiting on it (as tower's `PendingRequests` counts). A response that
+    /// has begun no longer counts, so a change stream open for hours is
+    /// not load.
+    waiting: AtomicUsize,
     /// Until when (see [`now_millis`]) the address is passed over, after an
     /// attempt to connect to it failed; 0 when the last one did not.
     failing_until: AtomicU64,
@@ -59,34 +62,49 @@ pub(super) struct EndedStream {
     _send: Option<SendStream<Bytes>>,
 }
 
-/// Counts a call against its endpoint while it lives.
-pub(super) struct Load(Arc<Endpoint>);
+/// Counts a call against its endpoint until its response begins, and
+/// then keeps the endpoint for the call's ended stream.
+pub(super) struct Load {
+    endpoint: Arc<Endpoint>,
+    waiting: bool,
+}
 
 impl Load {
     pub(super) fn new(endpoint: &Arc<Endpoint>) -> Load {
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Load(Arc::clone(endpoint))
+        endpoint.waiting.fetch_add(1, Ordering::Relaxed);
+        Load {
+            endpoint: Arc::clone(endpoint),
+            waiting: true,
+        }
+    }
+
+    /// The response has begun: the call no longer counts against its
+    /// endpoint.
+    pub(super) fn answered(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.endpoint.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.0
+        &self.endpoint
     }
 
     /// Lets go of the streams of the calls that ended on this endpoint.
     pub(super) fn release_ended(&self) {
-        self.0.release_ended();
+        self.endpoint.release_ended();
     }
 
     /// Hands the stream of a call that ended to its endpoint, to be let go
     /// later (see [`Endpoint::ended`]).
     pub(super) fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
-        self.0.keep_ended(recv, send);
+        self.endpoint.keep_ended(recv, send);
     }
 }
 
 impl Drop for Load {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.answered();
     }
 }
 
@@ -94,7 +112,7 @@ impl Endpoint {
     pub(super) fn new(address: SocketAddr) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             address,
-            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             failing_until: AtomicU64::new(0),
             current: Mutex::new(None),
             attempts: AtomicU64::new(0),
@@ -131,12 +149,12 @@ impl Endpoint {
 
     /// How busy the endpoint is, for choosing between two: one that lately
     /// failed to connect comes after every one that did not, then fewer
-    /// calls first.
+    /// calls waiting for their response first.
     pub(super) fn load(&self) -> (bool, usize) {
         let until = self.failing_until.load(Ordering::Relaxed);
         (
             until != 0 && now_millis() < until,
-            self.in_flight.load(Ordering::Relaxed),
+            self.waiting.load(Ordering::Relaxed),
         )
     }
 

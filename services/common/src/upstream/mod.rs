@@ -324,19 +324,23 @@ impl Upstream {
         rest: Option<Body>,
     ) -> Result<Response<Body>, Failed> {
         let Ready {
-            load,
+            mut load,
             mut sender,
             connection,
         } = ready;
         let empty = arrived.is_empty();
         // Nothing of the call has been sent when h2 refuses to open its
-        // stream (the connection has failed since it was ready).
+        // stream: the connection has failed since it was ready, or has run
+        // out of stream ids (2^30 calls), so a new one is opened for it.
         let (response, mut stream) = sender
             .send_request(head, empty)
             .map_err(|error| Failed::unprocessed(error, &load, connection))?;
-        let sent = |error| Failed::sent(error, &load, connection);
-        if !empty {
-            arrived.send(&mut stream).map_err(sent)?;
+        // Writing fails only when the stream is over already (reset,
+        // refused, its connection gone), which the response then reports
+        // with its cause; the reset keeps the upstream from waiting on the
+        // rest of a body otherwise.
+        if !empty && arrived.send(&mut stream).is_err() {
+            stream.send_reset(Reason::CANCEL);
         }
         // A body still arriving is copied on by a task of its own; a whole
         // one leaves the request's stream with the response's.
@@ -356,7 +360,10 @@ impl Upstream {
         // timeout), `copying` stops the copy, and with its last handle on
         // the stream gone h2 resets it: the upstream stops working for no
         // one, and its answer does not sit in the connection's window.
-        let response = response.await.map_err(sent)?;
+        let response = response
+            .await
+            .map_err(|error| Failed::sent(error, &load, connection))?;
+        load.answered();
         Ok(response.map(|recv| Body::new(UpstreamBody::new(recv, written, copying, load))))
     }
 
@@ -428,20 +435,19 @@ impl Failed {
     /// A failure once the stream was open: the upstream may have processed
     /// the call, unless it refused the stream or went away before it.
     fn sent(error: h2::Error, load: &Load, connection: u64) -> Failed {
+        // h2 fails a stream with the peer's GOAWAY only when the stream is
+        // above the GOAWAY's last stream id, which the peer never processed
+        // (whatever its error code); the streams it kept fail, if they
+        // do, as the connection's end (an I/O error).
         let went_away = error.is_go_away() && error.is_remote();
         if went_away {
             // Calls still on it end there; new ones go to a new connection.
             load.endpoint().forget(connection);
         }
-        // A graceful GOAWAY fails only the streams above its last stream
-        // id, which the upstream never processed; one with an error code
-        // fails every stream on the connection, processed or not.
-        let refused = error.is_remote()
-            && if went_away {
-                error.reason() == Some(Reason::NO_ERROR)
-            } else {
-                error.is_reset() && error.reason() == Some(Reason::REFUSED_STREAM)
-            };
+        let refused = went_away
+            || (error.is_remote()
+                && error.is_reset()
+                && error.reason() == Some(Reason::REFUSED_STREAM));
         Failed {
             unprocessed_at: refused.then(|| Arc::clone(load.endpoint())),
             error: error.into(),
@@ -476,14 +482,58 @@ impl tower::Service<Request<Body>> for Upstream {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let upstream = self.clone();
+        // A tonic client's deadline (`Request::set_timeout`) travels as
+        // `grpc-timeout`. The upstream keeps to it on its side; here the
+        // caller stops waiting for a response that has not begun by then,
+        // as tonic's own channel does, so a stalled pod cannot hold it
+        // until the pings give up.
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout);
         Box::pin(async move {
             let service = upstream.origin.authority.as_str();
-            upstream.call(request).await.map_err(|err| {
+            let call = upstream.call(request);
+            let called = match deadline {
+                None => call.await,
+                Some(deadline) => match tokio::time::timeout(deadline, call).await {
+                    Ok(called) => called,
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "{service} did not answer within the deadline"
+                        )));
+                    }
+                },
+            };
+            called.map_err(|err| {
                 tracing::warn!(upstream = service, error = %err, "a call failed before its response");
                 err.status(service)
             })
         })
     }
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m,
+/// u, n), per the gRPC over HTTP/2 protocol.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 impl Origin {
@@ -523,7 +573,8 @@ mod tests {
     /// An upstream that answers any call with the request's body, frame
     /// by frame as it arrives, then trailers naming the path and authority
     /// it saw and the port it listens on, and echoing the caller's
-    /// `x-probe` metadata.
+    /// `x-probe` metadata. `/test.Echo/Whole` answers only once the whole
+    /// request has arrived, as a unary handler does.
     #[derive(Clone)]
     struct Echo(u16);
 
@@ -534,7 +585,7 @@ mod tests {
     impl tower::Service<Request<Body>> for Echo {
         type Response = Response<Body>;
         type Error = Infallible;
-        type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+        type Future = futures::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
         fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
             Poll::Ready(Ok(()))
@@ -552,10 +603,21 @@ mod tests {
             if let Some(host) = request.headers().get(http::header::HOST) {
                 trailers.insert("x-host", host.clone());
             }
+            let whole = request.uri().path().ends_with("/Whole");
             let body = request
                 .into_body()
                 .with_trailers(async move { Some(Ok(trailers)) });
-            std::future::ready(Ok(Response::new(Body::new(body))))
+            if !whole {
+                return Box::pin(std::future::ready(Ok(Response::new(Body::new(body)))));
+            }
+            Box::pin(async move {
+                let collected = body.collect().await.expect("the request body");
+                let trailers = collected.trailers().cloned();
+                let data = collected.to_bytes();
+                let answer =
+                    http_body_util::Full::new(data).with_trailers(async move { trailers.map(Ok) });
+                Ok(Response::new(Body::new(answer)))
+            })
         }
     }
 
@@ -1056,31 +1118,19 @@ mod tests {
             Arc::new(Moving(std::sync::Mutex::new(vec![a, b]))),
             Duration::from_secs(60),
         );
-        // Calls that stay open load their address, so the next goes to
-        // the other.
-        let mut open = Vec::new();
+        // Calls waiting for their response load their address, so the next
+        // goes to the other.
         let mut bodies = Vec::new();
+        let mut answers = Vec::new();
         for _ in 0..4 {
-            let (frames, body) = endless_body();
-            frames
-                .send(Ok(Frame::data(Bytes::from_static(b"x"))))
-                .await
-                .expect("send");
-            let response = upstream.call(request(body)).await.expect("call");
+            let (frames, answer) = waiting_call(&upstream).await;
             bodies.push(frames);
-            open.push(response);
+            answers.push(answer);
         }
         drop(bodies);
         let mut ports = Vec::new();
-        for response in open {
-            let (_, trailers) = read_all(response.into_body()).await;
-            ports.push(
-                trailers["x-server"]
-                    .to_str()
-                    .expect("port")
-                    .parse::<u16>()
-                    .expect("port"),
-            );
+        for answer in answers {
+            ports.push(answer.await.expect("answered"));
         }
         ports.sort_unstable();
         let mut expected = vec![a.port(), a.port(), b.port(), b.port()];
@@ -1169,8 +1219,50 @@ mod tests {
             .expect("resolved again within seconds of the refusal");
     }
 
+    /// A call to `/test.Echo/Whole` whose body does not end until the
+    /// returned sender is dropped, started once it counts against its
+    /// address; it answers the port of the server that took it.
+    pub(super) async fn waiting_call(
+        upstream: &Upstream,
+    ) -> (
+        mpsc::Sender<Result<Frame<Bytes>, Status>>,
+        tokio::task::JoinHandle<u16>,
+    ) {
+        let waiting_before: usize = upstream.addresses.loads().iter().map(|l| l.1).sum();
+        let (frames, body) = endless_body();
+        let caller = upstream.clone();
+        let answer = tokio::spawn(async move {
+            let response = caller
+                .call(request_to("/test.Echo/Whole", body))
+                .await
+                .expect("call");
+            let (_, trailers) = read_all(response.into_body()).await;
+            trailers["x-server"]
+                .to_str()
+                .expect("port")
+                .parse::<u16>()
+                .expect("port")
+        });
+        let counted = async {
+            while upstream
+                .addresses
+                .loads()
+                .iter()
+                .map(|l| l.1)
+                .sum::<usize>()
+                == waiting_before
+            {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), counted)
+            .await
+            .expect("the call counts against its address");
+        (frames, answer)
+    }
+
     #[tokio::test]
-    async fn calls_count_against_their_address_until_their_response_ends() {
+    async fn calls_count_against_their_address_until_their_response_begins() {
         let (a, _a) = echo_server().await;
         let upstream = named_upstream(
             Arc::new(Moving(std::sync::Mutex::new(vec![a]))),
@@ -1178,12 +1270,17 @@ mod tests {
         );
         server_of(&upstream).await;
         assert_eq!(upstream.addresses.loads(), [(false, 0)]);
-        let (frames, body) = endless_body();
-        let response = upstream.call(request(body)).await.expect("call");
+        let (frames, answer) = waiting_call(&upstream).await;
         assert_eq!(upstream.addresses.loads(), [(false, 1)]);
-        drop(response);
         drop(frames);
+        assert_eq!(answer.await.expect("answered"), a.port());
         assert_eq!(upstream.addresses.loads(), [(false, 0)]);
+        // A stream whose response has begun is not load, however long it
+        // stays open.
+        let (frames, body) = endless_body();
+        let open = upstream.call(request(body)).await.expect("call");
+        assert_eq!(upstream.addresses.loads(), [(false, 0)]);
+        drop((frames, open));
     }
 
     #[tokio::test]
@@ -1266,13 +1363,11 @@ mod tests {
         let spread = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                // Two calls held open go one to each address once `b` is
-                // no longer passed over.
+                // Two calls waiting go one to each address once `b` is no
+                // longer passed over.
                 let mut held = Vec::new();
                 for _ in 0..2 {
-                    let (frames, body) = endless_body();
-                    let response = upstream.call(request(body)).await.expect("call");
-                    held.push((frames, response));
+                    held.push(waiting_call(&upstream).await);
                 }
                 if upstream.addresses.loads() == [(false, 1), (false, 1)] {
                     return;
@@ -1434,8 +1529,8 @@ mod retry_tests {
         assert_eq!(failed.code(), Code::Internal);
         assert_eq!(reset.load(Ordering::SeqCst), 1);
 
-        // A GOAWAY with an error fails every stream on its connection, the
-        // processed ones too, so none is sent again.
+        // A GOAWAY fails only the streams it did not keep, whatever its
+        // error: the call goes again, on a new connection.
         let (broken, connections) = going_away_server(Reason::INTERNAL_ERROR).await;
         let upstream = upstream_of(vec![broken]);
         let failed = upstream
@@ -1443,7 +1538,7 @@ mod retry_tests {
             .await
             .expect_err("gone away");
         assert_eq!(failed.code(), Code::Unavailable);
-        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -1522,6 +1617,55 @@ mod client_tests {
         let mut expected = vec![a.port(), b.port()];
         expected.sort_unstable();
         assert_eq!(answered, expected);
+    }
+
+    #[tokio::test]
+    async fn a_tonic_clients_deadline_ends_its_wait_for_a_stalled_upstream() {
+        // An upstream that takes calls and never answers them.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+            let mut unanswered = Vec::new();
+            while let Some(Ok(call)) = connection.accept().await {
+                unanswered.push(call);
+            }
+        });
+        let upstream =
+            Upstream::new(&ClientTls::default(), &format!("http://{addr}")).expect("upstream");
+        let mut client = Grpc::new(upstream);
+        client.ready().await.expect("ready");
+        let mut request = tonic::Request::new(());
+        request.set_timeout(Duration::from_millis(200));
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.unary(
+                request,
+                PathAndQuery::from_static("/test.Echo/Call"),
+                ProstCodec::<(), ()>::default(),
+            ),
+        )
+        .await
+        .expect("the deadline ends the wait");
+        assert_eq!(
+            waited.expect_err("no answer").code(),
+            Code::DeadlineExceeded
+        );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_protocol() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "5", "5x", "-5S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 
     #[tokio::test]
