@@ -244,6 +244,16 @@ impl Addresses {
             .collect()
     }
 
+    /// How many connections each endpoint has opened, in address order.
+    #[cfg(test)]
+    pub(super) fn connection_attempts(&self) -> Vec<u64> {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| e.connection_attempts())
+            .collect()
+    }
+
     fn failure(&self, reason: String) -> UpstreamError {
         UpstreamError::Resolve {
             host: self.host.clone(),

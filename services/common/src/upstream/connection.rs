@@ -140,6 +140,11 @@ impl Endpoint {
     }
 
     #[cfg(test)]
+    pub(super) fn connection_attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
     pub(super) fn ended_count(&self) -> usize {
         self.ended
             .lock()
@@ -339,12 +344,14 @@ impl Origin {
                 Box::new(tls)
             }
         };
-        Ok(h2::client::Builder::new()
+        let mut builder = h2::client::Builder::new();
+        builder
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .enable_push(false)
-            .handshake(io)
-            .await?)
+            .enable_push(false);
+        #[cfg(test)]
+        builder.initial_stream_id(self.timing.first_stream_id);
+        Ok(builder.handshake(io).await?)
     }
 }
 

@@ -64,6 +64,10 @@ pub(crate) struct Timing {
     /// the others; then it is tried again (a restarted pod keeps its
     /// address).
     pass_over: Duration,
+    /// The id of a connection's first stream; tests start near the last
+    /// one (2^31 - 1) to see a connection run out.
+    #[cfg(test)]
+    first_stream_id: u32,
 }
 
 impl Timing {
@@ -75,6 +79,8 @@ impl Timing {
             ping_timeout: Duration::from_secs(10),
             resolve_interval,
             pass_over: Duration::from_secs(5),
+            #[cfg(test)]
+            first_stream_id: 1,
         }
     }
 }
@@ -1539,6 +1545,29 @@ mod retry_tests {
             .expect_err("gone away");
         assert_eq!(failed.code(), Code::Unavailable);
         assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_out_of_stream_ids_is_replaced_without_failing_a_call() {
+        // Three streams per connection (client ids are odd, the last
+        // 2^31 - 1); in use, a connection runs out after 2^30 calls, some
+        // twelve hours at 25k calls a second. h2 then no longer says the
+        // connection is ready, and a new one is opened; a call that raced
+        // to it goes again, its stream never opened.
+        let (echo, _echo) = echo_server().await;
+        let timing = Timing {
+            first_stream_id: (1 << 31) - 5,
+            ..Timing::default()
+        };
+        let upstream = Upstream::with(
+            &ClientTls::default(),
+            "http://profiles.test:50052",
+            timing,
+            Arc::new(Moving(Mutex::new(vec![echo]))),
+        )
+        .expect("upstream");
+        calls_answered(&upstream, 8).await;
+        assert_eq!(upstream.addresses.connection_attempts(), [3]);
     }
 
     #[tokio::test]
