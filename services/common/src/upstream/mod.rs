@@ -1512,39 +1512,30 @@ mod retry_tests {
         assert!(connections.load(Ordering::SeqCst) > 0);
     }
 
+    /// One call to `server`, its only address: the code it failed with and
+    /// what the server counted.
+    async fn failed_call(server: (SocketAddr, Arc<AtomicUsize>)) -> (Code, usize) {
+        let (address, counted) = server;
+        let failed = upstream_of(vec![address])
+            .call(request(Body::empty()))
+            .await
+            .expect_err("the call fails");
+        (failed.code(), counted.load(Ordering::SeqCst))
+    }
+
     #[tokio::test]
     async fn a_call_is_sent_again_once_and_only_when_unprocessed() {
         // One address refusing everything: the call is sent twice, then
         // fails as a refused stream does.
-        let (refusing, refused) = resetting_server(Reason::REFUSED_STREAM).await;
-        let upstream = upstream_of(vec![refusing]);
-        let failed = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("refused");
-        assert_eq!(failed.code(), Code::Unavailable);
-        assert_eq!(refused.load(Ordering::SeqCst), 2);
-
+        let refusing = resetting_server(Reason::REFUSED_STREAM).await;
+        assert_eq!(failed_call(refusing).await, (Code::Unavailable, 2));
         // A stream reset for any other reason may have had its effect.
-        let (failing, reset) = resetting_server(Reason::INTERNAL_ERROR).await;
-        let upstream = upstream_of(vec![failing]);
-        let failed = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("reset");
-        assert_eq!(failed.code(), Code::Internal);
-        assert_eq!(reset.load(Ordering::SeqCst), 1);
-
+        let failing = resetting_server(Reason::INTERNAL_ERROR).await;
+        assert_eq!(failed_call(failing).await, (Code::Internal, 1));
         // A GOAWAY fails only the streams it did not keep, whatever its
         // error: the call goes again, on a new connection.
-        let (broken, connections) = going_away_server(Reason::INTERNAL_ERROR).await;
-        let upstream = upstream_of(vec![broken]);
-        let failed = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("gone away");
-        assert_eq!(failed.code(), Code::Unavailable);
-        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        let broken = going_away_server(Reason::INTERNAL_ERROR).await;
+        assert_eq!(failed_call(broken).await, (Code::Unavailable, 2));
     }
 
     #[tokio::test]
