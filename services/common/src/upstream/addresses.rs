@@ -231,27 +231,13 @@ impl Addresses {
     /// Each endpoint's load, in address order.
     #[cfg(test)]
     pub(super) fn loads(&self) -> Vec<(bool, usize)> {
-        self.endpoints.load().iter().map(|e| e.load()).collect()
+        self.per_endpoint(Endpoint::load)
     }
 
-    /// How many ended streams each endpoint holds, in address order.
+    /// `read` of each endpoint, in address order.
     #[cfg(test)]
-    pub(super) fn ended_counts(&self) -> Vec<usize> {
-        self.endpoints
-            .load()
-            .iter()
-            .map(|e| e.ended_count())
-            .collect()
-    }
-
-    /// How many connections each endpoint has opened, in address order.
-    #[cfg(test)]
-    pub(super) fn connection_attempts(&self) -> Vec<u64> {
-        self.endpoints
-            .load()
-            .iter()
-            .map(|e| e.connection_attempts())
-            .collect()
+    pub(super) fn per_endpoint<T>(&self, read: impl Fn(&Endpoint) -> T) -> Vec<T> {
+        self.endpoints.load().iter().map(|e| read(e)).collect()
     }
 
     fn failure(&self, reason: String) -> UpstreamError {

@@ -174,8 +174,8 @@ pub(super) struct UpstreamBody {
     send: Option<SendStream<Bytes>>,
     state: BodyState,
     copying: CancelOnDrop,
-    /// Counts the call against its upstream address until the response
-    /// ends.
+    /// The call's address, which keeps the stream once the response has
+    /// ended (see `Endpoint::ended`).
     load: Load,
 }
 

@@ -293,15 +293,14 @@ impl Upstream {
         // HTTP/2 names the origin in `:authority` alone (RFC 9113, 8.3.1).
         head.headers.remove(http::header::HOST);
         let arrived = Arrived::take(&mut body).map_err(UpstreamError::RequestBody)?;
+        let ready = self.ready_sender(None).await?;
         if !arrived.complete {
-            let ready = self.ready_sender(None).await?;
             let head = Request::from_parts(head, ());
             return self
                 .attempt(ready, head, &arrived, Some(body))
                 .await
                 .map_err(|failed| failed.error);
         }
-        let ready = self.ready_sender(None).await?;
         let failed = match self.attempt(ready, h2_head(&head), &arrived, None).await {
             Ok(response) => return Ok(response),
             Err(failed) => failed,
@@ -503,14 +502,11 @@ impl tower::Service<Request<Body>> for Upstream {
             let call = upstream.call(request);
             let called = match deadline {
                 None => call.await,
-                Some(deadline) => match tokio::time::timeout(deadline, call).await {
-                    Ok(called) => called,
-                    Err(_) => {
-                        return Err(Status::deadline_exceeded(format!(
-                            "{service} did not answer within the deadline"
-                        )));
-                    }
-                },
+                Some(deadline) => tokio::time::timeout(deadline, call).await.map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "{service} did not answer within the deadline"
+                    ))
+                })?,
             };
             called.map_err(|err| {
                 tracing::warn!(upstream = service, error = %err, "a call failed before its response");
@@ -960,7 +956,7 @@ mod tests {
             Some(false),
             "the upstream's open response is reset with the caller gone"
         );
-        assert_eq!(upstream.addresses.ended_counts(), [0]);
+        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [0]);
     }
 
     #[tokio::test]
@@ -1298,18 +1294,18 @@ mod tests {
             let (_, trailers) = read_all(response.into_body()).await;
             assert_eq!(trailers["grpc-status"], "0");
             assert_eq!(
-                upstream.addresses.ended_counts(),
+                upstream.addresses.per_endpoint(Endpoint::ended_count),
                 [1],
                 "each call lets go of the one before"
             );
         }
         let (frames, body) = endless_body();
         let response = upstream.call(request(body)).await.expect("call");
-        assert_eq!(upstream.addresses.ended_counts(), [0]);
+        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [0]);
         drop(response);
         drop(frames);
         assert_eq!(
-            upstream.addresses.ended_counts(),
+            upstream.addresses.per_endpoint(Endpoint::ended_count),
             [0],
             "a response dropped before its end is not kept"
         );
@@ -1325,9 +1321,9 @@ mod tests {
         let upstream = timed_upstream(addr, timing);
         let response = upstream.call(request(Body::empty())).await.expect("call");
         read_all(response.into_body()).await;
-        assert_eq!(upstream.addresses.ended_counts(), [1]);
+        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [1]);
         let let_go = async {
-            while upstream.addresses.ended_counts() != [0] {
+            while upstream.addresses.per_endpoint(Endpoint::ended_count) != [0] {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -1558,7 +1554,12 @@ mod retry_tests {
         )
         .expect("upstream");
         calls_answered(&upstream, 8).await;
-        assert_eq!(upstream.addresses.connection_attempts(), [3]);
+        assert_eq!(
+            upstream
+                .addresses
+                .per_endpoint(Endpoint::connection_attempts),
+            [3]
+        );
     }
 
     #[tokio::test]
