@@ -2,7 +2,7 @@
 //! use, kept alive with pings, and opened again after it closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -29,9 +29,11 @@ pub(super) struct Endpoint {
     /// has begun no longer counts, so a change stream open for hours is
     /// not load.
     waiting: AtomicUsize,
-    /// Until when (see [`now_millis`]) the address is passed over, after an
+    /// Until when (see [`now_millis`]) the address is backed off, after an
     /// attempt to connect to it failed; 0 when the last one did not.
     failing_until: AtomicU64,
+    /// Failed attempts to connect in a row, which lengthen the backoff.
+    failures: AtomicU32,
     /// The open connection's sender, with the number of the connection it
     /// belongs to, so a closed connection clears only itself.
     current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
@@ -40,8 +42,9 @@ pub(super) struct Endpoint {
     attempts: AtomicU64,
     /// Held while connecting, so concurrent calls open one connection; it
     /// keeps the last attempt's failure, which the calls that waited on that
-    /// attempt share instead of each trying again in turn.
-    connecting: tokio::sync::Mutex<Option<String>>,
+    /// attempt, or come during its backoff, share instead of each trying
+    /// again in turn.
+    connecting: tokio::sync::Mutex<Option<Arc<UpstreamError>>>,
     /// The streams of calls that ended (all of them closed both ways), let
     /// go once the next call on this address has written its request, at
     /// the connection's next ping, or with the endpoint, rather than where
@@ -114,6 +117,7 @@ impl Endpoint {
             address,
             waiting: AtomicUsize::new(0),
             failing_until: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
             current: Mutex::new(None),
             attempts: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(None),
@@ -152,18 +156,19 @@ impl Endpoint {
             .len()
     }
 
-    /// How busy the endpoint is, for choosing between two: one that lately
-    /// failed to connect comes after every one that did not, then fewer
-    /// calls waiting for their response first.
+    /// How busy the endpoint is, for choosing between two: one backed off
+    /// after failing to connect comes after every one that is not, then
+    /// fewer calls waiting for their response first.
     pub(super) fn load(&self) -> (bool, usize) {
-        let until = self.failing_until.load(Ordering::Relaxed);
-        (
-            until != 0 && now_millis() < until,
-            self.waiting.load(Ordering::Relaxed),
-        )
+        (self.backed_off(), self.waiting.load(Ordering::Relaxed))
     }
 
-    /// Passes the endpoint over for `period`, as after a failed connect.
+    fn backed_off(&self) -> bool {
+        let until = self.failing_until.load(Ordering::Relaxed);
+        until != 0 && now_millis() < until
+    }
+
+    /// Backs the endpoint off for `period`, as after a failed connect.
     pub(super) fn pass_over(&self, period: Duration) {
         let period = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
         self.failing_until
@@ -207,13 +212,14 @@ impl Endpoint {
         if let Some(open) = self.open() {
             return Ok(open);
         }
-        if self.attempts.load(Ordering::Acquire) != attempts_seen
-            && let Some(failure) = last_failure.as_ref()
+        // Why a backed-off address answers at once: a pod gone from under
+        // its address (a Service scaled to zero keeps its last addresses)
+        // can take the whole connect timeout to fail, and every call would
+        // wait that long in turn.
+        if let Some(failure) = last_failure.as_ref()
+            && (self.attempts.load(Ordering::Acquire) != attempts_seen || self.backed_off())
         {
-            return Err(UpstreamError::Connect {
-                address: self.address.to_string(),
-                source: std::io::Error::other(failure.clone()),
-            });
+            return Err(UpstreamError::Shared(Arc::clone(failure)));
         }
         // Counted when it ends, so every call that waited on it shares
         // its outcome.
@@ -228,17 +234,18 @@ impl Endpoint {
                 })
             });
         self.attempts.store(number, Ordering::Release);
-        match &opened {
-            Ok(_) => self.failing_until.store(0, Ordering::Relaxed),
-            Err(_) => self.pass_over(timing.pass_over),
-        }
         let (sender, connection) = match opened {
             Ok(opened) => opened,
             Err(err) => {
-                *last_failure = Some(err.to_string());
-                return Err(err);
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                self.pass_over(timing.backoff(failures));
+                let err = Arc::new(err);
+                *last_failure = Some(Arc::clone(&err));
+                return Err(UpstreamError::Shared(err));
             }
         };
+        self.failures.store(0, Ordering::Relaxed);
+        self.failing_until.store(0, Ordering::Relaxed);
         *last_failure = None;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((number, sender.clone()));
@@ -307,6 +314,8 @@ async fn drive(
     drop(connection);
     if let Some(endpoint) = endpoint.upgrade() {
         endpoint.forget(number);
+        // No later call may come to let them go.
+        endpoint.release_ended();
     }
 }
 

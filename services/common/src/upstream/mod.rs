@@ -60,10 +60,14 @@ pub(crate) struct Timing {
     /// How often an upstream's name is resolved again, to follow its
     /// pods.
     resolve_interval: Duration,
-    /// How long an address that could not be reached is passed over for
-    /// the others; then it is tried again (a restarted pod keeps its
-    /// address).
-    pass_over: Duration,
+    /// How long an address that could not be reached is backed off after
+    /// its first failed attempt: passed over for the others, and the calls
+    /// that still come to it (it is the only one) answered its failure at
+    /// once rather than each waiting on another attempt. Each failure in a
+    /// row doubles it, up to `backoff_longest`; then it is tried again (a
+    /// restarted container keeps its pod's address).
+    backoff_first: Duration,
+    backoff_longest: Duration,
     /// The id of a connection's first stream; tests start near the last
     /// one (2^31 - 1) to see a connection run out.
     #[cfg(test)]
@@ -78,7 +82,8 @@ impl Timing {
             ping_interval: crate::server::KEEPALIVE_INTERVAL,
             ping_timeout: Duration::from_secs(10),
             resolve_interval,
-            pass_over: Duration::from_secs(5),
+            backoff_first: Duration::from_secs(1),
+            backoff_longest: Duration::from_secs(30),
             #[cfg(test)]
             first_stream_id: 1,
         }
@@ -89,6 +94,17 @@ impl Timing {
 /// that come and go are followed within seconds, and a lookup every five
 /// seconds costs the cluster DNS nothing.
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Timing {
+    /// How long an address is backed off after `failures` failed attempts
+    /// in a row (at least one).
+    fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        self.backoff_first
+            .saturating_mul(1 << doublings)
+            .min(self.backoff_longest)
+    }
+}
 
 impl Default for Timing {
     fn default() -> Self {
@@ -122,6 +138,10 @@ pub enum UpstreamError {
     Http2(#[from] h2::Error),
     #[error("the caller's request body failed: {0}")]
     RequestBody(Status),
+    /// One attempt's failure, heard by every call that waited on that
+    /// attempt or came while its address was backed off.
+    #[error(transparent)]
+    Shared(Arc<UpstreamError>),
 }
 
 impl UpstreamError {
@@ -137,6 +157,7 @@ impl UpstreamError {
                 Some(_) => Code::Internal,
             },
             UpstreamError::RequestBody(status) => status.code(),
+            UpstreamError::Shared(failure) => failure.code(),
             _ => Code::Unavailable,
         }
     }
@@ -156,16 +177,25 @@ impl UpstreamError {
         Status::new(code, message)
     }
 
+    /// The failure itself, whether this call's attempt or one it shared.
+    pub fn underlying(&self) -> &UpstreamError {
+        match self {
+            UpstreamError::Shared(failure) => failure.underlying(),
+            failure => failure,
+        }
+    }
+
     /// Whether the failure was reaching the address at all, so the call was
     /// never sent and may go to another.
     fn is_connecting(&self) -> bool {
-        matches!(
-            self,
+        match self {
             UpstreamError::Connect { .. }
-                | UpstreamError::Handshake { .. }
-                | UpstreamError::NotHttp2 { .. }
-                | UpstreamError::ConnectTimedOut { .. }
-        )
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::NotHttp2 { .. }
+            | UpstreamError::ConnectTimedOut { .. } => true,
+            UpstreamError::Shared(failure) => failure.is_connecting(),
+            _ => false,
+        }
     }
 }
 
@@ -827,29 +857,68 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_upstream_that_is_down_fails_the_call_and_one_that_returns_is_reconnected() {
+    async fn an_upstream_that_is_down_is_backed_off_and_reconnected_once_it_returns() {
         let (addr, reserved) = closed_address();
         let upstream = plain_upstream(addr);
-        let down = upstream.call(request(Body::empty())).await;
+        let down = upstream
+            .call(request(Body::empty()))
+            .await
+            .expect_err("down");
         assert!(
-            matches!(down, Err(UpstreamError::Connect { .. })),
+            matches!(down.underlying(), UpstreamError::Connect { .. }),
             "{down:?}"
+        );
+        // Backed off: the next call hears that failure without an attempt.
+        let backed_off = upstream
+            .call(request(Body::empty()))
+            .await
+            .expect_err("down");
+        assert!(
+            matches!(backed_off.underlying(), UpstreamError::Connect { .. }),
+            "{backed_off:?}"
+        );
+        assert_eq!(
+            upstream
+                .addresses
+                .per_endpoint(Endpoint::connection_attempts),
+            [1]
         );
         drop(reserved);
 
-        for _restart in 0..2 {
-            let listener = TcpListener::bind(addr).await.expect("rebind");
-            let shutdown = serve_echo(listener).await;
-            let response = upstream
-                .call(request(Body::empty()))
+        let listener = TcpListener::bind(addr).await.expect("rebind");
+        let mut shutdown = serve_echo(listener).await;
+        for restart in 0..3 {
+            // Once its backoff has passed, the first time; at once after a
+            // connection that closed, since connecting never failed.
+            let reconnected = async {
+                loop {
+                    if let Ok(response) = upstream.call(request(Body::empty())).await {
+                        return response;
+                    }
+                    assert_eq!(restart, 0, "a closed connection is not backed off");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            let response = tokio::time::timeout(Duration::from_secs(5), reconnected)
                 .await
                 .expect("reconnected");
             let (_, trailers) = read_all(response.into_body()).await;
             assert_eq!(trailers["grpc-status"], "0");
             // The upstream stops (closing its connection) and comes back.
             shutdown.cancel();
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            shutdown = serve_echo(TcpListener::bind(addr).await.expect("rebind")).await;
         }
+    }
+
+    #[test]
+    fn each_failure_in_a_row_doubles_the_backoff_up_to_its_longest() {
+        let timing = Timing::default();
+        let backoffs: Vec<u64> = [1, 2, 3, 5, 6, 7, u32::MAX]
+            .into_iter()
+            .map(|failures| timing.backoff(failures).as_secs())
+            .collect();
+        assert_eq!(backoffs, [1, 2, 4, 16, 30, 30, 30]);
     }
 
     #[test]
@@ -1043,6 +1112,10 @@ mod tests {
         let calls = (0..3).map(|_| upstream.call(request(Body::empty())));
         for failed in futures::future::join_all(calls).await {
             let err = failed.expect_err("no handshake");
+            assert!(
+                matches!(err.underlying(), UpstreamError::ConnectTimedOut { .. }),
+                "each call hears what the attempt met: {err:?}"
+            );
             assert_eq!(
                 err.status("test.Echo").code(),
                 tonic::Code::Unavailable,
@@ -1199,9 +1272,12 @@ mod tests {
         let (dead, _reserved) = closed_address();
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead])));
         let upstream = named_upstream(resolver.clone(), Duration::from_secs(600));
-        let refused = upstream.call(request(Body::empty())).await;
+        let refused = upstream
+            .call(request(Body::empty()))
+            .await
+            .expect_err("refused");
         assert!(
-            matches!(refused, Err(UpstreamError::Connect { .. })),
+            matches!(refused.underlying(), UpstreamError::Connect { .. }),
             "{refused:?}"
         );
         // The pod was replaced; the name says so long before the interval.
@@ -1333,12 +1409,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_connection_lets_its_ended_streams_go() {
+        let (addr, shutdown) = echo_server().await;
+        let upstream = plain_upstream(addr);
+        let response = upstream.call(request(Body::empty())).await.expect("call");
+        read_all(response.into_body()).await;
+        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [1]);
+        shutdown.cancel();
+        let let_go = async {
+            while upstream.addresses.per_endpoint(Endpoint::ended_count) != [0] {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), let_go)
+            .await
+            .expect("let go when the connection ended");
+    }
+
+    #[tokio::test]
     async fn an_address_that_failed_takes_calls_again_once_it_answers() {
         let (a, _a) = echo_server().await;
         let (b, reserved) = closed_address();
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![b])));
         let timing = Timing {
-            pass_over: Duration::from_millis(200),
+            backoff_first: Duration::from_millis(200),
             ..Timing::resolving_every(Duration::from_millis(50))
         };
         let upstream = Upstream::with(
