@@ -860,23 +860,11 @@ mod tests {
     async fn an_upstream_that_is_down_is_backed_off_and_reconnected_once_it_returns() {
         let (addr, reserved) = closed_address();
         let upstream = plain_upstream(addr);
-        let down = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("down");
-        assert!(
-            matches!(down.underlying(), UpstreamError::Connect { .. }),
-            "{down:?}"
-        );
-        // Backed off: the next call hears that failure without an attempt.
-        let backed_off = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("down");
-        assert!(
-            matches!(backed_off.underlying(), UpstreamError::Connect { .. }),
-            "{backed_off:?}"
-        );
+        // The second call comes while the address is backed off: it hears
+        // the first one's failure without an attempt of its own.
+        for _ in 0..2 {
+            refused_call(&upstream).await;
+        }
         assert_eq!(
             upstream
                 .addresses
@@ -909,6 +897,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             shutdown = serve_echo(TcpListener::bind(addr).await.expect("rebind")).await;
         }
+    }
+
+    /// Makes a call that fails because its address refused to connect.
+    async fn refused_call(upstream: &Upstream) {
+        let refused = upstream
+            .call(request(Body::empty()))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(refused.underlying(), UpstreamError::Connect { .. }),
+            "{refused:?}"
+        );
     }
 
     #[test]
@@ -1272,14 +1272,7 @@ mod tests {
         let (dead, _reserved) = closed_address();
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![dead])));
         let upstream = named_upstream(resolver.clone(), Duration::from_secs(600));
-        let refused = upstream
-            .call(request(Body::empty()))
-            .await
-            .expect_err("refused");
-        assert!(
-            matches!(refused.underlying(), UpstreamError::Connect { .. }),
-            "{refused:?}"
-        );
+        refused_call(&upstream).await;
         // The pod was replaced; the name says so long before the interval.
         *resolver.0.lock().expect("lock") = vec![live];
         let recovered = async {
@@ -1395,9 +1388,19 @@ mod tests {
             ..Timing::default()
         };
         let upstream = timed_upstream(addr, timing);
+        one_call_ended(&upstream).await;
+        ended_streams_let_go(&upstream, "by the keepalive").await;
+    }
+
+    /// Makes one call, which leaves its ended stream to its address.
+    async fn one_call_ended(upstream: &Upstream) {
         let response = upstream.call(request(Body::empty())).await.expect("call");
         read_all(response.into_body()).await;
         assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [1]);
+    }
+
+    /// Waits, up to 5 s, for the upstream's address to hold no ended stream.
+    async fn ended_streams_let_go(upstream: &Upstream, by: &str) {
         let let_go = async {
             while upstream.addresses.per_endpoint(Endpoint::ended_count) != [0] {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1405,25 +1408,16 @@ mod tests {
         };
         tokio::time::timeout(Duration::from_secs(5), let_go)
             .await
-            .expect("let go by the keepalive");
+            .unwrap_or_else(|_| panic!("ended streams not let go {by}"));
     }
 
     #[tokio::test]
     async fn a_closed_connection_lets_its_ended_streams_go() {
         let (addr, shutdown) = echo_server().await;
         let upstream = plain_upstream(addr);
-        let response = upstream.call(request(Body::empty())).await.expect("call");
-        read_all(response.into_body()).await;
-        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [1]);
+        one_call_ended(&upstream).await;
         shutdown.cancel();
-        let let_go = async {
-            while upstream.addresses.per_endpoint(Endpoint::ended_count) != [0] {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), let_go)
-            .await
-            .expect("let go when the connection ended");
+        ended_streams_let_go(&upstream, "when the connection ended").await;
     }
 
     #[tokio::test]
