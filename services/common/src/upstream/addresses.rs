@@ -326,13 +326,13 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_that_failed_is_passed_over_for_a_while() {
+    fn an_endpoint_failing_to_connect_is_passed_over_until_it_connects() {
         let endpoints = endpoints(2);
         let _busy = Load::new(&endpoints[1]);
-        endpoints[0].pass_over(Duration::from_secs(60));
+        endpoints[0].set_failing(true);
         let chosen = choose(&endpoints).expect("one");
         assert_eq!(chosen.address, endpoints[1].address, "busy beats failing");
-        endpoints[0].pass_over(Duration::ZERO);
+        endpoints[0].set_failing(false);
         let chosen = choose(&endpoints).expect("one");
         assert_eq!(chosen.address, endpoints[0].address, "and then it is back");
     }

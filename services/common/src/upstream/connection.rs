@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
@@ -12,7 +11,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Origin, Timing, UpstreamError, now_millis};
+use super::{Origin, Timing, UpstreamError};
 
 /// The windows hyper's HTTP/2 client opens with (a tonic channel's
 /// defaults), rather than the protocol's 64 KiB: a streamed export would
@@ -29,10 +28,11 @@ pub(super) struct Endpoint {
     /// has begun no longer counts, so a change stream open for hours is
     /// not load.
     waiting: AtomicUsize,
-    /// Until when (see [`now_millis`]) the address is backed off, after an
-    /// attempt to connect to it failed; 0 when the last one did not.
-    failing_until: AtomicU64,
-    /// Failed attempts to connect in a row, which lengthen the backoff.
+    /// Failed attempts to connect in a row. While there are any the address
+    /// is in transient failure, as gRPC names it: passed over for the
+    /// others, the calls that still come to it (when every address picked
+    /// is failing) answered its last failure at once, and a task of its own
+    /// ([`reconnect`]) trying again after a backoff that grows with them.
     failures: AtomicU32,
     /// The open connection's sender, with the number of the connection it
     /// belongs to, so a closed connection clears only itself.
@@ -42,8 +42,8 @@ pub(super) struct Endpoint {
     attempts: AtomicU64,
     /// Held while connecting, so concurrent calls open one connection; it
     /// keeps the last attempt's failure, which the calls that waited on that
-    /// attempt, or come during its backoff, share instead of each trying
-    /// again in turn.
+    /// attempt, or come while the address is failing, share instead of each
+    /// trying again in turn.
     connecting: tokio::sync::Mutex<Option<Arc<UpstreamError>>>,
     /// The streams of calls that ended (all of them closed both ways), let
     /// go once the next call on this address has written its request, at
@@ -116,7 +116,6 @@ impl Endpoint {
         Arc::new(Endpoint {
             address,
             waiting: AtomicUsize::new(0),
-            failing_until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             current: Mutex::new(None),
             attempts: AtomicU64::new(0),
@@ -126,6 +125,11 @@ impl Endpoint {
     }
 
     fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
+        // A call that outlived its connection: no later call on that
+        // connection will let it go, and nothing is left to wake.
+        if self.open().is_none() {
+            return;
+        }
         self.ended
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -156,23 +160,21 @@ impl Endpoint {
             .len()
     }
 
-    /// How busy the endpoint is, for choosing between two: one backed off
-    /// after failing to connect comes after every one that is not, then
-    /// fewer calls waiting for their response first.
+    /// How busy the endpoint is, for choosing between two: one failing to
+    /// connect comes after every one that is not, then fewer calls waiting
+    /// for their response first.
     pub(super) fn load(&self) -> (bool, usize) {
-        (self.backed_off(), self.waiting.load(Ordering::Relaxed))
+        (self.failing(), self.waiting.load(Ordering::Relaxed))
     }
 
-    fn backed_off(&self) -> bool {
-        let until = self.failing_until.load(Ordering::Relaxed);
-        until != 0 && now_millis() < until
+    fn failing(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) > 0
     }
 
-    /// Backs the endpoint off for `period`, as after a failed connect.
-    pub(super) fn pass_over(&self, period: Duration) {
-        let period = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
-        self.failing_until
-            .store(now_millis().saturating_add(period), Ordering::Relaxed);
+    /// Marks the endpoint as failing to connect, or not.
+    #[cfg(test)]
+    pub(super) fn set_failing(&self, failing: bool) {
+        self.failures.store(u32::from(failing), Ordering::Relaxed);
     }
 
     /// A sender ready for one more stream, with the number of its
@@ -180,7 +182,7 @@ impl Endpoint {
     /// is none or it has closed.
     pub(super) async fn ready_sender(
         self: &Arc<Self>,
-        origin: &Origin,
+        origin: &Arc<Origin>,
     ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
         if let Some((number, sender)) = self.open() {
             match sender.ready().await {
@@ -201,9 +203,12 @@ impl Endpoint {
         }
     }
 
+    /// A new connection, or the failure every call that waited on the
+    /// attempt shares; an address already failing answers its last failure
+    /// at once, and its own task tries again.
     async fn connect(
         self: &Arc<Self>,
-        origin: &Origin,
+        origin: &Arc<Origin>,
     ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
         let attempts_seen = self.attempts.load(Ordering::Acquire);
         let mut last_failure = self.connecting.lock().await;
@@ -212,15 +217,28 @@ impl Endpoint {
         if let Some(open) = self.open() {
             return Ok(open);
         }
-        // Why a backed-off address answers at once: a pod gone from under
-        // its address (a Service scaled to zero keeps its last addresses)
-        // can take the whole connect timeout to fail, and every call would
-        // wait that long in turn.
+        // Why a failing address answers at once: a pod gone from under its
+        // address (a Service scaled to zero keeps its last addresses) can
+        // take the whole connect timeout to fail, and every call would wait
+        // that long in turn.
         if let Some(failure) = last_failure.as_ref()
-            && (self.attempts.load(Ordering::Acquire) != attempts_seen || self.backed_off())
+            && (self.attempts.load(Ordering::Acquire) != attempts_seen || self.failing())
         {
             return Err(UpstreamError::Shared(Arc::clone(failure)));
         }
+        let connected = self.attempt(origin, &mut last_failure).await;
+        if connected.is_err() {
+            tokio::spawn(reconnect(Arc::downgrade(self), Arc::clone(origin)));
+        }
+        connected
+    }
+
+    /// One attempt to connect, under the `connecting` lock (`last_failure`).
+    async fn attempt(
+        self: &Arc<Self>,
+        origin: &Origin,
+        last_failure: &mut Option<Arc<UpstreamError>>,
+    ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
         // Counted when it ends, so every call that waited on it shares
         // its outcome.
         let number = self.attempts.load(Ordering::Acquire) + 1;
@@ -237,18 +255,16 @@ impl Endpoint {
         let (sender, connection) = match opened {
             Ok(opened) => opened,
             Err(err) => {
-                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                self.pass_over(timing.backoff(failures));
+                self.failures.fetch_add(1, Ordering::Relaxed);
                 let err = Arc::new(err);
                 *last_failure = Some(Arc::clone(&err));
                 return Err(UpstreamError::Shared(err));
             }
         };
-        self.failures.store(0, Ordering::Relaxed);
-        self.failing_until.store(0, Ordering::Relaxed);
         *last_failure = None;
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((number, sender.clone()));
+        self.failures.store(0, Ordering::Relaxed);
         tokio::spawn(drive(connection, Arc::downgrade(self), number, timing));
         Ok((number, sender))
     }
@@ -266,6 +282,34 @@ impl Endpoint {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.as_ref().is_some_and(|(open, _)| *open == number) {
             *current = None;
+        }
+    }
+}
+
+/// Tries a failing endpoint again after each backoff until it connects,
+/// or until it is dropped from its upstream's addresses, so that it takes
+/// calls again as soon as it answers rather than when a call next tries it.
+async fn reconnect(endpoint: Weak<Endpoint>, origin: Arc<Origin>) {
+    loop {
+        let Some(failures) = endpoint
+            .upgrade()
+            .map(|e| e.failures.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        if failures == 0 {
+            return;
+        }
+        tokio::time::sleep(origin.timing.backoff(failures)).await;
+        let Some(endpoint) = endpoint.upgrade() else {
+            return;
+        };
+        let mut last_failure = endpoint.connecting.lock().await;
+        if endpoint.open().is_some() || !endpoint.failing() {
+            return;
+        }
+        if let Err(err) = endpoint.attempt(&origin, &mut last_failure).await {
+            tracing::debug!(address = %endpoint.address, error = %err, "an upstream address is still unreachable");
         }
     }
 }
@@ -360,7 +404,13 @@ impl Origin {
             .enable_push(false);
         #[cfg(test)]
         builder.initial_stream_id(self.timing.first_stream_id);
-        Ok(builder.handshake(io).await?)
+        builder
+            .handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Http2Handshake {
+                address: address.to_string(),
+                source,
+            })
     }
 }
 

@@ -60,12 +60,12 @@ pub(crate) struct Timing {
     /// How often an upstream's name is resolved again, to follow its
     /// pods.
     resolve_interval: Duration,
-    /// How long an address that could not be reached is backed off after
-    /// its first failed attempt: passed over for the others, and the calls
-    /// that still come to it (it is the only one) answered its failure at
-    /// once rather than each waiting on another attempt. Each failure in a
-    /// row doubles it, up to `backoff_longest`; then it is tried again (a
-    /// restarted container keeps its pod's address).
+    /// How long after its first failed attempt an address that could not
+    /// be reached is tried again (in the background; meanwhile it is
+    /// passed over, and calls that still come to it hear its failure at
+    /// once). Each failure in a row doubles it, up to `backoff_longest`,
+    /// which bounds how long an address that answers again (a restarted
+    /// container keeps its pod's address) waits to be used.
     backoff_first: Duration,
     backoff_longest: Duration,
     /// The id of a connection's first stream; tests start near the last
@@ -83,7 +83,7 @@ impl Timing {
             ping_timeout: Duration::from_secs(10),
             resolve_interval,
             backoff_first: Duration::from_secs(1),
-            backoff_longest: Duration::from_secs(30),
+            backoff_longest: Duration::from_secs(10),
             #[cfg(test)]
             first_stream_id: 1,
         }
@@ -132,6 +132,8 @@ pub enum UpstreamError {
     },
     #[error("{address} did not agree to HTTP/2 over TLS (ALPN h2)")]
     NotHttp2 { address: String },
+    #[error("HTTP/2 handshake with {address} failed: {source}")]
+    Http2Handshake { address: String, source: h2::Error },
     #[error("connecting to {address} took longer than {timeout:?}")]
     ConnectTimedOut { address: String, timeout: Duration },
     #[error("HTTP/2: {0}")]
@@ -192,6 +194,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
             | UpstreamError::Handshake { .. }
             | UpstreamError::NotHttp2 { .. }
+            | UpstreamError::Http2Handshake { .. }
             | UpstreamError::ConnectTimedOut { .. } => true,
             UpstreamError::Shared(failure) => failure.is_connecting(),
             _ => false,
@@ -857,46 +860,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_upstream_that_is_down_is_backed_off_and_reconnected_once_it_returns() {
+    async fn an_upstream_that_is_down_fails_calls_at_once_and_is_reconnected_once_it_returns() {
         let (addr, reserved) = closed_address();
-        let upstream = plain_upstream(addr);
-        // The second call comes while the address is backed off: it hears
-        // the first one's failure without an attempt of its own.
-        for _ in 0..2 {
-            refused_call(&upstream).await;
-        }
-        assert_eq!(
-            upstream
-                .addresses
-                .per_endpoint(Endpoint::connection_attempts),
-            [1]
-        );
-        drop(reserved);
+        let timing = Timing {
+            backoff_first: Duration::from_millis(20),
+            backoff_longest: Duration::from_millis(80),
+            ..Timing::default()
+        };
+        let upstream = timed_upstream(addr, timing);
+        refused_call(&upstream).await;
+        // Tried again in the background, less often with each failure: at
+        // 20, 40, 80, 80… ms rather than every 20 ms.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let attempts = upstream
+            .addresses
+            .per_endpoint(Endpoint::connection_attempts)[0];
+        assert!((3..=25).contains(&attempts), "{attempts} attempts in 1 s");
+        // Meanwhile calls hear the last failure without waiting.
+        refused_call(&upstream).await;
 
-        let listener = TcpListener::bind(addr).await.expect("rebind");
-        let mut shutdown = serve_echo(listener).await;
-        for restart in 0..3 {
-            // Once its backoff has passed, the first time; at once after a
-            // connection that closed, since connecting never failed.
-            let reconnected = async {
-                loop {
-                    if let Ok(response) = upstream.call(request(Body::empty())).await {
-                        return response;
-                    }
-                    assert_eq!(restart, 0, "a closed connection is not backed off");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            };
-            let response = tokio::time::timeout(Duration::from_secs(5), reconnected)
+        // It comes back: the background attempt connects, with no call
+        // needed, and calls go there again.
+        let mut shutdown = serve_echo(reserved.listen(64).expect("listen")).await;
+        let reconnected = async {
+            while upstream.addresses.loads()[0].0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), reconnected)
+            .await
+            .expect("reconnected in the background");
+        let attempts = upstream
+            .addresses
+            .per_endpoint(Endpoint::connection_attempts);
+        for _restart in 0..2 {
+            let response = upstream
+                .call(request(Body::empty()))
                 .await
                 .expect("reconnected");
             let (_, trailers) = read_all(response.into_body()).await;
             assert_eq!(trailers["grpc-status"], "0");
-            // The upstream stops (closing its connection) and comes back.
+            // The upstream stops (closing its connection) and comes back:
+            // a connection that closed is opened again by the next call.
             shutdown.cancel();
             tokio::time::sleep(Duration::from_millis(200)).await;
             shutdown = serve_echo(TcpListener::bind(addr).await.expect("rebind")).await;
         }
+        let after = upstream
+            .addresses
+            .per_endpoint(Endpoint::connection_attempts);
+        assert_eq!(after[0], attempts[0] + 1, "one more connection, no retries");
     }
 
     /// Makes a call that fails because its address refused to connect.
@@ -914,11 +927,11 @@ mod tests {
     #[test]
     fn each_failure_in_a_row_doubles_the_backoff_up_to_its_longest() {
         let timing = Timing::default();
-        let backoffs: Vec<u64> = [1, 2, 3, 5, 6, 7, u32::MAX]
+        let backoffs: Vec<u64> = [1, 2, 3, 4, 5, u32::MAX]
             .into_iter()
             .map(|failures| timing.backoff(failures).as_secs())
             .collect();
-        assert_eq!(backoffs, [1, 2, 4, 16, 30, 30, 30]);
+        assert_eq!(backoffs, [1, 2, 4, 8, 10, 10]);
     }
 
     #[test]
@@ -1427,6 +1440,7 @@ mod tests {
         let resolver = Arc::new(Moving(std::sync::Mutex::new(vec![b])));
         let timing = Timing {
             backoff_first: Duration::from_millis(200),
+            backoff_longest: Duration::from_millis(400),
             ..Timing::resolving_every(Duration::from_millis(50))
         };
         let upstream = Upstream::with(
