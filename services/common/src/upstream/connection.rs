@@ -127,7 +127,7 @@ impl Endpoint {
     fn keep_ended(&self, recv: RecvStream, send: Option<SendStream<Bytes>>) {
         // A call that outlived its connection: no later call on that
         // connection will let it go, and nothing is left to wake.
-        if self.open().is_none() {
+        if !self.has_connection() {
             return;
         }
         self.ended
@@ -269,6 +269,15 @@ impl Endpoint {
         Ok((number, sender))
     }
 
+    /// Whether a connection is open, without taking a handle on it (a
+    /// clone of h2's sender takes the connection's lock).
+    fn has_connection(&self) -> bool {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     fn open(&self) -> Option<(u64, SendRequest<Bytes>)> {
         self.current
             .lock()
@@ -305,7 +314,7 @@ async fn reconnect(endpoint: Weak<Endpoint>, origin: Arc<Origin>) {
             return;
         };
         let mut last_failure = endpoint.connecting.lock().await;
-        if endpoint.open().is_some() || !endpoint.failing() {
+        if endpoint.has_connection() || !endpoint.failing() {
             return;
         }
         if let Err(err) = endpoint.attempt(&origin, &mut last_failure).await {
