@@ -210,20 +210,18 @@ impl Endpoint {
         self: &Arc<Self>,
         origin: &Arc<Origin>,
     ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
-        let attempts_seen = self.attempts.load(Ordering::Acquire);
         let mut last_failure = self.connecting.lock().await;
         // Another call may have connected, or failed to, while this one
         // waited.
         if let Some(open) = self.open() {
             return Ok(open);
         }
-        // Why a failing address answers at once: a pod gone from under its
+        // A last failure means the address is failing (both change under
+        // this lock). Why it answers at once: a pod gone from under its
         // address (a Service scaled to zero keeps its last addresses) can
         // take the whole connect timeout to fail, and every call would wait
         // that long in turn.
-        if let Some(failure) = last_failure.as_ref()
-            && (self.attempts.load(Ordering::Acquire) != attempts_seen || self.failing())
-        {
+        if let Some(failure) = last_failure.as_ref() {
             return Err(UpstreamError::Shared(Arc::clone(failure)));
         }
         let connected = self.attempt(origin, &mut last_failure).await;
@@ -239,9 +237,8 @@ impl Endpoint {
         origin: &Origin,
         last_failure: &mut Option<Arc<UpstreamError>>,
     ) -> Result<(u64, SendRequest<Bytes>), UpstreamError> {
-        // Counted when it ends, so every call that waited on it shares
-        // its outcome.
-        let number = self.attempts.load(Ordering::Acquire) + 1;
+        // The attempt's number names the connection it opens.
+        let number = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let timing = origin.timing;
         let opened = tokio::time::timeout(timing.connect, origin.open(self.address))
             .await
@@ -251,7 +248,6 @@ impl Endpoint {
                     timeout: timing.connect,
                 })
             });
-        self.attempts.store(number, Ordering::Release);
         let (sender, connection) = match opened {
             Ok(opened) => opened,
             Err(err) => {
@@ -314,7 +310,7 @@ async fn reconnect(endpoint: Weak<Endpoint>, origin: Arc<Origin>) {
             return;
         };
         let mut last_failure = endpoint.connecting.lock().await;
-        if endpoint.has_connection() || !endpoint.failing() {
+        if last_failure.is_none() {
             return;
         }
         if let Err(err) = endpoint.attempt(&origin, &mut last_failure).await {

@@ -88,14 +88,7 @@ impl Timing {
             first_stream_id: 1,
         }
     }
-}
 
-/// How often a name is resolved again unless configured otherwise: pods
-/// that come and go are followed within seconds, and a lookup every five
-/// seconds costs the cluster DNS nothing.
-pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
-
-impl Timing {
     /// How long an address is backed off after `failures` failed attempts
     /// in a row (at least one).
     fn backoff(&self, failures: u32) -> Duration {
@@ -105,6 +98,11 @@ impl Timing {
             .min(self.backoff_longest)
     }
 }
+
+/// How often a name is resolved again unless configured otherwise: pods
+/// that come and go are followed within seconds, and a lookup every five
+/// seconds costs the cluster DNS nothing.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for Timing {
     fn default() -> Self {
@@ -141,7 +139,7 @@ pub enum UpstreamError {
     #[error("the caller's request body failed: {0}")]
     RequestBody(Status),
     /// One attempt's failure, heard by every call that waited on that
-    /// attempt or came while its address was backed off.
+    /// attempt or came while its address was failing.
     #[error(transparent)]
     Shared(Arc<UpstreamError>),
 }
@@ -876,7 +874,7 @@ mod tests {
             .addresses
             .per_endpoint(Endpoint::connection_attempts)[0];
         assert!((3..=25).contains(&attempts), "{attempts} attempts in 1 s");
-        // Meanwhile calls hear the last failure without waiting.
+        // Meanwhile calls hear the last failure.
         refused_call(&upstream).await;
 
         // It comes back: the background attempt connects, with no call
@@ -912,12 +910,17 @@ mod tests {
         assert_eq!(after[0], attempts[0] + 1, "one more connection, no retries");
     }
 
-    /// Makes a call that fails because its address refused to connect.
-    async fn refused_call(upstream: &Upstream) {
-        let refused = upstream
+    /// Makes a call that must fail before its response.
+    async fn unanswered_call(upstream: &Upstream) -> UpstreamError {
+        upstream
             .call(request(Body::empty()))
             .await
-            .expect_err("refused");
+            .expect_err("a failure before the response")
+    }
+
+    /// Makes a call that fails because its address refused to connect.
+    async fn refused_call(upstream: &Upstream) {
+        let refused = unanswered_call(upstream).await;
         assert!(
             matches!(refused.underlying(), UpstreamError::Connect { .. }),
             "{refused:?}"
@@ -1143,6 +1146,14 @@ mod tests {
             connections, 1,
             "one attempt for the three calls that waited on it"
         );
+        // A call while the address is failing hears that failure without an
+        // attempt of its own (the background one comes a second later).
+        let failing = unanswered_call(&upstream).await;
+        assert!(
+            matches!(failing.underlying(), UpstreamError::ConnectTimedOut { .. }),
+            "{failing:?}"
+        );
+        assert!(accepted.try_recv().is_err(), "no new connection");
     }
 
     /// A resolver the test moves between addresses.
