@@ -14,10 +14,12 @@ RUN cargo build --release --locked --bin madtech \
 # manager. The `nonroot` variant runs as UID 65532, as the manifests expect.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/madtech /usr/local/bin/madtech
-# Default policies, overridden in Kubernetes by the mounted ConfigMap at the
-# same path.
-COPY policies/*.conf policies/*.csv /etc/madtech/policies/
+# Default policies (casbin files, consent rules, identity rules), overridden
+# in Kubernetes by the mounted ConfigMap at the same path.
+COPY policies/*.conf policies/*.csv policies/*.toml /etc/madtech/policies/
 ENV MADTECH_GATEWAY__POLICY_DIR=/etc/madtech/policies \
+    MADTECH_CONSENT__POLICY_DIR=/etc/madtech/policies \
+    MADTECH_PROFILES__IDENTITY_RULES=/etc/madtech/policies/identity.toml \
     MADTECH_TELEMETRY__LOG_FORMAT=json
 USER 65532:65532
 EXPOSE 50051 50052 50053 50054 50055 9090

@@ -145,8 +145,6 @@ impl Reloader {
                 self.refused = None;
                 metrics::counter!("madtech_gateway_policy_reloads_total", "outcome" => "replaced")
                     .increment(1);
-                metrics::gauge!("madtech_gateway_policy_loaded_timestamp_seconds")
-                    .set(now_micros() as f64 / 1e6);
                 tracing::info!(version = %version, "new policy set in force");
                 Reload::Replaced(version)
             }
@@ -660,12 +658,15 @@ impl Policies {
 }
 
 /// `madtech_gateway_policy_info{version}` is 1 for the set in force and 0
-/// for the one it replaced, so dashboards and alerts see which set decides.
+/// for the one it replaced, so dashboards and alerts see which set decides;
+/// `madtech_gateway_policy_loaded_timestamp_seconds` says since when.
 fn report_in_force(previous: Option<&str>, version: &str) {
     if let Some(previous) = previous.filter(|p| *p != version) {
         metrics::gauge!("madtech_gateway_policy_info", "version" => previous.to_string()).set(0.0);
     }
     metrics::gauge!("madtech_gateway_policy_info", "version" => version.to_string()).set(1.0);
+    metrics::gauge!("madtech_gateway_policy_loaded_timestamp_seconds")
+        .set(now_micros() as f64 / 1e6);
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ impl Endpoint {
 
     /// Whether a connection is open, without taking a handle on it (a
     /// clone of h2's sender takes the connection's lock).
-    fn has_connection(&self) -> bool {
+    pub(super) fn has_connection(&self) -> bool {
         self.current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -603,6 +603,34 @@ mod tests {
 
     use super::*;
 
+    /// What a test upstream answers; [`Served`] makes it a gRPC service.
+    trait Answer: Clone + Send + Sync + 'static {
+        const NAME: &'static str;
+        fn answer(&self, request: Request<Body>) -> BoxFuture<'static, Response<Body>>;
+    }
+
+    #[derive(Clone)]
+    struct Served<A>(A);
+
+    impl<A: Answer> NamedService for Served<A> {
+        const NAME: &'static str = A::NAME;
+    }
+
+    impl<A: Answer> tower::Service<Request<Body>> for Served<A> {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Body>) -> Self::Future {
+            let answer = self.0.answer(request);
+            Box::pin(async move { Ok(answer.await) })
+        }
+    }
+
     /// An upstream that answers any call with the request's body, frame
     /// by frame as it arrives, then trailers naming the path and authority
     /// it saw and the port it listens on, and echoing the caller's
@@ -611,20 +639,10 @@ mod tests {
     #[derive(Clone)]
     struct Echo(u16);
 
-    impl NamedService for Echo {
+    impl Answer for Echo {
         const NAME: &'static str = "test.Echo";
-    }
 
-    impl tower::Service<Request<Body>> for Echo {
-        type Response = Response<Body>;
-        type Error = Infallible;
-        type Future = futures::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, request: Request<Body>) -> Self::Future {
+        fn answer(&self, request: Request<Body>) -> BoxFuture<'static, Response<Body>> {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             let seen = format!("{} {:?}", request.uri().path(), request.uri().authority());
@@ -641,7 +659,7 @@ mod tests {
                 .into_body()
                 .with_trailers(async move { Some(Ok(trailers)) });
             if !whole {
-                return Box::pin(std::future::ready(Ok(Response::new(Body::new(body)))));
+                return Box::pin(std::future::ready(Response::new(Body::new(body))));
             }
             Box::pin(async move {
                 let collected = body.collect().await.expect("the request body");
@@ -649,7 +667,7 @@ mod tests {
                 let data = collected.to_bytes();
                 let answer =
                     http_body_util::Full::new(data).with_trailers(async move { trailers.map(Ok) });
-                Ok(Response::new(Body::new(answer)))
+                Response::new(Body::new(answer))
             })
         }
     }
@@ -661,20 +679,10 @@ mod tests {
     #[derive(Clone)]
     struct Drain(mpsc::UnboundedSender<bool>);
 
-    impl NamedService for Drain {
+    impl Answer for Drain {
         const NAME: &'static str = "test.Drain";
-    }
 
-    impl tower::Service<Request<Body>> for Drain {
-        type Response = Response<Body>;
-        type Error = Infallible;
-        type Future = futures::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, request: Request<Body>) -> Self::Future {
+        fn answer(&self, request: Request<Body>) -> BoxFuture<'static, Response<Body>> {
             let report = self.0.clone();
             let report_reset = self.0.clone();
             let early = request.uri().path().ends_with("/Early");
@@ -692,10 +700,10 @@ mod tests {
                         let _held = &reset;
                         Poll::<Option<Result<Frame<Bytes>, Status>>>::Pending
                     });
-                    Ok(Response::new(Body::new(StreamBody::new(open))))
+                    Response::new(Body::new(StreamBody::new(open)))
                 } else {
                     drained.await;
-                    Ok(Response::new(Body::empty()))
+                    Response::new(Body::empty())
                 }
             })
         }
@@ -721,8 +729,8 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let server = crate::server::GrpcServer::new()
             .without_reflection()
-            .add_service(Echo(port))
-            .add_service(Drain(drained));
+            .add_service(Served(Echo(port)))
+            .add_service(Served(Drain(drained)));
         tokio::spawn(server.serve(listener, shutdown.clone()));
         shutdown
     }
@@ -1442,6 +1450,52 @@ mod tests {
         one_call_ended(&upstream).await;
         shutdown.cancel();
         ended_streams_let_go(&upstream, "when the connection ended").await;
+    }
+
+    #[tokio::test]
+    async fn a_call_that_outlives_its_connection_lets_its_stream_go_at_once() {
+        // An upstream that answers a call's headers, then drops the
+        // connection while the response is still open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+            let (_, mut respond) = connection
+                .accept()
+                .await
+                .expect("a call")
+                .expect("its request");
+            let _open = respond
+                .send_response(Response::new(()), false)
+                .expect("headers");
+            tokio::select! {
+                _ = closed => {}
+                _ = std::future::poll_fn(|cx| connection.poll_closed(cx)) => {}
+            }
+        });
+        let upstream = plain_upstream(addr);
+        let mut body = upstream
+            .call(request(Body::empty()))
+            .await
+            .expect("headers")
+            .into_body();
+        close.send(()).expect("the server waits");
+        let ended = body.frame().await;
+        assert!(matches!(ended, Some(Err(_))), "{ended:?}");
+        let forgotten = async {
+            while upstream.addresses.per_endpoint(Endpoint::has_connection) != [false] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), forgotten)
+            .await
+            .expect("the closed connection is forgotten");
+        // The connection's end has let go of what it held; the call ends
+        // after, with no later call or ping on that connection to come.
+        drop(body);
+        assert_eq!(upstream.addresses.per_endpoint(Endpoint::ended_count), [0]);
     }
 
     #[tokio::test]
