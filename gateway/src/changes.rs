@@ -17,8 +17,9 @@ use futures::Stream;
 use madtech_proto::segments::v1 as segments_pb;
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::crossing::{
-    Accepted, Audited, Crossing, Filter, Ledger, name_policy_version, policy_failure,
+    Accepted, Audited, Crossing, Filter, Ledger, name_policy_version, no_policy, policy_failure,
 };
 use crate::page::MemberView;
 
@@ -65,14 +66,16 @@ impl Crossing {
             .upstream(EXPORT_AUDIENCE_CHANGES, request.clone(), deadline, codec)
             .await?
             .into_inner();
-        let policy_version = policy.version.clone();
-        let vendor_purpose = policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
+        let started_under = policy.version.clone();
         let crossing = self.clone();
         let stream = async_stream::try_stream! {
-            let audited = || Audited {
+            let audited = |policy_version: &str| Audited {
                 ledger: Ledger::default(),
                 log: Arc::clone(&crossing.audit),
-                base: base.clone(),
+                base: audit::Crossing {
+                    policy_version: policy_version.to_string(),
+                    ..base.clone()
+                },
                 recorded: false,
             };
             let mut pages = 0_u64;
@@ -80,13 +83,18 @@ impl Crossing {
                 // Consent as it stands when the page crosses: a follower
                 // may run for days.
                 let freshness = crossing.consent.freshness(deadline).await?;
+                // And the policy in force then: a reload reaches followers
+                // that started before it.
+                let policy = crossing.policies.current().ok_or_else(no_policy)?;
+                let vendor_purpose =
+                    policy.tcf_vendor_purpose(&request.destination_kind, &request.purpose);
                 // Owed before the page is decided on: a page that fails
                 // is recorded as aborted.
-                let mut page_audit = audited();
+                let mut page_audit = audited(&policy.version);
                 // A new filter per page: its age bands are for the day the
                 // page crosses.
                 let mut filter = Filter::new(
-                    Arc::clone(&policy),
+                    policy,
                     crossing.pseudonymiser.clone(),
                     &request.destination_id,
                     &request.destination_kind,
@@ -103,11 +111,11 @@ impl Crossing {
             }
             // A call that released nothing is on record too.
             if pages == 0 {
-                audited().record("complete").await?;
+                audited(&started_under).record("complete").await?;
             }
         };
         let mut response = Response::new(Box::pin(stream) as Changes);
-        name_policy_version(&mut response, &policy_version);
+        name_policy_version(&mut response, &policy.version);
         Ok(response)
     }
 

@@ -208,6 +208,28 @@ impl Cache {
             .insert(person, known);
         self.len += 1;
     }
+
+    /// Remembers the consent service's answers to a lookup made while the
+    /// cache was in `generation`, for as long as it still is. A clear
+    /// throws away what the change stream delivered since the lookup, which
+    /// may be newer than these answers; the `learn` of one of them can be
+    /// what clears it, and then the rest are not remembered.
+    fn learn_answers<'a>(
+        &mut self,
+        capacity: usize,
+        purpose: &str,
+        generation: u64,
+        answers: impl IntoIterator<Item = (&'a str, Known)>,
+    ) {
+        for (person, answer) in answers {
+            if self.generation != generation {
+                return;
+            }
+            if answer.state != consent_pb::ConsentState::Unspecified {
+                self.learn(capacity, purpose, person, answer);
+            }
+        }
+    }
 }
 
 /// The view, shared by every crossing and fed by one watcher task.
@@ -423,14 +445,15 @@ impl ConsentView {
             let mut answered: HashMap<&str, Known> = HashMap::with_capacity(missing.len());
             for batch in missing.chunks(MAX_BATCH) {
                 let answers = self.lookup(batch, purpose, deadline).await?;
-                let mut cache = self.cache();
-                let remember = freshness == Freshness::Current && cache.generation == generation;
-                for (person, answer) in batch.iter().zip(answers) {
-                    if remember && answer.state != consent_pb::ConsentState::Unspecified {
-                        cache.learn(self.capacity, purpose, person, answer);
-                    }
-                    answered.insert(person, answer);
+                if freshness == Freshness::Current {
+                    self.cache().learn_answers(
+                        self.capacity,
+                        purpose,
+                        generation,
+                        batch.iter().copied().zip(answers.iter().copied()),
+                    );
                 }
+                answered.extend(batch.iter().copied().zip(answers));
             }
             for (slot, person) in known.iter_mut().zip(&people) {
                 if slot.is_none() {
@@ -510,7 +533,13 @@ const UNKNOWN: Known = Known {
     expires_at_micros: None,
 };
 
+/// What a crossing answers when consent could not be read: nothing
+/// crosses. A caller whose own deadline ran out hears that, not that the
+/// consent service is down.
 fn unavailable(status: Status) -> Status {
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return Status::deadline_exceeded("the deadline passed while consent was read");
+    }
     tracing::warn!(code = ?status.code(), "consent lookup failed; nothing crosses");
     Status::unavailable("the consent service is unavailable; nothing may cross")
 }
@@ -626,6 +655,43 @@ mod tests {
         assert_eq!(cache.len, 1);
         assert_eq!(get(&cache, "ads", "p1"), None);
         assert_eq!(get(&cache, "ads", "p3"), Some(known(Denied, 3)));
+    }
+
+    #[test]
+    fn answers_are_not_remembered_once_a_clear_may_have_dropped_newer_states() {
+        let mut cache = Cache::default();
+        cache.learn(2, "ads", "p0", known(Granted, 1));
+        // A crossing reads the cache (generation 0) and asks for p1 and p2;
+        // meanwhile the stream delivers p2's withdrawal, filling the cache.
+        let generation = cache.generation;
+        cache.learn(2, "ads", "p2", known(Denied, 7));
+        // The answers, older than the withdrawal: remembering p1 clears the
+        // full cache, withdrawal and all, so p2's answer must not stand in
+        // for it.
+        cache.learn_answers(
+            2,
+            "ads",
+            generation,
+            [("p1", known(Granted, 3)), ("p2", known(Granted, 3))],
+        );
+        assert_eq!(get(&cache, "ads", "p1"), Some(known(Granted, 3)));
+        assert_eq!(get(&cache, "ads", "p2"), None, "asked afresh next time");
+        // Answers to a lookup from an earlier generation are all dropped.
+        cache.learn_answers(2, "ads", generation, [("p3", known(Granted, 4))]);
+        assert_eq!(get(&cache, "ads", "p3"), None);
+        // Unspecified answers are never remembered.
+        let current = cache.generation;
+        cache.learn_answers(2, "ads", current, [("p4", UNKNOWN)]);
+        assert_eq!(get(&cache, "ads", "p4"), None);
+    }
+
+    #[test]
+    fn a_deadline_that_ran_out_is_not_blamed_on_the_consent_service() {
+        let late = unavailable(Status::deadline_exceeded("upstream"));
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded);
+        let down = unavailable(Status::internal("connection refused"));
+        assert_eq!(down.code(), tonic::Code::Unavailable);
+        assert!(!down.message().contains("refused"));
     }
 
     #[test]

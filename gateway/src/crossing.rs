@@ -411,7 +411,10 @@ type Members = std::pin::Pin<
 /// A request that crosses: it names a segment, a destination (and perhaps
 /// its kind) and a purpose.
 pub(crate) trait CrossingRequest {
-    fn validate(&self) -> Result<(), FieldError>;
+    /// Checks the fields and trims the ids in place, so the pseudonyms,
+    /// the audit record and every call the crossing makes use the one
+    /// spelling the destination registry knows (as consent releases do).
+    fn validate(&mut self) -> Result<(), FieldError>;
     fn segment_id(&self) -> &str;
     fn purpose(&self) -> &str;
     /// The destination id and the kind the caller named (may be empty).
@@ -419,10 +422,14 @@ pub(crate) trait CrossingRequest {
     fn destination_kind_mut(&mut self) -> &mut String;
 }
 
-/// Checks the fields every crossing request has.
-fn validated(segment_id: &str, destination_id: &str, purpose: &str) -> Result<(), FieldError> {
-    require("segment_id", segment_id)?;
-    require("destination_id", destination_id)?;
+/// Checks the fields every crossing request has, trimming its ids.
+fn validated(
+    segment_id: &mut String,
+    destination_id: &mut String,
+    purpose: &str,
+) -> Result<(), FieldError> {
+    *segment_id = require("segment_id", segment_id)?.to_string();
+    *destination_id = require("destination_id", destination_id)?.to_string();
     policy_name("purpose", purpose)?;
     Ok(())
 }
@@ -430,8 +437,12 @@ fn validated(segment_id: &str, destination_id: &str, purpose: &str) -> Result<()
 macro_rules! crossing_request {
     ($message:ty) => {
         impl CrossingRequest for $message {
-            fn validate(&self) -> Result<(), FieldError> {
-                validated(&self.segment_id, &self.destination_id, &self.purpose)
+            fn validate(&mut self) -> Result<(), FieldError> {
+                validated(
+                    &mut self.segment_id,
+                    &mut self.destination_id,
+                    &self.purpose,
+                )
             }
 
             fn segment_id(&self) -> &str {
@@ -482,6 +493,11 @@ impl<R: CrossingRequest> Accepted<R> {
             ..audit::Crossing::default()
         }
     }
+}
+
+/// What a crossing answers while no valid policy set is loaded.
+pub(crate) fn no_policy() -> Status {
+    Status::failed_precondition("no valid policy set is loaded; nothing may cross")
 }
 
 pub(crate) fn policy_failure(err: PolicyError) -> Status {
@@ -538,9 +554,7 @@ impl Crossing {
         let deadline = deadline_of(request.metadata());
         let mut request = request.into_inner();
         request.validate()?;
-        let policy = self.policies.current().ok_or_else(|| {
-            Status::failed_precondition("no valid policy set is loaded; nothing may cross")
-        })?;
+        let policy = self.policies.current().ok_or_else(no_policy)?;
         let (destination_id, named_kind) = request.destination();
         let kind = self.destinations.kind_of(destination_id, deadline).await?;
         check_named_kind(destination_id, named_kind, &kind)?;
@@ -898,6 +912,30 @@ mod tests {
         let mut states = vec![Granted, Granted, Unset, Granted];
         refuse_vendor_denials(&mut states, &[Denied, Granted, Denied, Unset]);
         assert_eq!(states, vec![Denied, Granted, Denied, Granted]);
+    }
+
+    #[test]
+    fn a_crossing_request_s_ids_are_trimmed_in_place_before_anything_uses_them() {
+        let mut request = segments_pb::ExportAudienceRequest {
+            segment_id: " seg-1 ".into(),
+            destination_id: "dest-1 ".into(),
+            purpose: "ad_targeting".into(),
+            ..Default::default()
+        };
+        request.validate().expect("valid");
+        assert_eq!(request.segment_id, "seg-1");
+        assert_eq!(
+            request.destination(),
+            ("dest-1", ""),
+            "pseudonyms are keyed by the id the registry knows"
+        );
+        let mut blank = segments_pb::ExportAudienceChangesRequest {
+            segment_id: "seg-1".into(),
+            destination_id: "  ".into(),
+            purpose: "ad_targeting".into(),
+            ..Default::default()
+        };
+        assert_eq!(blank.validate().expect_err("blank").field, "destination_id");
     }
 
     async fn filter() -> Filter {

@@ -108,14 +108,15 @@ impl<U: Send + 'static> Ordered<U> {
     }
 
     /// The next answer; `None` once the input has ended and every item
-    /// before its end has been answered.
+    /// before its end has been answered. Cancel-safe: the turn moves on
+    /// only once its answer has been received.
     pub async fn next(&mut self) -> Option<Result<U, Stopped>> {
         if self.ended {
             return None;
         }
-        let turn = self.next;
+        let received = self.answers[self.next].recv().await;
         self.next = (self.next + 1) % self.answers.len();
-        match self.answers[turn].recv().await {
+        match received {
             Some(Step::Item(answer)) => Some(Ok(answer)),
             Some(Step::End) => {
                 self.ended = true;
@@ -167,6 +168,30 @@ mod tests {
         let answers: Vec<_> = collect(ordered).await.into_iter().flatten().collect();
         // Items alternate between the workers; each counts its own.
         assert_eq!(answers, vec![0, 100, 1, 101, 2, 102]);
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_on_loses_no_turn() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let mut ordered = Ordered::spawn(
+            futures::stream::iter(0..4_u64),
+            vec![(), ()],
+            move |(), n| {
+                let mut released = released.clone();
+                async move {
+                    // The first item waits until the test lets it go.
+                    if n == 0 {
+                        let _ = released.wait_for(|go| *go).await;
+                    }
+                    ((), n)
+                }
+            },
+        );
+        let waited = tokio::time::timeout(Duration::from_millis(50), ordered.next()).await;
+        assert!(waited.is_err(), "the first answer is not ready yet");
+        release.send_replace(true);
+        let answers: Vec<_> = collect(ordered).await.into_iter().flatten().collect();
+        assert_eq!(answers, vec![0, 1, 2, 3]);
     }
 
     #[tokio::test]

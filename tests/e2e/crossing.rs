@@ -1084,3 +1084,112 @@ async fn audience_changes_cross_like_exports_sqlite() {
 async fn audience_changes_cross_like_exports_postgres() {
     audience_changes_cross_like_exports(Backend::Postgres).await;
 }
+
+/// A follower of `ExportAudienceChanges` may run for days: each page is
+/// decided under the policy set in force when it crosses, and audited
+/// under that set's version, not the one in force when the follower began.
+#[tokio::test]
+async fn a_following_changes_stream_decides_each_page_under_the_policy_in_force() {
+    let policies = Suite::copy_of_policies();
+    let dir = policies.path().to_path_buf();
+    let suite = Suite::start_with(Backend::Sqlite, move |config| {
+        config.gateway.policy_dir = dir;
+        config.gateway.policy_reload_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let segment = suite.region_segment("french", &["FR"]).await;
+    let destination_id = suite.destination_of_kind("file").await;
+    let mut segments = suite.segments(suite.bearer(&["activation"]));
+    let mut policy = gateway_pb::policy_service_client::PolicyServiceClient::with_interceptor(
+        suite.gateway_channel(),
+        suite.bearer(&["compliance"]),
+    );
+    let version =
+        |status: tonic::Response<gateway_pb::GetPolicyStatusResponse>| status.into_inner().version;
+    let first_version = version(
+        policy
+            .get_policy_status(gateway_pb::GetPolicyStatusRequest {})
+            .await
+            .expect("status"),
+    );
+    let mut following = segments
+        .export_audience_changes(segments_pb::ExportAudienceChangesRequest {
+            segment_id: segment.segment_id.clone(),
+            destination_id: destination_id.clone(),
+            purpose: "ad_targeting".into(),
+            until_head: false,
+            ..Default::default()
+        })
+        .await
+        .expect("follow")
+        .into_inner();
+    // Someone who agreed joins: consent first, then into the segment.
+    let joins = |email: &'static str| {
+        let suite = &suite;
+        async move {
+            let id = suite.person(email, "DE", Default::default()).await;
+            let mut consent = suite.consent(suite.bearer(&["admin"]));
+            record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
+            suite.person(email, "FR", Default::default()).await;
+        }
+    };
+    let latest_page_version = || async {
+        suite
+            .audit_records()
+            .await
+            .into_iter()
+            .rev()
+            .find(|r| r.method.ends_with("/ExportAudienceChanges"))
+            .expect("the page is on record")
+            .policy_version
+    };
+    joins("before@example.com").await;
+    assert!(
+        next_change(&mut following).await,
+        "allowed under the first set"
+    );
+    assert_eq!(latest_page_version().await, first_version);
+
+    // Compliance stops ad targeting under the GDPR while the stream runs.
+    let consent_rules = policies.path().join("consent_policy.csv");
+    let mut text = std::fs::read_to_string(&consent_rules).expect("read");
+    text.push_str("p, all_destinations, ad_targeting, GDPR, *, *, deny\n");
+    std::fs::write(&consent_rules, text).expect("write");
+    let mut second_version = first_version.clone();
+    for _ in 0..200 {
+        second_version = version(
+            policy
+                .get_policy_status(gateway_pb::GetPolicyStatusRequest {})
+                .await
+                .expect("status"),
+        );
+        if second_version != first_version {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_ne!(second_version, first_version, "the new set is in force");
+
+    joins("after@example.com").await;
+    assert!(
+        !next_change(&mut following).await,
+        "the same stream now holds the newcomer back"
+    );
+    assert_eq!(latest_page_version().await, second_version);
+    drop(following);
+    suite.stop().await;
+}
+
+/// Whether the one change of a followed stream's next page is someone
+/// entering the audience.
+async fn next_change(
+    following: &mut tonic::Streaming<segments_pb::ExportAudienceChangesResponse>,
+) -> bool {
+    let page = tokio::time::timeout(std::time::Duration::from_secs(15), following.message())
+        .await
+        .expect("a change arrives")
+        .expect("page")
+        .expect("open");
+    assert_eq!(page.changes.len(), 1, "{page:?}");
+    page.changes[0].in_audience
+}
