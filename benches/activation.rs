@@ -367,8 +367,8 @@ async fn run() -> anyhow::Result<()> {
 
 /// The crossing's per-member hashing, with the gateway's own functions.
 fn hashing_per_member(samples: u32) -> Duration {
+    use madtech_common::hashing::Form;
     use madtech_gateway::crossing::Pseudonymiser;
-    use madtech_gateway::hashing::Form;
     let pseudonymiser = Pseudonymiser::new(&[7; 32]).expect("a 32-byte key");
     let emails: Vec<String> = (0..samples)
         .map(|i| format!("member{i}@example.com"))

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{bearer, channel, export_rate, median, peak_rss_mib, percentile};
 use madtech::suite::InProcess;
+use madtech_common::hashing::sha256_hex;
 use madtech_gateway::crossing::{Filter, Ledger, Pseudonymiser};
-use madtech_gateway::hashing::sha256_hex;
 use madtech_gateway::page::read_page;
 use madtech_gateway::policy::PolicySet;
 use madtech_proto::consent::v1::ConsentState;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hashing::Form;
 use crate::policy::{CONSENT, IDENTIFIERS, PolicyError, PolicySet, RBAC, UNKNOWN_REGION};
+use madtech_common::hashing::Form;
 
 /// One question a policy set answers.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -23,12 +23,12 @@ use tonic::{Request, Response, Status};
 use crate::audit::{self, AuditLog};
 use crate::consent_view::{ConsentView, Freshness, Subject};
 use crate::destinations::{DestinationRegistry, check_named_kind};
-use crate::hashing::Form;
 use crate::ordered::Ordered;
 use crate::page::{MemberView, PageCodec, read_page};
 use crate::policy::Policies;
 use crate::policy::{PolicyError, PolicySet};
 use crate::token::Caller;
+use madtech_common::hashing::Form;
 
 /// Overwrites `target` with `value`, keeping its allocation.
 fn replace(target: &mut String, value: &str) {
@@ -119,7 +119,7 @@ impl Pseudonymiser {
         // A separator no id contains keeps ("ab","c") and ("a","bc") apart.
         mac.update(&[0]);
         mac.update(profile_id.as_bytes());
-        crate::hashing::write_hex(&mac.finalize().into_bytes().into(), pseudonym);
+        madtech_common::hashing::write_hex(&mac.finalize().into_bytes().into(), pseudonym);
     }
 }
 
@@ -1235,7 +1235,7 @@ mod tests {
 
     #[test]
     fn sha256_matches_the_published_vector() {
-        use crate::hashing::sha256_hex;
+        use madtech_common::hashing::sha256_hex;
         // FIPS 180-2 appendix B.1: SHA-256("abc").
         assert_eq!(
             sha256_hex("abc"),

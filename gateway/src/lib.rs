@@ -16,7 +16,6 @@ pub mod crossing;
 pub mod destinations;
 pub mod error;
 pub mod guard;
-pub mod hashing;
 pub mod keys;
 pub mod limit;
 pub mod observe;

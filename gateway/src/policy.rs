@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model, StringAdapter};
 use sha2::{Digest, Sha256};
 
-use crate::hashing::Form;
+use madtech_common::hashing::Form;
 
 /// The model/policy pairs a policy directory must hold.
 pub const RBAC: (&str, &str) = ("rbac_model.conf", "rbac_policy.csv");

@@ -43,6 +43,10 @@ pub mod segments {
     /// The response header in which `ExportAudience` of the current
     /// membership names the membership cursor it includes everything up to.
     pub const MEMBERSHIP_CURSOR_HEADER: &str = "x-madtech-membership-cursor";
+
+    /// The most profile ids, and the most identifiers, one
+    /// `GetPersonRecords` call takes; a caller with more sends several.
+    pub const MAX_PERSON_RECORD_KEYS: usize = 100;
 }
 
 /// `madtech.activation.v1`
@@ -50,6 +54,10 @@ pub mod activation {
     pub mod v1 {
         tonic::include_proto!("madtech.activation.v1");
     }
+
+    /// The most identifier hashes one `FindDeliveries` or `ForgetPeople`
+    /// call takes; a caller with more sends them in several calls.
+    pub const MAX_IDENTIFIER_HASHES: usize = 100;
 }
 
 /// `madtech.gateway.v1`

@@ -15,8 +15,8 @@ use madtech_proto::consent::v1 as consent_pb;
 use crate::crossing::{record, sha256_hex, sync, sync_full, try_sync};
 use crate::harness::Suite;
 
-const AUDIENCE: &str = "23847000000001";
-const TOKEN: &str = "meta-test-token";
+pub(crate) const AUDIENCE: &str = "23847000000001";
+pub(crate) const TOKEN: &str = "meta-test-token";
 
 /// A suite whose retries wait milliseconds, not seconds.
 async fn suite(backend: Backend) -> Suite {
@@ -29,7 +29,7 @@ async fn suite(backend: Backend) -> Suite {
 }
 
 /// A Meta destination for the mock, its token in a file as a Secret would be.
-fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> Target {
+pub(crate) fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> Target {
     std::fs::write(token_file, format!("{TOKEN}\n")).expect("token file");
     Target::Meta(activation_pb::MetaDestination {
         audience_id: AUDIENCE.into(),

@@ -374,3 +374,110 @@ async fn access_erasure_and_opt_out(backend: Backend) {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     suite.stop().await;
 }
+
+/// Which form of an identifier a destination was given is policy: Meta gets
+/// phones as digits without the `+`. An erasure asked for by phone finds and
+/// removes the person there too, and proves nothing is left.
+#[tokio::test]
+async fn an_erasure_reaches_a_destination_given_another_form_of_the_identifier() {
+    use crate::activation::{AUDIENCE, TOKEN, meta_target};
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mock = madtech_activation::mock::MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let phone = "+14155552671";
+    suite
+        .profiles(suite.bearer(&["ingest"]))
+        .upsert_profile(profiles_pb::UpsertProfileRequest {
+            identifiers: vec![profiles_pb::Identifier {
+                kind: "phone".into(),
+                value: phone.into(),
+            }],
+            region: "US-CA".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("upsert");
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (_, activated) = suite
+        .activate(
+            &segment.segment_id,
+            "meta",
+            meta_target(&mock, &secrets.path().join("token")),
+        )
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let first = sync(&mut activation, &activated.activation_id).await;
+    assert_eq!(first.added, 1);
+    assert_eq!(
+        mock.platform().audience.len(),
+        1,
+        "Meta holds the person's phone, hashed as digits"
+    );
+
+    let mut privacy = suite.privacy(suite.bearer(&["compliance"]));
+    privacy
+        .submit_request(consent_pb::SubmitRequestRequest {
+            request_id: "dsar-phone".into(),
+            kind: consent_pb::PrivacyRequestKind::Erasure.into(),
+            subject: Some(consent_pb::PrivacySubject {
+                kind: "phone".into(),
+                value: phone.into(),
+            }),
+            region: "US-CA".into(),
+        })
+        .await
+        .expect("submit erasure");
+    let erasure = completed(&mut privacy, "dsar-phone").await;
+    assert_eq!(erasure.remaining.get("activation"), Some(&0));
+    let meta = mock.platform();
+    assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+    assert!(
+        meta.audience.is_empty(),
+        "removed from Meta: {:?}",
+        meta.audience
+    );
+    drop(meta);
+    suite.stop().await;
+}
+
+/// A person may hold more identifiers than one activation lookup takes (100
+/// hashes): the request asks in several calls and completes.
+#[tokio::test]
+async fn a_person_with_more_identifiers_than_one_lookup_takes_is_served() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut profiles = suite.profiles(suite.bearer(&["ingest"]));
+    for batch in 0..3 {
+        let mut identifiers = vec![email("many@example.com")];
+        identifiers.extend((0..50).map(|i| profiles_pb::Identifier {
+            kind: "cookie_id".into(),
+            value: format!("cookie-{batch}-{i}"),
+        }));
+        profiles
+            .upsert_profile(profiles_pb::UpsertProfileRequest {
+                identifiers,
+                region: "US-CA".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("upsert");
+    }
+    let mut privacy = suite.privacy(suite.bearer(&["compliance"]));
+    privacy
+        .submit_request(submit(
+            "dsar-many",
+            consent_pb::PrivacyRequestKind::Access,
+            "many@example.com",
+        ))
+        .await
+        .expect("submit access");
+    let access = completed(&mut privacy, "dsar-many").await;
+    let export: Value = serde_json::from_slice(&access.export_json).expect("export is JSON");
+    assert_eq!(
+        export["profile"]["identifiers"]
+            .as_array()
+            .expect("identifiers")
+            .len(),
+        151
+    );
+    suite.stop().await;
+}

@@ -24,8 +24,7 @@ use crate::sync::Syncer;
 
 /// Progress messages buffered per RunSync stream before updates are dropped.
 const PROGRESS_BUFFER: usize = 16;
-/// Identifier hashes per data-subject lookup.
-const MAX_HASHES: usize = 100;
+use madtech_proto::activation::MAX_IDENTIFIER_HASHES as MAX_HASHES;
 
 /// 1 to 100 lower-case hex SHA-256 hashes.
 fn identifier_hashes(hashes: &[String]) -> Result<Vec<String>, FieldError> {

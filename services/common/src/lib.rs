@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod digest;
 pub mod error;
+pub mod hashing;
 pub mod server;
 pub mod sql;
 pub mod telemetry;

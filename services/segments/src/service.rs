@@ -28,8 +28,7 @@ use crate::store::{Segment, SegmentStore};
 
 /// Longest segment name accepted.
 const MAX_NAME_LEN: usize = 200;
-/// Profile ids or identifiers per person lookup.
-const MAX_PERSON_IDS: usize = 100;
+use madtech_proto::segments::MAX_PERSON_RECORD_KEYS as MAX_PERSON_IDS;
 
 #[derive(Clone)]
 pub struct SegmentApi {

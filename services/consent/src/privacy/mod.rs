@@ -11,8 +11,8 @@ pub mod worker;
 
 use std::collections::BTreeMap;
 
+use madtech_common::hashing::Form;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// What the person asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,16 +39,16 @@ impl Kind {
 
     /// The steps of a request of this kind, in the order they run.
     ///
-    /// Erasure removes the person from the ad platforms after profiles has
-    /// erased them (so no sync in between can send them again), waits for
-    /// segments to apply the erasure from the profiles change stream, then
-    /// drops consent's own records and checks every service for what is
-    /// left.
+    /// Erasure waits, after profiles has erased the person, for segments
+    /// to apply the erasure from the profiles change stream, and only then
+    /// removes them from the ad platforms: exports read segments, so no
+    /// sync after the removal can send them again. Then consent drops its
+    /// own records and every service is checked for what is left.
     pub fn steps(self) -> &'static [StepName] {
         use StepName::*;
         match self {
             Kind::Access => &[Resolve, Profiles, Consent, Segments, Activation],
-            Kind::Erasure => &[Resolve, Profiles, Activation, Segments, Consent, Verify],
+            Kind::Erasure => &[Resolve, Profiles, Segments, Activation, Consent, Verify],
             Kind::OptOutOfSaleSharing => &[Resolve, Consent],
         }
     }
@@ -102,13 +102,17 @@ pub struct Found {
 }
 
 impl Found {
-    /// SHA-256 (hex) of each identifier's normalised value: the form in
-    /// which identifiers crossed to the adtech zone.
+    /// Each identifier hashed in every form an identifier may cross in
+    /// (plain SHA-256, UID2's normalisation, phone digits without `+`),
+    /// once each: which form a destination was given is policy, so a
+    /// lookup of what the adtech zone holds asks for all of them.
     pub fn identifier_hashes(&self) -> Vec<String> {
-        self.identifiers
+        let hashes: std::collections::BTreeSet<String> = self
+            .identifiers
             .iter()
-            .map(|(_, value)| hex::encode(Sha256::digest(value.as_bytes())))
-            .collect()
+            .flat_map(|(kind, value)| Form::ALL.map(|form| form.hash(kind, value)))
+            .collect();
+        hashes.into_iter().collect()
     }
 }
 
@@ -197,11 +201,10 @@ impl PrivacyRequest {
     }
 }
 
-/// SHA-256 (hex) of `kind:value`, the value trimmed as submitted.
+/// SHA-256 (hex) of `kind:value`, the value trimmed as submitted: the
+/// suite's one identifier digest (`madtech_common::digest`).
 pub fn subject_digest(kind: &str, value: &str) -> String {
-    hex::encode(Sha256::digest(
-        format!("{kind}:{}", value.trim()).as_bytes(),
-    ))
+    madtech_common::digest::identifier(kind, value)
 }
 
 #[cfg(test)]
@@ -233,8 +236,8 @@ mod tests {
             [
                 "resolve",
                 "profiles",
-                "activation",
                 "segments",
+                "activation",
                 "consent",
                 "verify"
             ]
@@ -268,15 +271,30 @@ mod tests {
     }
 
     #[test]
-    fn identifiers_hash_as_they_crossed() {
+    fn identifiers_hash_in_every_form_they_may_have_crossed_in() {
         let found = Found {
             profile_ids: vec![],
-            identifiers: vec![("email".into(), "test@example.com".into())],
+            identifiers: vec![
+                ("email".into(), "test@example.com".into()),
+                ("email".into(), "jane.saoirse@gmail.com".into()),
+                ("phone".into(), "+12345678901".into()),
+            ],
         };
-        // SHA-256("test@example.com")
-        assert_eq!(
-            found.identifier_hashes(),
-            ["973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b"]
-        );
+        let hashes = found.identifier_hashes();
+        let expected = [
+            // SHA-256("test@example.com"): every form is the same.
+            "973dfe463ec85785f5f95af5ba3906eedb2d931c24e69824a89ea65dba4e813b",
+            // As given (Google, files), and with UID2's gmail rule (The
+            // Trade Desk; IABTechLab/uid2docs normalisation example).
+            &madtech_common::hashing::sha256_hex("jane.saoirse@gmail.com"),
+            "92ee26057ed9dea2535d6c8b141d48373932476599196e00352254896db5888f",
+            // With the `+` (Google) and without it (Meta).
+            &madtech_common::hashing::sha256_hex("+12345678901"),
+            &madtech_common::hashing::sha256_hex("12345678901"),
+        ];
+        assert_eq!(hashes.len(), expected.len(), "{hashes:?}");
+        for hash in expected {
+            assert!(hashes.iter().any(|h| h == hash), "{hash} missing");
+        }
     }
 }

@@ -13,9 +13,11 @@ use gateway_pb::audit_service_client::AuditServiceClient;
 use madtech_common::CancellationToken;
 use madtech_common::error::json_error;
 use madtech_common::upstream::Upstream;
+use madtech_proto::activation::MAX_IDENTIFIER_HASHES;
 use madtech_proto::activation::v1 as activation_pb;
 use madtech_proto::gateway::v1 as gateway_pb;
 use madtech_proto::profiles::v1 as profiles_pb;
+use madtech_proto::segments::MAX_PERSON_RECORD_KEYS;
 use madtech_proto::segments::v1 as segments_pb;
 use madtech_proto::time::duration_micros;
 use profiles_pb::profile_service_client::ProfileServiceClient;
@@ -242,13 +244,12 @@ impl Worker {
             }
             (Kind::Erasure, StepName::Profiles) => self.erase_profile(&found, &bearer).await?,
             (Kind::Erasure, StepName::Activation) => {
-                let hashes = found.identifier_hashes();
-                if !hashes.is_empty() {
-                    let mut client = ActivationServiceClient::new(self.gateway.clone());
+                let mut client = ActivationServiceClient::new(self.gateway.clone());
+                for hashes in found.identifier_hashes().chunks(MAX_IDENTIFIER_HASHES) {
                     client
                         .forget_people(authed(
                             activation_pb::ForgetPeopleRequest {
-                                identifier_sha256s: hashes,
+                                identifier_sha256s: hashes.to_vec(),
                             },
                             &bearer,
                         ))
@@ -436,29 +437,51 @@ impl Worker {
         found: &Found,
         bearer: &MetadataValue<Ascii>,
     ) -> Result<segments_pb::GetPersonRecordsResponse, StepError> {
-        if found.profile_ids.is_empty() && found.identifiers.is_empty() {
-            return Ok(segments_pb::GetPersonRecordsResponse::default());
-        }
-        let profile_ids = found.profile_ids.clone();
+        let identifiers: Vec<profiles_pb::Identifier> = found
+            .identifiers
+            .iter()
+            .map(|(kind, value)| profiles_pb::Identifier {
+                kind: kind.clone(),
+                value: value.clone(),
+            })
+            .collect();
+        // As many calls as the person's ids and identifiers need, each
+        // within what one call takes.
+        let lookups = found
+            .profile_ids
+            .chunks(MAX_PERSON_RECORD_KEYS)
+            .map(|ids| segments_pb::GetPersonRecordsRequest {
+                profile_ids: ids.to_vec(),
+                identifiers: Vec::new(),
+            })
+            .chain(
+                identifiers
+                    .chunks(MAX_PERSON_RECORD_KEYS)
+                    .map(|identifiers| segments_pb::GetPersonRecordsRequest {
+                        profile_ids: Vec::new(),
+                        identifiers: identifiers.to_vec(),
+                    }),
+            );
         let mut client = SegmentServiceClient::new(self.gateway.clone());
-        Ok(client
-            .get_person_records(authed(
-                segments_pb::GetPersonRecordsRequest {
-                    profile_ids,
-                    identifiers: found
-                        .identifiers
-                        .iter()
-                        .map(|(kind, value)| profiles_pb::Identifier {
-                            kind: kind.clone(),
-                            value: value.clone(),
-                        })
-                        .collect(),
-                },
-                bearer,
-            ))
-            .await
-            .map_err(|status| failed("segments", &status))?
-            .into_inner())
+        let mut records = segments_pb::GetPersonRecordsResponse::default();
+        for lookup in lookups {
+            let found = client
+                .get_person_records(authed(lookup, bearer))
+                .await
+                .map_err(|status| failed("segments", &status))?
+                .into_inner();
+            records.memberships.extend(found.memberships);
+            // A row found by both a profile id and an identifier counts
+            // in each call: what matters is whether any is left.
+            records.projection_rows += found.projection_rows;
+        }
+        records
+            .memberships
+            .sort_by(|a, b| (&a.segment_id, &a.profile_id).cmp(&(&b.segment_id, &b.profile_id)));
+        records
+            .memberships
+            .dedup_by(|a, b| a.segment_id == b.segment_id && a.profile_id == b.profile_id);
+        Ok(records)
     }
 
     async fn deliveries(
@@ -466,22 +489,32 @@ impl Worker {
         found: &Found,
         bearer: &MetadataValue<Ascii>,
     ) -> Result<Vec<activation_pb::Delivery>, StepError> {
-        let hashes = found.identifier_hashes();
-        if hashes.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut client = ActivationServiceClient::new(self.gateway.clone());
-        Ok(client
-            .find_deliveries(authed(
-                activation_pb::FindDeliveriesRequest {
-                    identifier_sha256s: hashes,
-                },
-                bearer,
-            ))
-            .await
-            .map_err(|status| failed("activation", &status))?
-            .into_inner()
-            .deliveries)
+        let mut deliveries = Vec::new();
+        for hashes in found.identifier_hashes().chunks(MAX_IDENTIFIER_HASHES) {
+            deliveries.extend(
+                client
+                    .find_deliveries(authed(
+                        activation_pb::FindDeliveriesRequest {
+                            identifier_sha256s: hashes.to_vec(),
+                        },
+                        bearer,
+                    ))
+                    .await
+                    .map_err(|status| failed("activation", &status))?
+                    .into_inner()
+                    .deliveries,
+            );
+        }
+        // A delivery found through two of the person's hashes, asked for
+        // in different calls, is one delivery.
+        deliveries.sort_by(|a, b| {
+            (&a.activation_id, &a.pseudonymous_id).cmp(&(&b.activation_id, &b.pseudonymous_id))
+        });
+        deliveries.dedup_by(|a, b| {
+            a.activation_id == b.activation_id && a.pseudonymous_id == b.pseudonymous_id
+        });
+        Ok(deliveries)
     }
 
     /// The gateway's audit records of crossings to these destinations: when

@@ -2,7 +2,9 @@
 //! what the profiles service already did, then hashed. Which form reaches
 //! which destination is policy (`identifiers_policy.csv`, its third
 //! column); what each form computes is defined here, against the
-//! platforms' published test vectors.
+//! platforms' published test vectors. The gateway hashes with them; the
+//! consent service looks a person up in every form when a data-subject
+//! request asks what the adtech zone holds.
 //!
 //! The profiles service has already normalised every value (emails trimmed
 //! and lower-cased, phones in E.164 with `+`, mobile ids as lower-case
