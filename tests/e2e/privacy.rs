@@ -429,14 +429,15 @@ async fn an_erasure_reaches_a_destination_given_another_form_of_the_identifier()
         .expect("submit erasure");
     let erasure = completed(&mut privacy, "dsar-phone").await;
     assert_eq!(erasure.remaining.get("activation"), Some(&0));
-    let meta = mock.platform();
-    assert!(meta.violations.is_empty(), "{:?}", meta.violations);
-    assert!(
-        meta.audience.is_empty(),
-        "removed from Meta: {:?}",
-        meta.audience
-    );
-    drop(meta);
+    {
+        let meta = mock.platform();
+        assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+        assert!(
+            meta.audience.is_empty(),
+            "removed from Meta: {:?}",
+            meta.audience
+        );
+    }
     suite.stop().await;
 }
 
