@@ -177,11 +177,21 @@ impl RequestStore {
         Ok((stored, inserted == 1))
     }
 
-    pub async fn save(&self, request: &PrivacyRequest) -> Result<(), ConsentError> {
-        request::Entity::update(to_row(request)?)
+    /// Saves a request the caller still holds: it is open and its next
+    /// attempt is still `held`, the lease the caller claimed or last saved.
+    /// False, and nothing written, when it is not: another replica claimed
+    /// it after the lease ran out, or it completed, and an older copy must
+    /// not overwrite that (nor write back a completed request's subject).
+    pub async fn save(&self, request: &PrivacyRequest, held: i64) -> Result<bool, ConsentError> {
+        let saved = request::Entity::update_many()
+            .set(to_row(request)?)
+            .filter(request::Column::RequestId.eq(request.id.clone()))
+            .filter(request::Column::Status.eq(status_str(Status::Open)))
+            .filter(request::Column::NextAttemptAt.eq(held))
             .exec(&self.db)
-            .await?;
-        Ok(())
+            .await?
+            .rows_affected;
+        Ok(saved == 1)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<PrivacyRequest>, ConsentError> {
@@ -335,7 +345,12 @@ mod tests {
             progressed
                 .export
                 .insert("profile".into(), serde_json::json!({"a": 1}));
-            store.save(&progressed).await.expect("save");
+            assert!(
+                store
+                    .save(&progressed, first.next_attempt_micros)
+                    .await
+                    .expect("save")
+            );
             assert!(
                 store.due(49, 10).await.expect("due").is_empty(),
                 "backing off"
@@ -349,7 +364,7 @@ mod tests {
                 step.done = true;
             }
             progressed.complete_if_done(60);
-            store.save(&progressed).await.expect("save");
+            assert!(store.save(&progressed, 50).await.expect("save"));
             assert!(store.due(i64::MAX, 10).await.expect("due").is_empty());
             let completed = store
                 .list("", Some(Status::Completed), 10)
@@ -375,6 +390,27 @@ mod tests {
                 1,
                 "lease over"
             );
+            // The first replica was slow: its lease ran out and a second
+            // replica claimed the request. The first one's copy is stale
+            // and is not saved over the second one's work.
+            let mut slow = stored.clone();
+            slow.next_attempt_micros = 1_020;
+            assert!(store.claim(&slow, 1_030, 1_000).await.expect("claim"));
+            let mut finished = stored.clone();
+            for step in &mut finished.steps {
+                step.done = true;
+            }
+            finished.complete_if_done(1_040);
+            assert!(store.save(&finished, 2_030).await.expect("save"));
+            let mut stale = stored.clone();
+            stale.steps[0].done = true;
+            assert!(
+                !store.save(&stale, 1_020).await.expect("save"),
+                "a lease that ran out saves nothing"
+            );
+            let kept = store.get("r1").await.expect("get").expect("request");
+            assert_eq!(kept.status, Status::Completed);
+            assert_eq!(kept.subject_value, None, "the subject stays gone");
         }
     );
 

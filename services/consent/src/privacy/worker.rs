@@ -126,19 +126,25 @@ impl Worker {
     pub async fn round(&self) -> Result<(), crate::ConsentError> {
         let now = Utc::now().timestamp_micros();
         for request in self.store.due(now, BATCH).await? {
+            // Leased from when it is claimed, not from when the round
+            // began: the requests before it may have taken a while.
+            let claimed_at = Utc::now().timestamp_micros();
             // Another replica may be working on it.
-            if self.store.claim(&request, now, LEASE_MICROS).await? {
-                // Saved with every step: the lease holds until a step fails
-                // (then the backoff decides) or the request completes.
+            if self.store.claim(&request, claimed_at, LEASE_MICROS).await? {
                 let mut request = request;
-                request.next_attempt_micros = now.saturating_add(LEASE_MICROS);
+                request.next_attempt_micros = claimed_at.saturating_add(LEASE_MICROS);
                 self.advance(request).await?;
             }
         }
         Ok(())
     }
 
+    /// Runs the request's steps that are not done, saving after each one.
+    /// Each save renews the lease, until a step fails (then the backoff
+    /// decides) or the request completes; a save that finds the lease
+    /// lost (another replica claimed the request) ends the work here.
     async fn advance(&self, mut request: PrivacyRequest) -> Result<(), crate::ConsentError> {
+        let mut held = request.next_attempt_micros;
         for index in 0..request.steps.len() {
             if request.steps[index].done {
                 continue;
@@ -155,15 +161,22 @@ impl Worker {
                     step.done_at_micros = Some(now);
                     // Saved step by step: a restart resumes after the last
                     // step done, not from the start.
+                    request.next_attempt_micros = now.saturating_add(LEASE_MICROS);
                     request.complete_if_done(now);
-                    self.store.save(&request).await?;
+                    if !self.store.save(&request, held).await? {
+                        tracing::warn!(request = %request.id, "privacy request taken over by another replica");
+                        return Ok(());
+                    }
+                    held = request.next_attempt_micros;
                 }
                 Err(reason) => {
                     tracing::info!(request = %request.id, step = name.as_str(), reason = %reason.summary, "privacy request step not done yet");
                     let wait = backoff(step.attempts);
                     step.last_error = reason.into_recorded();
                     request.next_attempt_micros = now.saturating_add(duration_micros(wait));
-                    self.store.save(&request).await?;
+                    if !self.store.save(&request, held).await? {
+                        tracing::warn!(request = %request.id, "privacy request taken over by another replica");
+                    }
                     return Ok(());
                 }
             }
