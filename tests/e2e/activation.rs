@@ -895,3 +895,78 @@ async fn syncs_are_incremental_until_the_policy_changes() {
     assert_eq!((asked.added, asked.removed, asked.unchanged), (0, 0, 2));
     suite.stop().await;
 }
+
+/// A destination that does not take removals holds up no other: the
+/// removal it refused is owed, the consent stream goes on to the next
+/// withdrawal, and the owed removal goes through once the destination
+/// takes it again.
+#[tokio::test]
+async fn a_destination_refusing_removals_holds_up_no_other_and_is_owed_them() {
+    let suite = Suite::start_with(Backend::Sqlite, |config| {
+        config.activation.retry.initial_backoff = Duration::from_millis(5);
+        config.activation.retry.max_backoff = Duration::from_millis(50);
+        config.activation.schedule_tick = Duration::from_millis(100);
+    })
+    .await;
+    let refusing = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let healthy = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let mut consent = suite.consent(suite.bearer(&["admin"]));
+    let mut ids = Vec::new();
+    for email in ["x@example.com", "y@example.com"] {
+        let id = suite.person(email, "FR", Default::default()).await;
+        record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
+        ids.push(id);
+    }
+    let segment = suite.region_segment("french", &["FR"]).await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    for (name, mock) in [("refusing", &refusing), ("healthy", &healthy)] {
+        let (_, activated) = suite
+            .activate(
+                &segment.segment_id,
+                name,
+                meta_target(mock, &secrets.path().join(name)),
+            )
+            .await;
+        sync(&mut activation, &activated.activation_id).await;
+        assert_eq!(
+            mock.platform().audience,
+            rows(&["x@example.com", "y@example.com"])
+        );
+    }
+
+    refusing.force(&[Forced::BadRequest; 10_000]);
+    for (i, left) in [(0, vec!["y@example.com"]), (1, vec![])] {
+        record(
+            &mut consent,
+            &ids[i],
+            consent_pb::ConsentState::Denied,
+            "FR",
+        )
+        .await;
+        audience_becomes(&healthy, &left, "the healthy destination").await;
+    }
+    assert_eq!(
+        refusing.platform().audience,
+        rows(&["x@example.com", "y@example.com"]),
+        "the refusing destination still holds both"
+    );
+
+    refusing.stop_forcing();
+    audience_becomes(&refusing, &[], "the owed removals").await;
+    suite.stop().await;
+}
+
+/// Waits, up to 15 s, for the mock's audience to be these people's rows.
+async fn audience_becomes(mock: &MockPlatform, emails: &[&str], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let wanted = rows(emails);
+    loop {
+        let audience = mock.platform().audience.clone();
+        if audience == wanted {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {audience:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -28,7 +28,8 @@ pub struct ActivationConfig {
     pub file_root: PathBuf,
     /// How requests to ad platforms and webhooks are retried.
     pub retry: RetryPolicy,
-    /// How often activations' sync schedules are checked.
+    /// How often activations' sync schedules are checked, and removals a
+    /// destination did not take after a consent withdrawal are tried again.
     #[serde(with = "humantime_serde")]
     pub schedule_tick: std::time::Duration,
     /// Longest time between full syncs of an activation: a sync in between

@@ -6,9 +6,17 @@
 //! activation database after each page is handled, so a restart resumes
 //! where it stopped and a removal is never skipped (at worst repeated, which
 //! finds nobody held).
+//!
+//! A destination that does not take a removal (down, refusing, its
+//! credentials missing) holds up no other: the removal is recorded as owed,
+//! the stream goes on, and owed removals are tried again every
+//! `schedule_tick` until they go through, or until the person's consent
+//! returns or the activation is gone.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use chrono::Utc;
 
 use gateway_pb::consent_release_service_client::ConsentReleaseServiceClient;
 use madtech_common::CancellationToken;
@@ -44,11 +52,49 @@ impl ConsentFollower {
             tracing::warn!(error = %err, "could not finish interrupted runs at start");
         }
         let follower = Arc::new(self);
+        let retrying = tokio::spawn(Arc::clone(&follower).retry_owed(shutdown.clone()));
         keep_following("consent releases", shutdown, |backoff| {
             let follower = Arc::clone(&follower);
             async move { follower.follow_once(&backoff).await }
         })
         .await;
+        let _ = retrying.await;
+    }
+
+    /// Tries owed removals again every tick until `shutdown`.
+    async fn retry_owed(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.config.schedule_tick) => {}
+            }
+            if let Err(err) = self.settle_owed().await {
+                tracing::warn!(error = %err, "could not try owed removals again");
+            }
+        }
+    }
+
+    /// One pass over the owed removals.
+    pub async fn settle_owed(&self) -> Result<(), ActivationError> {
+        for (activation_id, ids) in self.store.owed_removals().await? {
+            match self
+                .syncer
+                .remove(&activation_id, &ids, Trigger::ConsentWithdrawal)
+                .await
+            {
+                // Removed, or nobody is held any more (a full sync removed
+                // them), or the activation is gone.
+                Ok(_) | Err(ActivationError::NotFound(_)) => {
+                    self.store.settle_removals(&activation_id, &ids).await?;
+                    tracing::info!(activation = %activation_id, people = ids.len(), "owed removals went through");
+                }
+                Err(err @ ActivationError::Database(_)) => return Err(err),
+                Err(err) => {
+                    tracing::warn!(activation = %activation_id, error = %err, "owed removals still not taken");
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn follow_once(&self, backoff: &Backoff) -> Result<(), ActivationError> {
@@ -88,28 +134,60 @@ impl ConsentFollower {
     }
 
     /// Removes everyone whose consent for an activation's purpose was
-    /// denied, per activation in one removal run.
+    /// denied, per activation in one removal run; a removal a destination
+    /// does not take is owed (see the module's comment). A person whose
+    /// consent returned is owed nothing any more.
     async fn handle(
         &self,
         releases: Vec<gateway_pb::ConsentRelease>,
     ) -> Result<(), ActivationError> {
-        let mut denied: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        // By (destination, purpose): each person's latest state in the page.
+        let mut latest: BTreeMap<(String, String), BTreeMap<String, ConsentState>> =
+            BTreeMap::new();
         for release in releases {
-            if release.state() == ConsentState::Denied {
-                denied
-                    .entry((release.destination_id, release.purpose))
-                    .or_default()
-                    .push(release.pseudonymous_id);
-            }
+            let state = release.state();
+            latest
+                .entry((release.destination_id, release.purpose))
+                .or_default()
+                .insert(release.pseudonymous_id, state);
         }
-        for ((destination_id, purpose), ids) in denied {
+        for ((destination_id, purpose), people) in latest {
+            let with = |wanted: ConsentState| -> Vec<String> {
+                people
+                    .iter()
+                    .filter(|(_, state)| **state == wanted)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            };
+            let denied = with(ConsentState::Denied);
+            // Only a grant ends what is owed: under opt-in law an unset
+            // choice does not let anyone stay.
+            let returned = with(ConsentState::Granted);
             for activation in self.store.activations_on(&destination_id, &purpose).await? {
-                let removed = self
-                    .syncer
-                    .remove(&activation.id, &ids, Trigger::ConsentWithdrawal)
+                self.store
+                    .settle_removals(&activation.id, &returned)
                     .await?;
-                if let Some(run) = removed {
-                    tracing::info!(activation = %activation.id, run = %run.id, removed = run.removed, "removed after consent was withdrawn");
+                if denied.is_empty() {
+                    continue;
+                }
+                match self
+                    .syncer
+                    .remove(&activation.id, &denied, Trigger::ConsentWithdrawal)
+                    .await
+                {
+                    Ok(Some(run)) => {
+                        tracing::info!(activation = %activation.id, run = %run.id, removed = run.removed, "removed after consent was withdrawn");
+                    }
+                    Ok(None) => {}
+                    // The store itself failing holds up every destination:
+                    // the page is handled again.
+                    Err(err @ ActivationError::Database(_)) => return Err(err),
+                    Err(err) => {
+                        tracing::warn!(activation = %activation.id, error = %err, "a removal after consent was withdrawn did not go through; owed");
+                        self.store
+                            .owe_removals(&activation.id, &denied, Utc::now().timestamp_micros())
+                            .await?;
+                    }
                 }
             }
         }

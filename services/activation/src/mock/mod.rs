@@ -106,6 +106,12 @@ impl MockPlatform {
         self.platform().forced.extend(answers.iter().copied());
     }
 
+    /// Drops the forced answers not given yet: the platform answers as
+    /// itself again.
+    pub fn stop_forcing(&self) {
+        self.platform().forced.clear();
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }

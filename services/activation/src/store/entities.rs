@@ -200,3 +200,24 @@ pub mod sync_baseline {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod owed_removal {
+    use sea_orm::entity::prelude::*;
+
+    /// A person to remove from an activation's destination after their
+    /// consent was withdrawn, whose removal has not gone through yet.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "owed_removals")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub activation_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub pseudonymous_id: String,
+        pub owed_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(Schedules),
             Box::new(RunPolicyVersion),
             Box::new(Baselines),
+            Box::new(OwedRemovals),
         ]
     }
 }
@@ -435,6 +436,47 @@ impl MigrationTrait for Baselines {
                 Table::alter()
                     .table(SyncRuns::Table)
                     .add_column(boolean(SyncRuns::Full).default(true))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum OwedRemovalsTable {
+    #[sea_orm(iden = "owed_removals")]
+    Table,
+    ActivationId,
+    PseudonymousId,
+    OwedAt,
+}
+
+/// Removals after a consent withdrawal that a destination did not take, kept
+/// until they go through.
+struct OwedRemovals;
+
+impl MigrationName for OwedRemovals {
+    fn name(&self) -> &str {
+        "m20261203_000008_owed_removals"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OwedRemovals {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(OwedRemovalsTable::Table)
+                    .if_not_exists()
+                    .col(string(OwedRemovalsTable::ActivationId))
+                    .col(string(OwedRemovalsTable::PseudonymousId))
+                    .col(big_integer(OwedRemovalsTable::OwedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(OwedRemovalsTable::ActivationId)
+                            .col(OwedRemovalsTable::PseudonymousId),
+                    )
                     .to_owned(),
             )
             .await

@@ -21,7 +21,9 @@ pub use plan::{PlanCounts, StagedChange};
 
 use crate::destination::{HashedIdentifier, Member, Op, Target};
 use crate::error::ActivationError;
-use entities::{activation, destination, followed_cursor, sync_batch, sync_run, sync_state};
+use entities::{
+    activation, destination, followed_cursor, owed_removal, sync_batch, sync_run, sync_state,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Destination {
@@ -468,6 +470,72 @@ impl ActivationStore {
             .one(&self.db)
             .await?
             .map_or(0, |row| u64::try_from(row.cursor).unwrap_or(0)))
+    }
+
+    /// Records removals from `activation_id` that did not go through, to
+    /// be tried again (see `follow`).
+    pub async fn owe_removals(
+        &self,
+        activation_id: &str,
+        pseudonymous_ids: &[String],
+        now: i64,
+    ) -> Result<(), ActivationError> {
+        if pseudonymous_ids.is_empty() {
+            return Ok(());
+        }
+        owed_removal::Entity::insert_many(pseudonymous_ids.iter().map(|id| {
+            owed_removal::ActiveModel {
+                activation_id: Set(activation_id.to_string()),
+                pseudonymous_id: Set(id.clone()),
+                owed_at: Set(now),
+            }
+        }))
+        .on_conflict(
+            OnConflict::columns([
+                owed_removal::Column::ActivationId,
+                owed_removal::Column::PseudonymousId,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// The removals owed, by activation, oldest activation first.
+    pub async fn owed_removals(&self) -> Result<Vec<(String, Vec<String>)>, ActivationError> {
+        use sea_orm::QueryOrder;
+        let rows = owed_removal::Entity::find()
+            .order_by_asc(owed_removal::Column::ActivationId)
+            .order_by_asc(owed_removal::Column::PseudonymousId)
+            .all(&self.db)
+            .await?;
+        let mut owed: Vec<(String, Vec<String>)> = Vec::new();
+        for row in rows {
+            match owed.last_mut() {
+                Some((activation_id, ids)) if *activation_id == row.activation_id => {
+                    ids.push(row.pseudonymous_id);
+                }
+                _ => owed.push((row.activation_id, vec![row.pseudonymous_id])),
+            }
+        }
+        Ok(owed)
+    }
+
+    /// Forgets owed removals: delivered, or no longer wanted (the person's
+    /// consent returned, or the activation is gone).
+    pub async fn settle_removals(
+        &self,
+        activation_id: &str,
+        pseudonymous_ids: &[String],
+    ) -> Result<(), ActivationError> {
+        owed_removal::Entity::delete_many()
+            .filter(owed_removal::Column::ActivationId.eq(activation_id))
+            .filter(owed_removal::Column::PseudonymousId.is_in(pseudonymous_ids.iter().cloned()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     pub async fn save_cursor(&self, stream: &str, cursor: u64) -> Result<(), ActivationError> {
@@ -1039,6 +1107,47 @@ mod tests {
             assert_eq!((plan.adds, plan.removes), (0, 1));
             store.clear_plans(id).await.expect("clear");
             assert!(batch(Op::Add, 1).await.is_empty());
+        }
+    );
+
+    madtech_common::backend_tests!(
+        owed_removals_are_kept_once_by_activation_until_settled,
+        |db: TestDatabase| async move {
+            let (store, activation) = store_with_activation(&db).await;
+            let ids =
+                |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
+            assert!(store.owed_removals().await.expect("owed").is_empty());
+            store
+                .owe_removals(&activation.id, &ids(&["p2", "p1"]), 5)
+                .await
+                .expect("owe");
+            store
+                .owe_removals(&activation.id, &ids(&["p1"]), 6)
+                .await
+                .expect("owed twice is owed once");
+            store
+                .owe_removals("other", &ids(&["p1"]), 7)
+                .await
+                .expect("owe");
+            store.owe_removals("other", &[], 8).await.expect("nothing");
+            assert_eq!(
+                store.owed_removals().await.expect("owed"),
+                [
+                    (activation.id.clone(), ids(&["p1", "p2"])),
+                    ("other".to_string(), ids(&["p1"])),
+                ]
+            );
+            store
+                .settle_removals(&activation.id, &ids(&["p1"]))
+                .await
+                .expect("settle");
+            assert_eq!(
+                store.owed_removals().await.expect("owed"),
+                [
+                    (activation.id.clone(), ids(&["p2"])),
+                    ("other".to_string(), ids(&["p1"])),
+                ]
+            );
         }
     );
 
