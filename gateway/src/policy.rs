@@ -339,6 +339,30 @@ impl PolicySet {
             .map(|vendor| madtech_proto::consent::tcf_vendor_purpose(*vendor))
     }
 
+    /// The purposes a refusal of TCF vendor `purpose` (`tcf_vendor_<id>`)
+    /// denies at a destination of `destination_kind`: every purpose that
+    /// needs the vendor's consent when the kind is that vendor, none
+    /// otherwise (nor for any other purpose).
+    pub fn purposes_refused_with_vendor(
+        &self,
+        destination_kind: &str,
+        purpose: &str,
+    ) -> Vec<String> {
+        let Some(rules) = self.consent_rules.as_ref() else {
+            return Vec::new();
+        };
+        let is_the_kinds_vendor = rules
+            .vendors
+            .get(destination_kind)
+            .is_some_and(|vendor| madtech_proto::consent::tcf_vendor_purpose(*vendor) == purpose);
+        if !is_the_kinds_vendor {
+            return Vec::new();
+        }
+        let mut purposes: Vec<String> = rules.vendor_purposes.iter().cloned().collect();
+        purposes.sort_unstable();
+        purposes
+    }
+
     /// The purpose catalogue, when the directory has `consent.toml`.
     pub fn purposes(&self) -> Option<&BTreeSet<String>> {
         self.consent_rules.as_ref().map(|rules| &rules.purposes)

@@ -89,10 +89,16 @@ impl ConsentReleaseApi {
         Ok(())
     }
 
-    /// What one ledger entry releases to the destinations.
+    /// What one ledger entry releases to the destinations: the change of
+    /// its purpose, to each of them. A TC string's refusal of one TCF
+    /// vendor (`tcf_vendor_<id>`) goes only to destinations of that
+    /// vendor's kind, as a denial of every purpose that needs the vendor's
+    /// consent, which is what activation removes people for; a vendor's
+    /// consent alone grants no purpose and is not released.
     fn release(
         &self,
         destinations: &[String],
+        kinds: &BTreeMap<String, String>,
         entry: &consent_pb::ConsentEntry,
     ) -> pb::WatchConsentReleasesResponse {
         let state = consent_pb::ConsentState::try_from(entry.state).unwrap_or_default();
@@ -105,13 +111,32 @@ impl ConsentReleaseApi {
                     | consent_pb::ConsentState::Denied
                     | consent_pb::ConsentState::Unset
             ) {
+            let vendor = entry
+                .purpose
+                .starts_with(madtech_proto::consent::TCF_VENDOR_PURPOSE_PREFIX);
+            let policy = self.policies.current();
             destinations
                 .iter()
-                .map(|destination| pb::ConsentRelease {
-                    destination_id: destination.clone(),
-                    pseudonymous_id: self.pseudonymiser.pseudonym(destination, &entry.profile_id),
-                    purpose: entry.purpose.clone(),
-                    state: state.into(),
+                .flat_map(|destination| {
+                    let purposes = match (vendor, &policy) {
+                        (false, _) => vec![entry.purpose.clone()],
+                        (true, Some(policy)) if state == consent_pb::ConsentState::Denied => {
+                            let kind = kinds.get(destination).map_or("", String::as_str);
+                            policy.purposes_refused_with_vendor(kind, &entry.purpose)
+                        }
+                        (true, _) => Vec::new(),
+                    };
+                    let pseudonymous_id = if purposes.is_empty() {
+                        String::new()
+                    } else {
+                        self.pseudonymiser.pseudonym(destination, &entry.profile_id)
+                    };
+                    purposes.into_iter().map(move |purpose| pb::ConsentRelease {
+                        destination_id: destination.clone(),
+                        pseudonymous_id: pseudonymous_id.clone(),
+                        purpose,
+                        state: state.into(),
+                    })
                 })
                 .collect()
         } else {
@@ -224,7 +249,7 @@ impl ConsentReleaseService for ConsentReleaseApi {
                 let mut released = Vec::with_capacity(page.len());
                 for change in page {
                     if let Some(entry) = change?.entry {
-                        released.push(api.release(&destinations, &entry));
+                        released.push(api.release(&destinations, &kinds, &entry));
                     }
                 }
                 api.audit_page(&caller, &kinds, &released).await?;
@@ -277,6 +302,7 @@ mod tests {
         let destinations = vec!["d1".to_string(), "d2".to_string()];
         let out = api.release(
             &destinations,
+            &BTreeMap::new(),
             &entry(consent_pb::ConsentState::Denied, true),
         );
         assert_eq!(out.cursor, 42);
@@ -303,14 +329,70 @@ mod tests {
         let destinations = vec!["d1".to_string()];
         let late = api.release(
             &destinations,
+            &BTreeMap::new(),
             &entry(consent_pb::ConsentState::Granted, false),
         );
         assert_eq!((late.cursor, late.releases.len()), (42, 0));
         let odd = api.release(
             &destinations,
+            &BTreeMap::new(),
             &entry(consent_pb::ConsentState::Unspecified, true),
         );
         assert!(odd.releases.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vendor_refusal_reaches_only_that_vendor_s_destinations_as_a_purpose_denial() {
+        let api = api().await;
+        let destinations = vec!["google".to_string(), "meta".to_string()];
+        let kinds = BTreeMap::from([
+            ("google".to_string(), "google_ads".to_string()),
+            ("meta".to_string(), "meta".to_string()),
+        ]);
+        // Google Advertising Products' vendor id, from consent.toml.
+        let vendor = |state| consent_pb::ConsentEntry {
+            purpose: madtech_proto::consent::tcf_vendor_purpose(755),
+            ..entry(state, true)
+        };
+        let refused = api.release(
+            &destinations,
+            &kinds,
+            &vendor(consent_pb::ConsentState::Denied),
+        );
+        let released: Vec<(&str, &str, consent_pb::ConsentState)> = refused
+            .releases
+            .iter()
+            .map(|r| (r.destination_id.as_str(), r.purpose.as_str(), r.state()))
+            .collect();
+        assert_eq!(
+            released,
+            [("google", "ad_targeting", consent_pb::ConsentState::Denied)],
+            "the purposes that need the vendor's consent, to its destination only"
+        );
+        let key = Pseudonymiser::new(&[3; 32]).expect("key");
+        assert_eq!(
+            refused.releases[0].pseudonymous_id,
+            key.pseudonym("google", "profile-1")
+        );
+        let given = api.release(
+            &destinations,
+            &kinds,
+            &vendor(consent_pb::ConsentState::Granted),
+        );
+        assert!(
+            given.releases.is_empty(),
+            "a vendor's consent alone grants no purpose"
+        );
+        let other_vendor = consent_pb::ConsentEntry {
+            purpose: madtech_proto::consent::tcf_vendor_purpose(21),
+            ..entry(consent_pb::ConsentState::Denied, true)
+        };
+        assert!(
+            api.release(&destinations, &kinds, &other_vendor)
+                .releases
+                .is_empty(),
+            "The Trade Desk's refusal means nothing to these destinations"
+        );
     }
 
     #[test]

@@ -22,8 +22,11 @@ pub mod consent {
     /// vendor (by Global Vendor List id) is recorded, so the gateway can ask
     /// for it like any purpose.
     pub fn tcf_vendor_purpose(vendor_id: u16) -> String {
-        format!("tcf_vendor_{vendor_id}")
+        format!("{TCF_VENDOR_PURPOSE_PREFIX}{vendor_id}")
     }
+
+    /// What every [`tcf_vendor_purpose`] starts with.
+    pub const TCF_VENDOR_PURPOSE_PREFIX: &str = "tcf_vendor_";
 }
 
 /// `madtech.segments.v1`

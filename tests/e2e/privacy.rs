@@ -325,6 +325,16 @@ async fn access_erasure_and_opt_out(backend: Backend) {
         .await
         .expect_err("nobody to record a denial for");
     assert_eq!(denial_only.code(), tonic::Code::FailedPrecondition);
+    // Not having opted out is not new consent: an opt-out-basis "grant"
+    // (a default US Privacy string says as much) brings nobody back.
+    let not_opted_out = consent
+        .record_consent(consent_pb::RecordConsentRequest {
+            legal_basis: consent_pb::LegalBasis::OptOut.into(),
+            ..by_identifier(consent_pb::ConsentState::Granted)
+        })
+        .await
+        .expect_err("no consent to come back with");
+    assert_eq!(not_opted_out.code(), tonic::Code::FailedPrecondition);
     let back = consent
         .record_consent(by_identifier(consent_pb::ConsentState::Granted))
         .await

@@ -362,11 +362,15 @@ impl ConsentService for ConsentApi {
         let region = collection.region.clone();
         let mut plan = derive::plan(&self.rules, collection, self.tcf_validity())?;
         if let Some(identifier) = identifier {
-            let grants = plan
-                .record
-                .choices
-                .iter()
-                .any(|c| c.state == State::Granted);
+            // Only consent to a purpose of the catalogue brings an erased
+            // person back: not an opt-out basis's "not opted out" (a
+            // default US Privacy or GPP string), nor a TCF vendor's consent
+            // on its own.
+            let grants = plan.record.choices.iter().any(|c| {
+                c.state == State::Granted
+                    && c.legal_basis == LegalBasis::Consent
+                    && self.rules.purpose(&c.purpose).is_some()
+            });
             plan.record.profile_id = self.person_of(identifier, grants, &region).await?;
         }
         let entries = self.ledger.record(plan.record).await?;

@@ -135,20 +135,21 @@ impl Ledger {
                 .filter(current::Column::ProfileId.is_in(people.iter().cloned()))
                 .all(&txn)
                 .await?;
-            // purpose → person → (state now, the entry behind it)
-            let mut states: BTreeMap<String, BTreeMap<String, (State, i64)>> = BTreeMap::new();
+            // purpose → person → (state now, the entry behind it, when
+            // that choice was collected)
+            let mut states: BTreeMap<String, BTreeMap<String, (State, i64, i64)>> = BTreeMap::new();
             for row in rows {
                 let state = state_at(&row, now)?;
                 states
                     .entry(row.purpose)
                     .or_default()
-                    .insert(row.profile_id, (state, row.seq));
+                    .insert(row.profile_id, (state, row.seq, row.collected_at));
             }
 
             let mut written = Vec::new();
             for (purpose, by_person) in states {
                 let state_of =
-                    |person: &str| by_person.get(person).map_or(State::Unset, |(s, _)| *s);
+                    |person: &str| by_person.get(person).map_or(State::Unset, |(s, _, _)| *s);
                 let survivor_state = state_of(survivor);
                 let decider = people
                     .iter()
@@ -160,9 +161,18 @@ impl Ledger {
                     continue;
                 }
                 let evidence = match by_person.get(decider) {
-                    Some((_, seq)) => Some(entry_by_seq(&txn, *seq).await?),
+                    Some((_, seq, _)) => Some(entry_by_seq(&txn, *seq).await?),
                     None => None,
                 };
+                // The merge decides between choices already made, so it
+                // stands as of the newest of them, not as of now: a choice
+                // collected after that one but recorded late still takes
+                // effect over it.
+                let newest_choice = by_person
+                    .values()
+                    .map(|(_, _, collected_at)| *collected_at)
+                    .max()
+                    .unwrap_or(now);
                 let others: Vec<String> = people
                     .iter()
                     .filter(|p| p.as_str() != survivor)
@@ -194,7 +204,7 @@ impl Ledger {
                     conflict: Some(format!(
                         "{survivor_state} ({survivor}) overridden by the merge"
                     )),
-                    collected_at_micros: now,
+                    collected_at_micros: newest_choice,
                     recorded_at_micros: now,
                     expires_at_micros: evidence.as_ref().and_then(|e| e.expires_at_micros),
                     effective: true,

@@ -435,3 +435,33 @@ madtech_common::backend_tests!(
         );
     }
 );
+
+madtech_common::backend_tests!(
+    a_choice_collected_after_the_merged_choices_counts_though_recorded_after_the_merge,
+    |db: TestDatabase| async move {
+        let ledger = ledger(&db).await;
+        ledger
+            .record(record("keep", &[("ad_targeting", Choice::Granted)]))
+            .await
+            .expect("survivor");
+        ledger
+            .apply_merge(3, "keep", &["gone".into()])
+            .await
+            .expect("merge");
+        assert_eq!(
+            states(&ledger, "keep").await,
+            vec![("ad_targeting".into(), State::Unset)],
+            "gone never agreed"
+        );
+        // A denial made after keep's grant, which reaches the ledger only
+        // after the merge (a delayed CMP upload): the person's newest choice.
+        let mut late = record("keep", &[("ad_targeting", Choice::Denied)]);
+        late.collected_at_micros = Some(1_700_000_000_000_001);
+        let written = ledger.record(late).await.expect("late denial");
+        assert!(written[0].effective, "{written:?}");
+        assert_eq!(
+            states(&ledger, "keep").await,
+            vec![("ad_targeting".into(), State::Denied)]
+        );
+    }
+);
