@@ -80,12 +80,15 @@ impl ConsentReleaseApi {
             .current()
             .map(|set| set.version.clone())
             .unwrap_or_default();
-        for record in audit_records(caller, &policy_version, kinds, page) {
-            self.audit.append(record).await.map_err(|err| {
+        // One transaction for the page's records: a page whose audit fails
+        // leaves no record of releases that never happened.
+        self.audit
+            .append_all(audit_records(caller, &policy_version, kinds, page))
+            .await
+            .map_err(|err| {
                 tracing::error!(error = %err, "audit write failed; consent releases stop");
                 Status::unavailable("the audit trail is unavailable")
             })?;
-        }
         Ok(())
     }
 

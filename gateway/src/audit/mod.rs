@@ -89,6 +89,18 @@ impl AuditLog {
 
     /// Appends a record and returns it once it is durable.
     pub async fn append(&self, crossing: Crossing) -> Result<Record, DbErr> {
+        let mut records = self.append_all(vec![crossing]).await?;
+        records
+            .pop()
+            .ok_or_else(|| DbErr::Custom("no record appended".into()))
+    }
+
+    /// Appends records in one transaction, each chained onto the one
+    /// before, and returns them once they are durable: all of them or none.
+    pub async fn append_all(&self, crossings: Vec<Crossing>) -> Result<Vec<Record>, DbErr> {
+        if crossings.is_empty() {
+            return Ok(Vec::new());
+        }
         let _writer = self.writer.lock().await;
         let txn = self.db.begin().await?;
         let result = async {
@@ -96,49 +108,56 @@ impl AuditLog {
                 txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({APPEND_LOCK})"))
                     .await?;
             }
-            let previous_hash = record::Entity::find()
+            let mut previous_hash = record::Entity::find()
                 .order_by_desc(record::Column::Seq)
                 .one(&txn)
                 .await?
                 .map(|last| last.hash)
                 .unwrap_or_default();
-            let recorded_at_micros = crate::policy::now_micros();
-            let hash = chain_hash(&previous_hash, recorded_at_micros, &crossing);
-            let denied = serde_json::to_string(&crossing.denied)
-                .map_err(|err| DbErr::Custom(format!("denied counts: {err}")))?;
-            let row = record::ActiveModel {
-                seq: NotSet,
-                recorded_at: Set(recorded_at_micros),
-                caller: Set(crossing.caller.clone()),
-                method: Set(crossing.method.clone()),
-                segment_id: Set(crossing.segment_id.clone()),
-                destination_id: Set(crossing.destination_id.clone()),
-                destination_kind: Set(crossing.destination_kind.clone()),
-                purpose: Set(crossing.purpose.clone()),
-                policy_version: Set(crossing.policy_version.clone()),
-                outcome: Set(crossing.outcome.clone()),
-                allowed: Set(count(crossing.allowed)),
-                denied: Set(denied),
-                identifiers_stripped: Set(count(crossing.identifiers_stripped)),
-                released_digest: Set(crossing.released_digest.clone()),
-                previous_hash: Set(previous_hash.clone()),
-                hash: Set(hash.clone()),
-            };
-            let seq = record::Entity::insert(row).exec(&txn).await?.last_insert_id;
-            Ok::<_, DbErr>((seq, recorded_at_micros, previous_hash, hash))
+            let mut records = Vec::with_capacity(crossings.len());
+            for crossing in crossings {
+                let recorded_at_micros = crate::policy::now_micros();
+                let hash = chain_hash(&previous_hash, recorded_at_micros, &crossing);
+                let denied = serde_json::to_string(&crossing.denied)
+                    .map_err(|err| DbErr::Custom(format!("denied counts: {err}")))?;
+                let row = record::ActiveModel {
+                    seq: NotSet,
+                    recorded_at: Set(recorded_at_micros),
+                    caller: Set(crossing.caller.clone()),
+                    method: Set(crossing.method.clone()),
+                    segment_id: Set(crossing.segment_id.clone()),
+                    destination_id: Set(crossing.destination_id.clone()),
+                    destination_kind: Set(crossing.destination_kind.clone()),
+                    purpose: Set(crossing.purpose.clone()),
+                    policy_version: Set(crossing.policy_version.clone()),
+                    outcome: Set(crossing.outcome.clone()),
+                    allowed: Set(count(crossing.allowed)),
+                    denied: Set(denied),
+                    identifiers_stripped: Set(count(crossing.identifiers_stripped)),
+                    released_digest: Set(crossing.released_digest.clone()),
+                    previous_hash: Set(previous_hash.clone()),
+                    hash: Set(hash.clone()),
+                };
+                let seq = record::Entity::insert(row).exec(&txn).await?.last_insert_id;
+                records.push(Record {
+                    seq: u64::try_from(seq).unwrap_or_default(),
+                    recorded_at_micros,
+                    crossing,
+                    previous_hash: std::mem::replace(&mut previous_hash, hash.clone()),
+                    hash,
+                });
+            }
+            Ok::<_, DbErr>(records)
         }
         .await;
-        let (seq, recorded_at_micros, previous_hash, hash) = settle(txn, result).await?;
-        // The chain's head in the logs, which are shipped elsewhere: an anchor
-        // for `VerifyAuditChain` that the audit database cannot rewrite.
-        tracing::info!(target: "madtech::audit", seq, hash = %hash, "audit chain head");
-        Ok(Record {
-            seq: u64::try_from(seq).unwrap_or_default(),
-            recorded_at_micros,
-            crossing,
-            previous_hash,
-            hash,
-        })
+        let records = settle(txn, result).await?;
+        if let Some(head) = records.last() {
+            // The chain's head in the logs, which are shipped elsewhere: an
+            // anchor for `VerifyAuditChain` that the audit database cannot
+            // rewrite.
+            tracing::info!(target: "madtech::audit", seq = head.seq, hash = %head.hash, "audit chain head");
+        }
+        Ok(records)
     }
 
     /// Up to `limit` records after `after`, oldest first.
@@ -289,6 +308,29 @@ mod tests {
             released_digest: "ab".repeat(32),
         }
     }
+
+    madtech_common::backend_tests!(
+        records_appended_together_chain_like_records_appended_alone,
+        |db: TestDatabase| async move {
+            let conn = connect_and_migrate::<Migrator>(&db.config)
+                .await
+                .expect("connect");
+            let log = AuditLog::new(conn);
+            let first = log.append(crossing(1)).await.expect("first");
+            assert!(log.append_all(Vec::new()).await.expect("none").is_empty());
+            let page = log
+                .append_all(vec![crossing(2), crossing(3)])
+                .await
+                .expect("a page's records");
+            assert_eq!(page.len(), 2);
+            assert_eq!(page[0].previous_hash, first.hash);
+            assert_eq!(page[1].previous_hash, page[0].hash);
+            assert_eq!(page[1].seq, page[0].seq + 1);
+            assert_eq!(log.list(first.seq, 10).await.expect("list"), page);
+            let verification = log.verify(None).await.expect("verify");
+            assert_eq!((verification.checked, verification.first_broken), (3, None));
+        }
+    );
 
     madtech_common::backend_tests!(
         the_chain_holds_and_shows_tampering,
