@@ -970,3 +970,85 @@ async fn audience_becomes(mock: &MockPlatform, emails: &[&str], what: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// When what a destination is to get of a person changes (here the policy
+/// stops sending phones to Meta), the next sync removes what it held before
+/// adding them as they are now: an add deletes nothing, so the phone's hash
+/// would otherwise stay matchable there, and no later removal would carry it.
+#[tokio::test]
+async fn a_hash_the_destination_is_no_longer_to_get_is_removed_there() {
+    let policies = Suite::copy_of_policies();
+    let dir = policies.path().to_path_buf();
+    let suite = Suite::start_with(Backend::Sqlite, move |config| {
+        config.gateway.policy_dir = dir;
+        config.gateway.policy_reload_interval = Duration::from_millis(50);
+        config.activation.retry.initial_backoff = Duration::from_millis(5);
+    })
+    .await;
+    let mock = MockPlatform::meta(AUDIENCE, TOKEN).await;
+    let secrets = tempfile::tempdir().expect("secrets");
+    let (email, phone) = ("p@example.com", "+14155552671");
+    suite
+        .profiles(suite.bearer(&["ingest"]))
+        .upsert_profile(madtech_proto::profiles::v1::UpsertProfileRequest {
+            identifiers: vec![
+                madtech_proto::profiles::v1::Identifier {
+                    kind: "email".into(),
+                    value: email.into(),
+                },
+                madtech_proto::profiles::v1::Identifier {
+                    kind: "phone".into(),
+                    value: phone.into(),
+                },
+            ],
+            region: "US-CA".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("upsert");
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (_, activated) = suite
+        .activate(
+            &segment.segment_id,
+            "meta",
+            meta_target(&mock, &secrets.path().join("token")),
+        )
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    sync(&mut activation, &activated.activation_id).await;
+    let with_phone = format!("{}|{}", sha256_hex(email), sha256_hex(&phone[1..]));
+    assert_eq!(mock.platform().audience, BTreeSet::from([with_phone]));
+
+    // Compliance stops sending phones to Meta.
+    let identifiers = policies.path().join("identifiers_policy.csv");
+    let text = std::fs::read_to_string(&identifiers).expect("read");
+    let without_phones: String = text
+        .lines()
+        .filter(|line| !line.starts_with("p, meta_hashing, phone"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_ne!(text, without_phones);
+    std::fs::write(&identifiers, without_phones).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let next = sync(&mut activation, &activated.activation_id).await;
+        if next.added > 0 {
+            assert!(next.full, "a new policy version syncs in full");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    {
+        let meta = mock.platform();
+        assert!(meta.violations.is_empty(), "{:?}", meta.violations);
+        assert_eq!(
+            meta.audience,
+            rows(&[email]),
+            "the row with the phone went before the row without it came"
+        );
+        let ops: Vec<&str> = meta.received.iter().map(|r| r.op).collect();
+        assert_eq!(ops, ["add", "remove", "add"]);
+    }
+    suite.stop().await;
+}

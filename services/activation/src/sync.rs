@@ -282,7 +282,12 @@ impl Syncer {
     ) -> Result<(), ActivationError> {
         for op in SEND_ORDER {
             for seq in 1..=plan.batches(op) {
-                let members = self.store.planned_batch(&run.id, op, seq).await?;
+                let mut members = self.store.planned_batch(&run.id, op, seq).await?;
+                if op == Op::Add {
+                    members = self
+                        .retire_replaced(run, activation, destination, seq, members, progress)
+                        .await?;
+                }
                 let batch = Batch {
                     op,
                     session: &run.id.clone(),
@@ -297,6 +302,65 @@ impl Syncer {
             }
         }
         Ok(())
+    }
+
+    /// Members of an add batch held with identifiers the destination is
+    /// no longer to get (an identifier gone from the profile, a form the
+    /// policy no longer sends there) first have what they are held with
+    /// removed, then are added as they are now: an add deletes nothing the
+    /// destination holds, so the old hashes would stay matchable there,
+    /// and a later removal, which carries what is held now, would never
+    /// reach them. The removal is a batch of its own (session
+    /// `<run>-retired-<seq>`). Answers the members to add: all of them,
+    /// or, when the destination refused that removal, only those it did
+    /// not concern (the others keep their state; the next sync tries again).
+    async fn retire_replaced(
+        &self,
+        run: &mut SyncRun,
+        activation: &Activation,
+        destination: &Destination,
+        seq: u32,
+        members: Vec<Member>,
+        progress: &Progress<'_>,
+    ) -> Result<Vec<Member>, ActivationError> {
+        let ids: Vec<String> = members.iter().map(|member| member.id.clone()).collect();
+        let held = self.store.held(&run.activation_id, &ids).await?;
+        let retired: Vec<Member> = members
+            .iter()
+            .filter_map(|member| {
+                let held = held.get(&member.id)?;
+                held.identifiers
+                    .iter()
+                    .any(|old| !member.identifiers.contains(old))
+                    .then(|| Member {
+                        id: member.id.clone(),
+                        identifiers: held.identifiers.clone(),
+                    })
+            })
+            .collect();
+        if retired.is_empty() {
+            return Ok(members);
+        }
+        let session = format!("{}-retired-{seq}", run.id);
+        let refused_before = run.batches_rejected;
+        let removal = Batch {
+            op: Op::Remove,
+            session: &session,
+            seq: 1,
+            last: true,
+            total: retired.len() as u64,
+            purpose: &activation.purpose,
+            members: &retired,
+        };
+        self.deliver_batch(run, destination, removal, progress)
+            .await?;
+        if run.batches_rejected == refused_before {
+            return Ok(members);
+        }
+        Ok(members
+            .into_iter()
+            .filter(|member| !retired.iter().any(|r| r.id == member.id))
+            .collect())
     }
 
     /// Delivers one batch and records what became of it. A refused batch is
