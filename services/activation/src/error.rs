@@ -65,6 +65,12 @@ impl ActivationError {
                 | tonic::Code::InvalidArgument
                 | tonic::Code::PermissionDenied
                 | tonic::Code::FailedPrecondition => Status::new(*code, err.to_string()),
+                // The service's own token was refused: not the caller's
+                // doing, and no retry helps until the token is replaced.
+                tonic::Code::Unauthenticated => Status::failed_precondition(err.to_string()),
+                // The gateway failed closed on something it should never
+                // see; nothing to retry either.
+                tonic::Code::Internal => internal("the gateway", err),
                 _ => Status::unavailable(err.to_string()),
             },
             // The destination's own answer: fix the destination (its
@@ -84,5 +90,29 @@ impl ActivationError {
             | ActivationError::Upstream(_) => internal("activation", err),
             ActivationError::Database(db) => internal("activation database", db),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_failures_say_whether_a_retry_can_help() {
+        let from = |code| ActivationError::gateway(Status::new(code, "gateway says")).to_status();
+        assert_eq!(
+            from(tonic::Code::Unauthenticated).code(),
+            tonic::Code::FailedPrecondition,
+            "this service's token was refused, not the caller's"
+        );
+        assert_eq!(from(tonic::Code::Internal).code(), tonic::Code::Internal);
+        assert_eq!(
+            from(tonic::Code::Unavailable).code(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            from(tonic::Code::PermissionDenied).code(),
+            tonic::Code::PermissionDenied
+        );
     }
 }
