@@ -29,7 +29,7 @@ async fn suite(backend: Backend) -> Suite {
 }
 
 /// A Meta destination for the mock, its token in a file as a Secret would be.
-pub(crate) fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> Target {
+fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> Target {
     std::fs::write(token_file, format!("{TOKEN}\n")).expect("token file");
     Target::Meta(activation_pb::MetaDestination {
         audience_id: AUDIENCE.into(),
@@ -40,6 +40,24 @@ pub(crate) fn meta_target(mock: &MockPlatform, token_file: &std::path::Path) -> 
         }),
         base_url: format!("{}/v21.0", mock.base_url()),
     })
+}
+
+/// Activates `segment_id` to a Meta destination named `name` on `mock` (its
+/// token in a file of that name under `secrets`) and syncs it once: the
+/// activation's id and that first run.
+pub(crate) async fn synced_to_meta(
+    suite: &Suite,
+    segment_id: &str,
+    name: &str,
+    mock: &MockPlatform,
+    secrets: &std::path::Path,
+) -> (String, activation_pb::SyncRun) {
+    let (_, activated) = suite
+        .activate(segment_id, name, meta_target(mock, &secrets.join(name)))
+        .await;
+    let mut activation = suite.activation(suite.bearer(&["marketer"]));
+    let first = sync(&mut activation, &activated.activation_id).await;
+    (activated.activation_id, first)
 }
 
 /// Meta's row for a person known by email only: `sha256(email)|`.
@@ -402,22 +420,13 @@ async fn withdrawal_removes_from_meta_without_a_sync(backend: Backend) {
     let mock = MockPlatform::meta(AUDIENCE, TOKEN).await;
     let secrets = tempfile::tempdir().expect("secrets");
     let mut consent = suite.consent(suite.bearer(&["admin"]));
-    let mut ids = Vec::new();
-    for email in ["x@example.com", "y@example.com"] {
-        let id = suite.person(email, "FR", Default::default()).await;
-        record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
-        ids.push(id);
-    }
-    let segment = suite.region_segment("french", &["FR"]).await;
-    let (_, activated) = suite
-        .activate(
-            &segment.segment_id,
-            "meta",
-            meta_target(&mock, &secrets.path().join("token")),
-        )
+    let ids = suite
+        .consenting_people(&["x@example.com", "y@example.com"], "FR")
         .await;
+    let segment = suite.region_segment("french", &["FR"]).await;
+    let (activation_id, _) =
+        synced_to_meta(&suite, &segment.segment_id, "meta", &mock, secrets.path()).await;
     let mut activation = suite.activation(suite.bearer(&["marketer"]));
-    sync(&mut activation, &activated.activation_id).await;
     assert_eq!(
         mock.platform().audience,
         rows(&["x@example.com", "y@example.com"])
@@ -456,14 +465,14 @@ async fn withdrawal_removes_from_meta_without_a_sync(backend: Backend) {
 
     // The removal is a run of its own, finished once Meta acknowledged it.
     let removal_run = suite
-        .finished_run(&activated.activation_id, "consent_withdrawal")
+        .finished_run(&activation_id, "consent_withdrawal")
         .await;
     assert_eq!(removal_run.trigger, "consent_withdrawal");
     assert_eq!(removal_run.removed, 1);
     assert_eq!(removal_run.phase(), activation_pb::SyncPhase::Succeeded);
 
     // A full sync agrees: nothing left to remove or add.
-    let next = sync_full(&mut activation, &activated.activation_id).await;
+    let next = sync_full(&mut activation, &activation_id).await;
     assert_eq!((next.added, next.removed, next.unchanged), (0, 0, 1));
     suite.stop().await;
 }
@@ -830,13 +839,7 @@ async fn the_cli_syncs_and_lists_runs() {
 /// the changes that follow.
 #[tokio::test]
 async fn syncs_are_incremental_until_the_policy_changes() {
-    let policies = Suite::copy_of_policies();
-    let dir = policies.path().to_path_buf();
-    let suite = Suite::start_with(Backend::Sqlite, move |config| {
-        config.gateway.policy_dir = dir;
-        config.gateway.policy_reload_interval = Duration::from_millis(50);
-    })
-    .await;
+    let (suite, policies) = Suite::start_with_own_policies(|_| {}).await;
     for email in ["a@example.com", "b@example.com"] {
         suite.person(email, "US-CA", Default::default()).await;
     }
@@ -912,23 +915,12 @@ async fn a_destination_refusing_removals_holds_up_no_other_and_is_owed_them() {
     let healthy = MockPlatform::meta(AUDIENCE, TOKEN).await;
     let secrets = tempfile::tempdir().expect("secrets");
     let mut consent = suite.consent(suite.bearer(&["admin"]));
-    let mut ids = Vec::new();
-    for email in ["x@example.com", "y@example.com"] {
-        let id = suite.person(email, "FR", Default::default()).await;
-        record(&mut consent, &id, consent_pb::ConsentState::Granted, "FR").await;
-        ids.push(id);
-    }
+    let ids = suite
+        .consenting_people(&["x@example.com", "y@example.com"], "FR")
+        .await;
     let segment = suite.region_segment("french", &["FR"]).await;
-    let mut activation = suite.activation(suite.bearer(&["marketer"]));
     for (name, mock) in [("refusing", &refusing), ("healthy", &healthy)] {
-        let (_, activated) = suite
-            .activate(
-                &segment.segment_id,
-                name,
-                meta_target(mock, &secrets.path().join(name)),
-            )
-            .await;
-        sync(&mut activation, &activated.activation_id).await;
+        synced_to_meta(&suite, &segment.segment_id, name, mock, secrets.path()).await;
         assert_eq!(
             mock.platform().audience,
             rows(&["x@example.com", "y@example.com"])
@@ -977,11 +969,7 @@ async fn audience_becomes(mock: &MockPlatform, emails: &[&str], what: &str) {
 /// would otherwise stay matchable there, and no later removal would carry it.
 #[tokio::test]
 async fn a_hash_the_destination_is_no_longer_to_get_is_removed_there() {
-    let policies = Suite::copy_of_policies();
-    let dir = policies.path().to_path_buf();
-    let suite = Suite::start_with(Backend::Sqlite, move |config| {
-        config.gateway.policy_dir = dir;
-        config.gateway.policy_reload_interval = Duration::from_millis(50);
+    let (suite, policies) = Suite::start_with_own_policies(|config| {
         config.activation.retry.initial_backoff = Duration::from_millis(5);
     })
     .await;
@@ -989,33 +977,16 @@ async fn a_hash_the_destination_is_no_longer_to_get_is_removed_there() {
     let secrets = tempfile::tempdir().expect("secrets");
     let (email, phone) = ("p@example.com", "+14155552671");
     suite
-        .profiles(suite.bearer(&["ingest"]))
-        .upsert_profile(madtech_proto::profiles::v1::UpsertProfileRequest {
-            identifiers: vec![
-                madtech_proto::profiles::v1::Identifier {
-                    kind: "email".into(),
-                    value: email.into(),
-                },
-                madtech_proto::profiles::v1::Identifier {
-                    kind: "phone".into(),
-                    value: phone.into(),
-                },
-            ],
-            region: "US-CA".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("upsert");
-    let segment = suite.region_segment("californians", &["US-CA"]).await;
-    let (_, activated) = suite
-        .activate(
-            &segment.segment_id,
-            "meta",
-            meta_target(&mock, &secrets.path().join("token")),
+        .person_with(
+            &[("email", email), ("phone", phone)],
+            "US-CA",
+            Default::default(),
         )
         .await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (activation_id, _) =
+        synced_to_meta(&suite, &segment.segment_id, "meta", &mock, secrets.path()).await;
     let mut activation = suite.activation(suite.bearer(&["marketer"]));
-    sync(&mut activation, &activated.activation_id).await;
     let with_phone = format!("{}|{}", sha256_hex(email), sha256_hex(&phone[1..]));
     assert_eq!(mock.platform().audience, BTreeSet::from([with_phone]));
 
@@ -1031,7 +1002,7 @@ async fn a_hash_the_destination_is_no_longer_to_get_is_removed_there() {
     std::fs::write(&identifiers, without_phones).expect("write");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let next = sync(&mut activation, &activated.activation_id).await;
+        let next = sync(&mut activation, &activation_id).await;
         if next.added > 0 {
             assert!(next.full, "a new policy version syncs in full");
             break;

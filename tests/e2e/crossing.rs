@@ -1090,13 +1090,7 @@ async fn audience_changes_cross_like_exports_postgres() {
 /// under that set's version, not the one in force when the follower began.
 #[tokio::test]
 async fn a_following_changes_stream_decides_each_page_under_the_policy_in_force() {
-    let policies = Suite::copy_of_policies();
-    let dir = policies.path().to_path_buf();
-    let suite = Suite::start_with(Backend::Sqlite, move |config| {
-        config.gateway.policy_dir = dir;
-        config.gateway.policy_reload_interval = std::time::Duration::from_millis(50);
-    })
-    .await;
+    let (suite, policies) = Suite::start_with_own_policies(|_| {}).await;
     let segment = suite.region_segment("french", &["FR"]).await;
     let destination_id = suite.destination_of_kind("file").await;
     let mut segments = suite.segments(suite.bearer(&["activation"]));

@@ -404,13 +404,7 @@ async fn odd_spellings_of_a_path_are_refused_without_harming_the_connection() {
 
 #[tokio::test]
 async fn a_policy_change_takes_effect_without_a_restart_and_a_broken_one_is_ignored() {
-    let policies = Suite::copy_of_policies();
-    let dir = policies.path().to_path_buf();
-    let suite = Suite::start_with(Backend::Sqlite, move |config| {
-        config.gateway.policy_dir = dir;
-        config.gateway.policy_reload_interval = std::time::Duration::from_millis(50);
-    })
-    .await;
+    let (suite, policies) = Suite::start_with_own_policies(|_| {}).await;
     let get = || profiles_pb::GetProfileRequest {
         lookup: Some(profiles_pb::get_profile_request::Lookup::ProfileId(
             "nobody".into(),

@@ -141,12 +141,26 @@ impl Suite {
         region: &str,
         traits: std::collections::HashMap<String, profiles_pb::TraitValue>,
     ) -> String {
+        self.person_with(&[("email", email)], region, traits).await
+    }
+
+    /// Upserts, as `ingest`, the person with these `(kind, value)`
+    /// identifiers; their profile id.
+    pub async fn person_with(
+        &self,
+        identifiers: &[(&str, &str)],
+        region: &str,
+        traits: std::collections::HashMap<String, profiles_pb::TraitValue>,
+    ) -> String {
         self.profiles(self.bearer(&["ingest"]))
             .upsert_profile(profiles_pb::UpsertProfileRequest {
-                identifiers: vec![profiles_pb::Identifier {
-                    kind: "email".into(),
-                    value: email.into(),
-                }],
+                identifiers: identifiers
+                    .iter()
+                    .map(|(kind, value)| profiles_pb::Identifier {
+                        kind: kind.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
                 traits,
                 region: region.into(),
                 ..Default::default()
@@ -353,9 +367,45 @@ impl Suite {
         members
     }
 
+    /// A suite on SQLite whose gateway reads its own copy of the policies
+    /// (returned, for the test to change) and looks for changes every
+    /// 50 ms; `adjust` changes the rest of its configuration.
+    pub async fn start_with_own_policies(
+        adjust: impl FnOnce(&mut MadtechConfig),
+    ) -> (Suite, tempfile::TempDir) {
+        let policies = Suite::copy_of_policies();
+        let dir = policies.path().to_path_buf();
+        let suite = Suite::start_with(Backend::Sqlite, move |config| {
+            config.gateway.policy_dir = dir;
+            config.gateway.policy_reload_interval = std::time::Duration::from_millis(50);
+            adjust(config);
+        })
+        .await;
+        (suite, policies)
+    }
+
+    /// People who agreed to ad targeting, by email, in `region`; their
+    /// profile ids.
+    pub async fn consenting_people(&self, emails: &[&str], region: &str) -> Vec<String> {
+        let mut consent = self.consent(self.bearer(&["admin"]));
+        let mut ids = Vec::new();
+        for email in emails {
+            let id = self.person(email, region, Default::default()).await;
+            crate::crossing::record(
+                &mut consent,
+                &id,
+                madtech_proto::consent::v1::ConsentState::Granted,
+                region,
+            )
+            .await;
+            ids.push(id);
+        }
+        ids
+    }
+
     /// A copy of the shipped policy files in a directory of its own, for
     /// tests that change policy while the suite runs.
-    pub fn copy_of_policies() -> tempfile::TempDir {
+    fn copy_of_policies() -> tempfile::TempDir {
         let policies = tempfile::tempdir().expect("policy dir");
         let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
         for entry in std::fs::read_dir(&shipped).expect("policies") {

@@ -390,33 +390,17 @@ async fn access_erasure_and_opt_out(backend: Backend) {
 /// removes the person there too, and proves nothing is left.
 #[tokio::test]
 async fn an_erasure_reaches_a_destination_given_another_form_of_the_identifier() {
-    use crate::activation::{AUDIENCE, TOKEN, meta_target};
+    use crate::activation::{AUDIENCE, TOKEN, synced_to_meta};
     let suite = Suite::start(Backend::Sqlite).await;
     let mock = madtech_activation::mock::MockPlatform::meta(AUDIENCE, TOKEN).await;
     let secrets = tempfile::tempdir().expect("secrets");
     let phone = "+14155552671";
     suite
-        .profiles(suite.bearer(&["ingest"]))
-        .upsert_profile(profiles_pb::UpsertProfileRequest {
-            identifiers: vec![profiles_pb::Identifier {
-                kind: "phone".into(),
-                value: phone.into(),
-            }],
-            region: "US-CA".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("upsert");
-    let segment = suite.region_segment("californians", &["US-CA"]).await;
-    let (_, activated) = suite
-        .activate(
-            &segment.segment_id,
-            "meta",
-            meta_target(&mock, &secrets.path().join("token")),
-        )
+        .person_with(&[("phone", phone)], "US-CA", Default::default())
         .await;
-    let mut activation = suite.activation(suite.bearer(&["marketer"]));
-    let first = sync(&mut activation, &activated.activation_id).await;
+    let segment = suite.region_segment("californians", &["US-CA"]).await;
+    let (_, first) =
+        synced_to_meta(&suite, &segment.segment_id, "meta", &mock, secrets.path()).await;
     assert_eq!(first.added, 1);
     assert_eq!(
         mock.platform().audience.len(),
