@@ -9,9 +9,13 @@
 //!
 //! A destination that does not take a removal (down, refusing, its
 //! credentials missing) holds up no other: the removal is recorded as owed,
-//! the stream goes on, and owed removals are tried again every
-//! `schedule_tick` until they go through, or until the person's consent
-//! returns or the activation is gone.
+//! the stream goes on, and owed removals are tried again, first at the next
+//! `schedule_tick`, then less often after each failure (up to hourly),
+//! until they go through, nobody is held under the id any more, or the
+//! activation is gone. A grant that follows does not cancel an owed removal:
+//! that grant may not be enough for the destination (its TCF vendor may
+//! still be refused), and at worst the person is removed until the next
+//! full sync adds them back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +37,20 @@ use crate::sync::Syncer;
 
 /// The followed stream's name in the cursor table.
 pub const CONSENT_RELEASES: &str = "consent_releases";
+/// Owed removals tried in one pass at most.
+const OWED_PER_PASS: u64 = 10_000;
+/// The longest wait between attempts at an owed removal.
+const OWED_LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Microseconds until the next attempt at removals that failed `attempts`
+/// times before this one: the tick, doubled per failure, up to an hour.
+fn owed_backoff(tick: std::time::Duration, attempts: i64) -> i64 {
+    let doublings = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
+    let wait = tick
+        .saturating_mul(2_u32.saturating_pow(doublings))
+        .min(OWED_LONGEST_WAIT);
+    i64::try_from(wait.as_micros()).unwrap_or(i64::MAX)
+}
 
 pub struct ConsentFollower {
     pub store: Arc<ActivationStore>,
@@ -68,30 +86,48 @@ impl ConsentFollower {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(self.config.schedule_tick) => {}
             }
-            if let Err(err) = self.settle_owed().await {
-                tracing::warn!(error = %err, "could not try owed removals again");
+            // A pass may wait on a destination's retries: shutdown does
+            // not wait for it (an interrupted removal run is finished at
+            // the next start).
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = self.settle_owed(Utc::now().timestamp_micros()) => {
+                    if let Err(err) = result {
+                        tracing::warn!(error = %err, "could not read owed removals");
+                    }
+                }
             }
         }
     }
 
-    /// One pass over the owed removals.
-    pub async fn settle_owed(&self) -> Result<(), ActivationError> {
-        for (activation_id, ids) in self.store.owed_removals().await? {
-            match self
+    /// One pass over the removals due by `now`. One activation's failure,
+    /// even its database writes, does not stop the others'.
+    pub async fn settle_owed(&self, now: i64) -> Result<(), ActivationError> {
+        for owed in self.store.owed_removals(now, OWED_PER_PASS).await? {
+            let ids = &owed.pseudonymous_ids;
+            let outcome = match self
                 .syncer
-                .remove(&activation_id, &ids, Trigger::ConsentWithdrawal)
+                .remove(&owed.activation_id, ids, Trigger::ConsentWithdrawal)
                 .await
             {
                 // Removed, or nobody is held any more (a full sync removed
                 // them), or the activation is gone.
                 Ok(_) | Err(ActivationError::NotFound(_)) => {
-                    self.store.settle_removals(&activation_id, &ids).await?;
-                    tracing::info!(activation = %activation_id, people = ids.len(), "owed removals went through");
+                    tracing::info!(activation = %owed.activation_id, people = ids.len(), "owed removals went through");
+                    self.store
+                        .settle_removals(&owed.activation_id, ids, now)
+                        .await
                 }
-                Err(err @ ActivationError::Database(_)) => return Err(err),
                 Err(err) => {
-                    tracing::warn!(activation = %activation_id, error = %err, "owed removals still not taken");
+                    tracing::warn!(activation = %owed.activation_id, attempts = owed.attempts + 1, error = %err, "owed removals still not taken");
+                    let wait = owed_backoff(self.config.schedule_tick, owed.attempts);
+                    self.store
+                        .defer_removals(&owed.activation_id, ids, now.saturating_add(wait))
+                        .await
                 }
+            };
+            if let Err(err) = outcome {
+                tracing::warn!(activation = %owed.activation_id, error = %err, "could not record how owed removals went");
             }
         }
         Ok(())
@@ -135,41 +171,30 @@ impl ConsentFollower {
 
     /// Removes everyone whose consent for an activation's purpose was
     /// denied, per activation in one removal run; a removal a destination
-    /// does not take is owed (see the module's comment). A person whose
-    /// consent returned is owed nothing any more.
+    /// does not take is owed (see the module's comment).
     async fn handle(
         &self,
         releases: Vec<gateway_pb::ConsentRelease>,
     ) -> Result<(), ActivationError> {
-        // By (destination, purpose): each person's latest state in the page.
-        let mut latest: BTreeMap<(String, String), BTreeMap<String, ConsentState>> =
-            BTreeMap::new();
+        // By (destination, purpose): whom the page leaves denied, by each
+        // person's latest state in it.
+        let mut latest: BTreeMap<(String, String), BTreeMap<String, bool>> = BTreeMap::new();
         for release in releases {
-            let state = release.state();
+            let denied = release.state() == ConsentState::Denied;
             latest
                 .entry((release.destination_id, release.purpose))
                 .or_default()
-                .insert(release.pseudonymous_id, state);
+                .insert(release.pseudonymous_id, denied);
         }
         for ((destination_id, purpose), people) in latest {
-            let with = |wanted: ConsentState| -> Vec<String> {
-                people
-                    .iter()
-                    .filter(|(_, state)| **state == wanted)
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            };
-            let denied = with(ConsentState::Denied);
-            // Only a grant ends what is owed: under opt-in law an unset
-            // choice does not let anyone stay.
-            let returned = with(ConsentState::Granted);
+            let denied: Vec<String> = people
+                .into_iter()
+                .filter_map(|(id, denied)| denied.then_some(id))
+                .collect();
+            if denied.is_empty() {
+                continue;
+            }
             for activation in self.store.activations_on(&destination_id, &purpose).await? {
-                self.store
-                    .settle_removals(&activation.id, &returned)
-                    .await?;
-                if denied.is_empty() {
-                    continue;
-                }
                 match self
                     .syncer
                     .remove(&activation.id, &denied, Trigger::ConsentWithdrawal)
@@ -192,5 +217,25 @@ impl ConsentFollower {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn owed_removals_are_tried_less_often_after_each_failure_up_to_hourly() {
+        let tick = Duration::from_secs(10);
+        let waits: Vec<i64> = (0..12)
+            .map(|attempts| owed_backoff(tick, attempts))
+            .collect();
+        assert_eq!(waits[0], 10_000_000);
+        assert_eq!(waits[1], 20_000_000);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(waits[11], 3_600_000_000);
+        assert_eq!(owed_backoff(tick, -1), 10_000_000);
+        assert_eq!(owed_backoff(tick, i64::MAX), 3_600_000_000);
     }
 }

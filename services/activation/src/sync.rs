@@ -287,6 +287,10 @@ impl Syncer {
                     members = self
                         .retire_replaced(run, activation, destination, seq, members, progress)
                         .await?;
+                    // Everyone in it kept their state for the next sync.
+                    if members.is_empty() {
+                        continue;
+                    }
                 }
                 let batch = Batch {
                     op,

@@ -213,7 +213,11 @@ pub mod owed_removal {
         pub activation_id: String,
         #[sea_orm(primary_key, auto_increment = false)]
         pub pseudonymous_id: String,
+        /// When it was last owed: a retry settles only what it read.
         pub owed_at: i64,
+        /// Attempts since, and when the next is due.
+        pub attempts: i64,
+        pub next_attempt_at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -449,6 +449,8 @@ enum OwedRemovalsTable {
     ActivationId,
     PseudonymousId,
     OwedAt,
+    Attempts,
+    NextAttemptAt,
 }
 
 /// Removals after a consent withdrawal that a destination did not take, kept
@@ -472,6 +474,8 @@ impl MigrationTrait for OwedRemovals {
                     .col(string(OwedRemovalsTable::ActivationId))
                     .col(string(OwedRemovalsTable::PseudonymousId))
                     .col(big_integer(OwedRemovalsTable::OwedAt))
+                    .col(big_integer(OwedRemovalsTable::Attempts))
+                    .col(big_integer(OwedRemovalsTable::NextAttemptAt))
                     .primary_key(
                         Index::create()
                             .col(OwedRemovalsTable::ActivationId)

@@ -221,6 +221,15 @@ pub struct HeldMember {
 /// What a destination holds for an activation, by pseudonymous id.
 pub type Held = HashMap<String, HeldMember>;
 
+/// Removals owed to one activation's destination (see `follow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedRemovals {
+    pub activation_id: String,
+    pub pseudonymous_ids: Vec<String>,
+    /// The most failed attempts any of them has had.
+    pub attempts: i64,
+}
+
 pub struct ActivationStore {
     db: DatabaseConnection,
 }
@@ -473,68 +482,116 @@ impl ActivationStore {
     }
 
     /// Records removals from `activation_id` that did not go through, to
-    /// be tried again (see `follow`).
+    /// be tried again from `now` (see `follow`). Owed again, a removal
+    /// starts over: due at once, its attempts counted afresh.
     pub async fn owe_removals(
         &self,
         activation_id: &str,
         pseudonymous_ids: &[String],
         now: i64,
     ) -> Result<(), ActivationError> {
-        if pseudonymous_ids.is_empty() {
-            return Ok(());
-        }
-        owed_removal::Entity::insert_many(pseudonymous_ids.iter().map(|id| {
-            owed_removal::ActiveModel {
+        for chunk in pseudonymous_ids.chunks(500) {
+            owed_removal::Entity::insert_many(chunk.iter().map(|id| owed_removal::ActiveModel {
                 activation_id: Set(activation_id.to_string()),
                 pseudonymous_id: Set(id.clone()),
                 owed_at: Set(now),
-            }
-        }))
-        .on_conflict(
-            OnConflict::columns([
-                owed_removal::Column::ActivationId,
-                owed_removal::Column::PseudonymousId,
-            ])
-            .do_nothing()
-            .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await?;
+                attempts: Set(0),
+                next_attempt_at: Set(now),
+            }))
+            .on_conflict(
+                OnConflict::columns([
+                    owed_removal::Column::ActivationId,
+                    owed_removal::Column::PseudonymousId,
+                ])
+                .update_columns([
+                    owed_removal::Column::OwedAt,
+                    owed_removal::Column::Attempts,
+                    owed_removal::Column::NextAttemptAt,
+                ])
+                .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+        }
         Ok(())
     }
 
-    /// The removals owed, by activation, oldest activation first.
-    pub async fn owed_removals(&self) -> Result<Vec<(String, Vec<String>)>, ActivationError> {
-        use sea_orm::QueryOrder;
+    /// The removals due by `now`, by activation, with the most attempts
+    /// any of them has had; at most `limit` rows.
+    pub async fn owed_removals(
+        &self,
+        now: i64,
+        limit: u64,
+    ) -> Result<Vec<OwedRemovals>, ActivationError> {
+        use sea_orm::{QueryOrder, QuerySelect};
         let rows = owed_removal::Entity::find()
+            .filter(owed_removal::Column::NextAttemptAt.lte(now))
             .order_by_asc(owed_removal::Column::ActivationId)
             .order_by_asc(owed_removal::Column::PseudonymousId)
+            .limit(limit)
             .all(&self.db)
             .await?;
-        let mut owed: Vec<(String, Vec<String>)> = Vec::new();
+        let mut owed: Vec<OwedRemovals> = Vec::new();
         for row in rows {
             match owed.last_mut() {
-                Some((activation_id, ids)) if *activation_id == row.activation_id => {
-                    ids.push(row.pseudonymous_id);
+                Some(last) if last.activation_id == row.activation_id => {
+                    last.pseudonymous_ids.push(row.pseudonymous_id);
+                    last.attempts = last.attempts.max(row.attempts);
                 }
-                _ => owed.push((row.activation_id, vec![row.pseudonymous_id])),
+                _ => owed.push(OwedRemovals {
+                    activation_id: row.activation_id,
+                    pseudonymous_ids: vec![row.pseudonymous_id],
+                    attempts: row.attempts,
+                }),
             }
         }
         Ok(owed)
     }
 
-    /// Forgets owed removals: delivered, or no longer wanted (the person's
-    /// consent returned, or the activation is gone).
+    /// Forgets owed removals that were owed by `owed_by` (a removal owed
+    /// again since is kept): delivered, or nobody held, or the activation
+    /// gone.
     pub async fn settle_removals(
         &self,
         activation_id: &str,
         pseudonymous_ids: &[String],
+        owed_by: i64,
     ) -> Result<(), ActivationError> {
-        owed_removal::Entity::delete_many()
-            .filter(owed_removal::Column::ActivationId.eq(activation_id))
-            .filter(owed_removal::Column::PseudonymousId.is_in(pseudonymous_ids.iter().cloned()))
-            .exec(&self.db)
-            .await?;
+        for chunk in pseudonymous_ids.chunks(500) {
+            owed_removal::Entity::delete_many()
+                .filter(owed_removal::Column::ActivationId.eq(activation_id))
+                .filter(owed_removal::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .filter(owed_removal::Column::OwedAt.lte(owed_by))
+                .exec(&self.db)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Counts one more failed attempt at these owed removals and puts the
+    /// next off until `next_attempt_at`.
+    pub async fn defer_removals(
+        &self,
+        activation_id: &str,
+        pseudonymous_ids: &[String],
+        next_attempt_at: i64,
+    ) -> Result<(), ActivationError> {
+        use sea_orm::sea_query::{Expr, ExprTrait};
+        for chunk in pseudonymous_ids.chunks(500) {
+            owed_removal::Entity::update_many()
+                .col_expr(
+                    owed_removal::Column::Attempts,
+                    Expr::col(owed_removal::Column::Attempts).add(1),
+                )
+                .col_expr(
+                    owed_removal::Column::NextAttemptAt,
+                    Expr::value(next_attempt_at),
+                )
+                .filter(owed_removal::Column::ActivationId.eq(activation_id))
+                .filter(owed_removal::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .exec(&self.db)
+                .await?;
+        }
         Ok(())
     }
 
@@ -1114,15 +1171,27 @@ mod tests {
         owed_removals_are_kept_once_by_activation_until_settled,
         |db: TestDatabase| async move {
             let (store, activation) = store_with_activation(&db).await;
+            let a = activation.id.as_str();
             let ids =
                 |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
-            assert!(store.owed_removals().await.expect("owed").is_empty());
+            let owed = |activation_id: &str, names: &[&str], attempts| OwedRemovals {
+                activation_id: activation_id.to_string(),
+                pseudonymous_ids: ids(names),
+                attempts,
+            };
+            assert!(
+                store
+                    .owed_removals(i64::MAX, 100)
+                    .await
+                    .expect("owed")
+                    .is_empty()
+            );
             store
-                .owe_removals(&activation.id, &ids(&["p2", "p1"]), 5)
+                .owe_removals(a, &ids(&["p2", "p1"]), 5)
                 .await
                 .expect("owe");
             store
-                .owe_removals(&activation.id, &ids(&["p1"]), 6)
+                .owe_removals(a, &ids(&["p1"]), 6)
                 .await
                 .expect("owed twice is owed once");
             store
@@ -1131,22 +1200,44 @@ mod tests {
                 .expect("owe");
             store.owe_removals("other", &[], 8).await.expect("nothing");
             assert_eq!(
-                store.owed_removals().await.expect("owed"),
-                [
-                    (activation.id.clone(), ids(&["p1", "p2"])),
-                    ("other".to_string(), ids(&["p1"])),
-                ]
+                store.owed_removals(7, 100).await.expect("owed"),
+                [owed(a, &["p1", "p2"], 0), owed("other", &["p1"], 0)]
             );
+            assert_eq!(
+                store.owed_removals(5, 100).await.expect("owed"),
+                [owed(a, &["p2"], 0)],
+                "p1 was owed again at 6"
+            );
+            // A failed attempt puts them off; the next is due later.
             store
-                .settle_removals(&activation.id, &ids(&["p1"]))
+                .defer_removals(a, &ids(&["p1", "p2"]), 100)
+                .await
+                .expect("defer");
+            assert_eq!(
+                store.owed_removals(99, 100).await.expect("owed"),
+                [owed("other", &["p1"], 0)]
+            );
+            assert_eq!(
+                store.owed_removals(100, 100).await.expect("owed"),
+                [owed(a, &["p1", "p2"], 1), owed("other", &["p1"], 0)]
+            );
+            // A pass that read them at 100 settles what was owed by then,
+            // not p1, owed again at 150 while the pass was removing.
+            store
+                .owe_removals(a, &ids(&["p1"]), 150)
+                .await
+                .expect("owed again");
+            store
+                .settle_removals(a, &ids(&["p1", "p2"]), 100)
                 .await
                 .expect("settle");
             assert_eq!(
-                store.owed_removals().await.expect("owed"),
-                [
-                    (activation.id.clone(), ids(&["p2"])),
-                    ("other".to_string(), ids(&["p1"])),
-                ]
+                store.owed_removals(i64::MAX, 100).await.expect("owed"),
+                [owed(a, &["p1"], 0), owed("other", &["p1"], 0)]
+            );
+            assert_eq!(
+                store.owed_removals(i64::MAX, 1).await.expect("owed").len(),
+                1
             );
         }
     );

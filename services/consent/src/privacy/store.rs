@@ -391,23 +391,29 @@ mod tests {
                 "lease over"
             );
             // The first replica was slow: its lease ran out and a second
-            // replica claimed the request. The first one's copy is stale
-            // and is not saved over the second one's work.
+            // replica claimed the request. While the second one works on
+            // it, the first one's copy is stale and is not saved.
             let mut slow = stored.clone();
             slow.next_attempt_micros = 1_020;
             assert!(store.claim(&slow, 1_030, 1_000).await.expect("claim"));
-            let mut finished = stored.clone();
-            for step in &mut finished.steps {
-                step.done = true;
-            }
-            finished.complete_if_done(1_040);
-            assert!(store.save(&finished, 2_030).await.expect("save"));
             let mut stale = stored.clone();
             stale.steps[0].done = true;
             assert!(
                 !store.save(&stale, 1_020).await.expect("save"),
                 "a lease that ran out saves nothing"
             );
+            let held = store.get("r1").await.expect("get").expect("request");
+            assert!(!held.steps[0].done, "the second replica's copy stands");
+            assert_eq!(held.next_attempt_micros, 2_030);
+            // The second one completes it; a stale copy saved after that
+            // writes nothing back either.
+            let mut finished = held.clone();
+            for step in &mut finished.steps {
+                step.done = true;
+            }
+            finished.complete_if_done(1_040);
+            assert!(store.save(&finished, 2_030).await.expect("save"));
+            assert!(!store.save(&stale, 2_030).await.expect("save"));
             let kept = store.get("r1").await.expect("get").expect("request");
             assert_eq!(kept.status, Status::Completed);
             assert_eq!(kept.subject_value, None, "the subject stays gone");
