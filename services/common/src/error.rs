@@ -25,6 +25,15 @@ impl FieldError {
     pub fn required(field: impl Into<String>) -> Self {
         FieldError::new(field, "is required")
     }
+
+    /// The same error, for the field as it sits in a message nested at
+    /// `parent`.
+    pub fn within(self, parent: &str) -> Self {
+        FieldError {
+            field: format!("{parent}.{}", self.field),
+            reason: self.reason,
+        }
+    }
 }
 
 impl From<FieldError> for Status {

@@ -91,21 +91,22 @@ impl ConsentApi {
                 .map(|p| p.profile_id)
                 .ok_or_else(|| Status::internal("profiles answered without a profile")),
             Err(status) if status.code() == tonic::Code::NotFound && grants => {
-                profiles
+                // One write: the suppression is never lifted without the
+                // person it lets back.
+                let created = profiles
                     .lift_suppression(profiles_pb::LiftSuppressionRequest {
                         identifier: Some(identifier.clone()),
-                    })
-                    .await?;
-                let created = profiles
-                    .upsert_profile(profiles_pb::UpsertProfileRequest {
-                        identifiers: vec![identifier],
-                        region: region.to_string(),
-                        ..Default::default()
+                        then_upsert: Some(profiles_pb::UpsertProfileRequest {
+                            identifiers: vec![identifier],
+                            region: region.to_string(),
+                            ..Default::default()
+                        }),
                     })
                     .await?
                     .into_inner();
                 created
-                    .profile
+                    .upserted
+                    .and_then(|upserted| upserted.profile)
                     .map(|p| p.profile_id)
                     .ok_or_else(|| Status::internal("profiles answered without a profile"))
             }

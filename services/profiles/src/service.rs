@@ -292,8 +292,28 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::LiftSuppressionRequest>,
     ) -> Result<Response<pb::LiftSuppressionResponse>, Status> {
-        let id = self.required_identifier(request.into_inner().identifier)?;
-        let lifted = self.store.lift_suppression(&id).await?;
-        Ok(Response::new(pb::LiftSuppressionResponse { lifted }))
+        let request = request.into_inner();
+        let id = self.required_identifier(request.identifier)?;
+        let Some(then_upsert) = request.then_upsert else {
+            let lifted = self.store.lift_suppression(&id).await?;
+            return Ok(Response::new(pb::LiftSuppressionResponse {
+                lifted,
+                upserted: None,
+            }));
+        };
+        let upsert = convert::upsert_from(&self.normaliser, then_upsert)
+            .map_err(|err| err.within("then_upsert"))?;
+        if !upsert.identifiers.contains(&id) {
+            return Err(FieldError::new(
+                "then_upsert.identifiers",
+                "must include the identifier whose suppression is lifted",
+            )
+            .into());
+        }
+        let (lifted, upserted) = self.store.lift_and_upsert(upsert).await?;
+        Ok(Response::new(pb::LiftSuppressionResponse {
+            lifted,
+            upserted: Some(upserted_to_pb(upserted)),
+        }))
     }
 }

@@ -260,6 +260,24 @@ impl ProfileStore {
             .await
     }
 
+    /// Lifts the suppression of every identifier `request` names and
+    /// upserts it, in one write: a person back with new consent is never
+    /// left with an identifier unsuppressed and nobody behind it. Answers
+    /// whether any was suppressed, and what the upsert did.
+    pub async fn lift_and_upsert(&self, request: Upsert) -> Result<(bool, Upserted), ProfileError> {
+        self.write(|writer| async move {
+            write_retrying!(writer, |txn| async {
+                let mut lifted = false;
+                for identifier in &request.identifiers {
+                    lifted |= suppression::lift(txn, identifier).await?;
+                }
+                let upserted = writer.try_upsert(txn, &request).await?;
+                Ok::<_, ProfileError>((lifted, upserted))
+            })
+        })
+        .await
+    }
+
     /// Everything held about a person, as JSON.
     pub async fn export(&self, lookup: &Lookup) -> Result<serde_json::Value, ProfileError> {
         let id = resolve_lookup(&self.db, lookup).await?;

@@ -927,11 +927,28 @@ madtech_common::backend_tests!(
             .upsert(upsert(&[("email", "ann@example.com")], &[], "FR"))
             .await
             .expect("back with new consent");
+        // Lifted and let back in one write.
+        let (lifted, back) = store
+            .lift_and_upsert(upsert(&[("email", "ann@example.com")], &[], "FR"))
+            .await
+            .expect("lift and upsert");
+        assert!(!lifted, "nothing left to lift");
+        assert!(!back.created, "she is back already");
         let still = store
             .upsert(upsert(&[("customer_id", "C-1")], &[], "FR"))
             .await
             .expect_err("only the lifted identifier is free");
         assert!(matches!(still, ProfileError::Precondition(_)));
+        let (lifted, joined) = store
+            .lift_and_upsert(upsert(
+                &[("email", "ann@example.com"), ("customer_id", "C-1")],
+                &[],
+                "FR",
+            ))
+            .await
+            .expect("lift and upsert");
+        assert!(lifted, "C-1 was suppressed");
+        assert_eq!(joined.profile.id, back.profile.id, "C-1 joins her");
     }
 );
 
