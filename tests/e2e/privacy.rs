@@ -476,3 +476,58 @@ async fn a_person_with_more_identifiers_than_one_lookup_takes_is_served() {
     );
     suite.stop().await;
 }
+
+/// `LiftSuppression` with `then_upsert` checks the upsert as `UpsertProfile`
+/// would, naming fields under `then_upsert`, and changes nothing when it
+/// refuses.
+#[tokio::test]
+async fn a_lift_with_an_upsert_is_validated_as_a_whole() {
+    let suite = Suite::start(Backend::Sqlite).await;
+    let mut profiles = suite.profiles(suite.bearer(&["compliance"]));
+    let lift = |then: Vec<profiles_pb::Identifier>| profiles_pb::LiftSuppressionRequest {
+        identifier: Some(email("back@example.com")),
+        then_upsert: Some(profiles_pb::UpsertProfileRequest {
+            identifiers: then,
+            region: "FR".into(),
+            ..Default::default()
+        }),
+    };
+    let elsewhere = profiles
+        .lift_suppression(lift(vec![email("other@example.com")]))
+        .await
+        .expect_err("the upsert must name the lifted identifier");
+    assert_eq!(elsewhere.code(), tonic::Code::InvalidArgument);
+    assert!(
+        elsewhere.message().contains("then_upsert.identifiers"),
+        "{}",
+        elsewhere.message()
+    );
+    let malformed = profiles
+        .lift_suppression(lift(vec![email("back@example.com"), email("not an email")]))
+        .await
+        .expect_err("a malformed identifier");
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    assert!(
+        malformed.message().contains("then_upsert.identifiers[1]"),
+        "{}",
+        malformed.message()
+    );
+    let nobody = profiles
+        .get_profile(profiles_pb::GetProfileRequest {
+            lookup: Some(profiles_pb::get_profile_request::Lookup::Identifier(email(
+                "back@example.com",
+            ))),
+        })
+        .await
+        .expect_err("nothing was written");
+    assert_eq!(nobody.code(), tonic::Code::NotFound);
+    let answer = profiles
+        .lift_suppression(lift(vec![email("back@example.com")]))
+        .await
+        .expect("lift and upsert")
+        .into_inner();
+    assert!(!answer.lifted, "it was never suppressed");
+    let upserted = answer.upserted.expect("what the upsert did");
+    assert!(upserted.created);
+    suite.stop().await;
+}
