@@ -637,27 +637,42 @@ impl Worker {
         .collect())
     }
 
+    /// Records the opt-out's denials, once: a step run again after a crash
+    /// between recording and saving finds them in the ledger and records
+    /// only what is missing.
     async fn record_opt_out(
         &self,
         request: &PrivacyRequest,
         person: &str,
     ) -> Result<(), StepError> {
-        let choices = self
+        let derived_from = format!("privacy request {}", request.id);
+        let recorded: std::collections::BTreeSet<String> = self
+            .history(person)
+            .await?
+            .into_iter()
+            .filter(|entry| entry.derived_from == derived_from)
+            .map(|entry| entry.purpose)
+            .collect();
+        let choices: Vec<RecordedChoice> = self
             .rules
             .privacy()
             .opt_out_purposes
             .iter()
+            .filter(|purpose| !recorded.contains(*purpose))
             .map(|purpose| RecordedChoice {
                 purpose: purpose.clone(),
                 state: Choice::Denied.into(),
                 legal_basis: LegalBasis::OptOut,
                 signal: None,
-                derived_from: format!("privacy request {}", request.id),
+                derived_from: derived_from.clone(),
                 conflict: None,
                 lifetime_micros: None,
                 holds: Vec::new(),
             })
             .collect();
+        if choices.is_empty() {
+            return Ok(());
+        }
         self.ledger
             .record(Record {
                 profile_id: person.to_string(),
@@ -728,6 +743,51 @@ fn entry_json(entry: &Entry) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use madtech_common::db::connect_and_migrate;
+    use madtech_common::testing::TestDatabase;
+
+    madtech_common::backend_tests!(
+        an_opt_out_run_again_after_a_crash_records_its_denials_once,
+        |db: TestDatabase| async move {
+            let conn = connect_and_migrate::<crate::ledger::Migrator>(&db.config)
+                .await
+                .expect("connect");
+            let ledger = Arc::new(Ledger::new(conn.clone()));
+            let worker = Worker::new(
+                Arc::new(RequestStore::new(conn)),
+                Arc::clone(&ledger),
+                Arc::new(crate::rules::tests::shipped().await),
+                Upstream::new(&Default::default(), "http://127.0.0.1:9").expect("upstream"),
+                PathBuf::from("unused"),
+                Duration::from_secs(1),
+            );
+            let request = PrivacyRequest::new(
+                "opt-1".into(),
+                Kind::OptOutOfSaleSharing,
+                ("email".into(), "ann@example.com".into()),
+                "US-CA".into(),
+                ("CCPA".into(), 1_000),
+                10,
+            );
+            // The step records, the process stops before saving it, and
+            // the step runs again.
+            worker.record_opt_out(&request, "p1").await.expect("first");
+            worker.record_opt_out(&request, "p1").await.expect("again");
+            let history = worker.history("p1").await.expect("history");
+            let mut purposes: Vec<&str> = history.iter().map(|e| e.purpose.as_str()).collect();
+            purposes.sort_unstable();
+            let mut expected: Vec<&str> = worker
+                .rules
+                .privacy()
+                .opt_out_purposes
+                .iter()
+                .map(String::as_str)
+                .collect();
+            expected.sort_unstable();
+            assert!(!expected.is_empty());
+            assert_eq!(purposes, expected, "each denial once");
+        }
+    );
 
     #[test]
     fn backoff_doubles_to_five_minutes() {
