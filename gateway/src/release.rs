@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{AuditLog, Crossing as AuditedCrossing};
 use crate::crossing::Pseudonymiser;
 use crate::destinations::DestinationRegistry;
-use crate::policy::Policies;
+use crate::policy::{Policies, PolicySet};
 use crate::token::Caller;
 
 const MAX_DESTINATIONS: usize = 100;
@@ -68,22 +68,20 @@ impl ConsentReleaseApi {
         ConsentReleaseServiceServer::new(self)
     }
 
-    /// Writes the page's audit records; fails closed.
+    /// Writes the page's audit records, under the version of the policy
+    /// set that decided the page; fails closed.
     async fn audit_page(
         &self,
         caller: &str,
         kinds: &BTreeMap<String, String>,
+        policy: Option<&PolicySet>,
         page: &[pb::WatchConsentReleasesResponse],
     ) -> Result<(), Status> {
-        let policy_version = self
-            .policies
-            .current()
-            .map(|set| set.version.clone())
-            .unwrap_or_default();
+        let policy_version = policy.map(|set| set.version.as_str()).unwrap_or_default();
         // One transaction for the page's records: a page whose audit fails
         // leaves no record of releases that never happened.
         self.audit
-            .append_all(audit_records(caller, &policy_version, kinds, page))
+            .append_all(audit_records(caller, policy_version, kinds, page))
             .await
             .map_err(|err| {
                 tracing::error!(error = %err, "audit write failed; consent releases stop");
@@ -102,6 +100,7 @@ impl ConsentReleaseApi {
         &self,
         destinations: &[String],
         kinds: &BTreeMap<String, String>,
+        policy: Option<&PolicySet>,
         entry: &consent_pb::ConsentEntry,
     ) -> pb::WatchConsentReleasesResponse {
         let state = consent_pb::ConsentState::try_from(entry.state).unwrap_or_default();
@@ -117,11 +116,10 @@ impl ConsentReleaseApi {
             let vendor = entry
                 .purpose
                 .starts_with(madtech_proto::consent::TCF_VENDOR_PURPOSE_PREFIX);
-            let policy = self.policies.current();
             destinations
                 .iter()
                 .flat_map(|destination| {
-                    let purposes = match (vendor, &policy) {
+                    let purposes = match (vendor, policy) {
                         (false, _) => vec![entry.purpose.clone()],
                         (true, Some(policy)) if state == consent_pb::ConsentState::Denied => {
                             let kind = kinds.get(destination).map_or("", String::as_str);
@@ -249,13 +247,15 @@ impl ConsentReleaseService for ConsentReleaseApi {
         let stream = async_stream::try_stream! {
             let mut pages = changes.ready_chunks(RELEASE_PAGE);
             while let Some(page) = pages.next().await {
+                // One policy set decides the whole page and is on its record.
+                let policy = api.policies.current();
                 let mut released = Vec::with_capacity(page.len());
                 for change in page {
                     if let Some(entry) = change?.entry {
-                        released.push(api.release(&destinations, &kinds, &entry));
+                        released.push(api.release(&destinations, &kinds, policy.as_deref(), &entry));
                     }
                 }
-                api.audit_page(&caller, &kinds, &released).await?;
+                api.audit_page(&caller, &kinds, policy.as_deref(), &released).await?;
                 for response in released {
                     metrics::counter!("madtech_gateway_consent_releases_total")
                         .increment(response.releases.len() as u64);
@@ -306,6 +306,7 @@ mod tests {
         let out = api.release(
             &destinations,
             &BTreeMap::new(),
+            None,
             &entry(consent_pb::ConsentState::Denied, true),
         );
         assert_eq!(out.cursor, 42);
@@ -333,12 +334,14 @@ mod tests {
         let late = api.release(
             &destinations,
             &BTreeMap::new(),
+            None,
             &entry(consent_pb::ConsentState::Granted, false),
         );
         assert_eq!((late.cursor, late.releases.len()), (42, 0));
         let odd = api.release(
             &destinations,
             &BTreeMap::new(),
+            None,
             &entry(consent_pb::ConsentState::Unspecified, true),
         );
         assert!(odd.releases.is_empty());
@@ -352,6 +355,7 @@ mod tests {
             ("google".to_string(), "google_ads".to_string()),
             ("meta".to_string(), "meta".to_string()),
         ]);
+        let policy = api.policies.current();
         // Google Advertising Products' vendor id, from consent.toml.
         let vendor = |state| consent_pb::ConsentEntry {
             purpose: madtech_proto::consent::tcf_vendor_purpose(755),
@@ -360,6 +364,7 @@ mod tests {
         let refused = api.release(
             &destinations,
             &kinds,
+            policy.as_deref(),
             &vendor(consent_pb::ConsentState::Denied),
         );
         let released: Vec<(&str, &str, consent_pb::ConsentState)> = refused
@@ -380,6 +385,7 @@ mod tests {
         let given = api.release(
             &destinations,
             &kinds,
+            policy.as_deref(),
             &vendor(consent_pb::ConsentState::Granted),
         );
         assert!(
@@ -391,7 +397,7 @@ mod tests {
             ..entry(consent_pb::ConsentState::Denied, true)
         };
         assert!(
-            api.release(&destinations, &kinds, &other_vendor)
+            api.release(&destinations, &kinds, policy.as_deref(), &other_vendor)
                 .releases
                 .is_empty(),
             "The Trade Desk's refusal means nothing to these destinations"

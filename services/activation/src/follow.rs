@@ -45,10 +45,8 @@ const OWED_LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(36
 /// Microseconds until the next attempt at removals that failed `attempts`
 /// times before this one: the tick, doubled per failure, up to an hour.
 fn owed_backoff(tick: std::time::Duration, attempts: i64) -> i64 {
-    let doublings = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
-    let wait = tick
-        .saturating_mul(2_u32.saturating_pow(doublings))
-        .min(OWED_LONGEST_WAIT);
+    let doublings = u32::try_from(attempts.max(0)).unwrap_or(u32::MAX);
+    let wait = madtech_common::changelog::doubling(tick, doublings, OWED_LONGEST_WAIT);
     i64::try_from(wait.as_micros()).unwrap_or(i64::MAX)
 }
 
@@ -122,7 +120,7 @@ impl ConsentFollower {
                     tracing::warn!(activation = %owed.activation_id, attempts = owed.attempts + 1, error = %err, "owed removals still not taken");
                     let wait = owed_backoff(self.config.schedule_tick, owed.attempts);
                     self.store
-                        .defer_removals(&owed.activation_id, ids, now.saturating_add(wait))
+                        .defer_removals(&owed.activation_id, ids, now, now.saturating_add(wait))
                         .await
                 }
             };

@@ -361,9 +361,11 @@ impl Syncer {
         if run.batches_rejected == refused_before {
             return Ok(members);
         }
+        let kept_back: std::collections::HashSet<&str> =
+            retired.iter().map(|member| member.id.as_str()).collect();
         Ok(members
             .into_iter()
-            .filter(|member| !retired.iter().any(|r| r.id == member.id))
+            .filter(|member| !kept_back.contains(member.id.as_str()))
             .collect())
     }
 

@@ -55,6 +55,14 @@ where
     }
 }
 
+/// `first` doubled `doublings` times, at most `longest`: the wait of every
+/// retry in the suite that backs off.
+pub fn doubling(first: Duration, doublings: u32, longest: Duration) -> Duration {
+    first
+        .saturating_mul(2u32.saturating_pow(doublings))
+        .min(longest)
+}
+
 /// Exponential backoff between reconnects of a follower: 100 ms doubling
 /// to 5 s, back to the start whenever the follower makes progress. Shared,
 /// so the attempt in flight can reset it.
@@ -70,7 +78,7 @@ impl Backoff {
     /// The wait before the next attempt.
     pub fn next(&self) -> Duration {
         let attempts = self.attempts.fetch_add(1, Ordering::Relaxed);
-        (Self::FIRST * 2u32.saturating_pow(attempts.min(6))).min(Self::LONGEST)
+        doubling(Self::FIRST, attempts, Self::LONGEST)
     }
 
     /// Progress was made: the next failure waits the shortest time again.

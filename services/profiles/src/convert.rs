@@ -187,8 +187,7 @@ pub fn upserts_from(
         .into_iter()
         .enumerate()
         .map(|(i, request)| {
-            upsert_from(normaliser, request)
-                .map_err(|err| FieldError::new(format!("upserts[{i}].{}", err.field), err.reason))
+            upsert_from(normaliser, request).map_err(|err| err.within(&format!("upserts[{i}]")))
         })
         .collect()
 }

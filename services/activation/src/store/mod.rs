@@ -568,12 +568,14 @@ impl ActivationStore {
         Ok(())
     }
 
-    /// Counts one more failed attempt at these owed removals and puts the
+    /// Counts one more failed attempt at these owed removals, as owed by
+    /// `owed_by` (one owed again since stays due at once), and puts the
     /// next off until `next_attempt_at`.
     pub async fn defer_removals(
         &self,
         activation_id: &str,
         pseudonymous_ids: &[String],
+        owed_by: i64,
         next_attempt_at: i64,
     ) -> Result<(), ActivationError> {
         use sea_orm::sea_query::{Expr, ExprTrait};
@@ -589,6 +591,7 @@ impl ActivationStore {
                 )
                 .filter(owed_removal::Column::ActivationId.eq(activation_id))
                 .filter(owed_removal::Column::PseudonymousId.is_in(chunk.iter().cloned()))
+                .filter(owed_removal::Column::OwedAt.lte(owed_by))
                 .exec(&self.db)
                 .await?;
         }
@@ -1210,7 +1213,7 @@ mod tests {
             );
             // A failed attempt puts them off; the next is due later.
             store
-                .defer_removals(a, &ids(&["p1", "p2"]), 100)
+                .defer_removals(a, &ids(&["p1", "p2"]), 7, 100)
                 .await
                 .expect("defer");
             assert_eq!(

@@ -92,10 +92,11 @@ impl Timing {
     /// How long an address is backed off after `failures` failed attempts
     /// in a row (at least one).
     fn backoff(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(16);
-        self.backoff_first
-            .saturating_mul(1 << doublings)
-            .min(self.backoff_longest)
+        crate::changelog::doubling(
+            self.backoff_first,
+            failures.saturating_sub(1),
+            self.backoff_longest,
+        )
     }
 }
 

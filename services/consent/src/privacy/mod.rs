@@ -159,7 +159,7 @@ impl PrivacyRequest {
     ) -> Self {
         let (subject_kind, subject_value) = subject;
         PrivacyRequest {
-            subject_digest: subject_digest(&subject_kind, &subject_value),
+            subject_digest: madtech_common::digest::identifier(&subject_kind, &subject_value),
             id,
             kind,
             status: Status::Open,
@@ -199,12 +199,6 @@ impl PrivacyRequest {
             self.found = None;
         }
     }
-}
-
-/// SHA-256 (hex) of `kind:value`, the value trimmed as submitted: the
-/// suite's one identifier digest (`madtech_common::digest`).
-pub fn subject_digest(kind: &str, value: &str) -> String {
-    madtech_common::digest::identifier(kind, value)
 }
 
 #[cfg(test)]
@@ -264,7 +258,7 @@ mod tests {
         assert_eq!(request.found, None);
         assert_eq!(
             request.subject_digest,
-            subject_digest("email", "Ann@Example.com"),
+            madtech_common::digest::identifier("email", "Ann@Example.com"),
             "the digest is of the trimmed value"
         );
         assert_eq!(request.subject_digest.len(), 64);

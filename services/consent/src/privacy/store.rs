@@ -271,7 +271,7 @@ impl RequestStore {
     ) -> Result<(), ConsentError> {
         for (kind, value) in identifiers {
             suppression::Entity::insert(suppression::ActiveModel {
-                identifier_digest: Set(super::subject_digest(kind, value)),
+                identifier_digest: Set(madtech_common::digest::identifier(kind, value)),
                 kind: Set(kind.clone()),
                 request_id: Set(request_id.to_string()),
                 created_at: Set(now),
@@ -290,7 +290,7 @@ impl RequestStore {
     /// Whether this identifier belongs to someone erased.
     pub async fn is_suppressed(&self, kind: &str, value: &str) -> Result<bool, ConsentError> {
         Ok(
-            suppression::Entity::find_by_id(super::subject_digest(kind, value))
+            suppression::Entity::find_by_id(madtech_common::digest::identifier(kind, value))
                 .one(&self.db)
                 .await?
                 .is_some(),

@@ -706,8 +706,11 @@ fn failed(service: &str, status: &Status) -> StepError {
 
 /// 1 s doubling per attempt, at most five minutes.
 fn backoff(attempts: u32) -> Duration {
-    (Duration::from_secs(1) * 2u32.saturating_pow(attempts.saturating_sub(1).min(16)))
-        .min(LONGEST_BACKOFF)
+    madtech_common::changelog::doubling(
+        Duration::from_secs(1),
+        attempts.saturating_sub(1),
+        LONGEST_BACKOFF,
+    )
 }
 
 fn timestamp_json(at: &prost_types::Timestamp) -> Value {
